@@ -1,8 +1,16 @@
 //! vspc: a virtual Serial Port Concentrator for VMware ESXi.
 //!
 //! Data flows one way: socket -> [`wire`] -> [`session`] -> [`hub`] -> other
-//! sockets. Nothing below [`net`] knows about sockets; nothing in [`wire`]
-//! knows about VMs.
+//! sockets, with [`backend_host`] beside the hub receiving events. Nothing
+//! below [`net`] knows about sockets; nothing in [`wire`] knows about VMs.
 
+pub mod admin;
+pub mod backend_host;
+pub mod config;
+pub mod hub;
+pub mod logging;
+pub mod net;
+pub mod outbox;
+pub mod session;
 pub mod vmware;
 pub mod wire;

@@ -51,6 +51,18 @@ pub fn nvt_data(bytes: &[u8], cr_pending: &mut bool, out: &mut Vec<u8>) {
     }
 }
 
+/// NVT's CR rule alone, for data that is already IAC-escaped: a CR not
+/// followed by LF gets a NUL after it.
+pub fn nvt_cr(escaped: &[u8], cr_pending: &mut bool, out: &mut Vec<u8>) {
+    for &b in escaped {
+        if *cr_pending && b != b'\n' {
+            out.push(0);
+        }
+        *cr_pending = b == b'\r';
+        out.push(b);
+    }
+}
+
 /// Undo NVT encoding of received data in place: `CR NUL` becomes `CR`.
 /// `after_cr` carries "the last byte seen was a CR" across calls.
 pub fn nvt_receive(bytes: &[u8], after_cr: &mut bool, out: &mut Vec<u8>) {

@@ -1,0 +1,210 @@
+//! Command-line configuration: vSPC.py's server flags with the same names
+//! and defaults, plus vspc's own. Environment variables vSPC.py read
+//! (`SUPPORT_MULTI_CONSOLE`, `VM_CLIENT_LIMIT`) are honoured too; a flag
+//! wins over its variable.
+
+use clap::Parser;
+use std::net::IpAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+/// vspc: a virtual Serial Port Concentrator for VMware ESXi.
+///
+/// ESXi hosts connect each VM's network serial port to the proxy port; every
+/// VM gets its own console port where any number of telnet users attach.
+#[derive(Debug, Clone, Parser)]
+#[command(name = "vspc", version, about, long_about = None)]
+pub struct Config {
+    /// Port for admin queries (vSPC.py's query protocol).
+    #[arg(short = 'a', long, default_value_t = 13371, value_name = "PORT")]
+    pub admin_port: u16,
+
+    /// Address the admin port listens on.
+    #[arg(long, default_value = "127.0.0.1", value_name = "ADDR")]
+    pub admin_iface: IpAddr,
+
+    /// Port ESXi hosts connect to (the vSPC URI's port).
+    #[arg(long, default_value_t = 13370, value_name = "PORT")]
+    pub proxy_port: u16,
+
+    /// Address the proxy port listens on (`::` for IPv6).
+    #[arg(long, default_value = "0.0.0.0", value_name = "ADDR")]
+    pub proxy_iface: IpAddr,
+
+    /// First console port; each VM gets the lowest free port from here.
+    #[arg(short = 'r', long, default_value_t = 50000, value_name = "PORT")]
+    pub port_range_start: u16,
+
+    /// Address the per-VM console ports listen on.
+    #[arg(short = 'i', long, default_value = "127.0.0.1", value_name = "ADDR")]
+    pub interface: IpAddr,
+
+    /// Seconds a VM keeps its port after its last VM or console connection
+    /// closed.
+    #[arg(long, default_value_t = 86400, value_name = "SECONDS")]
+    pub vm_expire_time: u64,
+
+    /// Backend to use (Memory by default; File with -f).
+    #[arg(long, default_value = "Memory", value_name = "NAME")]
+    pub backend: String,
+
+    /// Options for the backend, as one string (vSPC.py's --backend-args).
+    #[arg(long, value_name = "ARGS", allow_hyphen_values = true)]
+    pub backend_args: Option<String>,
+
+    /// Persist the port map in this file or directory (the File backend).
+    #[arg(short = 'f', long, value_name = "PATH")]
+    pub persist_file: Option<PathBuf>,
+
+    /// Speak TLS on the proxy port (telnets:// URIs).
+    #[arg(long)]
+    pub ssl: bool,
+
+    /// PEM certificate chain for --ssl.
+    #[arg(long, value_name = "FILE")]
+    pub cert: Option<PathBuf>,
+
+    /// PEM private key for --ssl (default: read it from --cert).
+    #[arg(long, value_name = "FILE")]
+    pub key: Option<PathBuf>,
+
+    /// Write the process id to this file.
+    #[arg(long, value_name = "FILE")]
+    pub pidfile: Option<PathBuf>,
+
+    /// Open no per-VM console ports (consoles only through the admin port).
+    #[arg(long)]
+    pub no_vm_ports: bool,
+
+    /// Debug logging.
+    #[arg(short = 'd', long)]
+    pub debug: bool,
+
+    /// Log to standard output instead of standard error.
+    #[arg(long)]
+    pub stdout: bool,
+
+    /// Stay in the foreground (the default; accepted for vSPC.py scripts).
+    #[arg(long)]
+    pub no_fork: bool,
+
+    /// Log to syslog (/dev/log) with name and PID.
+    #[arg(long)]
+    pub syslog: bool,
+
+    /// Detach into the background (use with --pidfile in init scripts).
+    #[arg(long, conflicts_with = "no_fork")]
+    pub daemon: bool,
+
+    /// One console port per VM serial port: name and uuid get `_` + the
+    /// port's service URI (or set SUPPORT_MULTI_CONSOLE=true).
+    #[arg(long)]
+    pub multi_console: bool,
+
+    /// Most consoles per VM; the next one is told the VM is full
+    /// (or set VM_CLIENT_LIMIT=N).
+    #[arg(long, value_name = "N")]
+    pub client_limit: Option<usize>,
+
+    /// Pace console input to each VM at this many bytes per second (ESXi
+    /// drops bytes written faster than the virtual UART drains).
+    #[arg(long, value_name = "BYTES_PER_S", value_parser = clap::value_parser!(u64).range(1..))]
+    pub vm_tx_rate: Option<u64>,
+
+    /// Seconds a new VM connection has to enable the VMware extension (and
+    /// a TLS client to finish its handshake).
+    #[arg(long, default_value = "5", value_name = "SECONDS", value_parser = parse_duration)]
+    pub handshake_timeout: Duration,
+
+    /// Seconds a vMotion may stay pending before it is dropped.
+    #[arg(long, default_value = "300", value_name = "SECONDS", value_parser = parse_duration)]
+    pub vmotion_timeout: Duration,
+
+    /// Bytes that may wait for one console; a console that falls further
+    /// behind is disconnected.
+    #[arg(long, default_value_t = 1 << 20, value_name = "BYTES", value_parser = clap::value_parser!(u64).range(4096..))]
+    pub console_queue: u64,
+}
+
+fn parse_duration(s: &str) -> Result<Duration, String> {
+    let secs: f64 = s
+        .parse()
+        .map_err(|_| format!("'{s}' is not a number of seconds"))?;
+    if !secs.is_finite() || secs <= 0.0 || secs > 1e9 {
+        return Err(format!("'{s}' must be a positive number of seconds"));
+    }
+    Ok(Duration::from_secs_f64(secs))
+}
+
+impl Config {
+    /// Parse the command line and apply vSPC.py's environment variables.
+    pub fn from_args() -> Config {
+        let mut cfg = Config::parse();
+        cfg.apply_env(|k| std::env::var(k).ok());
+        cfg
+    }
+
+    /// Fill what the flags left unset from vSPC.py's environment variables.
+    pub fn apply_env(&mut self, get: impl Fn(&str) -> Option<String>) {
+        if !self.multi_console {
+            if let Some(v) = get("SUPPORT_MULTI_CONSOLE") {
+                self.multi_console =
+                    matches!(v.to_ascii_lowercase().as_str(), "true" | "1" | "yes");
+            }
+        }
+        if self.client_limit.is_none() {
+            if let Some(v) = get("VM_CLIENT_LIMIT") {
+                match v.trim().parse::<usize>() {
+                    Ok(n) => self.client_limit = Some(n),
+                    Err(_) => tracing::warn!("ignoring VM_CLIENT_LIMIT={v:?}: not a number"),
+                }
+            }
+        }
+    }
+
+    /// How long a VM's mapping outlives its last connection.
+    pub fn expire(&self) -> Duration {
+        Duration::from_secs(self.vm_expire_time)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_match_vspc_py() {
+        let c = Config::try_parse_from(["vspc"]).unwrap();
+        assert_eq!(c.proxy_port, 13370);
+        assert_eq!(c.proxy_iface.to_string(), "0.0.0.0");
+        assert_eq!(c.admin_port, 13371);
+        assert_eq!(c.admin_iface.to_string(), "127.0.0.1");
+        assert_eq!(c.port_range_start, 50000);
+        assert_eq!(c.interface.to_string(), "127.0.0.1");
+        assert_eq!(c.vm_expire_time, 86400);
+        assert_eq!(c.backend, "Memory");
+    }
+
+    #[test]
+    fn env_fills_unset_flags() {
+        let mut c = Config::try_parse_from(["vspc"]).unwrap();
+        c.apply_env(|k| match k {
+            "SUPPORT_MULTI_CONSOLE" => Some("true".into()),
+            "VM_CLIENT_LIMIT" => Some("3".into()),
+            _ => None,
+        });
+        assert!(c.multi_console);
+        assert_eq!(c.client_limit, Some(3));
+        let mut c = Config::try_parse_from(["vspc", "--client-limit", "1"]).unwrap();
+        c.apply_env(|_| Some("7".into()));
+        assert_eq!(c.client_limit, Some(1));
+    }
+
+    #[test]
+    fn bad_values_are_errors() {
+        assert!(Config::try_parse_from(["vspc", "--proxy-port", "x"]).is_err());
+        assert!(Config::try_parse_from(["vspc", "--bogus"]).is_err());
+        assert!(Config::try_parse_from(["vspc", "--handshake-timeout", "-1"]).is_err());
+        assert!(Config::try_parse_from(["vspc", "--vm-tx-rate", "0"]).is_err());
+    }
+}

@@ -1,0 +1,684 @@
+//! The registry of VMs: key -> entry (name, port, VM connection, consoles,
+//! pending vMotion, idle-since). Port allocation and expiry live here.
+//!
+//! Locks are taken in one order only: the registry, then a VM's state, then
+//! the vMotion table. Console fan-out takes just the VM's own lock, so VMs
+//! never contend with each other. Nothing here touches a socket: connections
+//! are [`Peer`]s (an id and an [`Outbox`]), and console listeners are opened
+//! through the [`PortOpener`] the network layer installs.
+
+use crate::backend_host::BackendHost;
+use crate::outbox::{Outbox, Push};
+use crate::wire::encode;
+use bytes::Bytes;
+use std::collections::{BTreeSet, HashMap};
+use std::net::IpAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
+use std::time::{Duration, Instant};
+use vspc_backend_api::VmRecord;
+
+/// Identifies one connection for the life of the process.
+pub type ConnId = u64;
+
+/// A connection as the hub sees it.
+#[derive(Debug, Clone)]
+pub struct Peer {
+    pub id: ConnId,
+    pub outbox: Arc<Outbox>,
+}
+
+/// Opens console listeners; implemented by the network layer.
+pub trait PortOpener: Send + Sync {
+    /// Listen on `port` and serve consoles of `vm`. The returned guard stops
+    /// the listener (and frees the port) when dropped.
+    fn open(&self, vm: Arc<Vm>, port: u16) -> std::io::Result<ListenerGuard>;
+}
+
+/// Stops a console listener when dropped.
+pub struct ListenerGuard(pub tokio::task::AbortHandle);
+
+impl Drop for ListenerGuard {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// Settings the hub needs.
+#[derive(Debug, Clone)]
+pub struct HubConfig {
+    pub port_range_start: u16,
+    /// Open per-VM console ports at all (`--no-vm-ports` turns this off).
+    pub vm_ports: bool,
+    pub interface: IpAddr,
+    pub expire: Duration,
+    pub vmotion_timeout: Duration,
+    pub client_limit: Option<usize>,
+    pub console_queue: usize,
+}
+
+/// Told to a console that fell too far behind, before it is closed.
+pub const SLOW_CONSOLE_MSG: &[u8] =
+    b"\r\nvspc: this console fell too far behind the VM's output and is being disconnected.\r\n";
+
+/// Console input held during a vMotion, at most.
+const HELD_LIMIT: usize = 1 << 20;
+
+/// One VM serial port as the hub knows it.
+pub struct Vm {
+    /// Registry key: 32 hex digits of the VC UUID (plus `_uri` with
+    /// multi-console).
+    pub key: String,
+    /// The uuid as admin listings show it (vSPC.py's form).
+    pub uuid: String,
+    /// The console port; fixed for the life of the entry.
+    pub port: Option<u16>,
+    state: Mutex<VmState>,
+}
+
+struct VmState {
+    name: String,
+    /// The connection from ESXi that currently carries this serial port.
+    active: Option<Peer>,
+    consoles: Vec<Peer>,
+    /// Cookie of the pending vMotion, if any.
+    vmotion: Option<Vec<u8>>,
+    /// Console input held while a vMotion is pending (escaped).
+    held: Vec<Bytes>,
+    held_bytes: usize,
+    /// Since when nothing is connected; `None` while anything is.
+    idle_since: Option<Instant>,
+    /// The console listener; dropping it closes the port.
+    listener: Option<ListenerGuard>,
+    /// Removed from the registry (expired); late arrivals are turned away.
+    gone: bool,
+}
+
+impl Vm {
+    fn lock(&self) -> MutexGuard<'_, VmState> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The VM's current name.
+    pub fn name(&self) -> String {
+        self.lock().name.clone()
+    }
+
+    /// The record backends and listings see.
+    pub fn record(&self) -> VmRecord {
+        VmRecord {
+            uuid: self.uuid.clone(),
+            name: self.name(),
+            port: self.port,
+        }
+    }
+
+    /// Number of consoles attached.
+    pub fn console_count(&self) -> usize {
+        self.lock().consoles.len()
+    }
+
+    /// True while an ESXi connection carries this port.
+    pub fn vm_connected(&self) -> bool {
+        self.lock().active.is_some()
+    }
+}
+
+struct Pending {
+    vm: Arc<Vm>,
+    seq: Vec<u8>,
+    source: ConnId,
+    dest: Option<Peer>,
+    started: Instant,
+}
+
+#[derive(Default)]
+struct Registry {
+    vms: HashMap<String, Arc<Vm>>,
+    ports: BTreeSet<u16>,
+}
+
+/// What identified a VM connection.
+#[derive(Debug, Clone)]
+pub struct Identity {
+    pub key: String,
+    pub uuid: String,
+    pub name: String,
+}
+
+/// Why a VM or console could not be attached.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum AttachError {
+    #[error("no free console port from {start} upward")]
+    NoPort { start: u16 },
+    #[error("VM {name} already has {limit} consoles, the limit")]
+    Full { name: String, limit: usize },
+    #[error("VM {name} expired")]
+    Gone { name: String },
+}
+
+/// Answer to VMOTION-BEGIN.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Begin {
+    GoAhead(Vec<u8>),
+    NotNow(&'static str),
+}
+
+/// The hub. One per daemon.
+pub struct Hub {
+    cfg: HubConfig,
+    backend: BackendHost,
+    reg: Mutex<Registry>,
+    vmotions: Mutex<HashMap<Vec<u8>, Pending>>,
+    next_id: AtomicU64,
+    opener: OnceLock<Box<dyn PortOpener>>,
+}
+
+impl Hub {
+    pub fn new(cfg: HubConfig, backend: BackendHost) -> Arc<Hub> {
+        Arc::new(Hub {
+            cfg,
+            backend,
+            reg: Mutex::new(Registry::default()),
+            vmotions: Mutex::new(HashMap::new()),
+            next_id: AtomicU64::new(1),
+            opener: OnceLock::new(),
+        })
+    }
+
+    pub fn config(&self) -> &HubConfig {
+        &self.cfg
+    }
+
+    pub fn backend(&self) -> &BackendHost {
+        &self.backend
+    }
+
+    /// Install the network layer's listener factory (once, at start-up).
+    pub fn set_opener(&self, opener: Box<dyn PortOpener>) {
+        if self.opener.set(opener).is_err() {
+            tracing::error!("port opener installed twice; keeping the first");
+        }
+    }
+
+    fn reg(&self) -> MutexGuard<'_, Registry> {
+        self.reg.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn vmotions(&self) -> MutexGuard<'_, HashMap<Vec<u8>, Pending>> {
+        self.vmotions.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// A fresh connection id.
+    pub fn new_id(&self) -> ConnId {
+        self.next_id.fetch_add(1, Ordering::Relaxed)
+    }
+
+    /// A new peer with an outbox of `limit` bytes.
+    pub fn new_peer(&self, limit: usize) -> Peer {
+        Peer {
+            id: self.new_id(),
+            outbox: Arc::new(Outbox::new(limit)),
+        }
+    }
+
+    /// Create the entries the backend persisted, reserving their ports and
+    /// opening their listeners before any VM connects. Returns how many
+    /// ports could not be reopened.
+    pub fn preload(&self, records: Vec<VmRecord>) -> usize {
+        let mut reg = self.reg();
+        let mut failed = 0;
+        let now = Instant::now();
+        for rec in records {
+            let key = match crate::vmware::VmUuid::key_of(&rec.uuid) {
+                Some(k) => k,
+                None => rec.uuid.clone(),
+            };
+            if reg.vms.contains_key(&key) {
+                continue;
+            }
+            let vm = Arc::new(Vm {
+                key: key.clone(),
+                uuid: rec.uuid.clone(),
+                port: rec.port.filter(|_| self.cfg.vm_ports),
+                state: Mutex::new(new_state(rec.name.clone(), Some(now))),
+            });
+            if let Some(port) = vm.port {
+                if reg.ports.contains(&port) {
+                    tracing::warn!(vm = %rec.name, port, "persisted port is taken twice; not reopening it");
+                    failed += 1;
+                    continue;
+                }
+                match self.open_port(&vm, port) {
+                    Ok(guard) => vm.lock().listener = Some(guard),
+                    Err(e) => {
+                        tracing::warn!(vm = %rec.name, port, error = %e, "cannot reopen persisted console port");
+                        failed += 1;
+                        continue;
+                    }
+                }
+                reg.ports.insert(port);
+            }
+            reg.vms.insert(key, vm);
+        }
+        failed
+    }
+
+    fn open_port(&self, vm: &Arc<Vm>, port: u16) -> std::io::Result<ListenerGuard> {
+        match self.opener.get() {
+            Some(o) => o.open(vm.clone(), port),
+            None => Err(std::io::Error::other("no network layer installed")),
+        }
+    }
+
+    /// Create a VM entry with the lowest free console port.
+    fn create(&self, reg: &mut Registry, id: &Identity) -> Result<Arc<Vm>, AttachError> {
+        if !self.cfg.vm_ports {
+            return Ok(Arc::new(Vm {
+                key: id.key.clone(),
+                uuid: id.uuid.clone(),
+                port: None,
+                state: Mutex::new(new_state(id.name.clone(), None)),
+            }));
+        }
+        let start = self.cfg.port_range_start;
+        for port in start..=u16::MAX {
+            if reg.ports.contains(&port) {
+                continue;
+            }
+            let vm = Arc::new(Vm {
+                key: id.key.clone(),
+                uuid: id.uuid.clone(),
+                port: Some(port),
+                state: Mutex::new(new_state(id.name.clone(), None)),
+            });
+            match self.open_port(&vm, port) {
+                Ok(guard) => {
+                    vm.lock().listener = Some(guard);
+                    reg.ports.insert(port);
+                    return Ok(vm);
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::AddrInUse => continue,
+                Err(e) => {
+                    tracing::warn!(port, error = %e, "cannot open console port; trying the next");
+                    continue;
+                }
+            }
+        }
+        Err(AttachError::NoPort { start })
+    }
+
+    /// Make `peer` the connection of the VM `id` names, creating the entry
+    /// (and its console port) on first sight. A connection the VM had
+    /// before is closed: the newest one wins (a host restart leaves the old
+    /// socket half-open).
+    pub fn attach_vm(&self, id: &Identity, peer: Peer) -> Result<Arc<Vm>, AttachError> {
+        let mut reg = self.reg();
+        let vm = match reg.vms.get(&id.key) {
+            Some(vm) => vm.clone(),
+            None => {
+                let vm = self.create(&mut reg, id)?;
+                reg.vms.insert(id.key.clone(), vm.clone());
+                vm
+            }
+        };
+        let mut st = vm.lock();
+        let old_name = std::mem::replace(&mut st.name, id.name.clone());
+        if let Some(old) = st.active.replace(peer) {
+            tracing::info!(vm = %id.name, "VM reconnected; closing its previous connection");
+            old.outbox.close(None);
+        }
+        st.idle_since = None;
+        drop(st);
+        drop(reg);
+        let rec = vm.record();
+        tracing::info!(vm = %rec.name, uuid = %rec.uuid, port = ?rec.port, "VM connected");
+        if old_name != id.name && !old_name.is_empty() {
+            self.backend.vm_renamed(rec.clone(), old_name);
+        }
+        self.backend.vm_connected(rec);
+        Ok(vm)
+    }
+
+    /// The VM's connection `conn` closed.
+    pub fn detach_vm(&self, vm: &Vm, conn: ConnId) {
+        let mut st = vm.lock();
+        if st.active.as_ref().map(|p| p.id) != Some(conn) {
+            return;
+        }
+        st.active = None;
+        if st.consoles.is_empty() && st.vmotion.is_none() {
+            st.idle_since = Some(Instant::now());
+        }
+        drop(st);
+        let rec = vm.record();
+        tracing::info!(vm = %rec.name, "VM disconnected; its port and consoles stay");
+        self.backend.vm_disconnected(rec);
+    }
+
+    /// The VM sent a (new) name on connection `conn`.
+    pub fn rename(&self, vm: &Vm, conn: ConnId, name: &str) {
+        let mut st = vm.lock();
+        if st.active.as_ref().map(|p| p.id) != Some(conn) || st.name == name {
+            return;
+        }
+        let old = std::mem::replace(&mut st.name, name.to_string());
+        drop(st);
+        tracing::info!(vm = %name, old = %old, "VM renamed");
+        self.backend.vm_renamed(vm.record(), old);
+    }
+
+    /// Serial output from the VM on connection `conn`: to every console and
+    /// the backend. False if `conn` no longer carries the VM (the data is
+    /// dropped).
+    pub fn vm_output(&self, vm: &Vm, conn: ConnId, data: &[u8]) -> bool {
+        let escaped = Bytes::from(encode::escaped(data));
+        let mut st = vm.lock();
+        if st.active.as_ref().map(|p| p.id) != Some(conn) {
+            return false;
+        }
+        let mut dropped = 0;
+        for c in &st.consoles {
+            if c.outbox.push(escaped.clone(), Some(SLOW_CONSOLE_MSG)) == Push::Overflow {
+                dropped += 1;
+            }
+        }
+        if dropped > 0 {
+            st.consoles.retain(|c| !c.outbox.is_closed());
+            tracing::warn!(vm = %st.name, dropped, "disconnected console(s) that stopped reading");
+        }
+        if self.backend.wants_data() {
+            let rec = VmRecord {
+                uuid: vm.uuid.clone(),
+                name: st.name.clone(),
+                port: vm.port,
+            };
+            drop(st);
+            self.backend
+                .console_data(&rec, Bytes::copy_from_slice(data));
+        }
+        true
+    }
+
+    /// Attach a console to `vm`, unless the VM is full or gone.
+    pub fn attach_console(&self, vm: &Vm, peer: Peer) -> Result<(), AttachError> {
+        let mut st = vm.lock();
+        if st.gone {
+            return Err(AttachError::Gone {
+                name: st.name.clone(),
+            });
+        }
+        if let Some(limit) = self.cfg.client_limit {
+            if st.consoles.len() >= limit {
+                return Err(AttachError::Full {
+                    name: st.name.clone(),
+                    limit,
+                });
+            }
+        }
+        st.consoles.push(peer);
+        st.idle_since = None;
+        drop(st);
+        self.backend.console_attached(vm.record());
+        Ok(())
+    }
+
+    /// A console of `vm` went away.
+    pub fn detach_console(&self, vm: &Vm, conn: ConnId) {
+        let mut st = vm.lock();
+        let before = st.consoles.len();
+        st.consoles.retain(|c| c.id != conn);
+        let removed = st.consoles.len() != before;
+        if st.consoles.is_empty() && st.active.is_none() && st.vmotion.is_none() {
+            st.idle_since.get_or_insert_with(Instant::now);
+        }
+        drop(st);
+        if removed {
+            self.backend.console_detached(vm.record());
+        }
+    }
+
+    /// Console input for the VM. Returns the outbox it was queued on, so the
+    /// console can wait for room; `None` if it was held (vMotion) or dropped
+    /// (no VM connection).
+    pub fn console_input(&self, vm: &Vm, data: &[u8]) -> Option<Arc<Outbox>> {
+        let escaped = Bytes::from(encode::escaped(data));
+        let mut st = vm.lock();
+        if st.vmotion.is_some() {
+            if st.held_bytes + escaped.len() > HELD_LIMIT {
+                tracing::warn!(vm = %st.name, "console input held during vMotion exceeds 1 MiB; dropping");
+                return None;
+            }
+            st.held_bytes += escaped.len();
+            st.held.push(escaped);
+            return None;
+        }
+        let active = st.active.as_ref()?;
+        active.outbox.push_always(escaped);
+        Some(active.outbox.clone())
+    }
+
+    /// VMOTION-BEGIN on the VM's connection `conn`.
+    pub fn vmotion_begin(&self, vm: &Arc<Vm>, conn: ConnId, seq: &[u8]) -> Begin {
+        let mut st = vm.lock();
+        let Some(active) = st.active.clone().filter(|p| p.id == conn) else {
+            return Begin::NotNow("the connection does not carry the VM");
+        };
+        if st.vmotion.is_some() {
+            return Begin::NotNow("another vMotion of this port is pending");
+        }
+        let mut secret = [0u8; 8];
+        if let Err(e) = getrandom::fill(&mut secret) {
+            tracing::error!(error = %e, "no random bytes for a vMotion secret");
+            return Begin::NotNow("no random bytes for a secret");
+        }
+        let mut cookie = seq.to_vec();
+        cookie.extend_from_slice(&secret);
+        // Input not yet written to the source waits for the winner.
+        let backlog = active.outbox.take_data();
+        st.held_bytes += backlog.iter().map(|b| b.len()).sum::<usize>();
+        st.held.splice(0..0, backlog);
+        st.vmotion = Some(cookie.clone());
+        self.vmotions().insert(
+            cookie.clone(),
+            Pending {
+                vm: vm.clone(),
+                seq: seq.to_vec(),
+                source: conn,
+                dest: None,
+                started: Instant::now(),
+            },
+        );
+        Begin::GoAhead(cookie)
+    }
+
+    /// VMOTION-PEER on a new connection: the VM and sequence if the cookie
+    /// is pending.
+    pub fn vmotion_peer(&self, cookie: &[u8], dest: Peer) -> Option<(Arc<Vm>, Vec<u8>)> {
+        let mut table = self.vmotions();
+        let p = table.get_mut(cookie)?;
+        if let Some(old) = p.dest.replace(dest) {
+            tracing::warn!("a second destination for one vMotion; dropping the first");
+            old.outbox.close(None);
+        }
+        Some((p.vm.clone(), p.seq.clone()))
+    }
+
+    /// VMOTION-COMPLETE on the destination `dest`: it becomes the VM's
+    /// connection, held input goes to it, and the source is closed.
+    pub fn vmotion_complete(&self, vm: &Vm, cookie: &[u8], seq: &[u8], dest: &Peer) -> bool {
+        let mut st = vm.lock();
+        if st.vmotion.as_deref() != Some(cookie) {
+            return false;
+        }
+        {
+            let mut table = self.vmotions();
+            match table.get(cookie) {
+                Some(p) if p.seq == seq && p.dest.as_ref().map(|d| d.id) == Some(dest.id) => {}
+                _ => return false,
+            }
+            table.remove(cookie);
+        }
+        st.vmotion = None;
+        let old = st.active.replace(dest.clone());
+        st.idle_since = None;
+        for chunk in st.held.drain(..) {
+            dest.outbox.push_always(chunk);
+        }
+        st.held_bytes = 0;
+        let name = st.name.clone();
+        drop(st);
+        if let Some(old) = old {
+            old.outbox.close(None);
+        }
+        tracing::info!(vm = %name, "vMotion complete; the destination now carries the VM");
+        true
+    }
+
+    /// VMOTION-ABORT on connection `conn`: the source keeps the VM.
+    pub fn vmotion_abort(&self, vm: &Vm, conn: ConnId) -> bool {
+        let mut st = vm.lock();
+        if st.active.as_ref().map(|p| p.id) != Some(conn) {
+            return false;
+        }
+        let Some(cookie) = st.vmotion.take() else {
+            return false;
+        };
+        if let Some(p) = self.vmotions().remove(&cookie) {
+            if let Some(d) = p.dest {
+                d.outbox.close(None);
+            }
+        }
+        flush_held(&mut st);
+        tracing::info!(vm = %st.name, "vMotion aborted; the source keeps the VM");
+        true
+    }
+
+    /// A destination connection closed before COMPLETE.
+    pub fn vmotion_dest_closed(&self, cookie: &[u8], conn: ConnId) {
+        if let Some(p) = self.vmotions().get_mut(cookie) {
+            if p.dest.as_ref().map(|d| d.id) == Some(conn) {
+                p.dest = None;
+            }
+        }
+    }
+
+    /// Every VM the hub knows, as listing rows.
+    pub fn records(&self) -> Vec<VmRecord> {
+        let vms: Vec<Arc<Vm>> = self.reg().vms.values().cloned().collect();
+        let mut rows: Vec<VmRecord> = vms.iter().map(|v| v.record()).collect();
+        rows.sort_by(|a, b| a.name.cmp(&b.name).then(a.uuid.cmp(&b.uuid)));
+        rows
+    }
+
+    /// The rows the admin listing shows (the backend may edit them).
+    pub async fn listing(&self) -> Vec<VmRecord> {
+        self.backend.list_rows(self.records()).await
+    }
+
+    /// A VM by name, display uuid or any spelling of its uuid.
+    pub fn find(&self, what: &str) -> Option<Arc<Vm>> {
+        let reg = self.reg();
+        if let Some(vm) = crate::vmware::VmUuid::key_of(what).and_then(|k| reg.vms.get(&k)) {
+            return Some(vm.clone());
+        }
+        reg.vms
+            .values()
+            .find(|v| v.uuid == what || v.key == what || v.name() == what)
+            .cloned()
+    }
+
+    /// Number of VMs known.
+    pub fn len(&self) -> usize {
+        self.reg().vms.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Expire idle VMs and stale vMotions. Run periodically.
+    pub fn sweep(&self, now: Instant) {
+        let stale: Vec<(Vec<u8>, Pending)> = {
+            let mut table = self.vmotions();
+            let keys: Vec<Vec<u8>> = table
+                .iter()
+                .filter(|(_, p)| now.duration_since(p.started) >= self.cfg.vmotion_timeout)
+                .map(|(k, _)| k.clone())
+                .collect();
+            keys.into_iter()
+                .filter_map(|k| table.remove(&k).map(|p| (k, p)))
+                .collect()
+        };
+        for (cookie, p) in stale {
+            let mut st = p.vm.lock();
+            if st.vmotion.as_deref() == Some(&cookie[..]) {
+                st.vmotion = None;
+                flush_held(&mut st);
+                if st.active.is_none() && st.consoles.is_empty() {
+                    st.idle_since = Some(now);
+                }
+                tracing::warn!(vm = %st.name, source = p.source, "pending vMotion timed out; dropped it");
+            }
+            if let Some(d) = p.dest {
+                d.outbox.close(None);
+            }
+        }
+
+        let mut expired = Vec::new();
+        {
+            let mut reg = self.reg();
+            let mut gone_keys = Vec::new();
+            for (key, vm) in reg.vms.iter() {
+                let mut st = vm.lock();
+                if let Some(since) = st.idle_since {
+                    if now.duration_since(since) >= self.cfg.expire {
+                        st.gone = true;
+                        st.listener = None;
+                        gone_keys.push(key.clone());
+                    }
+                }
+            }
+            for key in gone_keys {
+                if let Some(vm) = reg.vms.remove(&key) {
+                    if let Some(port) = vm.port {
+                        reg.ports.remove(&port);
+                    }
+                    expired.push(vm);
+                }
+            }
+        }
+        for vm in expired {
+            let rec = vm.record();
+            tracing::info!(vm = %rec.name, port = ?rec.port, "VM mapping expired; port returned to the pool");
+            self.backend.vm_expired(rec);
+        }
+    }
+}
+
+fn new_state(name: String, idle_since: Option<Instant>) -> VmState {
+    VmState {
+        name,
+        active: None,
+        consoles: Vec::new(),
+        vmotion: None,
+        held: Vec::new(),
+        held_bytes: 0,
+        idle_since,
+        listener: None,
+        gone: false,
+    }
+}
+
+/// Send held console input to the VM's connection, or drop it if none.
+fn flush_held(st: &mut VmState) {
+    let held = std::mem::take(&mut st.held);
+    st.held_bytes = 0;
+    if let Some(active) = &st.active {
+        for chunk in held {
+            active.outbox.push_always(chunk);
+        }
+    } else if !held.is_empty() {
+        tracing::info!(vm = %st.name, "dropping console input held for a VM that is not connected");
+    }
+}

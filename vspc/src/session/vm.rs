@@ -1,0 +1,514 @@
+//! One ESXi connection on the proxy port: telnet negotiation, the VMware
+//! extension handshake, identification and vMotion.
+//!
+//! A connection is identified once it has an accepted DO-PROXY plus the VM's
+//! VC UUID and name (PROTOCOL.md §4.3), or when a vMotion COMPLETE hands it
+//! an existing VM. Serial data that arrives earlier is held and delivered
+//! after. A vMotion destination sends PEER before its identity, and never
+//! DO-PROXY (§4.2).
+
+use super::{Flow, Session};
+use crate::hub::{Begin, Hub, Identity, Peer, Vm};
+use crate::vmware::{Msg, VmUuid, PROXY_KNOWN_SUBOPTIONS};
+use crate::wire::{encode, opt, Change, Decoder, Event, Negotiator, OptionSet, Verb};
+use bytes::Bytes;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+/// Options we perform when ESXi asks (DO).
+const LOCAL_OK: OptionSet = OptionSet::of(&[opt::BINARY, opt::SGA, opt::ECHO]);
+/// Options we let ESXi perform (WILL).
+const REMOTE_OK: OptionSet = OptionSet::of(&[opt::BINARY, opt::SGA, opt::VMWARE_EXT]);
+
+/// Serial data held before identification, at most.
+const EARLY_LIMIT: usize = 1 << 20;
+
+/// How long to wait for VM-NAME once the uuid is known.
+const NAME_WAIT: Duration = Duration::from_secs(2);
+
+/// Told to a plain telnet client that reached the proxy port.
+pub const NOT_ESXI_MSG: &[u8] = b"vspc: this port is for VMware ESXi virtual serial ports \
+(telnet option 232). To reach a VM's console, telnet to its console port \
+(list them with vspc-client).\r\n";
+
+/// Per-connection settings from the command line.
+#[derive(Debug, Clone)]
+pub struct VmSessionConfig {
+    pub handshake_timeout: Duration,
+    pub multi_console: bool,
+}
+
+enum Link {
+    /// Not yet identified.
+    Handshake,
+    /// Carries `vm`.
+    Active(Arc<Vm>),
+    /// A vMotion destination that sent a valid PEER; waits for COMPLETE.
+    Destination {
+        vm: Arc<Vm>,
+        cookie: Vec<u8>,
+        seq: Vec<u8>,
+    },
+    /// Lost the VM to a newer connection or a completed vMotion.
+    Retired,
+}
+
+/// The state of one ESXi connection.
+pub struct VmSession {
+    hub: Arc<Hub>,
+    peer: Peer,
+    cfg: VmSessionConfig,
+    decoder: Decoder,
+    neg: Negotiator,
+    link: Link,
+    /// The VMware extension is on (ESXi said WILL 232).
+    ext: bool,
+    ks2_sent: bool,
+    /// The service URI from an accepted DO-PROXY.
+    proxy_uri: Option<String>,
+    uuid: Option<VmUuid>,
+    name: Option<String>,
+    early: Vec<u8>,
+    early_dropped: bool,
+    /// Close if the extension is not on by then.
+    handshake_deadline: Option<Instant>,
+    /// Identify without a name at this time.
+    name_deadline: Option<Instant>,
+    closing: bool,
+    /// Scratch buffer for replies.
+    out: Vec<u8>,
+}
+
+impl VmSession {
+    /// A session for a new connection; queues the opening negotiation.
+    pub fn new(hub: Arc<Hub>, peer: Peer, cfg: VmSessionConfig, now: Instant) -> VmSession {
+        let mut s = VmSession {
+            hub,
+            peer,
+            handshake_deadline: Some(now + cfg.handshake_timeout),
+            cfg,
+            decoder: Decoder::default(),
+            neg: Negotiator::new(LOCAL_OK, REMOTE_OK),
+            link: Link::Handshake,
+            ext: false,
+            ks2_sent: false,
+            proxy_uri: None,
+            uuid: None,
+            name: None,
+            early: Vec::new(),
+            early_dropped: false,
+            name_deadline: None,
+            closing: false,
+            out: Vec::new(),
+        };
+        // The capture's opening: WILL BINARY, SGA, ECHO; DO BINARY, SGA, 232.
+        let mut out = std::mem::take(&mut s.out);
+        for o in [opt::BINARY, opt::SGA, opt::ECHO] {
+            s.neg.enable_local(o, &mut out);
+        }
+        for o in [opt::BINARY, opt::SGA, opt::VMWARE_EXT] {
+            s.neg.enable_remote(o, &mut out);
+        }
+        s.out = out;
+        s.flush();
+        s
+    }
+
+    fn flush(&mut self) {
+        if !self.out.is_empty() {
+            let bytes = Bytes::from(std::mem::take(&mut self.out));
+            self.peer.outbox.push_control(bytes);
+        }
+    }
+
+    fn send(&mut self, msg: Msg<'_>) {
+        msg.encode(&mut self.out);
+    }
+
+    fn label(&self) -> String {
+        match (&self.name, &self.uuid) {
+            (Some(n), _) => n.clone(),
+            (None, Some(u)) => u.display.clone(),
+            (None, None) => format!("connection {}", self.peer.id),
+        }
+    }
+
+    fn handle(&mut self, ev: Event<'_>) {
+        match ev {
+            Event::Data(d) => self.on_data(d),
+            Event::Negotiate(verb, option) => self.on_negotiate(verb, option),
+            Event::Subneg { option, payload } if option == opt::VMWARE_EXT => {
+                match Msg::decode(payload) {
+                    Ok(msg) => self.on_msg(msg),
+                    Err(e) => tracing::warn!(conn = self.peer.id, error = %e, "bad VMware message"),
+                }
+            }
+            Event::Subneg { option, .. } => {
+                tracing::debug!(conn = self.peer.id, option, "ignoring subnegotiation")
+            }
+            Event::Command(c) => {
+                tracing::trace!(conn = self.peer.id, command = c, "telnet command")
+            }
+            Event::Malformed(m) => {
+                tracing::warn!(conn = self.peer.id, "malformed telnet from VM: {m}")
+            }
+        }
+    }
+
+    fn on_negotiate(&mut self, verb: Verb, option: u8) {
+        let mut out = std::mem::take(&mut self.out);
+        let change = self.neg.receive(verb, option, &mut out);
+        self.out = out;
+        match change {
+            Some(Change::RemoteEnabled(opt::VMWARE_EXT)) => {
+                self.ext = true;
+                self.handshake_deadline = None;
+                self.start_extension();
+            }
+            Some(Change::RemoteDisabled(opt::VMWARE_EXT)) if !self.ext => {
+                tracing::info!(
+                    conn = self.peer.id,
+                    "a client without the VMware extension reached the proxy port; closing it"
+                );
+                self.reject_plain();
+            }
+            Some(Change::RemoteDisabled(opt::VMWARE_EXT)) => {
+                tracing::warn!(vm = %self.label(), "VM turned the VMware extension off");
+                self.ext = false;
+            }
+            _ => {}
+        }
+    }
+
+    fn reject_plain(&mut self) {
+        self.out.extend_from_slice(NOT_ESXI_MSG);
+        self.closing = true;
+    }
+
+    /// KNOWN-SUBOPTIONS-2, then ask for the identity (capture order).
+    fn start_extension(&mut self) {
+        if self.ks2_sent {
+            return;
+        }
+        self.ks2_sent = true;
+        self.send(Msg::KnownSuboptions2(PROXY_KNOWN_SUBOPTIONS));
+        self.send(Msg::GetVmVcUuid);
+        self.send(Msg::GetVmName);
+    }
+
+    fn on_msg(&mut self, msg: Msg<'_>) {
+        let id = self.peer.id;
+        match msg {
+            Msg::KnownSuboptions1(list) => {
+                tracing::debug!(conn = id, ?list, "VM's known suboptions");
+                self.start_extension();
+            }
+            Msg::DoProxy { direction, uri } => self.on_do_proxy(direction, uri),
+            Msg::VmVcUuid(text) => {
+                let uuid = VmUuid::parse(text).unwrap_or_else(|| {
+                    let raw: String = String::from_utf8_lossy(text)
+                        .chars()
+                        .filter(|c| !c.is_whitespace() && !c.is_control())
+                        .collect();
+                    tracing::warn!(conn = id, uuid = %raw, "VM-VC-UUID is not 32 hex digits; using it as given");
+                    VmUuid {
+                        hex: raw.to_ascii_lowercase(),
+                        display: raw,
+                    }
+                });
+                if uuid.hex.is_empty() {
+                    tracing::warn!(conn = id, "empty VM-VC-UUID ignored");
+                    return;
+                }
+                if let Some(old) = &self.uuid {
+                    if old.hex != uuid.hex {
+                        tracing::warn!(conn = id, old = %old.display, new = %uuid.display, "VM changed its uuid mid-connection; keeping the first");
+                    }
+                    return;
+                }
+                self.uuid = Some(uuid);
+                if self.name.is_none() {
+                    self.name_deadline = Some(Instant::now() + NAME_WAIT);
+                }
+                self.try_identify();
+            }
+            Msg::VmName(raw) => {
+                let name = String::from_utf8_lossy(raw).into_owned();
+                let shown = self.compose_name(&name);
+                self.name = Some(name);
+                if let Link::Active(vm) = &self.link {
+                    self.hub.rename(vm, id, &shown);
+                } else {
+                    self.try_identify();
+                }
+            }
+            Msg::VmotionBegin(seq) => self.on_begin(seq),
+            Msg::VmotionPeer(cookie) => self.on_peer(cookie),
+            Msg::VmotionComplete(seq) => self.on_complete(seq),
+            Msg::VmotionAbort => match &self.link {
+                Link::Active(vm) => {
+                    if !self.hub.vmotion_abort(vm, id) {
+                        tracing::info!(vm = %self.label(), "VMOTION-ABORT with no vMotion pending");
+                    }
+                }
+                _ => tracing::info!(
+                    conn = id,
+                    "VMOTION-ABORT on a connection that carries no VM"
+                ),
+            },
+            Msg::UnknownSuboptionRcvd1(code) => {
+                tracing::warn!(vm = %self.label(), code, "VM did not understand a suboption we sent")
+            }
+            Msg::VmBiosUuid(_) | Msg::VmLocationUuid(_) => {
+                tracing::debug!(
+                    conn = id,
+                    code = msg.code(),
+                    "ignoring unrequested VM identity"
+                )
+            }
+            // Proxy-to-VM messages and unknown codes: "not supported".
+            other => {
+                tracing::info!(
+                    conn = id,
+                    code = other.code(),
+                    "unsupported VMware suboption; answering UNKNOWN-SUBOPTION-RCVD-2"
+                );
+                self.send(Msg::UnknownSuboptionRcvd2(other.code()));
+            }
+        }
+    }
+
+    fn on_do_proxy(&mut self, direction: u8, uri: &[u8]) {
+        let uri_text = String::from_utf8_lossy(uri).into_owned();
+        let refuse = if direction != b'S' {
+            Some(format!(
+                "direction '{}' is not supported (only 'S', server, is)",
+                (direction as char).escape_default()
+            ))
+        } else if self.cfg.multi_console && uri_text.contains('_') {
+            Some(format!(
+                "service URI {uri_text:?} contains '_', which multi-console mode reserves as its separator"
+            ))
+        } else {
+            None
+        };
+        if let Some(reason) = refuse {
+            tracing::warn!(conn = self.peer.id, uri = %uri_text, "sending WONT-PROXY: {reason}; closing the connection");
+            self.send(Msg::WontProxy);
+            self.closing = true;
+            return;
+        }
+        self.send(Msg::WillProxy);
+        self.proxy_uri = Some(uri_text);
+        self.try_identify();
+    }
+
+    fn compose_name(&self, name: &str) -> String {
+        match (&self.proxy_uri, self.cfg.multi_console) {
+            (Some(uri), true) => format!("{name}_{uri}"),
+            _ => name.to_string(),
+        }
+    }
+
+    fn try_identify(&mut self) {
+        if !matches!(self.link, Link::Handshake) {
+            return;
+        }
+        let (Some(uri), Some(uuid)) = (&self.proxy_uri, &self.uuid) else {
+            return;
+        };
+        if self.name.is_none() && self.name_deadline.is_some_and(|d| Instant::now() < d) {
+            return;
+        }
+        let base_name = self.name.clone().unwrap_or_else(|| uuid.display.clone());
+        let id = if self.cfg.multi_console {
+            Identity {
+                key: format!("{}_{uri}", uuid.hex),
+                uuid: format!("{}_{uri}", uuid.display),
+                name: format!("{base_name}_{uri}"),
+            }
+        } else {
+            Identity {
+                key: uuid.hex.clone(),
+                uuid: uuid.display.clone(),
+                name: base_name,
+            }
+        };
+        self.name_deadline = None;
+        match self.hub.attach_vm(&id, self.peer.clone()) {
+            Ok(vm) => {
+                self.link = Link::Active(vm);
+                self.deliver_early();
+            }
+            Err(e) => {
+                tracing::error!(vm = %id.name, error = %e, "cannot serve VM; closing its connection");
+                self.closing = true;
+            }
+        }
+    }
+
+    fn deliver_early(&mut self) {
+        if self.early.is_empty() {
+            return;
+        }
+        let early = std::mem::take(&mut self.early);
+        self.on_data(&early);
+    }
+
+    fn on_data(&mut self, data: &[u8]) {
+        match &self.link {
+            Link::Active(vm) => {
+                if !self.hub.vm_output(vm, self.peer.id, data) {
+                    tracing::info!(
+                        conn = self.peer.id,
+                        "connection no longer carries its VM; dropping its data"
+                    );
+                    self.link = Link::Retired;
+                }
+            }
+            Link::Handshake | Link::Destination { .. } => {
+                if self.early.len() + data.len() <= EARLY_LIMIT {
+                    self.early.extend_from_slice(data);
+                } else if !self.early_dropped {
+                    self.early_dropped = true;
+                    tracing::warn!(
+                        conn = self.peer.id,
+                        "over 1 MiB of serial data before identification; dropping the rest"
+                    );
+                }
+            }
+            Link::Retired => {}
+        }
+    }
+
+    fn on_begin(&mut self, seq: &[u8]) {
+        let answer = match &self.link {
+            Link::Active(vm) => self.hub.vmotion_begin(vm, self.peer.id, seq),
+            _ => Begin::NotNow("the connection is not identified"),
+        };
+        match answer {
+            Begin::GoAhead(cookie) => {
+                tracing::info!(vm = %self.label(), "vMotion begins; sent GOAHEAD");
+                self.send(Msg::VmotionGoahead(&cookie));
+            }
+            Begin::NotNow(why) => {
+                tracing::info!(vm = %self.label(), "answering VMOTION-BEGIN with NOTNOW: {why}");
+                self.send(Msg::VmotionNotNow(seq));
+            }
+        }
+    }
+
+    fn on_peer(&mut self, cookie: &[u8]) {
+        if !matches!(self.link, Link::Handshake) {
+            tracing::warn!(vm = %self.label(), "VMOTION-PEER on a connection that already carries a VM; ignored");
+            return;
+        }
+        match self.hub.vmotion_peer(cookie, self.peer.clone()) {
+            Some((vm, seq)) => {
+                tracing::info!(vm = %vm.name(), conn = self.peer.id, "vMotion destination connected; sent PEER-OK");
+                self.send(Msg::VmotionPeerOk(&seq));
+                self.link = Link::Destination {
+                    vm,
+                    cookie: cookie.to_vec(),
+                    seq,
+                };
+            }
+            None => tracing::warn!(
+                conn = self.peer.id,
+                "VMOTION-PEER with an unknown or wrong cookie; not answering"
+            ),
+        }
+    }
+
+    fn on_complete(&mut self, seq: &[u8]) {
+        let Link::Destination {
+            vm,
+            cookie,
+            seq: expected,
+        } = &self.link
+        else {
+            tracing::warn!(
+                conn = self.peer.id,
+                "VMOTION-COMPLETE on a connection that is not a vMotion destination; ignored"
+            );
+            return;
+        };
+        if seq != expected.as_slice() || !self.hub.vmotion_complete(vm, cookie, seq, &self.peer) {
+            tracing::warn!(
+                conn = self.peer.id,
+                "VMOTION-COMPLETE does not match the pending vMotion; ignored"
+            );
+            return;
+        }
+        let vm = vm.clone();
+        if let Some(name) = self.name.clone() {
+            let shown = self.compose_name(&name);
+            self.hub.rename(&vm, self.peer.id, &shown);
+        }
+        self.link = Link::Active(vm);
+        self.handshake_deadline = None;
+        self.deliver_early();
+    }
+}
+
+impl Session for VmSession {
+    fn on_input(&mut self, data: &[u8]) -> Flow {
+        let mut decoder = std::mem::take(&mut self.decoder);
+        let result = decoder.decode(data, |ev| self.handle(ev));
+        self.decoder = decoder;
+        if let Err(e) = result {
+            tracing::warn!(conn = self.peer.id, "closing VM connection: {e}");
+            self.closing = true;
+        }
+        self.flush();
+        if self.closing {
+            Flow::Close
+        } else {
+            Flow::Continue
+        }
+    }
+
+    fn deadline(&self) -> Option<Instant> {
+        match (self.handshake_deadline, self.name_deadline) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
+    }
+
+    fn on_deadline(&mut self, now: Instant) -> Flow {
+        if self.handshake_deadline.is_some_and(|d| now >= d) {
+            self.handshake_deadline = None;
+            if !self.ext && matches!(self.link, Link::Handshake) {
+                tracing::info!(
+                    conn = self.peer.id,
+                    "no VMware extension within the handshake timeout; closing"
+                );
+                self.reject_plain();
+            }
+        }
+        if self.name_deadline.is_some_and(|d| now >= d) {
+            self.name_deadline = None;
+            tracing::info!(conn = self.peer.id, "VM sent no name; using its uuid");
+            self.try_identify();
+        }
+        self.flush();
+        if self.closing {
+            Flow::Close
+        } else {
+            Flow::Continue
+        }
+    }
+
+    fn on_close(&mut self) {
+        match std::mem::replace(&mut self.link, Link::Retired) {
+            Link::Active(vm) => self.hub.detach_vm(&vm, self.peer.id),
+            Link::Destination { cookie, .. } => self.hub.vmotion_dest_closed(&cookie, self.peer.id),
+            Link::Handshake | Link::Retired => {}
+        }
+    }
+}
+
+/// Encode text for a telnet peer (IAC doubled).
+pub fn text(msg: &[u8]) -> Bytes {
+    Bytes::from(encode::escaped(msg))
+}
