@@ -2,6 +2,10 @@
 //! and defaults, plus vspc's own. Environment variables vSPC.py read
 //! (`SUPPORT_MULTI_CONSOLE`, `VM_CLIENT_LIMIT`) are honoured too; a flag
 //! wins over its variable.
+//!
+//! `--config FILE` reads the same settings from TOML, one key per long flag
+//! (`proxy-port = 13370`, `ssl = true`); flags on the command line win over
+//! the file.
 
 use clap::Parser;
 use std::net::IpAddr;
@@ -13,8 +17,13 @@ use std::time::Duration;
 /// ESXi hosts connect each VM's network serial port to the proxy port; every
 /// VM gets its own console port where any number of telnet users attach.
 #[derive(Debug, Clone, Parser)]
-#[command(name = "vspc", version, about, long_about = None)]
+#[command(name = "vspc", version, about, long_about = None, args_override_self = true)]
 pub struct Config {
+    /// Read settings from this TOML file (keys are the long flag names);
+    /// command-line flags win over it.
+    #[arg(long, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+
     /// Port for admin queries (vSPC.py's query protocol).
     #[arg(short = 'a', long, default_value_t = 13371, value_name = "PORT")]
     pub admin_port: u16,
@@ -126,6 +135,42 @@ pub struct Config {
     pub console_queue: u64,
 }
 
+/// Turn a TOML config file into flags: `key = value` becomes `--key=value`,
+/// `key = true` becomes `--key`, `key = false` is left out.
+fn file_args(path: &std::path::Path) -> Result<Vec<String>, String> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| format!("cannot read config file {}: {e}", path.display()))?;
+    let table: toml::Table = text
+        .parse()
+        .map_err(|e| format!("config file {} is not valid TOML: {e}", path.display()))?;
+    let known: Vec<String> = <Config as clap::CommandFactory>::command()
+        .get_arguments()
+        .filter_map(|a| a.get_long().map(String::from))
+        .collect();
+    let mut out = Vec::new();
+    for (key, value) in table {
+        if key == "config" || !known.contains(&key) {
+            return Err(format!(
+                "config file {}: unknown setting '{key}' (use the long flag names, e.g. proxy-port)",
+                path.display()
+            ));
+        }
+        match value {
+            toml::Value::Boolean(true) => out.push(format!("--{key}")),
+            toml::Value::Boolean(false) => {}
+            toml::Value::String(s) => out.push(format!("--{key}={s}")),
+            toml::Value::Integer(i) => out.push(format!("--{key}={i}")),
+            toml::Value::Float(f) => out.push(format!("--{key}={f}")),
+            other => return Err(format!(
+                "config file {}: setting '{key}' has a {} value; use a string, number or boolean",
+                path.display(),
+                other.type_str()
+            )),
+        }
+    }
+    Ok(out)
+}
+
 fn parse_duration(s: &str) -> Result<Duration, String> {
     let secs: f64 = s
         .parse()
@@ -137,11 +182,33 @@ fn parse_duration(s: &str) -> Result<Duration, String> {
 }
 
 impl Config {
-    /// Parse the command line and apply vSPC.py's environment variables.
+    /// Parse the command line (and `--config`), then apply vSPC.py's
+    /// environment variables. Exits with status 2 and the usage on error.
     pub fn from_args() -> Config {
-        let mut cfg = Config::parse();
+        let args: Vec<std::ffi::OsString> = std::env::args_os().collect();
+        let mut cfg = match Config::from_argv(args) {
+            Ok(c) => c,
+            Err(e) => e.exit(),
+        };
         cfg.apply_env(|k| std::env::var(k).ok());
         cfg
+    }
+
+    /// Parse `args` (program name first), reading `--config` if given.
+    pub fn from_argv(args: Vec<std::ffi::OsString>) -> Result<Config, clap::Error> {
+        let first = Config::try_parse_from(&args)?;
+        let Some(path) = first.config.clone() else {
+            return Ok(first);
+        };
+        let from_file = file_args(&path).map_err(|msg| {
+            clap::Error::raw(clap::error::ErrorKind::InvalidValue, format!("{msg}\n"))
+                .with_cmd(&<Config as clap::CommandFactory>::command())
+        })?;
+        // File settings first, so the command line overrides them.
+        let mut merged = vec![args.first().cloned().unwrap_or_else(|| "vspc".into())];
+        merged.extend(from_file.into_iter().map(Into::into));
+        merged.extend(args.into_iter().skip(1));
+        Config::try_parse_from(merged)
     }
 
     /// Fill what the flags left unset from vSPC.py's environment variables.
@@ -198,6 +265,38 @@ mod tests {
         let mut c = Config::try_parse_from(["vspc", "--client-limit", "1"]).unwrap();
         c.apply_env(|_| Some("7".into()));
         assert_eq!(c.client_limit, Some(1));
+    }
+
+    #[test]
+    fn config_file_then_flags() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("vspc.toml");
+        std::fs::write(
+            &path,
+            "proxy-port = 1234\nadmin-iface = \"::1\"\nssl = false\nmulti-console = true\n",
+        )
+        .unwrap();
+        let argv = |extra: &[&str]| {
+            let mut v: Vec<std::ffi::OsString> =
+                vec!["vspc".into(), "--config".into(), path.clone().into()];
+            v.extend(extra.iter().map(|s| s.into()));
+            v
+        };
+        let c = Config::from_argv(argv(&[])).unwrap();
+        assert_eq!(c.proxy_port, 1234);
+        assert_eq!(c.admin_iface.to_string(), "::1");
+        assert!(c.multi_console && !c.ssl);
+        let c = Config::from_argv(argv(&["--proxy-port", "99"])).unwrap();
+        assert_eq!(c.proxy_port, 99);
+
+        std::fs::write(&path, "bogus = 1\n").unwrap();
+        let e = Config::from_argv(argv(&[])).unwrap_err().to_string();
+        assert!(e.contains("unknown setting 'bogus'"), "{e}");
+        std::fs::write(&path, "proxy-port = [").unwrap();
+        let e = Config::from_argv(argv(&[])).unwrap_err().to_string();
+        assert!(e.contains("not valid TOML"), "{e}");
+        std::fs::write(&path, "proxy-port = \"x\"").unwrap();
+        assert!(Config::from_argv(argv(&[])).is_err());
     }
 
     #[test]
