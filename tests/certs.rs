@@ -12,10 +12,15 @@ fn dir() -> PathBuf {
 #[test]
 #[ignore = "rewrites tests/certs; run by hand"]
 fn regenerate_test_certificates() {
-    let names = vec!["localhost".to_string(), "127.0.0.1".to_string(), "::1".to_string()];
+    let names = vec![
+        "localhost".to_string(),
+        "127.0.0.1".to_string(),
+        "::1".to_string(),
+    ];
     let ck = rcgen::generate_simple_self_signed(names).expect("generate certificate");
     std::fs::write(dir().join("server.crt"), ck.cert.pem()).expect("write server.crt");
-    std::fs::write(dir().join("server.key"), ck.signing_key.serialize_pem()).expect("write server.key");
+    std::fs::write(dir().join("server.key"), ck.signing_key.serialize_pem())
+        .expect("write server.key");
 }
 
 #[test]

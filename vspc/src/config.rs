@@ -161,11 +161,13 @@ fn file_args(path: &std::path::Path) -> Result<Vec<String>, String> {
             toml::Value::String(s) => out.push(format!("--{key}={s}")),
             toml::Value::Integer(i) => out.push(format!("--{key}={i}")),
             toml::Value::Float(f) => out.push(format!("--{key}={f}")),
-            other => return Err(format!(
+            other => {
+                return Err(format!(
                 "config file {}: setting '{key}' has a {} value; use a string, number or boolean",
                 path.display(),
                 other.type_str()
-            )),
+            ))
+            }
         }
     }
     Ok(out)

@@ -12,5 +12,6 @@ pub mod logging;
 pub mod net;
 pub mod outbox;
 pub mod session;
+pub mod sim;
 pub mod vmware;
 pub mod wire;

@@ -1,7 +1,7 @@
 //! Logging set-up: tracing to stderr (default), stdout (`--stdout`) or
 //! syslog (`--syslog`, each line tagged `vspc[PID]`).
 
-use std::io::Write;
+use std::io::{IsTerminal, Write};
 use std::os::unix::net::UnixDatagram;
 use std::sync::Arc;
 use tracing_subscriber::fmt::MakeWriter;
@@ -22,8 +22,14 @@ pub fn init(target: Target, debug: bool) -> Result<(), String> {
         .with_env_filter(filter)
         .with_target(false);
     let result = match target {
-        Target::Stderr => builder.with_writer(std::io::stderr).try_init(),
-        Target::Stdout => builder.with_writer(std::io::stdout).try_init(),
+        Target::Stderr => builder
+            .with_ansi(std::io::stderr().is_terminal())
+            .with_writer(std::io::stderr)
+            .try_init(),
+        Target::Stdout => builder
+            .with_ansi(std::io::stdout().is_terminal())
+            .with_writer(std::io::stdout)
+            .try_init(),
         Target::Syslog => {
             let sock = UnixDatagram::unbound()
                 .and_then(|s| s.connect("/dev/log").map(|_| s))
