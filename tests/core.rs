@@ -5,6 +5,7 @@
 
 mod common;
 
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use common::*;
@@ -1279,11 +1280,61 @@ async fn ipv6_proxy_interface() {
         eprintln!("note: cannot bind [::1] here; skipping the IPv6 test");
         return;
     }
-    let d = Daemon::builder().proxy_iface("::1").start();
-    assert!(d.proxy.is_ipv6());
+    let d = Daemon::builder()
+        .proxy_iface("::1")
+        .local_iface("::1")
+        .start();
+    assert!(d.proxy.is_ipv6() && d.admin.is_ipv6() && d.console(1).is_ipv6());
     let id = Identity::numbered(17);
     let (vm, port) = vm_up(&d, &id).await;
     let c = console_synced(&vm, &d, port).await;
     vm.send(b"over v6").await.unwrap();
     assert_eq!(c.read_exact_data(7, T).await.unwrap(), b"over v6");
+}
+
+// ---------------------------------------------------------------------------
+// 12 (continued). Running out of file descriptors.
+
+#[tokio::test]
+async fn out_of_descriptors_refuses_new_and_keeps_existing() {
+    if Command::new("prlimit").arg("--version").output().is_err() {
+        eprintln!("note: prlimit (util-linux) is not installed; skipping");
+        return;
+    }
+    // A hard limit of 40 leaves room for the runtime, the listeners, one VM
+    // and one console, and not for 60 more connections.
+    let d = Daemon::builder()
+        .wrapped(&["prlimit", "--nofile=40:40", "--"])
+        .start();
+    let id = Identity::numbered(121);
+    let (vm, port) = vm_up(&d, &id).await;
+    let c = console_synced(&vm, &d, port).await;
+
+    let mut extra = Vec::new();
+    for _ in 0..60 {
+        if let Ok(s) = TcpStream::connect(d.console(port)).await {
+            extra.push(s);
+        }
+    }
+    let deadline = Instant::now() + T;
+    while !d.log().contains("out of file descriptors") {
+        assert!(
+            Instant::now() < deadline,
+            "no log line about descriptors:\n{}",
+            d.log()
+        );
+        tokio::time::sleep(ms(50)).await;
+    }
+    // What was connected before goes on, both ways.
+    vm.send(b"still here").await.unwrap();
+    assert_eq!(c.read_exact_data(10, T).await.unwrap(), b"still here");
+    c.send(b"me too").await.unwrap();
+    assert_eq!(vm.read_exact_data(6, T).await.unwrap(), b"me too");
+
+    // Once descriptors are free again, new consoles are served.
+    drop(extra);
+    tokio::time::sleep(ms(300)).await;
+    let c2 = console_synced(&vm, &d, port).await;
+    vm.send(b"again").await.unwrap();
+    assert_eq!(c2.read_exact_data(5, T).await.unwrap(), b"again");
 }

@@ -94,6 +94,8 @@ pub struct Daemon {
     pub admin: SocketAddr,
     /// The first console port (`-r`).
     pub range_start: u16,
+    /// Address of the admin and console listeners.
+    pub local: std::net::IpAddr,
     log: Arc<Mutex<String>>,
     log_threads: Vec<JoinHandle<()>>,
 }
@@ -103,6 +105,10 @@ pub struct DaemonBuilder {
     args: Vec<String>,
     envs: Vec<(String, String)>,
     proxy_iface: String,
+    /// `--admin-iface` and `--interface` (console ports).
+    local_iface: String,
+    /// A command the daemon runs under (e.g. `prlimit --nofile=40:40 --`).
+    wrapper: Vec<String>,
 }
 
 impl DaemonBuilder {
@@ -127,16 +133,39 @@ impl DaemonBuilder {
         self
     }
 
+    /// `--admin-iface` and `--interface` (default 127.0.0.1).
+    pub fn local_iface(mut self, iface: &str) -> Self {
+        self.local_iface = iface.into();
+        self
+    }
+
+    /// Run the daemon under `wrapper` (a program and its arguments that end
+    /// by running the daemon's command line, as `prlimit ... --` does).
+    pub fn wrapped(mut self, wrapper: &[&str]) -> Self {
+        self.wrapper = wrapper.iter().map(|a| a.to_string()).collect();
+        self
+    }
+
     /// Start the daemon and wait until it is ready; panics (with its log)
     /// if it does not come up. Retries with other ports if a port was taken
     /// by someone else in the meantime.
     pub fn start(self) -> Daemon {
         let ip: std::net::IpAddr = self.proxy_iface.parse().expect("proxy iface is an IP");
+        let local: std::net::IpAddr = self.local_iface.parse().expect("local iface is an IP");
         for attempt in 0..3 {
             let (proxy_port, admin_port) = (free_port(), free_port());
             let range_start = free_range(RANGE_LEN);
-            let mut cmd = Command::new(BIN);
+            let mut cmd = match self.wrapper.split_first() {
+                Some((prog, rest)) => {
+                    let mut c = Command::new(prog);
+                    c.args(rest).arg(BIN);
+                    c
+                }
+                None => Command::new(BIN),
+            };
             cmd.args(["--proxy-iface", &self.proxy_iface])
+                .args(["--admin-iface", &self.local_iface])
+                .args(["--interface", &self.local_iface])
                 .args(["--proxy-port", &proxy_port.to_string()])
                 .args(["--admin-port", &admin_port.to_string()])
                 .args(["-r", &range_start.to_string()])
@@ -158,7 +187,8 @@ impl DaemonBuilder {
             let mut daemon = Daemon {
                 child,
                 proxy: SocketAddr::new(ip, proxy_port),
-                admin: SocketAddr::from(([127, 0, 0, 1], admin_port)),
+                admin: SocketAddr::new(local, admin_port),
+                local,
                 range_start,
                 log,
                 log_threads,
@@ -204,6 +234,8 @@ impl Daemon {
             args: Vec::new(),
             envs: Vec::new(),
             proxy_iface: "127.0.0.1".into(),
+            local_iface: "127.0.0.1".into(),
+            wrapper: Vec::new(),
         }
     }
 
@@ -250,7 +282,7 @@ impl Daemon {
 
     /// A console port's address (`--interface` is 127.0.0.1).
     pub fn console(&self, port: u16) -> SocketAddr {
-        SocketAddr::from(([127, 0, 0, 1], port))
+        SocketAddr::new(self.local, port)
     }
 
     /// Whether the process is still running.
