@@ -1338,3 +1338,29 @@ async fn out_of_descriptors_refuses_new_and_keeps_existing() {
     vm.send(b"again").await.unwrap();
     assert_eq!(c2.read_exact_data(5, T).await.unwrap(), b"again");
 }
+
+#[tokio::test]
+async fn unidentified_connection_is_closed_after_identify_timeout() {
+    let d = Daemon::start(&["--identify-timeout", "1", "--handshake-timeout", "1"]);
+    // Enables the extension, then never says who it is.
+    let mut c = Raw::connect(d.proxy).await;
+    c.until_bytes(18, T).await;
+    c.send(b"\xff\xfb\x25\xff\xfb\xe8").await.unwrap();
+    let t0 = Instant::now();
+    assert!(
+        c.read_to_close(ms(4000)).await,
+        "unidentified connection kept open"
+    );
+    assert!(
+        t0.elapsed() >= ms(700),
+        "closed too early: {:?}",
+        t0.elapsed()
+    );
+    // An identified VM on the same daemon is not affected.
+    let id = Identity::numbered(122);
+    let (vm, port) = vm_up(&d, &id).await;
+    tokio::time::sleep(ms(1500)).await;
+    let c = console_synced(&vm, &d, port).await;
+    vm.send(b"ok").await.unwrap();
+    assert_eq!(c.read_exact_data(2, T).await.unwrap(), b"ok");
+}

@@ -125,6 +125,11 @@ pub struct Config {
     #[arg(long, default_value = "5", value_name = "SECONDS", value_parser = parse_duration)]
     pub handshake_timeout: Duration,
 
+    /// Seconds a VM connection may stay unidentified (no DO-PROXY with a
+    /// uuid, no valid VMOTION-PEER) before it is closed.
+    #[arg(long, default_value = "60", value_name = "SECONDS", value_parser = parse_duration)]
+    pub identify_timeout: Duration,
+
     /// Seconds a vMotion may stay pending before it is dropped.
     #[arg(long, default_value = "300", value_name = "SECONDS", value_parser = parse_duration)]
     pub vmotion_timeout: Duration,

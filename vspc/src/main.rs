@@ -106,6 +106,7 @@ fn start(cfg: Config) -> Result<(), String> {
         tls,
         vm: VmSessionConfig {
             handshake_timeout: cfg.handshake_timeout,
+            identify_timeout: cfg.identify_timeout,
             multi_console: cfg.multi_console,
         },
         vm_tx_rate: cfg.vm_tx_rate,

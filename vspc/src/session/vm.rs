@@ -35,6 +35,10 @@ pub const NOT_ESXI_MSG: &[u8] = b"vspc: this port is for VMware ESXi virtual ser
 #[derive(Debug, Clone)]
 pub struct VmSessionConfig {
     pub handshake_timeout: Duration,
+    /// How long a connection may stay unidentified (no accepted DO-PROXY
+    /// with a uuid, no valid VMOTION-PEER) before it is closed, so idle or
+    /// hostile connections cannot hold descriptors forever.
+    pub identify_timeout: Duration,
     pub multi_console: bool,
 }
 
@@ -74,6 +78,8 @@ pub struct VmSession {
     handshake_deadline: Option<Instant>,
     /// Identify without a name at this time.
     name_deadline: Option<Instant>,
+    /// Close if still unidentified by then.
+    identify_deadline: Option<Instant>,
     closing: bool,
     /// Scratch buffer for replies.
     out: Vec<u8>,
@@ -82,6 +88,7 @@ pub struct VmSession {
 impl VmSession {
     /// A session for a new connection; queues the opening negotiation.
     pub fn new(hub: Arc<Hub>, peer: Peer, cfg: VmSessionConfig, now: Instant) -> VmSession {
+        let identify = cfg.identify_timeout.max(cfg.handshake_timeout);
         let mut s = VmSession {
             hub,
             peer,
@@ -98,6 +105,7 @@ impl VmSession {
             early: Vec::new(),
             early_dropped: false,
             name_deadline: None,
+            identify_deadline: Some(now + identify),
             closing: false,
             out: Vec::new(),
         };
@@ -338,6 +346,7 @@ impl VmSession {
         match self.hub.attach_vm(&id, self.peer.clone()) {
             Ok(vm) => {
                 self.link = Link::Active(vm);
+                self.identify_deadline = None;
                 self.deliver_early();
             }
             Err(e) => {
@@ -412,6 +421,7 @@ impl VmSession {
                     cookie: cookie.to_vec(),
                     seq,
                 };
+                self.identify_deadline = None;
             }
             None => tracing::warn!(
                 conn = self.peer.id,
@@ -469,10 +479,14 @@ impl Session for VmSession {
     }
 
     fn deadline(&self) -> Option<Instant> {
-        match (self.handshake_deadline, self.name_deadline) {
-            (Some(a), Some(b)) => Some(a.min(b)),
-            (a, b) => a.or(b),
-        }
+        [
+            self.handshake_deadline,
+            self.name_deadline,
+            self.identify_deadline,
+        ]
+        .into_iter()
+        .flatten()
+        .min()
     }
 
     fn on_deadline(&mut self, now: Instant) -> Flow {
@@ -490,6 +504,13 @@ impl Session for VmSession {
             self.name_deadline = None;
             tracing::info!(conn = self.peer.id, "VM sent no name; using its uuid");
             self.try_identify();
+        }
+        if self.identify_deadline.is_some_and(|d| now >= d) {
+            self.identify_deadline = None;
+            if matches!(self.link, Link::Handshake) {
+                tracing::warn!(conn = self.peer.id, "connection sent no DO-PROXY with a uuid and no valid VMOTION-PEER within --identify-timeout; closing it");
+                self.closing = true;
+            }
         }
         self.flush();
         if self.closing {
