@@ -1364,3 +1364,94 @@ async fn unidentified_connection_is_closed_after_identify_timeout() {
     vm.send(b"ok").await.unwrap();
     assert_eq!(c.read_exact_data(2, T).await.unwrap(), b"ok");
 }
+
+// ---------------------------------------------------------------------------
+// 14 (continued). Process model: --daemon, --pidfile, signals.
+
+fn alive(pid: u32) -> bool {
+    std::path::Path::new(&format!("/proc/{pid}")).exists()
+        && !std::fs::read_to_string(format!("/proc/{pid}/stat"))
+            .map(|s| s.contains(") Z "))
+            .unwrap_or(true)
+}
+
+fn signal(pid: u32, sig: &str) {
+    let ok = Command::new("kill")
+        .args([sig, &pid.to_string()])
+        .status()
+        .map(|s| s.success())
+        .unwrap_or(false);
+    assert!(ok, "kill {sig} {pid} failed");
+}
+
+/// Stops the detached daemon whatever happens in the test.
+struct Reaper(Option<u32>);
+
+impl Drop for Reaper {
+    fn drop(&mut self) {
+        if let Some(pid) = self.0 {
+            if alive(pid) {
+                let _ = Command::new("kill")
+                    .args(["-KILL", &pid.to_string()])
+                    .status();
+            }
+        }
+    }
+}
+
+#[test]
+fn daemon_mode_pidfile_and_signals() {
+    let dir = tempfile::tempdir().unwrap();
+    let pidfile = dir.path().join("vspc.pid");
+    let args = port_args();
+    let admin: u16 = args[5].parse().unwrap();
+    let mut cmd = Command::new(BIN);
+    cmd.args(&args)
+        .args(["--daemon", "--pidfile"])
+        .arg(&pidfile)
+        .stdin(std::process::Stdio::null());
+    let status = cmd.status().expect("run vspc --daemon");
+    assert!(
+        status.success(),
+        "the parent should exit 0 after detaching: {status}"
+    );
+
+    let deadline = Instant::now() + T;
+    let pid = loop {
+        if let Some(pid) = std::fs::read_to_string(&pidfile)
+            .ok()
+            .and_then(|s| s.trim().parse::<u32>().ok())
+        {
+            break pid;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no pid file at {}",
+            pidfile.display()
+        );
+        std::thread::sleep(ms(50));
+    };
+    let _reaper = Reaper(Some(pid));
+    assert!(alive(pid), "daemon {pid} is not running");
+    let admin_addr = std::net::SocketAddr::from(([127, 0, 0, 1], admin));
+    let deadline = Instant::now() + T;
+    while std::net::TcpStream::connect(admin_addr).is_err() {
+        assert!(Instant::now() < deadline, "detached daemon does not listen");
+        std::thread::sleep(ms(50));
+    }
+
+    // SIGHUP reopens backend files and keeps serving.
+    signal(pid, "-HUP");
+    std::thread::sleep(ms(200));
+    assert!(alive(pid), "SIGHUP killed the daemon");
+    assert!(std::net::TcpStream::connect(admin_addr).is_ok());
+
+    // SIGTERM stops it and removes the pid file.
+    signal(pid, "-TERM");
+    let deadline = Instant::now() + T;
+    while alive(pid) {
+        assert!(Instant::now() < deadline, "SIGTERM did not stop the daemon");
+        std::thread::sleep(ms(50));
+    }
+    assert!(!pidfile.exists(), "pid file left behind");
+}
