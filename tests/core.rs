@@ -1302,10 +1302,19 @@ async fn out_of_descriptors_refuses_new_and_keeps_existing() {
         return;
     }
     // A hard limit of 40 leaves room for the runtime, the listeners, one VM
-    // and one console, and not for 60 more connections.
+    // and one console, and not for 60 more connections. The soft limit
+    // starts lower: the daemon raises it to the hard limit.
     let d = Daemon::builder()
-        .wrapped(&["prlimit", "--nofile=40:40", "--"])
+        .wrapped(&["prlimit", "--nofile=20:40", "--"])
         .start();
+    let limits = std::fs::read_to_string(format!("/proc/{}/limits", d.pid())).unwrap();
+    let line = limits
+        .lines()
+        .find(|l| l.starts_with("Max open files"))
+        .unwrap_or_default()
+        .to_string();
+    let nums: Vec<&str> = line.split_whitespace().skip(3).take(2).collect();
+    assert_eq!(nums, ["40", "40"], "soft limit not raised: {line}");
     let id = Identity::numbered(121);
     let (vm, port) = vm_up(&d, &id).await;
     let c = console_synced(&vm, &d, port).await;
