@@ -122,6 +122,16 @@ impl VmSession {
         s
     }
 
+    /// Send queued replies and tell the driver whether to go on.
+    fn finish(&mut self) -> Flow {
+        self.flush();
+        if self.closing {
+            Flow::Close
+        } else {
+            Flow::Continue
+        }
+    }
+
     fn flush(&mut self) {
         if !self.out.is_empty() {
             let bytes = Bytes::from(std::mem::take(&mut self.out));
@@ -470,12 +480,7 @@ impl Session for VmSession {
             tracing::warn!(conn = self.peer.id, "closing VM connection: {e}");
             self.closing = true;
         }
-        self.flush();
-        if self.closing {
-            Flow::Close
-        } else {
-            Flow::Continue
-        }
+        self.finish()
     }
 
     fn deadline(&self) -> Option<Instant> {
@@ -512,12 +517,7 @@ impl Session for VmSession {
                 self.closing = true;
             }
         }
-        self.flush();
-        if self.closing {
-            Flow::Close
-        } else {
-            Flow::Continue
-        }
+        self.finish()
     }
 
     fn on_close(&mut self) {
