@@ -1,0 +1,904 @@
+//! `vspc-bench`: the load tool. It starts a `vspc` daemon on loopback (or
+//! watches one that is already running), drives simulated ESXi VMs and
+//! console users at it, and prints one JSON line of measurements on stdout;
+//! progress and diagnostics go to stderr.
+//!
+//! Modes are subcommands. `attach` connects N VMs and C consoles per VM and
+//! measures how long that takes and what it costs the daemon (memory,
+//! descriptors, CPU).
+//!
+//! A daemon the bench started is killed (SIGKILL) on every way out: success,
+//! error, Ctrl-C or SIGTERM, and a panic. It runs in its own process group,
+//! so a Ctrl-C at the terminal reaches only the bench, which then tears down.
+
+use std::future::Future;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitCode, Stdio};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
+
+use clap::{Args, Parser, Subcommand};
+use serde::Serialize;
+use tokio::sync::watch;
+use tokio::task::JoinSet;
+use vspc::sim::{self, ConsoleOptions, Identity, Role, SimConsole, SimVm, VmOptions};
+
+/// Descriptors a process needs besides the per-VM ones (runtime, listeners,
+/// log file, admin queries, slack).
+const FD_SLACK: u64 = 64;
+/// Where the kernel's ephemeral ports start when /proc does not say.
+const DEFAULT_EPHEMERAL_START: u32 = 32768;
+/// How long the daemon may take to open its listeners.
+const READY_WAIT: Duration = Duration::from_secs(15);
+/// Limit for one VM handshake or one console negotiation under load.
+const STEP_WAIT: Duration = Duration::from_secs(30);
+/// How long the admin listing may take to show every VM after the last
+/// handshake finished.
+const LISTING_WAIT: Duration = Duration::from_secs(60);
+/// Listing poll period.
+const LISTING_POLL: Duration = Duration::from_millis(50);
+/// Pause before the final readings, so the daemon's allocator settles.
+const SETTLE: Duration = Duration::from_secs(1);
+/// A default daemon built this long before the bench gets a warning.
+const STALE_DAEMON: Duration = Duration::from_secs(60);
+/// Period of the progress lines on stderr.
+const PROGRESS_EVERY: Duration = Duration::from_secs(2);
+
+#[derive(Parser)]
+#[command(
+    name = "vspc-bench",
+    version,
+    about = "Load tool for vspc: drives simulated ESXi VMs and console users at a \
+             daemon and prints one JSON line of measurements on stdout"
+)]
+struct Cli {
+    #[command(subcommand)]
+    mode: Mode,
+}
+
+#[derive(Subcommand)]
+enum Mode {
+    /// Connect N simulated VMs and C consoles per VM; measure the attach
+    /// times and the daemon's memory, descriptors and CPU.
+    Attach(AttachArgs),
+}
+
+#[derive(Args)]
+struct AttachArgs {
+    /// Simulated VMs to connect (names sim-vm-00001, ...).
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
+    vms: u32,
+
+    /// Consoles to attach to each VM.
+    #[arg(long, value_name = "C", default_value_t = 1,
+          value_parser = clap::value_parser!(u32).range(0..=1000))]
+    consoles: u32,
+
+    /// The daemon to start [default: `vspc` next to this executable].
+    #[arg(long, value_name = "PATH", conflicts_with = "attach_to")]
+    vspc: Option<PathBuf>,
+
+    /// Ports of the started daemon: proxy P, admin P+1, consoles from P+2.
+    #[arg(long, value_name = "P", default_value_t = 20000, conflicts_with = "attach_to",
+          value_parser = clap::value_parser!(u16).range(1..))]
+    base_port: u16,
+
+    /// Keep everything connected this many seconds after measuring (Ctrl-C
+    /// ends the wait early).
+    #[arg(long, value_name = "SECS", default_value_t = 0)]
+    keep_open: u64,
+
+    /// Handshakes (and console negotiations) in flight at once.
+    #[arg(long, value_name = "K", default_value_t = 256,
+          value_parser = clap::value_parser!(u32).range(1..=65536))]
+    in_flight: u32,
+
+    /// Measure the already running daemon with this process id instead of
+    /// starting one (needs --proxy and --admin).
+    #[arg(long, value_name = "PID", requires_all = ["proxy", "admin"])]
+    attach_to: Option<u32>,
+
+    /// The running daemon's proxy address (with --attach-to).
+    #[arg(long, value_name = "ADDR", requires = "attach_to")]
+    proxy: Option<SocketAddr>,
+
+    /// The running daemon's admin address (with --attach-to).
+    #[arg(long, value_name = "ADDR", requires = "attach_to")]
+    admin: Option<SocketAddr>,
+
+    /// The running daemon's console-port address, its --interface (with
+    /// --attach-to) [default: 127.0.0.1].
+    #[arg(long, value_name = "ADDR", requires = "attach_to")]
+    console_iface: Option<IpAddr>,
+}
+
+/// How a run ends badly.
+enum Failure {
+    /// One line for stderr.
+    Error(String),
+    /// SIGINT or SIGTERM.
+    Interrupted,
+}
+
+impl From<String> for Failure {
+    fn from(msg: String) -> Self {
+        Failure::Error(msg)
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.mode {
+        Mode::Attach(args) => attach(args),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(Failure::Error(msg)) => {
+            eprintln!("vspc-bench: {msg}");
+            ExitCode::FAILURE
+        }
+        Err(Failure::Interrupted) => {
+            eprintln!("vspc-bench: interrupted; daemon and connections torn down");
+            ExitCode::from(130)
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------
+// attach
+
+/// The daemon being measured.
+#[derive(Clone, Copy)]
+struct Target {
+    pid: u32,
+    proxy: SocketAddr,
+    admin: SocketAddr,
+    console_ip: IpAddr,
+}
+
+/// The JSON line of the attach mode (fields in this order).
+#[derive(Serialize)]
+struct AttachReport {
+    mode: &'static str,
+    vms: u32,
+    consoles_per_vm: u32,
+    /// First VM connect until the admin listing shows every VM with a port.
+    attach_s: f64,
+    /// First console connect until every console has received its VM's line.
+    console_attach_s: f64,
+    rss_start_kib: u64,
+    rss_kib: u64,
+    rss_per_vm_kib: f64,
+    daemon_fds: u64,
+    daemon_cpu_s: f64,
+}
+
+fn attach(args: AttachArgs) -> Result<(), Failure> {
+    let n = u64::from(args.vms);
+    let c = u64::from(args.consoles);
+
+    // Descriptors: the bench holds 1 + C sockets per VM.
+    let bench_limit = rlimit::increase_nofile_limit(u64::MAX)
+        .map_err(|e| format!("cannot raise the open-files limit: {e}"))?;
+    let bench_need = n * (1 + c) + FD_SLACK + u64::from(args.in_flight);
+    if bench_need > bench_limit {
+        return Err(format!(
+            "--vms {n} --consoles {c} needs about {bench_need} open files in the bench, \
+             but its limit is {bench_limit} (hard limit); lower --vms or --consoles"
+        )
+        .into());
+    }
+
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| format!("cannot start the async runtime: {e}"))?;
+    let stop = {
+        let _enter = rt.enter();
+        watch_signals()?
+    };
+
+    let mut spawned = None;
+    let target = match args.attach_to {
+        Some(pid) => {
+            let (Some(proxy), Some(admin)) = (args.proxy, args.admin) else {
+                return Err("--attach-to needs --proxy ADDR and --admin ADDR"
+                    .to_string()
+                    .into());
+            };
+            check_daemon_fds(pid, n, c)?;
+            Target {
+                pid,
+                proxy,
+                admin,
+                console_ip: args.console_iface.unwrap_or(Ipv4Addr::LOCALHOST.into()),
+            }
+        }
+        None => {
+            // The daemon inherits our (raised) limit and raises its own soft
+            // limit to the same hard limit.
+            let daemon_need = n * (2 + c) + FD_SLACK;
+            if daemon_need > bench_limit {
+                return Err(format!(
+                    "--vms {n} --consoles {c} needs about {daemon_need} open files in the \
+                     daemon (2 + C per VM), but its limit would be {bench_limit}; \
+                     lower --vms or --consoles"
+                )
+                .into());
+            }
+            let base = args.base_port;
+            check_ports(base, args.vms, &rt)?;
+            let path = match &args.vspc {
+                Some(p) => p.clone(),
+                None => default_daemon()?,
+            };
+            let daemon = Spawned::start(&path, base)?;
+            let target = Target {
+                pid: daemon.child.id(),
+                proxy: SocketAddr::from((Ipv4Addr::LOCALHOST, base)),
+                admin: SocketAddr::from((Ipv4Addr::LOCALHOST, base + 1)),
+                console_ip: Ipv4Addr::LOCALHOST.into(),
+            };
+            spawned = Some(daemon);
+            target
+        }
+    };
+
+    let result = rt.block_on(async {
+        tokio::select! {
+            r = run_attach(&args, target, spawned.as_mut(), stop.clone()) => r,
+            _ = stopped(stop.clone()) => Err(Failure::Interrupted),
+        }
+    });
+    // Every simulated peer is gone with the future; now the daemon.
+    rt.shutdown_background();
+    match (result, spawned) {
+        (Ok(()), Some(mut daemon)) => {
+            daemon.kill();
+            daemon.remove_dir();
+            Ok(())
+        }
+        (Ok(()), None) => Ok(()),
+        (Err(Failure::Error(msg)), Some(mut daemon)) => {
+            let exited = daemon.exited();
+            daemon.kill();
+            let why = match exited {
+                Some(status) => match daemon.last_log_line() {
+                    Some(line) => format!("; the daemon exited ({status}), its last words: {line}"),
+                    None => format!("; the daemon exited ({status})"),
+                },
+                None => String::new(),
+            };
+            Err(format!("{msg}{why} (daemon log: {})", daemon.log.display()).into())
+        }
+        (Err(Failure::Interrupted), Some(mut daemon)) => {
+            daemon.kill();
+            daemon.remove_dir();
+            Err(Failure::Interrupted)
+        }
+        (Err(e), None) => Err(e),
+    }
+}
+
+async fn run_attach(
+    args: &AttachArgs,
+    target: Target,
+    spawned: Option<&mut Spawned>,
+    stop: watch::Receiver<bool>,
+) -> Result<(), Failure> {
+    let n = args.vms as usize;
+    let c = args.consoles as usize;
+    let width = args.in_flight as usize;
+    wait_ready(target, spawned).await?;
+    let rss_start_kib = rss_kib(target.pid)?;
+    eprintln!(
+        "vspc-bench: daemon pid {} ready (proxy {}, admin {}); VmRSS {rss_start_kib} KiB",
+        target.pid, target.proxy, target.admin
+    );
+
+    // Phase 1: N VMs, then the listing.
+    eprintln!("vspc-bench: connecting {n} VMs ({width} handshakes in flight)");
+    let t0 = Instant::now();
+    let proxy = target.proxy;
+    let vm_opts = VmOptions {
+        timeout: STEP_WAIT,
+        ..VmOptions::default()
+    };
+    // The slowest TCP connect and the slowest telnet handshake, in µs: a
+    // connect near 1 s is a SYN the daemon's full accept queue dropped.
+    let slowest = Arc::new([AtomicU64::new(0), AtomicU64::new(0)]);
+    let vms = {
+        let slowest = slowest.clone();
+        pool("VMs connected", n, width, move |i| {
+            let (vm_opts, slowest) = (vm_opts.clone(), slowest.clone());
+            async move {
+                let id = identity(i);
+                let fail = |e: &dyn std::fmt::Display| {
+                    format!("VM {} to the proxy port {proxy}: {e}", id.name)
+                };
+                let start = Instant::now();
+                let tcp = tokio::net::TcpStream::connect(proxy)
+                    .await
+                    .map_err(|e| fail(&e))?;
+                tcp.set_nodelay(true).map_err(|e| fail(&e))?;
+                let connected = Instant::now();
+                let vm = SimVm::start(tcp, &id, Role::Source, &vm_opts);
+                vm.wait_ready().await.map_err(|e| fail(&e))?;
+                let micros = |d: Duration| d.as_micros().try_into().unwrap_or(u64::MAX);
+                slowest[0].fetch_max(micros(connected - start), Ordering::Relaxed);
+                slowest[1].fetch_max(micros(connected.elapsed()), Ordering::Relaxed);
+                Ok(vm)
+            }
+        })
+        .await?
+    };
+    let handshakes_s = t0.elapsed().as_secs_f64();
+    let ports = wait_listed(target.admin, n).await?;
+    let attach_s = t0.elapsed().as_secs_f64();
+    let ms = |a: &AtomicU64| a.load(Ordering::Relaxed) as f64 / 1000.0;
+    eprintln!(
+        "vspc-bench: {n} VMs attached in {attach_s:.3} s (handshakes done after \
+         {handshakes_s:.3} s; slowest TCP connect {:.1} ms, slowest handshake {:.1} ms)",
+        ms(&slowest[0]),
+        ms(&slowest[1])
+    );
+
+    // Phase 2: C consoles per VM, each proved to receive its VM's line.
+    let t1 = Instant::now();
+    let ports = Arc::new(ports);
+    let ip = target.console_ip;
+    let console_opts = ConsoleOptions {
+        timeout: STEP_WAIT,
+        ..ConsoleOptions::default()
+    };
+    eprintln!("vspc-bench: attaching {} consoles ({c} per VM)", n * c);
+    let consoles = if c == 0 {
+        Vec::new()
+    } else {
+        let ports = ports.clone();
+        pool("consoles negotiated", n * c, width, move |k| {
+            let (vm, port) = (k / c, ports[k / c]);
+            let opts = console_opts.clone();
+            async move {
+                let console = SimConsole::connect_with((ip, port), &opts)
+                    .await
+                    .map_err(|e| format!("console of {} on {ip}:{port}: {e}", identity(vm).name))?;
+                if let Some(reason) = console.closed() {
+                    let said = console.recv_data(Duration::ZERO).await;
+                    return Err(format!(
+                        "console of {} on {ip}:{port} was closed by the daemon ({reason}): {:?}",
+                        identity(vm).name,
+                        String::from_utf8_lossy(&said).trim_end()
+                    ));
+                }
+                Ok(console)
+            }
+        })
+        .await?
+    };
+    let vms = Arc::new(vms);
+    let consoles = Arc::new(consoles);
+    if c > 0 {
+        let nonce = SystemTime::now()
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos() as u64);
+        let (vms, consoles) = (vms.clone(), consoles.clone());
+        pool("VMs verified", n, width, move |i| {
+            let (vms, consoles) = (vms.clone(), consoles.clone());
+            async move { verify(i, c, nonce, &vms, &consoles).await }
+        })
+        .await?;
+    }
+    let console_attach_s = t1.elapsed().as_secs_f64();
+    eprintln!(
+        "vspc-bench: {} consoles attached and verified in {console_attach_s:.3} s",
+        n * c
+    );
+
+    tokio::time::sleep(SETTLE).await;
+    let rss = rss_kib(target.pid)?;
+    let report = AttachReport {
+        mode: "attach",
+        vms: args.vms,
+        consoles_per_vm: args.consoles,
+        attach_s: round(attach_s, 3),
+        console_attach_s: round(console_attach_s, 3),
+        rss_start_kib,
+        rss_kib: rss,
+        rss_per_vm_kib: round((rss as f64 - rss_start_kib as f64) / n as f64, 2),
+        daemon_fds: fd_count(target.pid)?,
+        daemon_cpu_s: round(cpu_s(target.pid)?, 2),
+    };
+    if let Ok(own) = rss_kib(std::process::id()) {
+        eprintln!("vspc-bench: the bench's own VmRSS is {own} KiB");
+    }
+    let line =
+        serde_json::to_string(&report).map_err(|e| format!("cannot format the report: {e}"))?;
+    println!("{line}");
+
+    if args.keep_open > 0 {
+        eprintln!(
+            "vspc-bench: keeping {n} VMs and {} consoles connected for {} s \
+             (proxy {}, admin {}; Ctrl-C ends early)",
+            n * c,
+            args.keep_open,
+            target.proxy,
+            target.admin
+        );
+        tokio::select! {
+            _ = tokio::time::sleep(Duration::from_secs(args.keep_open)) => {}
+            _ = stopped(stop) => eprintln!("vspc-bench: keep-open ended by a signal"),
+        }
+    }
+    eprintln!("vspc-bench: tearing down");
+    Ok(())
+}
+
+/// VM number `i` (0-based) of this run: `sim-vm-00001` for 0.
+fn identity(i: usize) -> Identity {
+    Identity::numbered(i as u32 + 1)
+}
+
+/// VM `i` sends one unique line; each of its consoles must receive exactly it.
+async fn verify(
+    i: usize,
+    c: usize,
+    nonce: u64,
+    vms: &[SimVm],
+    consoles: &[SimConsole],
+) -> Result<(), String> {
+    let name = identity(i).name;
+    let line = format!("vspc-bench {name} {nonce:016x}\n");
+    let vm = vms
+        .get(i)
+        .ok_or_else(|| format!("internal error: no VM {i}"))?;
+    vm.send(line.as_bytes())
+        .await
+        .map_err(|e| format!("VM {name} sending its line: {e}"))?;
+    for j in 0..c {
+        let console = consoles
+            .get(i * c + j)
+            .ok_or_else(|| format!("internal error: no console {j} of VM {i}"))?;
+        let got = console
+            .read_until(b"\n", STEP_WAIT)
+            .await
+            .map_err(|e| format!("console {j} of {name} waiting for its VM's line: {e}"))?;
+        if got != line.as_bytes() {
+            return Err(format!(
+                "console {j} of {name} received {:?}, expected {:?}",
+                String::from_utf8_lossy(&got),
+                line
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// Poll the admin listing until every VM of this run is there with a
+/// console port; returns the ports, by VM.
+async fn wait_listed(admin: SocketAddr, n: usize) -> Result<Vec<u16>, String> {
+    let start = Instant::now();
+    loop {
+        let rows = sim::list_vms(admin)
+            .await
+            .map_err(|e| format!("admin listing from {admin}: {e}"))?;
+        let (ports, found) = match_listing(&rows, n)?;
+        if found == n {
+            return Ok(ports);
+        }
+        if start.elapsed() > LISTING_WAIT {
+            return Err(format!(
+                "the admin listing shows only {found} of {n} VMs with a console port \
+                 {:.0} s after the last handshake ({} rows in all)",
+                LISTING_WAIT.as_secs_f64(),
+                rows.len()
+            ));
+        }
+        tokio::time::sleep(LISTING_POLL).await;
+    }
+}
+
+/// The console port of each VM of this run found in `rows` (0 where it is
+/// missing) and how many were found; an error if the daemon lists one port
+/// for two VMs.
+fn match_listing(
+    rows: &[(String, String, Option<u16>)],
+    n: usize,
+) -> Result<(Vec<u16>, usize), String> {
+    use std::collections::HashMap;
+    let by_uuid: HashMap<&str, (&str, Option<u16>)> = rows
+        .iter()
+        .map(|(name, uuid, port)| (uuid.as_str(), (name.as_str(), *port)))
+        .collect();
+    let mut owner: HashMap<u16, usize> = HashMap::with_capacity(n);
+    let mut ports = vec![0u16; n];
+    let mut found = 0;
+    for (i, slot) in ports.iter_mut().enumerate() {
+        let id = identity(i);
+        let Some(&(name, Some(port))) = by_uuid.get(id.uuid_display().as_str()) else {
+            continue;
+        };
+        if name != id.name {
+            return Err(format!(
+                "the admin listing names VM {} ({}) {name:?}",
+                id.name,
+                id.uuid_display()
+            ));
+        }
+        if let Some(other) = owner.insert(port, i) {
+            return Err(format!(
+                "the admin listing gives console port {port} to both {} and {}",
+                identity(other).name,
+                id.name
+            ));
+        }
+        *slot = port;
+        found += 1;
+    }
+    Ok((ports, found))
+}
+
+/// Run `job(0..total)` with at most `width` jobs at once; the results in
+/// index order, or the first error (the other jobs are then dropped).
+async fn pool<T, F, Fut>(what: &str, total: usize, width: usize, job: F) -> Result<Vec<T>, String>
+where
+    T: Send + 'static,
+    F: Fn(usize) -> Fut + Send + Sync + 'static,
+    Fut: Future<Output = Result<T, String>> + Send + 'static,
+{
+    let job = Arc::new(job);
+    let next = Arc::new(AtomicUsize::new(0));
+    let done = Arc::new(AtomicUsize::new(0));
+    let mut workers = JoinSet::new();
+    for _ in 0..width.min(total) {
+        let (job, next, done) = (job.clone(), next.clone(), done.clone());
+        workers.spawn(async move {
+            let mut out = Vec::new();
+            loop {
+                let i = next.fetch_add(1, Ordering::Relaxed);
+                if i >= total {
+                    return Ok::<_, String>(out);
+                }
+                out.push((i, job(i).await?));
+                done.fetch_add(1, Ordering::Relaxed);
+            }
+        });
+    }
+    let mut slots: Vec<Option<T>> = std::iter::repeat_with(|| None).take(total).collect();
+    let start = tokio::time::Instant::now() + PROGRESS_EVERY;
+    let mut ticker = tokio::time::interval_at(start, PROGRESS_EVERY);
+    loop {
+        tokio::select! {
+            joined = workers.join_next() => match joined {
+                None => break,
+                Some(Ok(Ok(items))) => {
+                    for (i, item) in items {
+                        if let Some(slot) = slots.get_mut(i) {
+                            *slot = Some(item);
+                        }
+                    }
+                }
+                Some(Ok(Err(e))) => return Err(e),
+                Some(Err(e)) => return Err(format!("a worker ({what}) failed: {e}")),
+            },
+            _ = ticker.tick() => {
+                eprintln!("vspc-bench:   {what}: {}/{total}", done.load(Ordering::Relaxed));
+            }
+        }
+    }
+    slots
+        .into_iter()
+        .enumerate()
+        .map(|(i, slot)| slot.ok_or_else(|| format!("internal error: job {i} ({what}) lost")))
+        .collect()
+}
+
+/// Wait until the daemon's admin and proxy ports accept connections.
+async fn wait_ready(target: Target, mut spawned: Option<&mut Spawned>) -> Result<(), String> {
+    let start = Instant::now();
+    let probe = |addr: SocketAddr| async move {
+        matches!(
+            tokio::time::timeout(
+                Duration::from_millis(500),
+                tokio::net::TcpStream::connect(addr)
+            )
+            .await,
+            Ok(Ok(_))
+        )
+    };
+    loop {
+        if let Some(daemon) = spawned.as_deref_mut() {
+            if daemon.exited().is_some() {
+                // The caller adds the exit status and the log's last line.
+                return Err("the daemon stopped before its ports accepted connections".into());
+            }
+        } else if !Path::new(&format!("/proc/{}", target.pid)).exists() {
+            return Err(format!("no process {} (--attach-to)", target.pid));
+        }
+        if probe(target.admin).await && probe(target.proxy).await {
+            return Ok(());
+        }
+        if start.elapsed() > READY_WAIT {
+            return Err(format!(
+                "the daemon did not accept connections on admin {} and proxy {} within {} s",
+                target.admin,
+                target.proxy,
+                READY_WAIT.as_secs()
+            ));
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// `console ports P+2 .. P+2+N` must stay below the ephemeral range (or
+/// they would collide with the bench's own outgoing connections), and all
+/// ports from P on must be free now.
+fn check_ports(base: u16, vms: u32, rt: &tokio::runtime::Runtime) -> Result<(), String> {
+    let ephemeral = ephemeral_start();
+    let end = u32::from(base) + 2 + vms; // one past the last console port
+    if end > ephemeral {
+        return Err(format!(
+            "--base-port {base} with --vms {vms} puts console ports at {}..{}, into the \
+             ephemeral port range (from {ephemeral}) where the bench's own connections \
+             get their ports; lower --base-port or --vms",
+            u32::from(base) + 2,
+            end - 1
+        ));
+    }
+    let _enter = rt.enter();
+    for port in u32::from(base)..end {
+        let port = port as u16; // below `ephemeral`, so it fits
+        let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, port));
+        // SO_REUSEADDR as the daemon binds: TIME_WAIT left by an earlier
+        // run does not count, a listener does.
+        let bound = tokio::net::TcpSocket::new_v4()
+            .and_then(|s| s.set_reuseaddr(true).map(|()| s))
+            .and_then(|s| s.bind(addr));
+        if let Err(e) = bound {
+            return Err(format!(
+                "port {port} on 127.0.0.1 is not free ({e}); the daemon needs {base}..{} \
+                 (proxy, admin, consoles): choose another --base-port",
+                end - 1
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// The first ephemeral port (`/proc/sys/net/ipv4/ip_local_port_range`).
+fn ephemeral_start() -> u32 {
+    std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|s| s.split_whitespace().next()?.parse().ok())
+        .unwrap_or(DEFAULT_EPHEMERAL_START)
+}
+
+/// `vspc` next to this executable; warns if it was built well before the
+/// bench (`cargo run --bin vspc-bench` does not rebuild it).
+fn default_daemon() -> Result<PathBuf, String> {
+    let exe = std::env::current_exe()
+        .map_err(|e| format!("cannot find this executable's directory: {e}"))?;
+    let path = exe.with_file_name("vspc");
+    let mtime = |p: &Path| std::fs::metadata(p).and_then(|m| m.modified()).ok();
+    if let (Some(daemon), Some(bench)) = (mtime(&path), mtime(&exe)) {
+        // One cargo build links both within seconds of each other.
+        if bench.duration_since(daemon).is_ok_and(|d| d > STALE_DAEMON) {
+            eprintln!(
+                "vspc-bench: warning: {} was built {} s before this bench and may be \
+                 stale; `cargo build -p vspc --bins` rebuilds both",
+                path.display(),
+                bench.duration_since(daemon).map_or(0, |d| d.as_secs())
+            );
+        }
+    }
+    Ok(path)
+}
+
+/// With --attach-to: the daemon's open-files soft limit must hold N VMs.
+fn check_daemon_fds(pid: u32, n: u64, c: u64) -> Result<(), String> {
+    let limits = std::fs::read_to_string(format!("/proc/{pid}/limits"))
+        .map_err(|e| format!("cannot read /proc/{pid}/limits (--attach-to {pid}): {e}"))?;
+    let soft = limits
+        .lines()
+        .find(|l| l.starts_with("Max open files"))
+        .and_then(|l| l.split_whitespace().nth(3))
+        .ok_or_else(|| format!("no open-files limit in /proc/{pid}/limits"))?;
+    let Ok(soft) = soft.parse::<u64>() else {
+        return Ok(()); // "unlimited"
+    };
+    let open = fd_count(pid)?;
+    let need = open + n * (2 + c) + FD_SLACK;
+    if need > soft {
+        return Err(format!(
+            "--vms {n} --consoles {c} needs about {need} open files in daemon {pid} \
+             ({open} open now, 2 + C per VM), but its limit is {soft}; lower --vms or --consoles"
+        ));
+    }
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------
+// The daemon the bench started.
+
+struct Spawned {
+    child: Child,
+    /// Private directory holding the log.
+    dir: PathBuf,
+    log: PathBuf,
+    reaped: bool,
+}
+
+impl Spawned {
+    fn start(path: &Path, base: u16) -> Result<Spawned, String> {
+        if !path.is_file() {
+            return Err(format!(
+                "no vspc daemon at {} (build it with `cargo build -p vspc --bins`, or pass --vspc PATH)",
+                path.display()
+            ));
+        }
+        let stamp = SystemTime::now()
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos());
+        let dir = std::env::temp_dir().join(format!("vspc-bench.{}.{stamp:x}", std::process::id()));
+        std::fs::create_dir(&dir).map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
+        let log = dir.join("vspc.log");
+        let log_file = std::fs::File::create(&log)
+            .map_err(|e| format!("cannot create {}: {e}", log.display()))?;
+        let ports = [base, base + 1, base + 2].map(|p| p.to_string());
+        eprintln!(
+            "vspc-bench: starting {} (proxy 127.0.0.1:{}, admin {}, consoles from {}); log {}",
+            path.display(),
+            ports[0],
+            ports[1],
+            ports[2],
+            log.display()
+        );
+        let child = Command::new(path)
+            .args(["--proxy-iface", "127.0.0.1", "--proxy-port", &ports[0]])
+            .args(["--admin-port", &ports[1], "-r", &ports[2]])
+            // vSPC.py's environment settings would change what is measured.
+            .env_remove("SUPPORT_MULTI_CONSOLE")
+            .env_remove("VM_CLIENT_LIMIT")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log_file)
+            // Its own process group: a terminal's Ctrl-C reaches only the
+            // bench, which then kills it.
+            .process_group(0)
+            .spawn()
+            .map_err(|e| format!("cannot run {}: {e}", path.display()))?;
+        Ok(Spawned {
+            child,
+            dir,
+            log,
+            reaped: false,
+        })
+    }
+
+    /// The exit status, if the daemon has exited.
+    fn exited(&mut self) -> Option<String> {
+        match self.child.try_wait() {
+            Ok(Some(status)) => Some(status.to_string()),
+            _ => None,
+        }
+    }
+
+    fn kill(&mut self) {
+        if !self.reaped {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+            self.reaped = true;
+        }
+    }
+
+    /// The log's last line naming an error (clap's `error: ...`, the
+    /// daemon's `vspc: ...`), else its last non-empty line.
+    fn last_log_line(&self) -> Option<String> {
+        let log = std::fs::read_to_string(&self.log).ok()?;
+        let lines = || log.lines().rev().map(str::trim).filter(|l| !l.is_empty());
+        let line = lines()
+            .find(|l| l.starts_with("vspc:") || l.to_ascii_lowercase().contains("error"))
+            .or_else(|| lines().next())?;
+        Some(line.to_string())
+    }
+
+    /// Remove the log directory (after a successful run).
+    fn remove_dir(&self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+impl Drop for Spawned {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Signals.
+
+/// A receiver that turns true at the first SIGINT or SIGTERM. Must be
+/// called inside the runtime.
+fn watch_signals() -> Result<watch::Receiver<bool>, String> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let register = |kind: SignalKind, name: &str| {
+        signal(kind).map_err(|e| format!("cannot watch {name}: {e}"))
+    };
+    let mut int = register(SignalKind::interrupt(), "SIGINT")?;
+    let mut term = register(SignalKind::terminate(), "SIGTERM")?;
+    let (tx, rx) = watch::channel(false);
+    tokio::spawn(async move {
+        tokio::select! {
+            _ = int.recv() => {}
+            _ = term.recv() => {}
+        }
+        let _ = tx.send(true);
+        // Keep the sender, so receivers never see it dropped.
+        std::future::pending::<()>().await;
+    });
+    Ok(rx)
+}
+
+/// Resolves once a signal has arrived.
+async fn stopped(mut rx: watch::Receiver<bool>) {
+    if rx.wait_for(|s| *s).await.is_err() {
+        std::future::pending::<()>().await;
+    }
+}
+
+// ---------------------------------------------------------------------------
+// /proc readings.
+
+/// VmRSS from /proc/PID/status, in KiB.
+fn rss_kib(pid: u32) -> Result<u64, String> {
+    let path = format!("/proc/{pid}/status");
+    let status = std::fs::read_to_string(&path).map_err(|e| format!("cannot read {path}: {e}"))?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .ok_or_else(|| format!("no VmRSS in {path}"))
+}
+
+/// Entries of /proc/PID/fd.
+fn fd_count(pid: u32) -> Result<u64, String> {
+    let path = format!("/proc/{pid}/fd");
+    let dir = std::fs::read_dir(&path).map_err(|e| format!("cannot list {path}: {e}"))?;
+    Ok(dir.count() as u64)
+}
+
+/// utime + stime from /proc/PID/stat, in seconds.
+fn cpu_s(pid: u32) -> Result<f64, String> {
+    let path = format!("/proc/{pid}/stat");
+    let stat = std::fs::read_to_string(&path).map_err(|e| format!("cannot read {path}: {e}"))?;
+    // The command name (field 2) may hold spaces; fields 3.. follow its ')'.
+    let fields: Vec<&str> = stat
+        .rsplit_once(')')
+        .map(|(_, rest)| rest.split_whitespace().collect())
+        .unwrap_or_default();
+    let field = |n: usize| fields.get(n - 3).and_then(|f| f.parse::<u64>().ok());
+    match (field(14), field(15)) {
+        (Some(utime), Some(stime)) => Ok((utime + stime) as f64 / clock_ticks()),
+        _ => Err(format!("cannot parse utime and stime in {path}")),
+    }
+}
+
+/// Clock ticks per second (`getconf CLK_TCK`; 100 on Linux if that fails).
+fn clock_ticks() -> f64 {
+    Command::new("getconf")
+        .arg("CLK_TCK")
+        .output()
+        .ok()
+        .and_then(|o| String::from_utf8(o.stdout).ok())
+        .and_then(|s| s.trim().parse::<f64>().ok())
+        .filter(|t| *t > 0.0)
+        .unwrap_or(100.0)
+}
+
+fn round(x: f64, places: i32) -> f64 {
+    let m = 10f64.powi(places);
+    (x * m).round() / m
+}
