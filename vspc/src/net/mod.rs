@@ -32,11 +32,27 @@ pub struct ServerConfig {
     pub vm_tx_rate: Option<u64>,
 }
 
-/// Bind `addr`, with an error that says which port it was for.
-pub async fn bind(addr: SocketAddr, what: &str) -> Result<TcpListener, String> {
-    TcpListener::bind(addr)
-        .await
-        .map_err(|e| format!("cannot listen on {what} {addr}: {e}"))
+/// Connections the kernel may queue for accept on each listener. The
+/// default (128) overflows when many ESXi hosts reconnect at once, and the
+/// dropped ones wait a whole second to retry; the kernel caps this at
+/// `net.core.somaxconn`.
+const BACKLOG: u32 = 4096;
+
+/// Listen on `addr` with a deep accept queue (must run inside the runtime).
+pub fn listen(addr: SocketAddr) -> io::Result<TcpListener> {
+    let socket = if addr.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()?
+    } else {
+        tokio::net::TcpSocket::new_v6()?
+    };
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(BACKLOG)
+}
+
+/// [`listen`], with an error that says which port it was for.
+pub fn bind(addr: SocketAddr, what: &str) -> Result<TcpListener, String> {
+    listen(addr).map_err(|e| format!("cannot listen on {what} {addr}: {e}"))
 }
 
 /// Opens console listeners for the hub.
@@ -48,10 +64,8 @@ struct ConsoleOpener {
 
 impl PortOpener for ConsoleOpener {
     fn open(&self, vm: Arc<Vm>, port: u16) -> io::Result<ListenerGuard> {
-        let std_listener = std::net::TcpListener::bind((self.interface, port))?;
-        std_listener.set_nonblocking(true)?;
         let _guard = self.rt.enter();
-        let listener = TcpListener::from_std(std_listener)?;
+        let listener = listen(SocketAddr::new(self.interface, port))?;
         let hub = self.hub.clone();
         let task = self
             .rt
@@ -80,8 +94,8 @@ pub async fn run(
     if failed > 0 {
         tracing::warn!(failed, "some persisted console ports could not be reopened");
     }
-    let proxy = bind(cfg.proxy, "proxy port").await?;
-    let admin = bind(cfg.admin, "admin port").await?;
+    let proxy = bind(cfg.proxy, "proxy port")?;
+    let admin = bind(cfg.admin, "admin port")?;
     tracing::info!(proxy = %cfg.proxy, admin = %cfg.admin, tls = cfg.tls.is_some(), vms = hub.len(), "vspc listening");
 
     let h = hub.clone();
