@@ -1,20 +1,31 @@
 //! The interface between the vspc daemon and its backends.
 //!
-//! The daemon reaches every backend through [`Backend`] and nothing else: the
-//! hooks it fires as VMs come and go, the port map it starts from, the rows
-//! the admin listing shows and the context a new console is shown first.
-//! Every method runs on the backend's own thread (see the daemon's
-//! `backend_host`), so a backend may block without stalling console traffic.
+//! A backend implements [`Backend`], a plain Rust trait: the hooks the daemon
+//! fires as VMs come and go, the port map it starts from, the rows the admin
+//! listing shows and the context a new console is shown first. Built-in
+//! backends and plugins are reached the same way: through the stable-ABI
+//! object in [`ffi`], which [`export_backend!`] produces for a plugin and
+//! [`ffi::BackendBox`]`::new` for a built-in. Every call crosses a
+//! `catch_unwind`, so a panicking backend is logged, not fatal.
+//!
+//! Every method runs on the backend's own thread, fed by a queue in event
+//! order, so a backend may block without stalling console traffic.
+
+pub mod ffi;
+pub mod log;
+
+pub use abi_stable;
 
 use std::fmt;
 
 /// What the daemon knows about one VM serial port.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct VmRecord {
-    /// The VM's identity key as admin tools show it (vSPC.py's form,
+    /// The VM's identity as admin tools show it (vSPC.py's form,
     /// `0123456789abcdef-fedcba9800000000`, plus `_uri` with multi-console).
     pub uuid: String,
-    /// The VM's display name (untrusted text from ESXi).
+    /// The VM's display name. Untrusted text from ESXi: never use it in a
+    /// path without sanitising it.
     pub name: String,
     /// The console port, when the VM has one.
     pub port: Option<u16>,
@@ -24,6 +35,12 @@ pub struct VmRecord {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct BackendError(pub String);
 
+impl BackendError {
+    pub fn new(msg: impl Into<String>) -> BackendError {
+        BackendError(msg.into())
+    }
+}
+
 impl fmt::Display for BackendError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(&self.0)
@@ -32,10 +49,59 @@ impl fmt::Display for BackendError {
 
 impl std::error::Error for BackendError {}
 
-/// A vspc backend. Hooks have empty defaults, so a backend implements only
-/// what it needs.
+/// One command-line option a backend takes. The daemon routes matching
+/// arguments to the backend and prints these in `--backend-help`.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct OptionSpec {
+    /// Long name without dashes (`logdir` for `--logdir`); the key
+    /// [`Backend::configure`] receives.
+    pub long: String,
+    /// Optional one-letter form (`l` for `-l`).
+    pub short: Option<char>,
+    /// Name of the value (`DIR`); `None` for a flag without a value.
+    pub value: Option<String>,
+    /// Shown in help; the backend applies its own defaults.
+    pub default: Option<String>,
+    pub help: String,
+}
+
+impl OptionSpec {
+    /// An option taking a value.
+    pub fn value(long: &str, short: Option<char>, value: &str, help: &str) -> OptionSpec {
+        OptionSpec {
+            long: long.into(),
+            short,
+            value: Some(value.into()),
+            default: None,
+            help: help.into(),
+        }
+    }
+
+    /// A flag (no value).
+    pub fn flag(long: &str, short: Option<char>, help: &str) -> OptionSpec {
+        OptionSpec {
+            long: long.into(),
+            short,
+            value: None,
+            default: None,
+            help: help.into(),
+        }
+    }
+
+    /// The same option with a default shown in help.
+    pub fn with_default(mut self, default: &str) -> OptionSpec {
+        self.default = Some(default.into());
+        self
+    }
+}
+
+/// Options as the daemon hands them to [`Backend::configure`]: long name and
+/// value (`None` for flags), in command-line order.
+pub type Options = [(String, Option<String>)];
+
+/// A vspc backend. Only `name` is required; hooks default to doing nothing.
 pub trait Backend: Send {
-    /// Short name, as given to `--backend`.
+    /// Short name, as given to `--backend` (case-insensitive).
     fn name(&self) -> &str;
 
     /// The backend's version, for logs and `--backend-help`.
@@ -43,30 +109,43 @@ pub trait Backend: Send {
         "0"
     }
 
-    /// Help text for the backend's own options.
-    fn help(&self) -> String {
-        String::new()
+    /// One line saying what the backend does.
+    fn description(&self) -> &str {
+        ""
     }
 
-    /// Apply the backend's options; a bad option is an error naming it.
-    fn configure(&mut self, args: &[String]) -> Result<(), BackendError> {
-        match args.first() {
+    /// The options the backend takes.
+    fn options(&self) -> Vec<OptionSpec> {
+        Vec::new()
+    }
+
+    /// Apply options (only ones declared in [`Backend::options`] arrive); a
+    /// bad value is an error naming the option and the fix.
+    fn configure(&mut self, options: &Options) -> Result<(), BackendError> {
+        match options.first() {
             None => Ok(()),
-            Some(a) => Err(BackendError(format!(
-                "backend {} takes no options (got '{a}')",
+            Some((k, _)) => Err(BackendError(format!(
+                "backend {} takes no option --{k}",
                 self.name()
             ))),
         }
     }
 
-    /// The persisted port map the daemon starts from: these ports are
-    /// reserved before any VM connects.
+    /// True if this backend stores the port map ([`Backend::load_map`]).
+    /// With several backends, the first that persists owns the map.
+    fn persists(&self) -> bool {
+        false
+    }
+
+    /// The stored port map the daemon starts from: these ports are reserved
+    /// before any VM connects. An unreadable or corrupt store is an error
+    /// naming the file; start-up stops and nothing is overwritten.
     fn load_map(&mut self) -> Result<Vec<VmRecord>, BackendError> {
         Ok(Vec::new())
     }
 
-    /// True if the backend wants [`Backend::console_data`] calls at all;
-    /// when false the daemon skips copying console output for it.
+    /// True if the backend wants [`Backend::console_data`] at all; when
+    /// false the daemon does not copy console output for it.
     fn wants_console_data(&self) -> bool {
         false
     }
@@ -76,7 +155,7 @@ pub trait Backend: Send {
     fn vm_disconnected(&mut self, _vm: &VmRecord) {}
     /// The mapping expired: the port went back to the pool.
     fn vm_expired(&mut self, _vm: &VmRecord) {}
-    /// Bytes the VM wrote to its serial port.
+    /// Bytes the VM wrote to its serial port, exactly as sent.
     fn console_data(&mut self, _vm: &VmRecord, _data: &[u8]) {}
     fn console_attached(&mut self, _vm: &VmRecord) {}
     fn console_detached(&mut self, _vm: &VmRecord) {}
@@ -94,4 +173,11 @@ pub trait Backend: Send {
 
     /// Reopen files (SIGHUP), e.g. after logrotate moved them.
     fn reopen(&mut self) {}
+
+    /// The event queue is empty for now: a good moment to write batched
+    /// state (called after each burst of events).
+    fn idle(&mut self) {}
+
+    /// The daemon is stopping: flush and close.
+    fn shutdown(&mut self) {}
 }
