@@ -16,8 +16,8 @@ impl Backend for MemoryBackend {
         env!("CARGO_PKG_VERSION")
     }
 
-    fn help(&self) -> String {
-        "Memory backend: keeps the port map in memory only; it takes no options.\n".into()
+    fn description(&self) -> &str {
+        "keeps the port map in memory only (the default); takes no options"
     }
 }
 
@@ -31,8 +31,9 @@ mod tests {
         let mut b: Box<dyn Backend> = Box::new(MemoryBackend);
         assert_eq!(b.name(), "Memory");
         assert!(b.configure(&[]).is_ok());
-        let err = b.configure(&["-x".into()]).unwrap_err();
-        assert!(err.to_string().contains("-x"));
+        let err = b.configure(&[("x".into(), None)]).unwrap_err();
+        assert!(err.to_string().contains("--x"));
+        assert!(!b.persists());
         assert!(b.load_map().unwrap().is_empty());
         let rec = VmRecord {
             uuid: "u".into(),
