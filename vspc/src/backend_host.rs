@@ -1,37 +1,46 @@
-//! Runs a backend on its own OS thread, fed by a queue in event order.
+//! Runs each backend on its own OS thread, fed by a queue in event order.
 //!
 //! Backends may block (disk, network, a plugin's own locks); console traffic
-//! must not. Hooks are queued and the daemon goes on. Console-data events are
-//! counted while queued: past [`DATA_QUEUE_LIMIT`] further ones are dropped,
-//! with a counter and a rate-limited warning. Mapping events (connect,
-//! rename, disconnect, expiry) are never dropped. Queries (listing rows,
-//! seed data) get their answer through a oneshot channel.
+//! must not. Hooks are queued and the daemon goes on. Console-data events
+//! are counted while queued: past [`DATA_QUEUE_LIMIT`] further ones for that
+//! backend are dropped, with a counter and a rate-limited warning. Mapping
+//! events (connect, rename, disconnect, expiry, console attach/detach) are
+//! never dropped. Queries (listing rows, seed data) get their answer through
+//! a oneshot channel. When a backend's queue runs empty it gets `idle()`, so
+//! it can write batched state.
+//!
+//! Every call goes through the backend's stable-ABI object, built-in or
+//! plugin alike; panics are caught on the backend's side of that boundary.
 
 use bytes::Bytes;
-use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{mpsc, Arc};
+use std::time::Duration;
 use tokio::sync::oneshot;
-use vspc_backend_api::{Backend, VmRecord};
+use vspc_backend_api::abi_stable::std_types::{RSlice, RStr, RVec};
+use vspc_backend_api::ffi::{BackendBox, FfiRecord};
+use vspc_backend_api::VmRecord;
 
-/// Console-data events that may wait in the queue before new ones are dropped.
+/// Console-data events that may wait in one backend's queue before new ones
+/// are dropped.
 pub const DATA_QUEUE_LIMIT: usize = 4096;
 
 enum Job {
-    Connected(VmRecord),
-    Renamed(VmRecord, String),
-    Disconnected(VmRecord),
-    Expired(VmRecord),
-    ConsoleAttached(VmRecord),
-    ConsoleDetached(VmRecord),
-    Data(VmRecord, Bytes),
+    Connected(FfiRecord),
+    Renamed(FfiRecord, String),
+    Disconnected(FfiRecord),
+    Expired(FfiRecord),
+    ConsoleAttached(FfiRecord),
+    ConsoleDetached(FfiRecord),
+    Data(FfiRecord, Bytes),
     ListRows(Vec<VmRecord>, oneshot::Sender<Vec<VmRecord>>),
-    Seed(VmRecord, oneshot::Sender<Vec<u8>>),
+    Seed(FfiRecord, oneshot::Sender<Vec<u8>>),
     Reopen,
+    Shutdown(std::sync::mpsc::Sender<()>),
 }
 
 /// The daemon's handle on one backend thread.
-pub struct BackendHost {
+struct Host {
     name: String,
     tx: mpsc::Sender<Job>,
     wants_data: bool,
@@ -41,21 +50,17 @@ pub struct BackendHost {
     dropped: AtomicU64,
 }
 
-impl BackendHost {
-    /// Start `backend` on its own thread. Call after `configure` and
-    /// `load_map`, which run on the caller's thread so their errors can
-    /// stop start-up.
-    pub fn spawn(backend: Box<dyn Backend>) -> std::io::Result<BackendHost> {
+impl Host {
+    fn spawn(backend: BackendBox) -> std::io::Result<Host> {
         let name = backend.name().to_string();
         let wants_data = backend.wants_console_data();
         let (tx, rx) = mpsc::channel();
         let queued_data = Arc::new(AtomicUsize::new(0));
         let counter = queued_data.clone();
-        let thread_name = format!("backend-{name}");
         std::thread::Builder::new()
-            .name(thread_name)
+            .name(format!("backend-{name}"))
             .spawn(move || run(backend, rx, counter))?;
-        Ok(BackendHost {
+        Ok(Host {
             name,
             tx,
             wants_data,
@@ -64,46 +69,13 @@ impl BackendHost {
         })
     }
 
-    pub fn name(&self) -> &str {
-        &self.name
-    }
-
     fn send(&self, job: Job) {
         if self.tx.send(job).is_err() {
             tracing::error!(backend = %self.name, "backend thread is gone; event lost");
         }
     }
 
-    pub fn vm_connected(&self, vm: VmRecord) {
-        self.send(Job::Connected(vm));
-    }
-    pub fn vm_renamed(&self, vm: VmRecord, old_name: String) {
-        self.send(Job::Renamed(vm, old_name));
-    }
-    pub fn vm_disconnected(&self, vm: VmRecord) {
-        self.send(Job::Disconnected(vm));
-    }
-    pub fn vm_expired(&self, vm: VmRecord) {
-        self.send(Job::Expired(vm));
-    }
-    pub fn console_attached(&self, vm: VmRecord) {
-        self.send(Job::ConsoleAttached(vm));
-    }
-    pub fn console_detached(&self, vm: VmRecord) {
-        self.send(Job::ConsoleDetached(vm));
-    }
-    pub fn reopen(&self) {
-        self.send(Job::Reopen);
-    }
-
-    /// True if the backend wants console output at all.
-    pub fn wants_data(&self) -> bool {
-        self.wants_data
-    }
-
-    /// Console output for the backend; dropped (and counted) when the
-    /// backend is too far behind.
-    pub fn console_data(&self, vm: &VmRecord, data: Bytes) {
+    fn data(&self, vm: &FfiRecord, data: &Bytes) {
         if !self.wants_data {
             return;
         }
@@ -119,67 +91,178 @@ impl BackendHost {
             return;
         }
         self.queued_data.fetch_add(1, Ordering::Relaxed);
-        self.send(Job::Data(vm.clone(), data));
-    }
-
-    /// Data events dropped so far.
-    pub fn dropped(&self) -> u64 {
-        self.dropped.load(Ordering::Relaxed)
-    }
-
-    /// The rows the admin listing shows.
-    pub async fn list_rows(&self, rows: Vec<VmRecord>) -> Vec<VmRecord> {
-        let (tx, rx) = oneshot::channel();
-        let fallback = rows.clone();
-        self.send(Job::ListRows(rows, tx));
-        rx.await.unwrap_or(fallback)
-    }
-
-    /// Bytes a new console is shown first.
-    pub async fn seed_data(&self, vm: VmRecord) -> Vec<u8> {
-        let (tx, rx) = oneshot::channel();
-        self.send(Job::Seed(vm, tx));
-        rx.await.unwrap_or_default()
+        self.send(Job::Data(vm.clone(), data.clone()));
     }
 }
 
-fn run(mut backend: Box<dyn Backend>, rx: mpsc::Receiver<Job>, queued_data: Arc<AtomicUsize>) {
-    let name = backend.name().to_string();
-    while let Ok(job) = rx.recv() {
-        let what = match &job {
-            Job::Data(..) => {
-                queued_data.fetch_sub(1, Ordering::Relaxed);
-                "console_data"
-            }
-            Job::Connected(_) => "vm_connected",
-            Job::Renamed(..) => "vm_renamed",
-            Job::Disconnected(_) => "vm_disconnected",
-            Job::Expired(_) => "vm_expired",
-            Job::ConsoleAttached(_) => "console_attached",
-            Job::ConsoleDetached(_) => "console_detached",
-            Job::ListRows(..) => "list_rows",
-            Job::Seed(..) => "seed_data",
-            Job::Reopen => "reopen",
-        };
-        let b = &mut backend;
-        let result = catch_unwind(AssertUnwindSafe(move || match job {
-            Job::Connected(vm) => b.vm_connected(&vm),
-            Job::Renamed(vm, old) => b.vm_renamed(&vm, &old),
-            Job::Disconnected(vm) => b.vm_disconnected(&vm),
-            Job::Expired(vm) => b.vm_expired(&vm),
-            Job::ConsoleAttached(vm) => b.console_attached(&vm),
-            Job::ConsoleDetached(vm) => b.console_detached(&vm),
-            Job::Data(vm, data) => b.console_data(&vm, &data),
-            Job::ListRows(rows, reply) => {
-                let _ = reply.send(b.list_rows(rows));
-            }
-            Job::Seed(vm, reply) => {
-                let _ = reply.send(b.seed_data(&vm));
-            }
-            Job::Reopen => b.reopen(),
-        }));
-        if result.is_err() {
-            tracing::error!(backend = %name, hook = what, "backend panicked in a hook; it keeps running");
+/// Every configured backend, in `--backend` order.
+pub struct Backends {
+    hosts: Vec<Host>,
+    wants_data: bool,
+}
+
+impl Backends {
+    /// Start each backend on its own thread. Call after `configure` and
+    /// `load_map`, which run on the caller's thread so their errors can stop
+    /// start-up.
+    pub fn spawn(backends: Vec<BackendBox>) -> std::io::Result<Backends> {
+        let mut hosts = Vec::with_capacity(backends.len());
+        for b in backends {
+            hosts.push(Host::spawn(b)?);
         }
+        let wants_data = hosts.iter().any(|h| h.wants_data);
+        Ok(Backends { hosts, wants_data })
+    }
+
+    /// The backends' names, in order.
+    pub fn names(&self) -> Vec<String> {
+        self.hosts.iter().map(|h| h.name.clone()).collect()
+    }
+
+    fn each(&self, make: impl Fn(FfiRecord) -> Job, vm: &VmRecord) {
+        let rec = FfiRecord::from(vm);
+        for h in &self.hosts {
+            h.send(make(rec.clone()));
+        }
+    }
+
+    pub fn vm_connected(&self, vm: VmRecord) {
+        self.each(Job::Connected, &vm);
+    }
+    pub fn vm_renamed(&self, vm: VmRecord, old_name: String) {
+        self.each(|r| Job::Renamed(r, old_name.clone()), &vm);
+    }
+    pub fn vm_disconnected(&self, vm: VmRecord) {
+        self.each(Job::Disconnected, &vm);
+    }
+    pub fn vm_expired(&self, vm: VmRecord) {
+        self.each(Job::Expired, &vm);
+    }
+    pub fn console_attached(&self, vm: VmRecord) {
+        self.each(Job::ConsoleAttached, &vm);
+    }
+    pub fn console_detached(&self, vm: VmRecord) {
+        self.each(Job::ConsoleDetached, &vm);
+    }
+    pub fn reopen(&self) {
+        for h in &self.hosts {
+            h.send(Job::Reopen);
+        }
+    }
+
+    /// True if any backend wants console output.
+    pub fn wants_data(&self) -> bool {
+        self.wants_data
+    }
+
+    /// Console output for the backends that want it; dropped (and counted)
+    /// for a backend that is too far behind.
+    pub fn console_data(&self, vm: &VmRecord, data: Bytes) {
+        if !self.wants_data {
+            return;
+        }
+        let rec = FfiRecord::from(vm);
+        for h in &self.hosts {
+            h.data(&rec, &data);
+        }
+    }
+
+    /// Console-data events dropped so far, over all backends.
+    pub fn dropped(&self) -> u64 {
+        self.hosts
+            .iter()
+            .map(|h| h.dropped.load(Ordering::Relaxed))
+            .sum()
+    }
+
+    /// The rows the admin listing shows: each backend may edit them, in order.
+    pub async fn list_rows(&self, mut rows: Vec<VmRecord>) -> Vec<VmRecord> {
+        for h in &self.hosts {
+            let (tx, rx) = oneshot::channel();
+            h.send(Job::ListRows(rows.clone(), tx));
+            if let Ok(edited) = rx.await {
+                rows = edited;
+            }
+        }
+        rows
+    }
+
+    /// Bytes a new console is shown first: the first backend with any.
+    pub async fn seed_data(&self, vm: VmRecord) -> Vec<u8> {
+        let rec = FfiRecord::from(&vm);
+        for h in &self.hosts {
+            let (tx, rx) = oneshot::channel();
+            h.send(Job::Seed(rec.clone(), tx));
+            if let Ok(seed) = rx.await {
+                if !seed.is_empty() {
+                    return seed;
+                }
+            }
+        }
+        Vec::new()
+    }
+
+    /// Ask every backend to flush and stop; wait up to `limit` in all.
+    pub fn shutdown(&self, limit: Duration) {
+        let deadline = std::time::Instant::now() + limit;
+        let waits: Vec<(String, mpsc::Receiver<()>)> = self
+            .hosts
+            .iter()
+            .map(|h| {
+                let (tx, rx) = mpsc::channel();
+                h.send(Job::Shutdown(tx));
+                (h.name.clone(), rx)
+            })
+            .collect();
+        for (name, rx) in waits {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            if rx.recv_timeout(left).is_err() {
+                tracing::warn!(backend = %name, "backend did not finish shutting down in time");
+            }
+        }
+    }
+}
+
+fn run(mut backend: BackendBox, rx: mpsc::Receiver<Job>, queued_data: Arc<AtomicUsize>) {
+    while let Ok(mut job) = rx.recv() {
+        loop {
+            if let Job::Shutdown(done) = job {
+                backend.shutdown();
+                let _ = done.send(());
+                return;
+            }
+            handle(&mut backend, job, &queued_data);
+            match rx.try_recv() {
+                Ok(next) => job = next,
+                Err(_) => break,
+            }
+        }
+        backend.idle();
+    }
+    backend.shutdown();
+}
+
+fn handle(b: &mut BackendBox, job: Job, queued_data: &AtomicUsize) {
+    match job {
+        Job::Connected(vm) => b.vm_connected(&vm),
+        Job::Renamed(vm, old) => b.vm_renamed(&vm, RStr::from(old.as_str())),
+        Job::Disconnected(vm) => b.vm_disconnected(&vm),
+        Job::Expired(vm) => b.vm_expired(&vm),
+        Job::ConsoleAttached(vm) => b.console_attached(&vm),
+        Job::ConsoleDetached(vm) => b.console_detached(&vm),
+        Job::Data(vm, data) => {
+            queued_data.fetch_sub(1, Ordering::Relaxed);
+            b.console_data(&vm, RSlice::from_slice(&data));
+        }
+        Job::ListRows(rows, reply) => {
+            let ffi: RVec<FfiRecord> = rows.iter().map(FfiRecord::from).collect();
+            let out: Vec<VmRecord> = b.list_rows(ffi).iter().map(VmRecord::from).collect();
+            let _ = reply.send(out);
+        }
+        Job::Seed(vm, reply) => {
+            let _ = reply.send(b.seed_data(&vm).into_vec());
+        }
+        Job::Reopen => b.reopen(),
+        Job::Shutdown(_) => {}
     }
 }

@@ -53,13 +53,30 @@ pub struct Config {
     #[arg(long, default_value_t = 86400, value_name = "SECONDS")]
     pub vm_expire_time: u64,
 
-    /// Backend to use (Memory by default; File with -f).
-    #[arg(long, default_value = "Memory", value_name = "NAME")]
-    pub backend: String,
+    /// Backend(s): built-in Memory (default), File or Logging, or a plugin's
+    /// name or path. Repeat the flag or separate names with commas to use
+    /// several at once. Backend options (e.g. Logging's -l DIR) go anywhere
+    /// on the command line.
+    #[arg(long, value_name = "NAME", value_delimiter = ',', action = clap::ArgAction::Append)]
+    pub backend: Vec<String>,
 
-    /// Options for the backend, as one string (vSPC.py's --backend-args).
+    /// Options for the backend(s), as one string (vSPC.py's --backend-args).
     #[arg(long, value_name = "ARGS", allow_hyphen_values = true)]
     pub backend_args: Option<String>,
+
+    /// Print the options of the --backend(s) given, or list the built-in
+    /// backends and the plugins found, then exit.
+    #[arg(long)]
+    pub backend_help: bool,
+
+    /// Look for backend plugins (libvspc_backend_NAME.so) here; repeatable.
+    /// VSPC_PLUGIN_PATH (colon-separated) is searched next.
+    #[arg(long, value_name = "DIR", action = clap::ArgAction::Append)]
+    pub plugin_dir: Vec<PathBuf>,
+
+    /// Command-line arguments that are not vspc's own: the backends' options.
+    #[arg(skip)]
+    pub backend_options: Vec<String>,
 
     /// Persist the port map in this file or directory (the File backend).
     #[arg(short = 'f', long, value_name = "PATH")]
@@ -140,6 +157,104 @@ pub struct Config {
     pub console_queue: u64,
 }
 
+/// Separate vspc's own flags (and their values) from everything else, which
+/// belongs to the backends. vspc's flags are read off the clap definition,
+/// so the two can never disagree.
+fn split_backend_options(args: Vec<std::ffi::OsString>) -> (Vec<std::ffi::OsString>, Vec<String>) {
+    let cmd = <Config as clap::CommandFactory>::command();
+    let mut longs: Vec<(String, bool)> = vec![("help".into(), false), ("version".into(), false)];
+    let mut shorts: Vec<(char, bool)> = vec![('h', false), ('V', false)];
+    for a in cmd.get_arguments() {
+        let takes = a.get_action().takes_values();
+        if let Some(l) = a.get_long() {
+            longs.push((l.to_string(), takes));
+        }
+        if let Some(c) = a.get_short() {
+            shorts.push((c, takes));
+        }
+    }
+    let mut ours = Vec::new();
+    let mut theirs = Vec::new();
+    let mut it = args.into_iter();
+    if let Some(prog) = it.next() {
+        ours.push(prog);
+    }
+    while let Some(arg) = it.next() {
+        let Some(text) = arg.to_str().map(str::to_string) else {
+            ours.push(arg);
+            continue;
+        };
+        let takes = if let Some(rest) = text.strip_prefix("--") {
+            let name = rest.split('=').next().unwrap_or_default();
+            longs
+                .iter()
+                .find(|(l, _)| l == name)
+                .map(|(_, t)| *t && !rest.contains('='))
+        } else if let Some(rest) = text.strip_prefix('-').filter(|r| !r.is_empty()) {
+            let mut chars = rest.chars();
+            let c = chars.next().unwrap_or('-');
+            shorts
+                .iter()
+                .find(|(s, _)| *s == c)
+                .map(|(_, t)| *t && chars.as_str().is_empty())
+        } else {
+            None
+        };
+        match takes {
+            Some(needs_value) => {
+                ours.push(arg);
+                if needs_value {
+                    if let Some(v) = it.next() {
+                        ours.push(v);
+                    }
+                }
+            }
+            None => theirs.push(text),
+        }
+    }
+    (ours, theirs)
+}
+
+/// Split a string into words the way a shell would for simple cases:
+/// whitespace separates, single and double quotes group, backslash escapes.
+pub fn shell_words(s: &str) -> Vec<String> {
+    let mut words = Vec::new();
+    let mut cur = String::new();
+    let mut in_word = false;
+    let mut quote: Option<char> = None;
+    let mut chars = s.chars();
+    while let Some(c) = chars.next() {
+        match (quote, c) {
+            (Some(q), c) if c == q => quote = None,
+            (Some('"'), '\\') | (None, '\\') => {
+                if let Some(n) = chars.next() {
+                    cur.push(n);
+                }
+                in_word = true;
+            }
+            (Some(_), c) => cur.push(c),
+            (None, '\'') | (None, '"') => {
+                quote = Some(c);
+                in_word = true;
+            }
+            (None, c) if c.is_whitespace() => {
+                if in_word {
+                    words.push(std::mem::take(&mut cur));
+                    in_word = false;
+                }
+            }
+            (None, c) => {
+                cur.push(c);
+                in_word = true;
+            }
+        }
+    }
+    if in_word {
+        words.push(cur);
+    }
+    words
+}
+
 /// Turn a TOML config file into flags: `key = value` becomes `--key=value`,
 /// `key = true` becomes `--key`, `key = false` is left out.
 fn file_args(path: &std::path::Path) -> Result<Vec<String>, String> {
@@ -202,7 +317,18 @@ impl Config {
     }
 
     /// Parse `args` (program name first), reading `--config` if given.
+    /// Arguments that are not vspc flags are kept in `backend_options`.
     pub fn from_argv(args: Vec<std::ffi::OsString>) -> Result<Config, clap::Error> {
+        let (args, extra) = split_backend_options(args);
+        let mut cfg = Config::parse_with_file(args)?;
+        cfg.backend_options = extra;
+        if let Some(more) = &cfg.backend_args {
+            cfg.backend_options.extend(shell_words(more));
+        }
+        Ok(cfg)
+    }
+
+    fn parse_with_file(args: Vec<std::ffi::OsString>) -> Result<Config, clap::Error> {
         let first = Config::try_parse_from(&args)?;
         let Some(path) = first.config.clone() else {
             return Ok(first);
@@ -256,7 +382,7 @@ mod tests {
         assert_eq!(c.port_range_start, 50000);
         assert_eq!(c.interface.to_string(), "127.0.0.1");
         assert_eq!(c.vm_expire_time, 86400);
-        assert_eq!(c.backend, "Memory");
+        assert!(c.backend.is_empty(), "Memory is chosen when none is named");
     }
 
     #[test]
@@ -307,9 +433,64 @@ mod tests {
     }
 
     #[test]
+    fn backend_options_are_kept_apart() {
+        let argv = |a: &[&str]| {
+            a.iter()
+                .map(|s| std::ffi::OsString::from(*s))
+                .collect::<Vec<_>>()
+        };
+        let c = Config::from_argv(argv(&[
+            "vspc",
+            "--backend",
+            "File,Logging",
+            "-l",
+            "/tmp/logs",
+            "-a",
+            "1234",
+            "--prefix=x",
+            "-d",
+            "--backend",
+            "jsonl",
+            "--jsonl-file",
+            "/tmp/e",
+            "-f",
+            "/var/lib/vspc",
+            "--backend-args",
+            "-m 0640 --context '5 0'",
+        ]))
+        .unwrap();
+        assert_eq!(c.backend, ["File", "Logging", "jsonl"]);
+        assert_eq!(c.admin_port, 1234);
+        assert!(c.debug);
+        assert_eq!(
+            c.persist_file.as_deref(),
+            Some(std::path::Path::new("/var/lib/vspc"))
+        );
+        assert_eq!(
+            c.backend_options,
+            [
+                "-l",
+                "/tmp/logs",
+                "--prefix=x",
+                "--jsonl-file",
+                "/tmp/e",
+                "-m",
+                "0640",
+                "--context",
+                "5 0"
+            ]
+        );
+        assert_eq!(
+            shell_words(r#"a "b c" 'd e' f\ g"#),
+            ["a", "b c", "d e", "f g"]
+        );
+    }
+
+    #[test]
     fn bad_values_are_errors() {
         assert!(Config::try_parse_from(["vspc", "--proxy-port", "x"]).is_err());
         assert!(Config::try_parse_from(["vspc", "--bogus"]).is_err());
+        assert!(Config::from_argv(vec!["vspc".into(), "--admin-port".into(), "x".into()]).is_err());
         assert!(Config::try_parse_from(["vspc", "--handshake-timeout", "-1"]).is_err());
         assert!(Config::try_parse_from(["vspc", "--vm-tx-rate", "0"]).is_err());
     }

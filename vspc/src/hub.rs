@@ -7,7 +7,7 @@
 //! are [`Peer`]s (an id and an [`Outbox`]), and console listeners are opened
 //! through the [`PortOpener`] the network layer installs.
 
-use crate::backend_host::BackendHost;
+use crate::backend_host::Backends;
 use crate::outbox::{Outbox, Push};
 use crate::wire::encode;
 use bytes::Bytes;
@@ -167,7 +167,7 @@ pub enum Begin {
 /// The hub. One per daemon.
 pub struct Hub {
     cfg: HubConfig,
-    backend: BackendHost,
+    backend: Backends,
     reg: Mutex<Registry>,
     vmotions: Mutex<HashMap<Vec<u8>, Pending>>,
     next_id: AtomicU64,
@@ -175,7 +175,7 @@ pub struct Hub {
 }
 
 impl Hub {
-    pub fn new(cfg: HubConfig, backend: BackendHost) -> Arc<Hub> {
+    pub fn new(cfg: HubConfig, backend: Backends) -> Arc<Hub> {
         Arc::new(Hub {
             cfg,
             backend,
@@ -190,7 +190,7 @@ impl Hub {
         &self.cfg
     }
 
-    pub fn backend(&self) -> &BackendHost {
+    pub fn backend(&self) -> &Backends {
         &self.backend
     }
 

@@ -6,11 +6,13 @@
 
 pub mod admin;
 pub mod backend_host;
+pub mod backend_setup;
 pub mod config;
 pub mod hub;
 pub mod logging;
 pub mod net;
 pub mod outbox;
+pub mod plugins;
 pub mod session;
 pub mod sim;
 pub mod vmware;

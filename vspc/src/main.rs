@@ -4,7 +4,8 @@
 
 use std::process::ExitCode;
 use std::sync::Arc;
-use vspc::backend_host::BackendHost;
+use vspc::backend_host::Backends;
+use vspc::backend_setup::{self, Named, SetupError};
 use vspc::config::Config;
 use vspc::hub::{Hub, HubConfig};
 use vspc::logging;
@@ -20,6 +21,7 @@ fn main() -> ExitCode {
     } else {
         logging::Target::Stderr
     };
+    let logs_to_stderr = matches!(target, logging::Target::Stderr);
     if let Err(e) = logging::init(target, cfg.debug) {
         eprintln!("vspc: {e}");
         return ExitCode::from(1);
@@ -28,13 +30,22 @@ fn main() -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             tracing::error!("{e}");
-            eprintln!("vspc: {e}");
+            if !logs_to_stderr {
+                eprintln!("vspc: {e}");
+            }
             ExitCode::from(1)
         }
     }
 }
 
 fn start(cfg: Config) -> Result<(), String> {
+    let (backends, preload) = match setup_backends(&cfg) {
+        Ok(Some(b)) => b,
+        Ok(None) => return Ok(()),
+        Err(SetupError::Failed(e)) => return Err(e),
+        Err(SetupError::Usage(e)) => usage_error(&e),
+    };
+
     if cfg.cert.is_some() && !cfg.ssl {
         tracing::warn!("--cert given without --ssl; the proxy port speaks plain telnet");
     }
@@ -47,31 +58,6 @@ fn start(cfg: Config) -> Result<(), String> {
     } else {
         None
     };
-
-    let backend_name = if cfg.persist_file.is_some() {
-        "File".to_string()
-    } else {
-        cfg.backend.clone()
-    };
-    let mut backend = vspc_backends::builtin(&backend_name).ok_or_else(|| {
-        format!(
-            "unknown backend '{backend_name}' (built in: {})",
-            vspc_backends::BUILTIN.join(", ")
-        )
-    })?;
-    let args: Vec<String> = cfg
-        .backend_args
-        .as_deref()
-        .unwrap_or("")
-        .split_whitespace()
-        .map(String::from)
-        .collect();
-    backend
-        .configure(&args)
-        .map_err(|e| format!("backend {}: {e}", backend.name()))?;
-    let preload = backend
-        .load_map()
-        .map_err(|e| format!("backend {}: {e}", backend.name()))?;
 
     match rlimit::increase_nofile_limit(u64::MAX) {
         Ok(n) => tracing::debug!(limit = n, "open-files limit raised"),
@@ -89,8 +75,9 @@ fn start(cfg: Config) -> Result<(), String> {
             .map_err(|e| format!("cannot write pid file {}: {e}", path.display()))?;
     }
 
+    let backends: Vec<_> = backends.into_iter().map(|n| n.backend).collect();
     let host =
-        BackendHost::spawn(backend).map_err(|e| format!("cannot start backend thread: {e}"))?;
+        Backends::spawn(backends).map_err(|e| format!("cannot start backend thread: {e}"))?;
     let hub_cfg = HubConfig {
         port_range_start: cfg.port_range_start,
         vm_ports: !cfg.no_vm_ports,
@@ -117,11 +104,67 @@ fn start(cfg: Config) -> Result<(), String> {
         .map_err(|e| format!("cannot start the runtime: {e}"))?;
     let result = rt.block_on(async {
         let hub: Arc<Hub> = Hub::new(hub_cfg, host);
-        net::run(hub, server, preload).await
+        let result = net::run(hub.clone(), server, preload).await;
+        hub.backend().shutdown(std::time::Duration::from_secs(5));
+        result
     });
     if let Some(path) = &cfg.pidfile {
         let _ = std::fs::remove_file(path);
     }
     rt.shutdown_timeout(std::time::Duration::from_secs(1));
     result
+}
+
+/// Resolve, configure and load the backends; `None` after `--backend-help`.
+#[allow(clippy::type_complexity)]
+fn setup_backends(
+    cfg: &Config,
+) -> Result<Option<(Vec<Named>, Vec<vspc_backend_api::VmRecord>)>, SetupError> {
+    vspc_backend_api::log::install(vspc_backend_api::ffi::Logger {
+        log: vspc::plugins::host_log,
+    });
+    let env_path = std::env::var("VSPC_PLUGIN_PATH").ok();
+    let dirs = vspc::plugins::search_dirs(&cfg.plugin_dir, env_path.as_deref());
+    let mut names = cfg.backend.clone();
+    let mut tokens = cfg.backend_options.clone();
+    // vSPC.py's -f PATH: the File backend with that store.
+    if let Some(path) = &cfg.persist_file {
+        if !names.iter().any(|n| n.eq_ignore_ascii_case("file")) {
+            names.push("File".into());
+        }
+        tokens.splice(0..0, ["--file".to_string(), path.display().to_string()]);
+    }
+    if names.is_empty() {
+        if cfg.backend_help {
+            print!("{}", backend_setup::list_text(&dirs));
+            return Ok(None);
+        }
+        names.push("Memory".into());
+    }
+    let mut backends = backend_setup::resolve(&names, &dirs)?;
+    if cfg.backend_help {
+        for b in &backends {
+            print!("{}", backend_setup::help_text(b));
+        }
+        return Ok(None);
+    }
+    let opts = backend_setup::route(&tokens, &backends)?;
+    backend_setup::configure(&mut backends, opts)?;
+    let preload = backend_setup::load_map(&mut backends)?;
+    let names: Vec<String> = backends
+        .iter()
+        .map(|b| b.backend.name().to_string())
+        .collect();
+    tracing::info!(backends = ?names, "backends ready");
+    Ok(Some((backends, preload)))
+}
+
+/// A usage error: one line, the usage, exit status 2 (as clap does).
+fn usage_error(msg: &str) -> ! {
+    let mut cmd = <Config as clap::CommandFactory>::command();
+    eprintln!(
+        "error: {msg}\n\n{}\n\nFor more information, try '--help'.",
+        cmd.render_usage()
+    );
+    std::process::exit(2)
 }
