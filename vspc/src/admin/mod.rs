@@ -181,17 +181,26 @@ async fn query(hub: Arc<Hub>, tcp: TcpStream) -> Result<(), AdminError> {
 /// Grant free-for-all access and turn the connection into a console.
 async fn console_session(hub: Arc<Hub>, vm: Arc<Vm>, mut c: Conn) -> Result<(), AdminError> {
     let peer = hub.new_peer(hub.config().console_queue);
+    let seed = hub.backend().seed_data(vm.record()).await;
+    let (neg, opening) = ConsoleSession::opening();
+    peer.outbox.push_control(opening.into());
+    // Joins the fan-out now so no output is missed; the outbox is written
+    // only after the answers below.
     if let Err(e) = hub.attach_console(&vm, peer.clone()) {
         tracing::info!(vm = %vm.name(), "admin console refused: {e}");
         return c.send(&Value::Str("lock_failed".into())).await;
     }
-    let seed = hub.backend().seed_data(vm.record()).await;
-    c.send(&Value::Str("vm_found".into())).await?;
-    c.send(&Value::Str("free_for_all".into())).await?;
-    c.send(&Value::Str(String::from_utf8_lossy(&seed).into_owned()))
-        .await?;
-    let (neg, opening) = ConsoleSession::opening();
-    peer.outbox.push_control(opening.into());
+    let answers = [
+        Value::Str("vm_found".into()),
+        Value::Str("free_for_all".into()),
+        Value::Str(String::from_utf8_lossy(&seed).into_owned()),
+    ];
+    for answer in &answers {
+        if let Err(e) = c.send(answer).await {
+            hub.detach_console(&vm, peer.id);
+            return Err(e);
+        }
+    }
     let mut session = ConsoleSession::new(hub, vm, peer.clone(), neg);
     let rest = std::mem::take(&mut c.buf);
     if !rest.is_empty() {

@@ -192,18 +192,20 @@ async fn serve_vm(hub: Arc<Hub>, cfg: ServerConfig, tcp: TcpStream, addr: Socket
 
 async fn serve_console(hub: Arc<Hub>, vm: Arc<Vm>, tcp: TcpStream) {
     let peer = hub.new_peer(hub.config().console_queue);
-    if let Err(e) = hub.attach_console(&vm, peer.clone()) {
-        tracing::info!(vm = %vm.name(), "console refused: {e}");
-        let msg = format!("vspc: {e}; the VM is full, try again later.\r\n");
-        say_and_close(tcp, msg.as_bytes()).await;
-        return;
-    }
+    // Opening and recent context go into the outbox before the console joins
+    // the fan-out, so live output always follows them.
     let (neg, opening) = ConsoleSession::opening();
     peer.outbox.push_control(opening.into());
     let seed = hub.backend().seed_data(vm.record()).await;
     if !seed.is_empty() {
         peer.outbox
             .push_always(crate::wire::encode::escaped(&seed).into());
+    }
+    if let Err(e) = hub.attach_console(&vm, peer.clone()) {
+        tracing::info!(vm = %vm.name(), "console refused: {e}");
+        let msg = format!("vspc: {e}; the VM is full, try again later.\r\n");
+        say_and_close(tcp, msg.as_bytes()).await;
+        return;
     }
     tracing::info!(vm = %vm.name(), consoles = vm.console_count(), "console connected");
     let outbox = peer.outbox.clone();
