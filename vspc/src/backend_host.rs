@@ -266,3 +266,82 @@ fn handle(b: &mut BackendBox, job: Job, queued_data: &AtomicUsize) {
         Job::Shutdown(_) => {}
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Mutex;
+    use vspc_backend_api::ffi::boxed;
+    use vspc_backend_api::Backend;
+
+    /// A backend that is slow on console data and records what it saw.
+    struct Slow {
+        seen: Arc<Mutex<Vec<String>>>,
+    }
+
+    impl Backend for Slow {
+        fn name(&self) -> &str {
+            "Slow"
+        }
+        fn wants_console_data(&self) -> bool {
+            true
+        }
+        fn vm_connected(&mut self, vm: &VmRecord) {
+            self.seen
+                .lock()
+                .unwrap()
+                .push(format!("connect {}", vm.name));
+        }
+        fn console_data(&mut self, _vm: &VmRecord, data: &[u8]) {
+            std::thread::sleep(Duration::from_micros(200));
+            self.seen
+                .lock()
+                .unwrap()
+                .push(format!("data {}", data.len()));
+        }
+        fn idle(&mut self) {
+            self.seen.lock().unwrap().push("idle".into());
+        }
+    }
+
+    fn vm(name: &str) -> VmRecord {
+        VmRecord {
+            uuid: format!("uuid-{name}"),
+            name: name.into(),
+            port: Some(1),
+        }
+    }
+
+    #[tokio::test]
+    async fn full_queue_drops_data_but_never_mapping_events() {
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let b = Backends::spawn(vec![boxed(Slow { seen: seen.clone() })]).unwrap();
+        let data = Bytes::from_static(b"x");
+        for i in 0..(DATA_QUEUE_LIMIT * 3) {
+            b.console_data(&vm("a"), data.clone());
+            if i % 1000 == 0 {
+                b.vm_connected(vm(&format!("vm{i}")));
+            }
+        }
+        assert!(b.dropped() > 0, "nothing was dropped");
+        // A query goes through the same queue, so it returns after every
+        // event queued before it was handled.
+        let rows = b.list_rows(vec![vm("q")]).await;
+        assert_eq!(rows, vec![vm("q")]);
+        let seen = seen.lock().unwrap().clone();
+        let connects: Vec<&String> = seen.iter().filter(|s| s.starts_with("connect")).collect();
+        let expected: Vec<String> = (0..DATA_QUEUE_LIMIT * 3)
+            .step_by(1000)
+            .map(|i| format!("connect vm{i}"))
+            .collect();
+        assert_eq!(
+            connects,
+            expected.iter().collect::<Vec<_>>(),
+            "mapping events lost or reordered"
+        );
+        let handled = seen.iter().filter(|s| s.starts_with("data")).count() as u64;
+        assert_eq!(handled + b.dropped(), (DATA_QUEUE_LIMIT * 3) as u64);
+        assert!(seen.iter().any(|s| s == "idle"), "idle() never ran");
+        b.shutdown(Duration::from_secs(5));
+    }
+}
