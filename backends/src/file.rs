@@ -267,9 +267,11 @@ impl Backend for FileBackend {
     }
 
     fn options(&self) -> Vec<OptionSpec> {
+        // -f as in vSPC.py's `--backend File --backend-args '-f PATH'`; on
+        // the command line vspc's own -f means the same.
         vec![OptionSpec::value(
             "file",
-            None,
+            Some('f'),
             "PATH",
             "where the port map is stored: a directory (the map is PATH/vspc-map.toml) or a file",
         )]
@@ -629,7 +631,7 @@ mod tests {
         let o = b.options();
         assert_eq!(o.len(), 1);
         assert_eq!(o[0].long, "file");
-        assert_eq!(o[0].short, None);
+        assert_eq!(o[0].short, Some('f'));
         assert_eq!(o[0].value.as_deref(), Some("PATH"));
         assert!(o[0].help.contains("PATH/vspc-map.toml"));
     }
