@@ -101,6 +101,7 @@ pub struct Daemon {
 }
 
 /// Options for [`Daemon`]; ports are added by [`DaemonBuilder::start`].
+#[derive(Clone)]
 pub struct DaemonBuilder {
     args: Vec<String>,
     envs: Vec<(String, String)>,
@@ -109,6 +110,10 @@ pub struct DaemonBuilder {
     local_iface: String,
     /// A command the daemon runs under (e.g. `prlimit --nofile=40:40 --`).
     wrapper: Vec<String>,
+    /// Fixed `--proxy-port`, `--admin-port` and `-r` (random when `None`).
+    proxy_port: Option<u16>,
+    admin_port: Option<u16>,
+    range_start: Option<u16>,
 }
 
 impl DaemonBuilder {
@@ -146,6 +151,32 @@ impl DaemonBuilder {
         self
     }
 
+    /// Use this `--proxy-port` instead of a random one.
+    pub fn proxy_port(mut self, port: u16) -> Self {
+        self.proxy_port = Some(port);
+        self
+    }
+
+    /// Use this `--admin-port` instead of a random one.
+    pub fn admin_port(mut self, port: u16) -> Self {
+        self.admin_port = Some(port);
+        self
+    }
+
+    /// Use this `-r` (first console port) instead of a random one.
+    pub fn range_start(mut self, port: u16) -> Self {
+        self.range_start = Some(port);
+        self
+    }
+
+    /// The proxy port, admin port and console range of `d`: for starting
+    /// the daemon again after [`Daemon::kill9`].
+    pub fn same_ports_as(self, d: &Daemon) -> Self {
+        self.proxy_port(d.proxy.port())
+            .admin_port(d.admin.port())
+            .range_start(d.range_start)
+    }
+
     /// Start the daemon and wait until it is ready; panics (with its log)
     /// if it does not come up. Retries with other ports if a port was taken
     /// by someone else in the meantime.
@@ -153,8 +184,9 @@ impl DaemonBuilder {
         let ip: std::net::IpAddr = self.proxy_iface.parse().expect("proxy iface is an IP");
         let local: std::net::IpAddr = self.local_iface.parse().expect("local iface is an IP");
         for attempt in 0..3 {
-            let (proxy_port, admin_port) = (free_port(), free_port());
-            let range_start = free_range(RANGE_LEN);
+            let proxy_port = self.proxy_port.unwrap_or_else(free_port);
+            let admin_port = self.admin_port.unwrap_or_else(free_port);
+            let range_start = self.range_start.unwrap_or_else(|| free_range(RANGE_LEN));
             let mut cmd = match self.wrapper.split_first() {
                 Some((prog, rest)) => {
                     let mut c = Command::new(prog);
@@ -200,6 +232,9 @@ impl DaemonBuilder {
                     let port_clash = log.contains("in use") || log.contains("AddrInUse");
                     if attempt < 2 && port_clash {
                         daemon.kill();
+                        // Fixed ports may still be held by a process that
+                        // is going away: give it a moment.
+                        std::thread::sleep(Duration::from_millis(200));
                         continue;
                     }
                     daemon.kill();
@@ -236,6 +271,9 @@ impl Daemon {
             proxy_iface: "127.0.0.1".into(),
             local_iface: "127.0.0.1".into(),
             wrapper: Vec::new(),
+            proxy_port: None,
+            admin_port: None,
+            range_start: None,
         }
     }
 
@@ -295,6 +333,12 @@ impl Daemon {
         matches!(self.child.try_wait(), Ok(None))
     }
 
+    /// SIGKILL the daemon and wait for it to be gone; its log is kept (see
+    /// [`Daemon::log`]).
+    pub fn kill9(&mut self) {
+        self.kill();
+    }
+
     fn kill(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
@@ -329,10 +373,16 @@ pub struct Exit {
 
 /// Run the binary with `args` and wait up to `limit` for it to exit.
 pub fn run_to_exit(args: &[&str], limit: Duration) -> Exit {
+    run_to_exit_env(args, &[], limit)
+}
+
+/// [`run_to_exit`] with extra environment variables.
+pub fn run_to_exit_env(args: &[&str], envs: &[(&str, &str)], limit: Duration) -> Exit {
     let mut child = Command::new(BIN)
         .args(args)
         .env_remove("SUPPORT_MULTI_CONSOLE")
         .env_remove("VM_CLIENT_LIMIT")
+        .envs(envs.iter().copied())
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())

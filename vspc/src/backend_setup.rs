@@ -312,7 +312,10 @@ mod tests {
         // vSPC.py's form: --backend File --backend-args '-f PATH'.
         let file = vec![named("File")];
         let r = route(&["-f".into(), "/var/lib/vspc".into()], &file).unwrap();
-        assert_eq!(r[0], vec![("file".to_string(), Some("/var/lib/vspc".to_string()))]);
+        assert_eq!(
+            r[0],
+            vec![("file".to_string(), Some("/var/lib/vspc".to_string()))]
+        );
         let mem = vec![named("Memory")];
         assert!(matches!(
             route(&["-l".into(), "x".into()], &mem),
