@@ -140,15 +140,6 @@ fn named(index: u32, name: &str) -> Identity {
     }
 }
 
-/// Connect a VM and wait until it is listed; returns it and its port.
-async fn vm_up(d: &Daemon, id: &Identity) -> (SimVm, u16) {
-    let vm = SimVm::connect(d.proxy, id)
-        .await
-        .unwrap_or_else(|e| panic!("VM {} did not connect: {e}", id.name));
-    let (_, port) = wait_for_vm(d.admin, &id.name, T).await;
-    (vm, port)
-}
-
 /// Poll `done` every 20 ms until it holds or `limit` passes.
 async fn eventually(limit: Duration, mut done: impl FnMut() -> bool) -> bool {
     let deadline = Instant::now() + limit;

@@ -34,15 +34,6 @@ async fn goahead(vm: &SimVm, seq: &[u8]) -> Vec<u8> {
     }
 }
 
-/// Connect a VM and wait until it is listed; returns it and its port.
-async fn vm_up(d: &Daemon, id: &Identity) -> (SimVm, u16) {
-    let vm = SimVm::connect(d.proxy, id)
-        .await
-        .unwrap_or_else(|e| panic!("VM {} did not connect: {e}", id.name));
-    let (_, port) = wait_for_vm(d.admin, &id.name, T).await;
-    (vm, port)
-}
-
 /// Read and drop console input until none arrives for `SHORT`.
 async fn drain(vm: &SimVm) {
     while !vm.recv_data(SHORT).await.is_empty() {}

@@ -23,7 +23,7 @@ use std::time::{Duration, Instant};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use vspc::admin::pickle::{self, Value};
-use vspc::sim::{Received, SimConsole, SimVm};
+use vspc::sim::{Identity, Received, SimConsole, SimVm};
 
 /// The daemon under test.
 pub const BIN: &str = env!("CARGO_BIN_EXE_vspc");
@@ -865,4 +865,13 @@ pub fn describe_all(events: &[Received]) -> String {
         .enumerate()
         .map(|(i, e)| format!("  {i:3}: {}\n", describe(e)))
         .collect()
+}
+
+/// Connect a VM and wait until it is listed; returns it and its port.
+pub async fn vm_up(d: &Daemon, id: &Identity) -> (SimVm, u16) {
+    let vm = SimVm::connect(d.proxy, id)
+        .await
+        .unwrap_or_else(|e| panic!("VM {} did not connect: {e}", id.name));
+    let (_, port) = wait_for_vm(d.admin, &id.name, T).await;
+    (vm, port)
 }
