@@ -80,7 +80,7 @@ struct VmState {
     name: String,
     /// The connection from ESXi that currently carries this serial port.
     active: Option<Peer>,
-    consoles: Vec<Peer>,
+    consoles: Vec<Console>,
     /// Cookie of the pending vMotion, if any.
     vmotion: Option<Vec<u8>>,
     /// Console input held while a vMotion is pending (escaped).
@@ -124,6 +124,67 @@ impl Vm {
     }
 }
 
+/// A console and what it may do.
+struct Console {
+    peer: Peer,
+    access: Access,
+}
+
+/// The lock a console asks for (vSPC.py's modes).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LockMode {
+    /// Nobody else reads or writes.
+    Exclusive,
+    /// Nobody else writes; others may watch.
+    Write,
+    /// Everyone may write, while nobody holds exclusive or write.
+    FreeForAll,
+    /// Free-for-all, or read-only while someone holds a write lock.
+    FreeForAllOrReadOnly,
+}
+
+impl LockMode {
+    /// Parse vSPC.py's names (`free_for_all_or_readonly`) and the client's
+    /// (`free-for-all-fallback`).
+    pub fn parse(s: &str) -> Option<LockMode> {
+        match s.to_ascii_lowercase().replace('_', "-").as_str() {
+            "exclusive" => Some(LockMode::Exclusive),
+            "write" => Some(LockMode::Write),
+            "free-for-all" | "ffa" => Some(LockMode::FreeForAll),
+            "free-for-all-fallback" | "free-for-all-or-readonly" => {
+                Some(LockMode::FreeForAllOrReadOnly)
+            }
+            _ => None,
+        }
+    }
+}
+
+/// What a console was granted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Access {
+    Exclusive,
+    Write,
+    FreeForAll,
+    /// Sees output; its input is discarded.
+    ReadOnly,
+}
+
+impl Access {
+    /// The name the native admin protocol uses.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Access::Exclusive => "exclusive",
+            Access::Write => "write",
+            Access::FreeForAll => "free-for-all",
+            Access::ReadOnly => "read-only",
+        }
+    }
+
+    fn writes(self) -> bool {
+        self != Access::ReadOnly
+    }
+}
+
 struct Pending {
     vm: Arc<Vm>,
     seq: Vec<u8>,
@@ -153,6 +214,8 @@ pub enum AttachError {
     NoPort { start: u16 },
     #[error("VM {name} already has {limit} consoles, the limit")]
     Full { name: String, limit: usize },
+    #[error("VM {name}: {why}")]
+    LockFailed { name: String, why: &'static str },
     #[error("VM {name} expired")]
     Gone { name: String },
 }
@@ -379,12 +442,12 @@ impl Hub {
         }
         let mut dropped = 0;
         for c in &st.consoles {
-            if c.outbox.push(escaped.clone(), Some(SLOW_CONSOLE_MSG)) == Push::Overflow {
+            if c.peer.outbox.push(escaped.clone(), Some(SLOW_CONSOLE_MSG)) == Push::Overflow {
                 dropped += 1;
             }
         }
         if dropped > 0 {
-            st.consoles.retain(|c| !c.outbox.is_closed());
+            st.consoles.retain(|c| !c.peer.outbox.is_closed());
             tracing::warn!(vm = %st.name, dropped, "disconnected console(s) that stopped reading");
         }
         if self.backend.wants_data() {
@@ -400,34 +463,80 @@ impl Hub {
         true
     }
 
-    /// Attach a console to `vm`, unless the VM is full or gone.
-    pub fn attach_console(&self, vm: &Vm, peer: Peer) -> Result<(), AttachError> {
+    /// Attach a console to `vm` with the lock it asks for, unless the VM is
+    /// full or gone or the lock cannot be had. Returns what was granted.
+    pub fn attach_console(
+        &self,
+        vm: &Vm,
+        peer: Peer,
+        mode: LockMode,
+    ) -> Result<Access, AttachError> {
         let mut st = vm.lock();
+        let name = st.name.clone();
         if st.gone {
-            return Err(AttachError::Gone {
-                name: st.name.clone(),
-            });
+            return Err(AttachError::Gone { name });
         }
         if let Some(limit) = self.cfg.client_limit {
             if st.consoles.len() >= limit {
-                return Err(AttachError::Full {
-                    name: st.name.clone(),
-                    limit,
-                });
+                return Err(AttachError::Full { name, limit });
             }
         }
-        st.consoles.push(peer);
+        let held = |a: Access| st.consoles.iter().any(|c| c.access == a);
+        let fail = |why| {
+            Err(AttachError::LockFailed {
+                name: name.clone(),
+                why,
+            })
+        };
+        if held(Access::Exclusive) {
+            return fail("someone holds an exclusive lock on it");
+        }
+        let access = match mode {
+            LockMode::Exclusive if !st.consoles.is_empty() => {
+                return fail("an exclusive lock needs no other console attached")
+            }
+            LockMode::Exclusive => Access::Exclusive,
+            LockMode::Write if st.consoles.iter().any(|c| c.access.writes()) => {
+                return fail("someone else may write to it (a write lock needs no other writer)")
+            }
+            LockMode::Write => Access::Write,
+            LockMode::FreeForAll if held(Access::Write) => {
+                return fail("someone holds a write lock on it")
+            }
+            LockMode::FreeForAll => Access::FreeForAll,
+            LockMode::FreeForAllOrReadOnly if held(Access::Write) => Access::ReadOnly,
+            LockMode::FreeForAllOrReadOnly => Access::FreeForAll,
+        };
+        st.consoles.push(Console { peer, access });
         st.idle_since = None;
         drop(st);
         self.backend.console_attached(vm.record());
-        Ok(())
+        Ok(access)
+    }
+
+    /// Disconnect every console of `vm` (vSPC.py's "port clear"), telling
+    /// each why. Returns how many there were.
+    pub fn clear_consoles(&self, vm: &Vm, msg: &[u8]) -> usize {
+        let mut st = vm.lock();
+        let gone: Vec<Console> = std::mem::take(&mut st.consoles);
+        if st.active.is_none() && st.vmotion.is_none() {
+            st.idle_since.get_or_insert_with(Instant::now);
+        }
+        let name = st.name.clone();
+        drop(st);
+        for c in &gone {
+            c.peer.outbox.close(Some(Bytes::copy_from_slice(msg)));
+            self.backend.console_detached(vm.record());
+        }
+        tracing::info!(vm = %name, consoles = gone.len(), "consoles cleared");
+        gone.len()
     }
 
     /// A console of `vm` went away.
     pub fn detach_console(&self, vm: &Vm, conn: ConnId) {
         let mut st = vm.lock();
         let before = st.consoles.len();
-        st.consoles.retain(|c| c.id != conn);
+        st.consoles.retain(|c| c.peer.id != conn);
         let removed = st.consoles.len() != before;
         if st.consoles.is_empty() && st.active.is_none() && st.vmotion.is_none() {
             st.idle_since.get_or_insert_with(Instant::now);

@@ -5,7 +5,7 @@
 pub mod conn;
 pub mod tls;
 
-use crate::hub::{Hub, ListenerGuard, PortOpener, Vm};
+use crate::hub::{Access, AttachError, Hub, ListenerGuard, LockMode, PortOpener, Vm};
 use crate::session::console::ConsoleSession;
 use crate::session::vm::{VmSession, VmSessionConfig};
 use conn::{say_and_close, serve, Stream};
@@ -191,25 +191,29 @@ async fn serve_vm(hub: Arc<Hub>, cfg: ServerConfig, tcp: TcpStream, addr: Socket
 }
 
 async fn serve_console(hub: Arc<Hub>, vm: Arc<Vm>, tcp: TcpStream) {
-    let peer = hub.new_peer(hub.config().console_queue);
-    // Opening and recent context go into the outbox before the console joins
-    // the fan-out, so live output always follows them.
-    let (neg, opening) = ConsoleSession::opening();
-    peer.outbox.push_control(opening.into());
+    // Recent context first; the session queues it before joining the
+    // fan-out, so live output always follows it.
     let seed = hub.backend().seed_data(vm.record()).await;
-    if !seed.is_empty() {
-        peer.outbox
-            .push_always(crate::wire::encode::escaped(&seed).into());
+    let mut session =
+        match ConsoleSession::join(&hub, &vm, LockMode::FreeForAllOrReadOnly, Some(&seed)) {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::info!(vm = %vm.name(), "console refused: {e}");
+                let msg = match e {
+                    AttachError::Full { .. } => {
+                        format!("vspc: {e}; the VM is full, try again later.\r\n")
+                    }
+                    _ => format!("vspc: {e}.\r\n"),
+                };
+                say_and_close(tcp, msg.as_bytes()).await;
+                return;
+            }
+        };
+    if session.access() == Access::ReadOnly {
+        session.tell("vspc: someone holds a write lock on this VM; this console is read-only.\r\n");
     }
-    if let Err(e) = hub.attach_console(&vm, peer.clone()) {
-        tracing::info!(vm = %vm.name(), "console refused: {e}");
-        let msg = format!("vspc: {e}; the VM is full, try again later.\r\n");
-        say_and_close(tcp, msg.as_bytes()).await;
-        return;
-    }
-    tracing::info!(vm = %vm.name(), consoles = vm.console_count(), "console connected");
-    let outbox = peer.outbox.clone();
-    let mut session = ConsoleSession::new(hub, vm.clone(), peer, neg);
+    tracing::info!(vm = %vm.name(), consoles = vm.console_count(), access = session.access().as_str(), "console connected");
+    let outbox = session.outbox();
     serve(Stream::Tcp(tcp), &mut session, outbox, None).await;
     tracing::info!(vm = %vm.name(), "console disconnected");
 }

@@ -7,7 +7,7 @@
 //! that speak no telnet at all (socat, nc) get raw bytes.
 
 use super::{Flow, Session};
-use crate::hub::{Hub, Peer, Vm};
+use crate::hub::{Access, AttachError, Hub, LockMode, Peer, Vm};
 use crate::wire::{encode, opt, Change, Decoder, Event, Negotiator, OptionSet};
 use bytes::Bytes;
 use std::sync::Arc;
@@ -26,6 +26,9 @@ pub struct ConsoleSession {
     peer: Peer,
     decoder: Decoder,
     neg: Negotiator,
+    /// What the console was granted; a read-only console's input is
+    /// discarded.
+    access: Access,
     /// The client refused BINARY for its input: undo NVT CR NUL.
     nvt_in: bool,
     after_cr: bool,
@@ -48,25 +51,59 @@ impl ConsoleSession {
         (neg, out)
     }
 
-    /// A session for a console already attached to `vm`, with the
-    /// negotiator whose opening was sent.
-    pub fn new(hub: Arc<Hub>, vm: Arc<Vm>, peer: Peer, neg: Negotiator) -> ConsoleSession {
-        ConsoleSession {
-            hub,
-            vm,
+    /// Open a console on `vm`: queue the telnet opening (and `seed`, the
+    /// recent output, when it travels in the stream), then join the fan-out
+    /// with the lock `mode` asks for. Nothing is written to the peer until
+    /// the caller starts serving the session, so protocol answers can go
+    /// first.
+    pub fn join(
+        hub: &Arc<Hub>,
+        vm: &Arc<Vm>,
+        mode: LockMode,
+        seed: Option<&[u8]>,
+    ) -> Result<ConsoleSession, AttachError> {
+        let peer = hub.new_peer(hub.config().console_queue);
+        let (neg, opening) = ConsoleSession::opening();
+        peer.outbox.push_control(opening.into());
+        if let Some(seed) = seed.filter(|s| !s.is_empty()) {
+            peer.outbox.push_always(encode::escaped(seed).into());
+        }
+        let access = hub.attach_console(vm, peer.clone(), mode)?;
+        Ok(ConsoleSession {
+            hub: hub.clone(),
+            vm: vm.clone(),
             peer,
             decoder: Decoder::default(),
             neg,
+            access,
             nvt_in: false,
             after_cr: false,
             input: Vec::new(),
             out: Vec::new(),
             closing: false,
-        }
+        })
+    }
+
+    /// What the console was granted.
+    pub fn access(&self) -> Access {
+        self.access
+    }
+
+    /// The console's outbox (what the network layer writes out).
+    pub fn outbox(&self) -> Arc<crate::outbox::Outbox> {
+        self.peer.outbox.clone()
+    }
+
+    /// Queue a text line for this console (IAC escaped).
+    pub fn tell(&self, text: &str) {
+        self.peer
+            .outbox
+            .push_always(encode::escaped(text.as_bytes()).into());
     }
 
     fn handle(&mut self, ev: Event<'_>) {
         match ev {
+            Event::Data(_) if self.access == Access::ReadOnly => {}
             Event::Data(d) => {
                 if self.nvt_in {
                     encode::nvt_receive(d, &mut self.after_cr, &mut self.input);
