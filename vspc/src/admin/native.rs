@@ -188,13 +188,14 @@ async fn reply(tcp: &mut TcpStream, v: &Value) -> std::io::Result<()> {
 /// The next command line; `None` at end of stream or after idling too long.
 async fn read_line(tcp: &mut TcpStream, buf: &mut Vec<u8>) -> Result<Option<String>, String> {
     loop {
-        if let Some(pos) = buf.iter().position(|&b| b == b'\n') {
+        let newline = buf.iter().position(|&b| b == b'\n');
+        if newline.unwrap_or(buf.len()) > MAX_LINE {
+            return Err(format!("command line longer than {MAX_LINE} bytes"));
+        }
+        if let Some(pos) = newline {
             let line: Vec<u8> = buf.drain(..=pos).collect();
             let text = String::from_utf8_lossy(&line);
             return Ok(Some(text.trim_end_matches(['\r', '\n']).to_string()));
-        }
-        if buf.len() > MAX_LINE {
-            return Err(format!("command line longer than {MAX_LINE} bytes"));
         }
         let mut chunk = [0u8; 1024];
         match tokio::time::timeout(IDLE, tcp.read(&mut chunk)).await {
