@@ -5,7 +5,9 @@
 //! the test suite checks against real captures), and then bridges the VM's
 //! serial port to this terminal: lines typed here are the VM's output (every
 //! console sees them) and whatever consoles type is printed here. With
-//! `--echo` it behaves like a guest that echoes its input.
+//! `--echo` it behaves like a guest that echoes its input. It stays
+//! connected when its input ends (so it can run in the background) until
+//! interrupted.
 //!
 //! ```sh
 //! cargo run -p vspc-examples -- --proxy 127.0.0.1:13370 --name demo-vm --echo
@@ -73,10 +75,11 @@ async fn main() -> std::process::ExitCode {
         args.proxy
     );
     let mut lines = BufReader::new(tokio::io::stdin()).lines();
+    let mut stdin_open = true;
     let mut stdout = tokio::io::stdout();
     loop {
         tokio::select! {
-            line = lines.next_line() => match line {
+            line = lines.next_line(), if stdin_open => match line {
                 Ok(Some(line)) => {
                     let mut out = line.into_bytes();
                     out.extend_from_slice(b"\r\n");
@@ -85,8 +88,11 @@ async fn main() -> std::process::ExitCode {
                         return std::process::ExitCode::from(1);
                     }
                 }
-                Ok(None) | Err(_) => break,
+                // Without input (started with &, or </dev/null) the VM stays
+                // connected until interrupted.
+                Ok(None) | Err(_) => stdin_open = false,
             },
+            _ = tokio::signal::ctrl_c() => break,
             input = vm.recv_data(Duration::from_millis(200)) => {
                 if !input.is_empty() {
                     let _ = stdout.write_all(&input).await;
