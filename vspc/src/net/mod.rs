@@ -217,3 +217,65 @@ async fn serve_console(hub: Arc<Hub>, vm: Arc<Vm>, tcp: TcpStream) {
     serve(Stream::Tcp(tcp), &mut session, outbox, None).await;
     tracing::info!(vm = %vm.name(), "console disconnected");
 }
+
+#[cfg(test)]
+mod size_budget {
+    //! Per-connection task sizes (debug build): budgets against bloat.
+    use super::*;
+
+    #[tokio::test]
+    async fn connection_tasks_stay_small() {
+        let hub = crate::hub::Hub::new(
+            crate::hub::HubConfig {
+                port_range_start: 1,
+                vm_ports: false,
+                interface: "127.0.0.1".parse().unwrap(),
+                expire: Duration::from_secs(1),
+                vmotion_timeout: Duration::from_secs(1),
+                client_limit: None,
+                console_queue: 1 << 20,
+            },
+            crate::backend_host::Backends::spawn(vec![]).unwrap(),
+        );
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let a = TcpStream::connect(l.local_addr().unwrap()).await.unwrap();
+        let cfg = ServerConfig {
+            proxy: l.local_addr().unwrap(),
+            admin: l.local_addr().unwrap(),
+            tls: None,
+            vm: VmSessionConfig {
+                handshake_timeout: Duration::from_secs(1),
+                identify_timeout: Duration::from_secs(1),
+                multi_console: false,
+            },
+            vm_tx_rate: None,
+        };
+        let f = serve_vm(hub.clone(), cfg, a, l.local_addr().unwrap());
+        let vm_task = std::mem::size_of_val(&f);
+        assert!(
+            vm_task <= 2048,
+            "VM connection task grew to {vm_task} bytes"
+        );
+        drop(f);
+        let b = TcpStream::connect(l.local_addr().unwrap()).await.unwrap();
+        let id = crate::hub::Identity {
+            key: "k".into(),
+            uuid: "u".into(),
+            name: "n".into(),
+        };
+        let vm = hub.attach_vm(&id, hub.new_peer(10)).unwrap();
+        let f = serve_console(hub.clone(), vm.clone(), b);
+        let console_task = std::mem::size_of_val(&f);
+        assert!(
+            console_task <= 1792,
+            "console task grew to {console_task} bytes"
+        );
+        drop(f);
+        let f = accept_loop(l, "x", move |_t, _a| {});
+        let listener_task = std::mem::size_of_val(&f);
+        assert!(
+            listener_task <= 512,
+            "console listener task grew to {listener_task} bytes"
+        );
+    }
+}
