@@ -209,23 +209,25 @@ async fn write_loop(mut w: Writer, outbox: Arc<Outbox>, pace: Option<u64>) {
             Batch::Data(chunks) => chunks,
         };
         let nvt = outbox.nvt();
-        let data: &[u8] = if chunks.len() == 1 && !nvt {
-            &chunks[0]
-        } else {
+        let written = if nvt {
             scratch.clear();
             for c in &chunks {
-                if nvt {
-                    encode::nvt_cr(c, &mut cr_pending, &mut scratch);
-                } else {
-                    scratch.extend_from_slice(c);
-                }
+                encode::nvt_cr(c, &mut cr_pending, &mut scratch);
             }
-            &scratch
+            let r = w.write_all(&scratch).await;
+            r.map(|()| scratch.len())
+        } else {
+            // Several chunks (shared with other consoles) go out in one
+            // writev, without copying them together first.
+            write_chunks(&mut w, &chunks).await
         };
-        if let Err(e) = w.write_all(data).await {
-            tracing::debug!(error = %e, "write failed");
-            return;
-        }
+        let written = match written {
+            Ok(n) => n,
+            Err(e) => {
+                tracing::debug!(error = %e, "write failed");
+                return;
+            }
+        };
         if let Err(e) = w.flush().await {
             tracing::debug!(error = %e, "flush failed");
             return;
@@ -235,7 +237,7 @@ async fn write_loop(mut w: Writer, outbox: Arc<Outbox>, pace: Option<u64>) {
             if next_at < now {
                 next_at = now;
             }
-            next_at += Duration::from_secs_f64(data.len() as f64 / rate as f64);
+            next_at += Duration::from_secs_f64(written as f64 / rate as f64);
             // Boxed: only paced connections pay for a timer in their state.
             Box::pin(sleep_until(next_at)).await;
         }
@@ -243,6 +245,26 @@ async fn write_loop(mut w: Writer, outbox: Arc<Outbox>, pace: Option<u64>) {
             scratch = Vec::new();
         }
     }
+}
+
+/// Write every chunk, in order, with vectored writes; returns the bytes
+/// written.
+async fn write_chunks(w: &mut Writer, chunks: &[bytes::Bytes]) -> io::Result<usize> {
+    if let [one] = chunks {
+        w.write_all(one).await?;
+        return Ok(one.len());
+    }
+    let total = chunks.iter().map(|c| c.len()).sum();
+    let mut slices: Vec<io::IoSlice<'_>> = chunks.iter().map(|c| io::IoSlice::new(c)).collect();
+    let mut rest: &mut [io::IoSlice<'_>] = &mut slices;
+    while !rest.is_empty() {
+        let n = w.write_vectored(rest).await?;
+        if n == 0 {
+            return Err(io::ErrorKind::WriteZero.into());
+        }
+        io::IoSlice::advance_slices(&mut rest, n);
+    }
+    Ok(total)
 }
 
 /// Write `msg` to a stream that gets no session, then close it.
