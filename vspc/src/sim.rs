@@ -15,12 +15,13 @@
 //! connection at once; [`SimVm::close`] / [`SimConsole::close`] first deliver
 //! what was queued and then shut the write side down.
 
+use std::any::Any;
 use std::io;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use bytes::BytesMut;
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadHalf, WriteHalf};
 use tokio::net::{TcpStream, ToSocketAddrs};
 use tokio::sync::{mpsc, oneshot, Notify};
 use tokio::task::JoinHandle;
@@ -291,7 +292,14 @@ enum WriteCmd {
     Bytes(Vec<u8>, Option<oneshot::Sender<io::Result<()>>>),
     /// Shut the write side down (after everything queued before it).
     Shutdown(oneshot::Sender<()>),
+    /// Stop (after everything queued before it) and hand the write half
+    /// back, boxed ([`Link::detach`]).
+    Detach(oneshot::Sender<Box<dyn Any + Send>>),
 }
+
+/// A request to the reader task to stop and hand back its read half and
+/// decoder, boxed as `(R, Decoder)` ([`Link::detach`]).
+type DetachRequest = oneshot::Sender<Box<dyn Any + Send>>;
 
 /// The role-specific reactions of a simulated peer.
 trait Brain: Send + 'static {
@@ -316,6 +324,9 @@ struct Link {
     tx: mpsc::UnboundedSender<WriteCmd>,
     reader: JoinHandle<()>,
     writer: JoinHandle<()>,
+    /// Asks the reader to stop and give its half back; taken by
+    /// [`Link::detach`].
+    detach: Option<oneshot::Sender<DetachRequest>>,
 }
 
 impl Drop for Link {
@@ -332,7 +343,10 @@ fn queue(tx: &mpsc::UnboundedSender<WriteCmd>, out: &mut Vec<u8>) {
     }
 }
 
-async fn write_loop<W: AsyncWrite + Unpin>(mut wr: W, mut rx: mpsc::UnboundedReceiver<WriteCmd>) {
+async fn write_loop<W: AsyncWrite + Unpin + Send + 'static>(
+    mut wr: W,
+    mut rx: mpsc::UnboundedReceiver<WriteCmd>,
+) {
     // After the first failure every later write fails the same way.
     let mut failed: Option<(io::ErrorKind, String)> = None;
     while let Some(cmd) = rx.recv().await {
@@ -362,16 +376,31 @@ async fn write_loop<W: AsyncWrite + Unpin>(mut wr: W, mut rx: mpsc::UnboundedRec
                 }
                 let _ = ack.send(());
             }
+            WriteCmd::Detach(reply) => {
+                let _ = reply.send(Box::new(wr));
+                return;
+            }
         }
     }
 }
 
-async fn read_loop<R: AsyncRead + Unpin, B: Brain>(
+/// What woke the reader task.
+enum Wake {
+    Read(io::Result<usize>),
+    Deadline,
+    Detach(DetachRequest),
+    /// The detach sender is gone (the link is being dropped or closed).
+    NoDetach,
+}
+
+async fn read_loop<R: AsyncRead + Unpin + Send + 'static, B: Brain>(
     mut rd: R,
     mut brain: B,
     shared: Arc<Shared>,
     tx: mpsc::UnboundedSender<WriteCmd>,
+    mut detach: oneshot::Receiver<DetachRequest>,
 ) {
+    let mut detach_armed = true;
     let mut dec = Decoder::default();
     let mut buf = vec![0u8; 8 * 1024];
     let mut out = Vec::new();
@@ -379,22 +408,36 @@ async fn read_loop<R: AsyncRead + Unpin, B: Brain>(
     queue(&tx, &mut out);
     shared.lock().local_binary = brain.local_binary();
     let end = loop {
-        let read = match brain.deadline() {
-            Some(at) => tokio::select! {
-                r = rd.read(&mut buf) => Some(r),
-                _ = tokio::time::sleep_until(at) => None,
+        let deadline = brain.deadline();
+        // A disabled branch's future is still built, so it needs some instant.
+        let at = deadline.unwrap_or_else(Instant::now);
+        let wake = tokio::select! {
+            r = rd.read(&mut buf) => Wake::Read(r),
+            _ = tokio::time::sleep_until(at), if deadline.is_some() => Wake::Deadline,
+            req = &mut detach, if detach_armed => match req {
+                Ok(reply) => Wake::Detach(reply),
+                Err(_) => Wake::NoDetach,
             },
-            None => Some(rd.read(&mut buf).await),
         };
-        let n = match read {
-            None => {
+        let n = match wake {
+            Wake::Deadline => {
                 brain.on_deadline(&mut out);
                 queue(&tx, &mut out);
                 continue;
             }
-            Some(Ok(0)) => break "closed by the peer".to_string(),
-            Some(Ok(n)) => n,
-            Some(Err(e)) => break format!("read error: {e}"),
+            Wake::NoDetach => {
+                detach_armed = false;
+                continue;
+            }
+            Wake::Detach(reply) => {
+                // Every read so far is decoded and in the inbox; a command
+                // split across reads is still in the decoder, which goes too.
+                let _ = reply.send(Box::new((rd, dec)));
+                return;
+            }
+            Wake::Read(Ok(0)) => break "closed by the peer".to_string(),
+            Wake::Read(Ok(n)) => n,
+            Wake::Read(Err(e)) => break format!("read error: {e}"),
         };
         let mut data = Vec::new();
         let mut events = Vec::new();
@@ -432,14 +475,76 @@ impl Link {
         let (rd, wr) = tokio::io::split(stream);
         let shared = Arc::new(Shared::default());
         let (tx, rx) = mpsc::unbounded_channel();
+        let (detach, detach_rx) = oneshot::channel();
         let writer = tokio::spawn(write_loop(wr, rx));
-        let reader = tokio::spawn(read_loop(rd, brain, shared.clone(), tx.clone()));
+        let reader = tokio::spawn(read_loop(rd, brain, shared.clone(), tx.clone(), detach_rx));
         Link {
             shared,
             tx,
             reader,
             writer,
+            detach: Some(detach),
         }
+    }
+
+    /// Stop both tasks and take the stream back: the reader stops between
+    /// reads (after the reactions to everything it read are queued), then
+    /// the writer after writing everything queued. `S` must be the type the
+    /// link was started with.
+    async fn detach<S>(mut self) -> Result<RawConn<S>>
+    where
+        S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    {
+        let what = "the simulation to hand the stream back";
+        let closed = |link: &Link| SimError::Closed {
+            what: what.into(),
+            reason: link
+                .end_reason()
+                .unwrap_or_else(|| "the simulation's task has stopped".into()),
+        };
+        let timeout = |_| SimError::Timeout {
+            what: what.into(),
+            after: DEFAULT_TIMEOUT,
+        };
+        let wrong_type = || {
+            SimError::Unexpected(format!(
+                "into_raw::<{}>() on a connection started with another stream type",
+                std::any::type_name::<S>()
+            ))
+        };
+        let (reply, parts) = oneshot::channel();
+        let sent = self.detach.take().map(|d| d.send(reply).is_ok());
+        if sent != Some(true) {
+            return Err(closed(&self));
+        }
+        let read_parts = match tokio::time::timeout(DEFAULT_TIMEOUT, parts).await {
+            Ok(Ok(parts)) => parts,
+            Ok(Err(_)) => return Err(closed(&self)),
+            Err(e) => return Err(timeout(e)),
+        };
+        let (reply, parts) = oneshot::channel();
+        if self.tx.send(WriteCmd::Detach(reply)).is_err() {
+            return Err(closed(&self));
+        }
+        let write_half = match tokio::time::timeout(DEFAULT_TIMEOUT, parts).await {
+            Ok(Ok(parts)) => parts,
+            Ok(Err(_)) => return Err(closed(&self)),
+            Err(e) => return Err(timeout(e)),
+        };
+        let (rd, decoder) = *read_parts
+            .downcast::<(ReadHalf<S>, Decoder)>()
+            .map_err(|_| wrong_type())?;
+        let wr = *write_half
+            .downcast::<WriteHalf<S>>()
+            .map_err(|_| wrong_type())?;
+        let mut inbox = self.shared.lock();
+        Ok(RawConn {
+            stream: rd.unsplit(wr),
+            data: inbox.data.split().to_vec(),
+            decoder,
+            events: std::mem::take(&mut inbox.events),
+            binary: inbox.local_binary,
+        })
     }
 
     /// Write `bytes` in one `write_all` after everything queued before;
@@ -465,6 +570,14 @@ impl Link {
         }
         self.reader.abort();
         self.writer.abort();
+    }
+
+    /// Deliver what is queued and shut the write side down; reading goes on.
+    async fn shutdown_write(&self) {
+        let (ack, done) = oneshot::channel();
+        if self.tx.send(WriteCmd::Shutdown(ack)).is_ok() {
+            let _ = tokio::time::timeout(DEFAULT_TIMEOUT, done).await;
+        }
     }
 
     /// Wait until `check` gives an answer, re-checking after every batch the
@@ -583,6 +696,28 @@ fn check_end<T>(inbox: &Inbox, what: &str) -> Option<Result<T>> {
             reason: reason.clone(),
         })
     })
+}
+
+/// A connection taken out of the simulation after its handshake
+/// ([`SimVm::into_raw`], [`SimConsole::into_raw`]), for raw high-rate I/O:
+/// the caller now reads and writes the telnet stream itself.
+#[derive(Debug)]
+pub struct RawConn<S> {
+    /// The stream, positioned after everything the simulation read and
+    /// wrote.
+    pub stream: S,
+    /// Data bytes received but not taken by any read call (IAC unescaped);
+    /// they come before whatever `stream` yields next.
+    pub data: Vec<u8>,
+    /// The telnet decoder to go on with: a command may have been split
+    /// across the last read.
+    pub decoder: Decoder,
+    /// Every command received, in order.
+    pub events: Vec<Received>,
+    /// Whether we send in BINARY mode (a console that agreed to DO BINARY;
+    /// always false for a VM). Without it, a CR not followed by LF must
+    /// be sent as CR NUL.
+    pub binary: bool,
 }
 
 // ---------------------------------------------------------------------------
@@ -977,6 +1112,29 @@ impl SimVm {
     pub async fn close(self) {
         self.link.close().await;
     }
+
+    /// Stop simulating and take the connection back, for raw I/O after the
+    /// handshake: whatever was queued is written first, and data already
+    /// received comes along ([`RawConn`]). From then on nothing answers the
+    /// proxy's questions. `S` is the stream type the VM was started with
+    /// (`TcpStream` for the `connect*` constructors); another type is
+    /// [`SimError::Unexpected`]. Fails with [`SimError::Closed`] if the
+    /// connection has already ended.
+    pub async fn into_raw<S>(self) -> Result<RawConn<S>>
+    where
+        S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    {
+        self.link.detach().await
+    }
+
+    /// Deliver what is queued, shut the write side down (the proxy reads
+    /// EOF after the last byte sent) and wait up to `timeout` for the proxy
+    /// to close its side, which proves it has read everything. Console input
+    /// arriving meanwhile stays readable ([`SimVm::recv_data`]).
+    pub async fn hang_up(&self, timeout: Duration) -> Result<()> {
+        self.link.shutdown_write().await;
+        self.wait_closed(timeout).await
+    }
 }
 
 // ---------------------------------------------------------------------------
@@ -1146,6 +1304,16 @@ impl SimConsole {
     /// Deliver what is queued, then close the connection.
     pub async fn close(self) {
         self.link.close().await;
+    }
+
+    /// Stop simulating and take the connection back, for raw I/O after the
+    /// negotiation; see [`SimVm::into_raw`]. [`RawConn::binary`] says
+    /// whether input must follow NVT rules.
+    pub async fn into_raw<S>(self) -> Result<RawConn<S>>
+    where
+        S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    {
+        self.link.detach().await
     }
 }
 
@@ -1560,6 +1728,66 @@ mod tests {
             c.read_exact_data(1, T).await,
             Err(SimError::Closed { .. })
         ));
+    }
+
+    #[tokio::test]
+    async fn into_raw_hands_over_buffered_data_and_the_stream() {
+        let (l, addr) = listen().await;
+        let server = tokio::spawn(async move {
+            let (mut s, _) = l.accept().await.unwrap();
+            s.write_all(b"\xff\xfb\x00\xff\xfd\x00early").await.unwrap();
+            let mut got = [0u8; 6];
+            // The console's answers, then what it sends raw.
+            s.read_exact(&mut got).await.unwrap();
+            assert_eq!(&got, b"\xff\xfd\x00\xff\xfb\x00");
+            s.write_all(b"late\xff\xff!").await.unwrap();
+            let mut typed = [0u8; 3];
+            s.read_exact(&mut typed).await.unwrap();
+            typed
+        });
+        let c = SimConsole::connect(addr).await.unwrap();
+        c.link
+            .wait_until(T, "early data", |inbox| {
+                (inbox.data.len() >= 5).then_some(Ok(()))
+            })
+            .await
+            .unwrap();
+        let mut raw = c.into_raw::<TcpStream>().await.unwrap();
+        assert_eq!(raw.data, b"early");
+        assert!(raw.binary);
+        assert!(raw
+            .events
+            .contains(&Received::Negotiate(Verb::Will, opt::BINARY)));
+        raw.stream.write_all(b"raw").await.unwrap();
+        let mut buf = [0u8; 16];
+        let mut data = Vec::new();
+        while data.len() < 6 {
+            let n = raw.stream.read(&mut buf).await.unwrap();
+            assert!(n > 0);
+            raw.decoder
+                .decode(&buf[..n], |ev| {
+                    if let Event::Data(d) = ev {
+                        data.extend_from_slice(d);
+                    }
+                })
+                .unwrap();
+        }
+        assert_eq!(data, b"late\xff!");
+        assert_eq!(&server.await.unwrap(), b"raw");
+    }
+
+    #[tokio::test]
+    async fn into_raw_with_the_wrong_stream_type_is_an_error() {
+        let (l, addr) = listen().await;
+        tokio::spawn(async move {
+            let (s, _) = l.accept().await.unwrap();
+            tokio::time::sleep(T).await;
+            drop(s);
+        });
+        let stream = TcpStream::connect(addr).await.unwrap();
+        let c = SimConsole::start(stream, &ConsoleOptions::default());
+        let err = c.into_raw::<tokio::io::DuplexStream>().await.unwrap_err();
+        assert!(matches!(err, SimError::Unexpected(_)), "{err}");
     }
 
     #[test]

@@ -26,6 +26,13 @@ use tokio::sync::watch;
 use tokio::task::JoinSet;
 use vspc::sim::{self, ConsoleOptions, Identity, Role, SimConsole, SimVm, VmOptions};
 
+mod churn;
+mod fanout;
+mod latency;
+mod relay;
+mod simulate;
+mod soak;
+
 /// Descriptors a process needs besides the per-VM ones (runtime, listeners,
 /// log file, admin queries, slack).
 const FD_SLACK: u64 = 64;
@@ -64,6 +71,24 @@ enum Mode {
     /// Connect N simulated VMs and C consoles per VM; measure the attach
     /// times and the daemon's memory, descriptors and CPU.
     Attach(AttachArgs),
+    /// Simulate N ESXi VMs against an existing concentrator (echo, stream,
+    /// vMotion) until Ctrl-C or --duration.
+    Sim(simulate::SimArgs),
+    /// Connect/attach/exchange/disconnect cycles; the daemon's descriptors
+    /// and memory before and after.
+    Churn(churn::ChurnArgs),
+    /// Long run: streaming VMs, verifying consoles, random reconnects and
+    /// vMotions; every byte checked.
+    Soak(soak::SoakArgs),
+    /// Fan-out throughput: N VMs stream to C consoles each through the
+    /// daemon, then the same through a bare TCP relay; the ratio.
+    Fanout(fanout::FanoutArgs),
+    /// Console round trip through an echoing VM while other VMs stream at
+    /// serial-port rate.
+    Latency(latency::LatencyArgs),
+    /// The bare TCP relay `fanout` compares against (a child process).
+    #[command(hide = true)]
+    RelayServer(relay::RelayArgs),
 }
 
 #[derive(Args)]
@@ -133,6 +158,12 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.mode {
         Mode::Attach(args) => attach(args),
+        Mode::Sim(args) => simulate::run(args),
+        Mode::Churn(args) => churn::run(args),
+        Mode::Soak(args) => soak::run(args),
+        Mode::Fanout(args) => fanout::run(args),
+        Mode::Latency(args) => latency::run(args),
+        Mode::RelayServer(args) => relay::serve(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -733,6 +764,11 @@ struct Spawned {
 
 impl Spawned {
     fn start(path: &Path, base: u16) -> Result<Spawned, String> {
+        Spawned::start_with(path, base, &[])
+    }
+
+    /// [`Spawned::start`] with more daemon flags.
+    fn start_with(path: &Path, base: u16, extra: &[&str]) -> Result<Spawned, String> {
         if !path.is_file() {
             return Err(format!(
                 "no vspc daemon at {} (build it with `cargo build -p vspc --bins`, or pass --vspc PATH)",
@@ -759,6 +795,7 @@ impl Spawned {
         let child = Command::new(path)
             .args(["--proxy-iface", "127.0.0.1", "--proxy-port", &ports[0]])
             .args(["--admin-port", &ports[1], "-r", &ports[2]])
+            .args(extra)
             // vSPC.py's environment settings would change what is measured.
             .env_remove("SUPPORT_MULTI_CONSOLE")
             .env_remove("VM_CLIENT_LIMIT")
