@@ -1,0 +1,24 @@
+//! `config::shell_words` (the native admin protocol's line splitter): never
+//! panics, and its words, re-quoted, split back to the same words.
+#![no_main]
+
+use libfuzzer_sys::fuzz_target;
+use vspc::config::shell_words;
+
+fn quote(w: &str) -> String {
+    let mut q = String::from("\"");
+    for c in w.chars() {
+        if c == '"' || c == '\\' {
+            q.push('\\');
+        }
+        q.push(c);
+    }
+    q.push('"');
+    q
+}
+
+fuzz_target!(|line: &str| {
+    let words = shell_words(line);
+    let requoted: Vec<String> = words.iter().map(|w| quote(w)).collect();
+    assert_eq!(shell_words(&requoted.join(" ")), words);
+});
