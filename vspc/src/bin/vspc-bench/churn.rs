@@ -130,18 +130,7 @@ where
             daemon.remove_dir();
             Ok(())
         }
-        Err(Failure::Error(msg)) => {
-            let exited = daemon.exited();
-            daemon.kill();
-            let why = match exited {
-                Some(status) => match daemon.last_log_line() {
-                    Some(line) => format!("; the daemon exited ({status}), its last words: {line}"),
-                    None => format!("; the daemon exited ({status})"),
-                },
-                None => String::new(),
-            };
-            Err(format!("{msg}{why} (daemon log: {})", daemon.log.display()).into())
-        }
+        Err(Failure::Error(msg)) => Err(daemon.fail(&msg).into()),
         Err(Failure::Interrupted) => {
             daemon.kill();
             daemon.remove_dir();

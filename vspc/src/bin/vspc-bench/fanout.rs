@@ -246,18 +246,7 @@ pub(crate) fn conclude<T>(result: Result<T, Failure>, mut child: Spawned) -> Res
             child.remove_dir();
             Ok(v)
         }
-        Err(Failure::Error(msg)) => {
-            let exited = child.exited();
-            child.kill();
-            let why = match exited {
-                Some(status) => match child.last_log_line() {
-                    Some(line) => format!("; it exited ({status}), its last words: {line}"),
-                    None => format!("; it exited ({status})"),
-                },
-                None => String::new(),
-            };
-            Err(format!("{msg}{why} (log: {})", child.log.display()).into())
-        }
+        Err(Failure::Error(msg)) => Err(child.fail(&msg).into()),
         Err(Failure::Interrupted) => {
             child.kill();
             child.remove_dir();

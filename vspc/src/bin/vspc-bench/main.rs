@@ -293,18 +293,7 @@ fn attach(args: AttachArgs) -> Result<(), Failure> {
             Ok(())
         }
         (Ok(()), None) => Ok(()),
-        (Err(Failure::Error(msg)), Some(mut daemon)) => {
-            let exited = daemon.exited();
-            daemon.kill();
-            let why = match exited {
-                Some(status) => match daemon.last_log_line() {
-                    Some(line) => format!("; the daemon exited ({status}), its last words: {line}"),
-                    None => format!("; the daemon exited ({status})"),
-                },
-                None => String::new(),
-            };
-            Err(format!("{msg}{why} (daemon log: {})", daemon.log.display()).into())
-        }
+        (Err(Failure::Error(msg)), Some(mut daemon)) => Err(daemon.fail(&msg).into()),
         (Err(Failure::Interrupted), Some(mut daemon)) => {
             daemon.kill();
             daemon.remove_dir();
@@ -816,6 +805,21 @@ impl Spawned {
     }
 
     /// The exit status, if the daemon has exited.
+    /// Kill the process and turn `msg` into the bench's error, saying
+    /// whether the process had died and with what last log line.
+    pub(crate) fn fail(&mut self, msg: &str) -> String {
+        let exited = self.exited();
+        self.kill();
+        let why = match exited {
+            Some(status) => match self.last_log_line() {
+                Some(line) => format!("; it exited ({status}), its last words: {line}"),
+                None => format!("; it exited ({status})"),
+            },
+            None => String::new(),
+        };
+        format!("{msg}{why} (log: {})", self.log.display())
+    }
+
     fn exited(&mut self) -> Option<String> {
         match self.child.try_wait() {
             Ok(Some(status)) => Some(status.to_string()),
