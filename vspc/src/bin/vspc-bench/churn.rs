@@ -8,7 +8,6 @@
 //! as a difference.
 
 use std::future::Future;
-use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -19,8 +18,8 @@ use tokio::sync::{watch, Mutex};
 use vspc::sim::{self, ConsoleOptions, Identity, Role, SimConsole, SimVm, VmOptions};
 
 use super::{
-    check_ports, default_daemon, fd_count, pool, round, rss_kib, stopped, wait_ready,
-    watch_signals, Failure, Spawned, Target, STEP_WAIT,
+    fd_count, pool, round, rss_kib, stopped, wait_ready, watch_signals, DaemonOpts, Failure,
+    Target, STEP_WAIT,
 };
 
 /// Pause after the listing is empty, before the final readings.
@@ -32,6 +31,9 @@ const PEAK_EVERY: Duration = Duration::from_millis(100);
 
 #[derive(Args)]
 pub(crate) struct ChurnArgs {
+    #[command(flatten)]
+    daemon: DaemonOpts,
+
     /// Connect/attach/exchange/disconnect cycles.
     #[arg(long, value_name = "K", default_value_t = 10_000,
           value_parser = clap::value_parser!(u32).range(1..))]
@@ -41,15 +43,6 @@ pub(crate) struct ChurnArgs {
     #[arg(long, value_name = "W", default_value_t = 32,
           value_parser = clap::value_parser!(u32).range(1..=4096))]
     parallel: u32,
-
-    /// The daemon to start [default: `vspc` next to this executable].
-    #[arg(long, value_name = "PATH")]
-    vspc: Option<PathBuf>,
-
-    /// Ports of the started daemon: proxy P, admin P+1, consoles from P+2.
-    #[arg(long, value_name = "P", default_value_t = 20000,
-          value_parser = clap::value_parser!(u16).range(1..))]
-    base_port: u16,
 }
 
 /// The JSON line of the churn mode.
@@ -72,8 +65,8 @@ struct ChurnReport {
 pub(crate) fn run(args: ChurnArgs) -> Result<(), Failure> {
     let identities = args.parallel * 4;
     let extra = ["--vm-expire-time", "1"];
-    let (vspc, base) = (args.vspc.clone(), args.base_port);
-    with_daemon(vspc, base, identities, &extra, move |target, _stop| {
+    let opts = args.daemon.clone();
+    with_daemon(&opts, identities, &extra, move |target, _stop| {
         churn(args, target)
     })
 }
@@ -84,8 +77,7 @@ pub(crate) fn run(args: ChurnArgs) -> Result<(), Failure> {
 /// everything down on every way out, as `attach` does. `body` gets a
 /// receiver that turns true at SIGINT/SIGTERM; the run also ends then.
 pub(crate) fn with_daemon<F, Fut>(
-    vspc: Option<PathBuf>,
-    base: u16,
+    opts: &DaemonOpts,
     console_ports: u32,
     extra: &[&str],
     body: F,
@@ -104,18 +96,7 @@ where
         let _enter = rt.enter();
         watch_signals()?
     };
-    check_ports(base, console_ports, &rt)?;
-    let path = match vspc {
-        Some(p) => p,
-        None => default_daemon()?,
-    };
-    let mut daemon = Spawned::start_with(&path, base, extra)?;
-    let target = Target {
-        pid: daemon.child.id(),
-        proxy: (std::net::Ipv4Addr::LOCALHOST, base).into(),
-        admin: (std::net::Ipv4Addr::LOCALHOST, base + 1).into(),
-        console_ip: std::net::Ipv4Addr::LOCALHOST.into(),
-    };
+    let (mut daemon, target) = opts.start(console_ports, extra, &rt)?;
     let result = rt.block_on(async {
         wait_ready(target, Some(&mut daemon)).await?;
         tokio::select! {

@@ -17,7 +17,7 @@
 //! run of data.
 
 use std::net::{Ipv4Addr, SocketAddr};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -33,8 +33,8 @@ use vspc::sim::{ConsoleOptions, RawConn, Role, SimConsole, SimVm, VmOptions};
 use vspc::wire::{Decoder, Event};
 
 use super::{
-    check_ports, cpu_s, default_daemon, identity, pool, round, stopped, wait_listed, wait_ready,
-    watch_signals, Failure, Spawned, Target, FD_SLACK, PROGRESS_EVERY, STEP_WAIT,
+    cpu_s, identity, pool, round, stopped, wait_listed, wait_ready, watch_signals, DaemonOpts,
+    Failure, Spawned, Target, FD_SLACK, PROGRESS_EVERY, STEP_WAIT,
 };
 
 /// The pattern's period: a prime, so whole-chunk losses never line up.
@@ -46,6 +46,9 @@ const SHOW: usize = 48;
 
 #[derive(Args)]
 pub struct FanoutArgs {
+    #[command(flatten)]
+    daemon: DaemonOpts,
+
     /// VMs sending.
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..=100_000))]
     vms: u32,
@@ -58,20 +61,6 @@ pub struct FanoutArgs {
     /// Bytes each VM sends.
     #[arg(long, value_name = "B", value_parser = clap::value_parser!(u64).range(1..))]
     bytes_per_vm: u64,
-
-    /// Ports: the daemon's proxy P, admin P+1, consoles from P+2 (below the
-    /// ephemeral range); the relay's VM port P, console port P+1.
-    #[arg(long, value_name = "P", default_value_t = 20000,
-          value_parser = clap::value_parser!(u16).range(1..))]
-    base_port: u16,
-
-    /// The daemon [default: `vspc` next to this executable].
-    #[arg(long, value_name = "PATH")]
-    vspc: Option<PathBuf>,
-
-    /// One more daemon flag (repeatable), e.g. `--daemon-arg=--console-queue=8388608`.
-    #[arg(long, value_name = "ARG", allow_hyphen_values = true)]
-    daemon_arg: Vec<String>,
 
     /// Size of each VM write.
     #[arg(long, value_name = "BYTES", default_value_t = 64 * 1024,
@@ -146,22 +135,10 @@ pub fn run(args: FanoutArgs) -> Result<(), Failure> {
         let _enter = rt.enter();
         watch_signals()?
     };
-    check_ports(args.base_port, args.vms, &rt)?;
-    let path = match &args.vspc {
-        Some(p) => p.clone(),
-        None => default_daemon()?,
-    };
     let pattern = Arc::new(Pattern::new());
 
     // Phase 1: the daemon.
-    let extra: Vec<&str> = args.daemon_arg.iter().map(String::as_str).collect();
-    let mut daemon = Spawned::start_with(&path, args.base_port, &extra)?;
-    let target = Target {
-        pid: daemon.child.id(),
-        proxy: SocketAddr::from((Ipv4Addr::LOCALHOST, args.base_port)),
-        admin: SocketAddr::from((Ipv4Addr::LOCALHOST, args.base_port + 1)),
-        console_ip: Ipv4Addr::LOCALHOST.into(),
-    };
+    let (mut daemon, target) = args.daemon.start(args.vms, &[], &rt)?;
     let result = rt.block_on(async {
         tokio::select! {
             r = vspc_phase(&args, target, &mut daemon, pattern.clone()) => r,
@@ -174,7 +151,7 @@ pub fn run(args: FanoutArgs) -> Result<(), Failure> {
     let relay = if args.no_relay {
         None
     } else {
-        let mut relay = spawn_relay(args.base_port)?;
+        let mut relay = spawn_relay(args.daemon.base_port)?;
         let pid = relay.child.id();
         let result = rt.block_on(async {
             tokio::select! {
@@ -781,8 +758,8 @@ async fn relay_phase(
     relay: &mut Spawned,
     pattern: Arc<Pattern>,
 ) -> Result<Phase, Failure> {
-    let vm_addr = SocketAddr::from((Ipv4Addr::LOCALHOST, args.base_port));
-    let console_addr = SocketAddr::from((Ipv4Addr::LOCALHOST, args.base_port + 1));
+    let vm_addr = SocketAddr::from((Ipv4Addr::LOCALHOST, args.daemon.base_port));
+    let console_addr = SocketAddr::from((Ipv4Addr::LOCALHOST, args.daemon.base_port + 1));
     let start = Instant::now();
     loop {
         if relay.exited().is_some() {

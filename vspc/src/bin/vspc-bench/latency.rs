@@ -10,8 +10,6 @@
 //! single-threaded runtime), so the background tasks of the bench do not
 //! queue ahead of them.
 
-use std::net::{Ipv4Addr, SocketAddr};
-use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -28,12 +26,15 @@ use super::fanout::{
     RawConsole, Verifier,
 };
 use super::{
-    check_ports, cpu_s, default_daemon, round, stopped, wait_ready, watch_signals, Failure,
-    Spawned, Target, STEP_WAIT,
+    cpu_s, round, stopped, wait_ready, watch_signals, DaemonOpts, Failure, Spawned, Target,
+    STEP_WAIT,
 };
 
 #[derive(Args)]
 pub struct LatencyArgs {
+    #[command(flatten)]
+    daemon: DaemonOpts,
+
     /// VMs, one console each: one echoes, the others stream.
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..=100_000))]
     vms: u32,
@@ -67,19 +68,6 @@ pub struct LatencyArgs {
     /// Streaming runs this long before the first round trip.
     #[arg(long, value_name = "MS", default_value_t = 1000)]
     ramp_ms: u64,
-
-    /// Ports of the daemon: proxy P, admin P+1, consoles from P+2.
-    #[arg(long, value_name = "P", default_value_t = 20000,
-          value_parser = clap::value_parser!(u16).range(1..))]
-    base_port: u16,
-
-    /// The daemon [default: `vspc` next to this executable].
-    #[arg(long, value_name = "PATH")]
-    vspc: Option<PathBuf>,
-
-    /// One more daemon flag (repeatable).
-    #[arg(long, value_name = "ARG", allow_hyphen_values = true)]
-    daemon_arg: Vec<String>,
 
     /// Handshakes (and console negotiations) in flight at once.
     #[arg(long, value_name = "K", default_value_t = 256,
@@ -115,19 +103,7 @@ pub fn run(args: LatencyArgs) -> Result<(), Failure> {
         let _enter = rt.enter();
         watch_signals()?
     };
-    check_ports(args.base_port, args.vms, &rt)?;
-    let path = match &args.vspc {
-        Some(p) => p.clone(),
-        None => default_daemon()?,
-    };
-    let extra: Vec<&str> = args.daemon_arg.iter().map(String::as_str).collect();
-    let mut daemon = Spawned::start_with(&path, args.base_port, &extra)?;
-    let target = Target {
-        pid: daemon.child.id(),
-        proxy: SocketAddr::from((Ipv4Addr::LOCALHOST, args.base_port)),
-        admin: SocketAddr::from((Ipv4Addr::LOCALHOST, args.base_port + 1)),
-        console_ip: Ipv4Addr::LOCALHOST.into(),
-    };
+    let (mut daemon, target) = args.daemon.start(args.vms, &[], &rt)?;
     let result = rt.block_on(async {
         tokio::select! {
             r = measure(&args, target, &mut daemon) => r,

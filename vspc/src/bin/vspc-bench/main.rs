@@ -181,6 +181,54 @@ fn main() -> ExitCode {
 // ---------------------------------------------------------------------------
 // attach
 
+/// Which daemon a mode starts, on which ports, with which extra flags
+/// (shared by the modes that start their own daemon).
+#[derive(Args, Clone, Debug)]
+pub(crate) struct DaemonOpts {
+    /// The daemon to start [default: `vspc` next to this executable].
+    #[arg(long, value_name = "PATH")]
+    pub(crate) vspc: Option<PathBuf>,
+
+    /// Ports of the started daemon: proxy P, admin P+1, consoles from P+2
+    /// (below the ephemeral range); fanout's relay uses P and P+1 too.
+    #[arg(long, value_name = "P", default_value_t = 20000,
+          value_parser = clap::value_parser!(u16).range(1..))]
+    pub(crate) base_port: u16,
+
+    /// One more daemon flag (repeatable), e.g.
+    /// `--daemon-arg=--console-queue=8388608`.
+    #[arg(long, value_name = "ARG", allow_hyphen_values = true)]
+    pub(crate) daemon_arg: Vec<String>,
+}
+
+impl DaemonOpts {
+    /// Check that `console_ports` ports from P+2 are free and below the
+    /// ephemeral range, then start the daemon with `extra` flags and the
+    /// `--daemon-arg`s.
+    pub(crate) fn start(
+        &self,
+        console_ports: u32,
+        extra: &[&str],
+        rt: &tokio::runtime::Runtime,
+    ) -> Result<(Spawned, Target), Failure> {
+        check_ports(self.base_port, console_ports, rt)?;
+        let path = match &self.vspc {
+            Some(p) => p.clone(),
+            None => default_daemon()?,
+        };
+        let mut flags: Vec<&str> = extra.to_vec();
+        flags.extend(self.daemon_arg.iter().map(String::as_str));
+        let daemon = Spawned::start_with(&path, self.base_port, &flags)?;
+        let target = Target {
+            pid: daemon.child.id(),
+            proxy: SocketAddr::from((Ipv4Addr::LOCALHOST, self.base_port)),
+            admin: SocketAddr::from((Ipv4Addr::LOCALHOST, self.base_port + 1)),
+            console_ip: Ipv4Addr::LOCALHOST.into(),
+        };
+        Ok((daemon, target))
+    }
+}
+
 /// The daemon being measured.
 #[derive(Clone, Copy)]
 struct Target {

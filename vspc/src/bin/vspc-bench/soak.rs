@@ -25,7 +25,6 @@
 //! record while everything is connected and quiet, which must arrive, and
 //! must have received its VM's stream up to the last byte sent.
 
-use std::path::PathBuf;
 use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -39,7 +38,9 @@ use vspc::sim::{self, ConsoleOptions, Role, SimConsole, SimVm, VmOptions};
 
 use super::churn::with_daemon;
 use super::simulate::{vmotion, Rng};
-use super::{identity, pool, round, rss_kib, stopped, wait_listed, Failure, Target, STEP_WAIT};
+use super::{
+    identity, pool, round, rss_kib, stopped, wait_listed, DaemonOpts, Failure, Target, STEP_WAIT,
+};
 
 /// Daemon RSS sampling period.
 const SAMPLE_EVERY: Duration = Duration::from_secs(10);
@@ -56,6 +57,9 @@ const RECONNECT_TRIES: u32 = 5;
 
 #[derive(Args)]
 pub(crate) struct SoakArgs {
+    #[command(flatten)]
+    daemon: DaemonOpts,
+
     /// Seconds of random traffic, reconnects and vMotions.
     #[arg(long, value_name = "SECS", value_parser = clap::value_parser!(u64).range(1..))]
     duration: u64,
@@ -77,15 +81,6 @@ pub(crate) struct SoakArgs {
     #[arg(long, value_name = "SECS", default_value_t = 20,
           value_parser = clap::value_parser!(u64).range(1..))]
     action_every: u64,
-
-    /// The daemon to start [default: `vspc` next to this executable].
-    #[arg(long, value_name = "PATH")]
-    vspc: Option<PathBuf>,
-
-    /// Ports of the started daemon: proxy P, admin P+1, consoles from P+2.
-    #[arg(long, value_name = "P", default_value_t = 20000,
-          value_parser = clap::value_parser!(u16).range(1..))]
-    base_port: u16,
 }
 
 /// The JSON line of the soak mode.
@@ -159,8 +154,8 @@ const QUIESCE: u8 = 1;
 const FINAL: u8 = 2;
 
 pub(crate) fn run(args: SoakArgs) -> Result<(), Failure> {
-    let (vspc, base, vms) = (args.vspc.clone(), args.base_port, args.vms);
-    with_daemon(vspc, base, vms, &[], move |target, stop| {
+    let (opts, vms) = (args.daemon.clone(), args.vms);
+    with_daemon(&opts, vms, &[], move |target, stop| {
         soak(args, target, stop)
     })
 }
