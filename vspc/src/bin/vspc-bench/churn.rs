@@ -18,7 +18,7 @@ use tokio::sync::{watch, Mutex};
 use vspc::sim::{self, ConsoleOptions, Identity, Role, SimConsole, SimVm, VmOptions};
 
 use super::{
-    fd_count, pool, round, rss_kib, stopped, wait_ready, watch_signals, DaemonOpts, Failure,
+    fd_count, pool, round, rss_kib, runtime_with_signals, stopped, wait_ready, DaemonOpts, Failure,
     Target, STEP_WAIT,
 };
 
@@ -88,14 +88,7 @@ where
 {
     rlimit::increase_nofile_limit(u64::MAX)
         .map_err(|e| format!("cannot raise the open-files limit: {e}"))?;
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .map_err(|e| format!("cannot start the async runtime: {e}"))?;
-    let stop = {
-        let _enter = rt.enter();
-        watch_signals()?
-    };
+    let (rt, stop) = runtime_with_signals()?;
     let (mut daemon, target) = opts.start(console_ports, extra, &rt)?;
     let result = rt.block_on(async {
         wait_ready(target, Some(&mut daemon)).await?;

@@ -33,8 +33,8 @@ use vspc::sim::{ConsoleOptions, RawConn, Role, SimConsole, SimVm, VmOptions};
 use vspc::wire::{Decoder, Event};
 
 use super::{
-    cpu_s, identity, pool, round, stopped, wait_listed, wait_ready, watch_signals, DaemonOpts,
-    Failure, Spawned, Target, FD_SLACK, PROGRESS_EVERY, STEP_WAIT,
+    cpu_s, identity, pool, round, runtime_with_signals, stopped, wait_listed, wait_ready,
+    DaemonOpts, Failure, Spawned, Target, FD_SLACK, PROGRESS_EVERY, STEP_WAIT,
 };
 
 /// The pattern's period: a prime, so whole-chunk losses never line up.
@@ -130,11 +130,7 @@ struct Phase {
 pub fn run(args: FanoutArgs) -> Result<(), Failure> {
     let (n, c) = (u64::from(args.vms), u64::from(args.consoles));
     check_fds(n, c, u64::from(args.in_flight))?;
-    let rt = runtime()?;
-    let stop = {
-        let _enter = rt.enter();
-        watch_signals()?
-    };
+    let (rt, stop) = runtime_with_signals()?;
     let pattern = Arc::new(Pattern::new());
 
     // Phase 1: the daemon.
@@ -204,13 +200,6 @@ pub(crate) fn check_fds(n: u64, c: u64, in_flight: u64) -> Result<(), String> {
         ));
     }
     Ok(())
-}
-
-pub(crate) fn runtime() -> Result<tokio::runtime::Runtime, String> {
-    tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .map_err(|e| format!("cannot start the async runtime: {e}"))
 }
 
 /// Kill a child the bench started (daemon or relay) and pass the result

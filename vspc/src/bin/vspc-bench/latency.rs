@@ -22,11 +22,11 @@ use tokio::task::JoinSet;
 use vspc::wire::{encode, Decoder, Event};
 
 use super::fanout::{
-    attach_raw, check_fds, conclude, peak_rss_kib, runtime, splitmix64, verify_console, Pattern,
-    RawConsole, Verifier,
+    attach_raw, check_fds, conclude, peak_rss_kib, splitmix64, verify_console, Pattern, RawConsole,
+    Verifier,
 };
 use super::{
-    cpu_s, round, stopped, wait_ready, watch_signals, DaemonOpts, Failure, Spawned, Target,
+    cpu_s, round, runtime_with_signals, stopped, wait_ready, DaemonOpts, Failure, Spawned, Target,
     STEP_WAIT,
 };
 
@@ -98,11 +98,7 @@ struct LatencyReport {
 
 pub fn run(args: LatencyArgs) -> Result<(), Failure> {
     check_fds(u64::from(args.vms), 1, u64::from(args.in_flight))?;
-    let rt = runtime()?;
-    let stop = {
-        let _enter = rt.enter();
-        watch_signals()?
-    };
+    let (rt, stop) = runtime_with_signals()?;
     let (mut daemon, target) = args.daemon.start(args.vms, &[], &rt)?;
     let result = rt.block_on(async {
         tokio::select! {

@@ -271,14 +271,7 @@ fn attach(args: AttachArgs) -> Result<(), Failure> {
         .into());
     }
 
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .map_err(|e| format!("cannot start the async runtime: {e}"))?;
-    let stop = {
-        let _enter = rt.enter();
-        watch_signals()?
-    };
+    let (rt, stop) = runtime_with_signals()?;
 
     let mut spawned = None;
     let target = match args.attach_to {
@@ -908,6 +901,25 @@ impl Drop for Spawned {
 
 // ---------------------------------------------------------------------------
 // Signals.
+
+/// The multi-threaded runtime every mode runs on.
+pub(crate) fn runtime() -> Result<tokio::runtime::Runtime, String> {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| format!("cannot start the async runtime: {e}"))
+}
+
+/// The runtime plus a receiver that turns true at SIGINT/SIGTERM.
+pub(crate) fn runtime_with_signals(
+) -> Result<(tokio::runtime::Runtime, watch::Receiver<bool>), Failure> {
+    let rt = runtime()?;
+    let stop = {
+        let _enter = rt.enter();
+        watch_signals()?
+    };
+    Ok((rt, stop))
+}
 
 /// A receiver that turns true at the first SIGINT or SIGTERM. Must be
 /// called inside the runtime.

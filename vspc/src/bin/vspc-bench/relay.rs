@@ -43,10 +43,7 @@ pub struct RelayArgs {
 type Waiting = Arc<Mutex<HashMap<u32, Vec<TcpStream>>>>;
 
 pub fn serve(args: RelayArgs) -> Result<(), Failure> {
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .map_err(|e| format!("relay: cannot start the async runtime: {e}"))?;
+    let rt = super::runtime().map_err(|e| format!("relay: {e}"))?;
     let result = rt.block_on(async {
         let bind = |port: u16| async move {
             TcpListener::bind(SocketAddr::from((Ipv4Addr::LOCALHOST, port)))

@@ -150,10 +150,7 @@ pub(crate) fn run(args: SimArgs) -> Result<(), Failure> {
         )
         .into());
     }
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .map_err(|e| format!("cannot start the async runtime: {e}"))?;
+    let rt = super::runtime()?;
     let result = rt.block_on(simulate(args));
     rt.shutdown_background();
     result
