@@ -12,7 +12,8 @@ use proptest::sample::Index;
 use vspc::admin::pickle::{self, PickleError, Value};
 use vspc::config::shell_words;
 use vspc::vmware::{code, Msg};
-use vspc::wire::{encode, opt, DecodeError, Decoder, Event, Malformed, Verb, IAC, SE};
+use vspc::wire::OwnedEvent as Ev;
+use vspc::wire::{encode, opt, DecodeError, Decoder, Event, Verb, IAC, SE};
 
 const CASES: u32 = 256;
 
@@ -26,16 +27,6 @@ fn config() -> ProptestConfig {
 // ---------------------------------------------------------------------------
 // Helpers
 // ---------------------------------------------------------------------------
-
-/// Owned copy of a decoder event.
-#[derive(Debug, Clone, PartialEq, Eq)]
-enum Ev {
-    Data(Vec<u8>),
-    Neg(Verb, u8),
-    Sb(u8, Vec<u8>),
-    Cmd(u8),
-    Bad(Malformed),
-}
 
 /// `bytes` cut at the given points (any number, any order, duplicates ok).
 fn split<'a>(bytes: &'a [u8], cuts: &[Index]) -> Vec<&'a [u8]> {
@@ -56,18 +47,11 @@ fn decode_parts(limit: usize, parts: &[&[u8]]) -> Result<Vec<Ev>, DecodeError> {
     let mut d = Decoder::new(limit);
     let mut out: Vec<Ev> = Vec::new();
     for part in parts {
-        d.decode(part, |e| match e {
-            Event::Data(b) => {
+        d.decode(part, |e| {
+            if let Event::Data(b) = &e {
                 assert!(!b.is_empty(), "decoder emitted an empty data run");
-                match out.last_mut() {
-                    Some(Ev::Data(prev)) => prev.extend_from_slice(b),
-                    _ => out.push(Ev::Data(b.to_vec())),
-                }
             }
-            Event::Negotiate(v, o) => out.push(Ev::Neg(v, o)),
-            Event::Subneg { option, payload } => out.push(Ev::Sb(option, payload.to_vec())),
-            Event::Command(c) => out.push(Ev::Cmd(c)),
-            Event::Malformed(m) => out.push(Ev::Bad(m)),
+            Ev::push_merged(&mut out, e)
         })?;
     }
     assert!(d.is_idle(), "decoder left mid-command after a whole stream");
@@ -124,9 +108,9 @@ fn plain_command() -> impl Strategy<Value = u8> {
 fn event() -> impl Strategy<Value = Ev> {
     prop_oneof![
         3 => telnet_bytes(40).prop_map(Ev::Data),
-        1 => (verb(), any::<u8>()).prop_map(|(v, o)| Ev::Neg(v, o)),
-        2 => (any::<u8>(), telnet_bytes(40)).prop_map(|(o, p)| Ev::Sb(o, p)),
-        1 => plain_command().prop_map(Ev::Cmd),
+        1 => (verb(), any::<u8>()).prop_map(|(v, o)| Ev::Negotiate(v, o)),
+        2 => (any::<u8>(), telnet_bytes(40)).prop_map(|(o, p)| Ev::Subneg(o, p)),
+        1 => plain_command().prop_map(Ev::Command),
     ]
 }
 
@@ -135,10 +119,10 @@ fn encode_events(events: &[Ev]) -> Vec<u8> {
     for e in events {
         match e {
             Ev::Data(d) => encode::data(d, &mut out),
-            Ev::Neg(v, o) => encode::negotiate(*v, *o, &mut out),
-            Ev::Sb(o, p) => encode::subneg(*o, p, &mut out),
-            Ev::Cmd(c) => out.extend_from_slice(&[IAC, *c]),
-            Ev::Bad(_) => unreachable!("never generated"),
+            Ev::Negotiate(v, o) => encode::negotiate(*v, *o, &mut out),
+            Ev::Subneg(o, p) => encode::subneg(*o, p, &mut out),
+            Ev::Command(c) => out.extend_from_slice(&[IAC, *c]),
+            Ev::Malformed(_) => unreachable!("never generated"),
         }
     }
     out
@@ -188,7 +172,7 @@ proptest! {
         }).sum();
         prop_assert!(data <= input.len());
         for e in &whole.0 {
-            if let Ev::Sb(_, p) = e {
+            if let Ev::Subneg(_, p) = e {
                 prop_assert!(p.len() <= limit);
             }
         }
@@ -201,15 +185,7 @@ fn decode_prefix(limit: usize, parts: &[&[u8]]) -> (Vec<Ev>, Option<DecodeError>
     let mut d = Decoder::new(limit);
     let mut out: Vec<Ev> = Vec::new();
     for part in parts {
-        let r = d.decode(part, |e| {
-            out.push(match e {
-                Event::Data(b) => Ev::Data(b.to_vec()),
-                Event::Negotiate(v, o) => Ev::Neg(v, o),
-                Event::Subneg { option, payload } => Ev::Sb(option, payload.to_vec()),
-                Event::Command(c) => Ev::Cmd(c),
-                Event::Malformed(m) => Ev::Bad(m),
-            })
-        });
+        let r = d.decode(part, |e| Ev::push_merged(&mut out, e));
         if let Err(e) = r {
             return (merge_data(out), Some(e));
         }
@@ -225,7 +201,7 @@ fn subneg_limit_is_exact_for_escaped_payloads() {
     encode::subneg(opt::VMWARE_EXT, &payload, &mut wire);
     assert_eq!(
         decode_parts(8, &[&wire]),
-        Ok(vec![Ev::Sb(opt::VMWARE_EXT, payload.to_vec())])
+        Ok(vec![Ev::Subneg(opt::VMWARE_EXT, payload.to_vec())])
     );
     assert_eq!(
         decode_parts(7, &[&wire]),
@@ -349,7 +325,7 @@ proptest! {
         let frames: Vec<&Vec<u8>> = events
             .iter()
             .filter_map(|e| match e {
-                Ev::Sb(o, p) if *o == opt::VMWARE_EXT => Some(p),
+                Ev::Subneg(o, p) if *o == opt::VMWARE_EXT => Some(p),
                 Ev::Data(_) => None,
                 other => panic!("unexpected event {other:?}"),
             })
@@ -371,7 +347,7 @@ proptest! {
             let events = decode_parts(64 * 1024, &[&wire]).unwrap();
             prop_assert_eq!(events.len(), 1);
             match &events[0] {
-                Ev::Sb(o, p) => {
+                Ev::Subneg(o, p) => {
                     prop_assert_eq!(*o, opt::VMWARE_EXT);
                     prop_assert_eq!(Msg::decode(p), Ok(m));
                 }

@@ -4,16 +4,8 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use vspc::wire::{DecodeError, Decoder, Event, Malformed, Verb};
-
-#[derive(Debug, PartialEq, Eq)]
-enum Ev {
-    Data(Vec<u8>),
-    Neg(Verb, u8),
-    Sb(u8, Vec<u8>),
-    Cmd(u8),
-    Bad(Malformed),
-}
+use vspc::wire::OwnedEvent as Ev;
+use vspc::wire::{DecodeError, Decoder, Event};
 
 /// Decode `parts` in order (stopping at the first error), with adjacent
 /// data runs merged; checks the per-event invariants on the way.
@@ -22,23 +14,18 @@ fn run(limit: usize, parts: &[&[u8]]) -> (Vec<Ev>, Option<DecodeError>, usize) {
     let mut out: Vec<Ev> = Vec::new();
     let mut data_out = 0usize;
     for part in parts {
-        let r = d.decode(part, |e| match e {
-            Event::Data(b) => {
-                assert!(!b.is_empty(), "empty data event");
-                data_out += b.len();
-                if let Some(Ev::Data(prev)) = out.last_mut() {
-                    prev.extend_from_slice(b);
-                } else {
-                    out.push(Ev::Data(b.to_vec()));
+        let r = d.decode(part, |e| {
+            match &e {
+                Event::Data(b) => {
+                    assert!(!b.is_empty(), "empty data event");
+                    data_out += b.len();
                 }
+                Event::Subneg { payload, .. } => {
+                    assert!(payload.len() <= limit, "payload over the limit");
+                }
+                _ => {}
             }
-            Event::Negotiate(v, o) => out.push(Ev::Neg(v, o)),
-            Event::Subneg { option, payload } => {
-                assert!(payload.len() <= limit, "payload over the limit");
-                out.push(Ev::Sb(option, payload.to_vec()));
-            }
-            Event::Command(c) => out.push(Ev::Cmd(c)),
-            Event::Malformed(m) => out.push(Ev::Bad(m)),
+            Ev::push_merged(&mut out, e)
         });
         if let Err(e) = r {
             return (out, Some(e), data_out);

@@ -24,6 +24,38 @@ pub enum Event<'a> {
     Malformed(Malformed),
 }
 
+/// An owned copy of an [`Event`], for collecting and comparing whole
+/// streams (tests, fuzzing, tools).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum OwnedEvent {
+    Data(Vec<u8>),
+    Negotiate(Verb, u8),
+    Subneg(u8, Vec<u8>),
+    Command(u8),
+    Malformed(Malformed),
+}
+
+impl OwnedEvent {
+    /// Append `ev` to `out`, merging data into a preceding data run: where
+    /// a stream was split into reads is not part of its meaning.
+    pub fn push_merged(out: &mut Vec<OwnedEvent>, ev: Event<'_>) {
+        let owned = match ev {
+            Event::Data(b) => {
+                if let Some(OwnedEvent::Data(prev)) = out.last_mut() {
+                    prev.extend_from_slice(b);
+                    return;
+                }
+                OwnedEvent::Data(b.to_vec())
+            }
+            Event::Negotiate(v, o) => OwnedEvent::Negotiate(v, o),
+            Event::Subneg { option, payload } => OwnedEvent::Subneg(option, payload.to_vec()),
+            Event::Command(c) => OwnedEvent::Command(c),
+            Event::Malformed(m) => OwnedEvent::Malformed(m),
+        };
+        out.push(owned);
+    }
+}
+
 /// Recoverable protocol violations, reported so the caller can log them.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Malformed {
@@ -241,37 +273,14 @@ impl Decoder {
 mod tests {
     use super::*;
 
-    /// Owned copy of an event, for comparing whole streams.
-    #[derive(Debug, Clone, PartialEq, Eq)]
-    enum Ev {
-        Data(Vec<u8>),
-        Neg(Verb, u8),
-        Sb(u8, Vec<u8>),
-        Cmd(u8),
-        Bad(Malformed),
-    }
+    use OwnedEvent as Ev;
 
     /// Decode `chunks` in order, merging adjacent data runs.
     fn run(chunks: &[&[u8]]) -> Result<Vec<Ev>, DecodeError> {
         let mut d = Decoder::new(64);
         let mut out: Vec<Ev> = Vec::new();
         for c in chunks {
-            d.decode(c, |e| {
-                let ev = match e {
-                    Event::Data(b) => {
-                        if let Some(Ev::Data(prev)) = out.last_mut() {
-                            prev.extend_from_slice(b);
-                            return;
-                        }
-                        Ev::Data(b.to_vec())
-                    }
-                    Event::Negotiate(v, o) => Ev::Neg(v, o),
-                    Event::Subneg { option, payload } => Ev::Sb(option, payload.to_vec()),
-                    Event::Command(c) => Ev::Cmd(c),
-                    Event::Malformed(m) => Ev::Bad(m),
-                };
-                out.push(ev);
-            })?;
+            d.decode(c, |e| Ev::push_merged(&mut out, e))?;
         }
         Ok(out)
     }
@@ -305,10 +314,10 @@ mod tests {
         assert_eq!(
             every_split(input),
             vec![
-                Ev::Neg(Verb::Will, 0x25),
+                Ev::Negotiate(Verb::Will, 0x25),
                 Ev::Data(b"x".to_vec()),
-                Ev::Sb(0xe8, vec![0x28, 0x76, 0x19, 0xff, 0xe9]),
-                Ev::Neg(Verb::Do, 0),
+                Ev::Subneg(0xe8, vec![0x28, 0x76, 0x19, 0xff, 0xe9]),
+                Ev::Negotiate(Verb::Do, 0),
             ]
         );
     }
@@ -318,10 +327,10 @@ mod tests {
         assert_eq!(
             every_split(b"\xff\xf1\xff\xf0a\xff\xfa\xff\xf0b"),
             vec![
-                Ev::Cmd(0xf1),
-                Ev::Bad(Malformed::SeOutsideSubneg),
+                Ev::Command(0xf1),
+                Ev::Malformed(Malformed::SeOutsideSubneg),
                 Ev::Data(b"a".to_vec()),
-                Ev::Bad(Malformed::EmptySubneg),
+                Ev::Malformed(Malformed::EmptySubneg),
                 Ev::Data(b"b".to_vec()),
             ]
         );
@@ -329,8 +338,8 @@ mod tests {
         assert_eq!(
             every_split(b"\xff\xfa\xe8\x50abc\xff\xfb\x01z"),
             vec![
-                Ev::Bad(Malformed::IacInSubneg(0xfb)),
-                Ev::Neg(Verb::Will, 1),
+                Ev::Malformed(Malformed::IacInSubneg(0xfb)),
+                Ev::Negotiate(Verb::Will, 1),
                 Ev::Data(b"z".to_vec()),
             ]
         );
@@ -351,6 +360,6 @@ mod tests {
         let mut ok = b"\xff\xfa\xe8".to_vec();
         ok.extend(std::iter::repeat_n(b'a', 64));
         ok.extend_from_slice(b"\xff\xf0");
-        assert_eq!(run(&[&ok]).unwrap(), vec![Ev::Sb(0xe8, vec![b'a'; 64])]);
+        assert_eq!(run(&[&ok]).unwrap(), vec![Ev::Subneg(0xe8, vec![b'a'; 64])]);
     }
 }

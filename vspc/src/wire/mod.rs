@@ -9,7 +9,7 @@ mod decoder;
 pub mod encode;
 mod options;
 
-pub use decoder::{DecodeError, Decoder, Event, Malformed};
+pub use decoder::{DecodeError, Decoder, Event, Malformed, OwnedEvent};
 pub use options::{Change, Negotiator, OptionSet};
 
 /// Interpret As Command.
