@@ -10,17 +10,18 @@ pub use file::FileBackend;
 pub use logging::LoggingBackend;
 pub use memory::MemoryBackend;
 
-use vspc_backend_api::Backend;
+use vspc_backend_api::ffi::{boxed, BackendBox};
 
 /// The names of the built-in backends, for `--backend-help`.
 pub const BUILTIN: &[&str] = &["Memory", "File", "Logging"];
 
-/// A built-in backend by (case-insensitive) name.
-pub fn builtin(name: &str) -> Option<Box<dyn Backend>> {
+/// A built-in backend by (case-insensitive) name, behind the same
+/// stable-ABI object a plugin is.
+pub fn builtin(name: &str) -> Option<BackendBox> {
     match name.to_ascii_lowercase().as_str() {
-        "memory" => Some(Box::new(MemoryBackend)),
-        "file" => Some(Box::new(FileBackend::default())),
-        "logging" => Some(Box::new(LoggingBackend::default())),
+        "memory" => Some(boxed(MemoryBackend)),
+        "file" => Some(boxed(FileBackend::default())),
+        "logging" => Some(boxed(LoggingBackend::default())),
         _ => None,
     }
 }

@@ -7,8 +7,9 @@
 use crate::plugins;
 use std::path::PathBuf;
 use vspc_backend_api::abi_stable::std_types::{ROption, RString, RVec, Tuple2};
-use vspc_backend_api::ffi::{boxed, BackendBox};
+use vspc_backend_api::ffi::BackendBox;
 use vspc_backend_api::{OptionSpec, VmRecord};
+use vspc_backends::builtin;
 
 /// Why set-up failed: usage errors exit 2 with the usage, others exit 1.
 #[derive(Debug)]
@@ -56,16 +57,6 @@ pub fn resolve(names: &[String], dirs: &[PathBuf]) -> Result<Vec<Named>, SetupEr
         });
     }
     Ok(out)
-}
-
-/// A built-in backend behind the stable-ABI object.
-pub fn builtin(name: &str) -> Option<BackendBox> {
-    match name.to_ascii_lowercase().as_str() {
-        "memory" => Some(boxed(vspc_backends::MemoryBackend)),
-        "file" => Some(boxed(vspc_backends::FileBackend::default())),
-        "logging" => Some(boxed(vspc_backends::LoggingBackend::default())),
-        _ => None,
-    }
 }
 
 type Opts = Vec<(String, Option<String>)>;
