@@ -114,11 +114,6 @@ impl Backends {
         Ok(Backends { hosts, wants_data })
     }
 
-    /// The backends' names, in order.
-    pub fn names(&self) -> Vec<String> {
-        self.hosts.iter().map(|h| h.name.clone()).collect()
-    }
-
     fn each(&self, make: impl Fn(FfiRecord) -> Job, vm: &VmRecord) {
         let rec = FfiRecord::from(vm);
         for h in &self.hosts {

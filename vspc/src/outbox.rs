@@ -178,11 +178,6 @@ impl Outbox {
         self.nvt.load(std::sync::atomic::Ordering::Relaxed)
     }
 
-    /// The limit this outbox was made with.
-    pub fn limit(&self) -> usize {
-        self.limit
-    }
-
     /// Wait until at most `level` bytes are queued (or the outbox closes).
     pub async fn drained(&self, level: usize) {
         loop {

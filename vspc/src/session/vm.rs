@@ -10,7 +10,7 @@
 use super::{Flow, Session};
 use crate::hub::{Begin, Hub, Identity, Peer, Vm};
 use crate::vmware::{Msg, VmUuid, PROXY_KNOWN_SUBOPTIONS};
-use crate::wire::{encode, opt, Change, Decoder, Event, Negotiator, OptionSet, Verb};
+use crate::wire::{opt, Change, Decoder, Event, Negotiator, OptionSet, Verb};
 use bytes::Bytes;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -527,9 +527,4 @@ impl Session for VmSession {
             Link::Handshake | Link::Retired => {}
         }
     }
-}
-
-/// Encode text for a telnet peer (IAC doubled).
-pub fn text(msg: &[u8]) -> Bytes {
-    Bytes::from(encode::escaped(msg))
 }

@@ -35,22 +35,6 @@ pub fn subneg(option: u8, payload: &[u8], out: &mut Vec<u8>) {
     out.extend_from_slice(&[IAC, SE]);
 }
 
-/// Append data for a peer that has not agreed to BINARY (RFC 854 NVT rules):
-/// IAC doubled and a CR that is not followed by LF sent as `CR NUL`.
-/// `cr_pending` carries "the last byte written was a CR" across calls.
-pub fn nvt_data(bytes: &[u8], cr_pending: &mut bool, out: &mut Vec<u8>) {
-    for &b in bytes {
-        if *cr_pending && b != b'\n' {
-            out.push(0);
-        }
-        *cr_pending = b == b'\r';
-        out.push(b);
-        if b == IAC {
-            out.push(IAC);
-        }
-    }
-}
-
 /// NVT's CR rule alone, for data that is already IAC-escaped: a CR not
 /// followed by LF gets a NUL after it.
 pub fn nvt_cr(escaped: &[u8], cr_pending: &mut bool, out: &mut Vec<u8>) {
@@ -96,9 +80,11 @@ mod tests {
     fn nvt_rules() {
         let mut cr = false;
         let mut out = Vec::new();
-        nvt_data(b"a\r", &mut cr, &mut out);
-        nvt_data(b"\nb\rc\r", &mut cr, &mut out);
-        assert_eq!(out, b"a\r\nb\r\x00c\r");
+        // What a console writer does for a peer without BINARY: escape,
+        // then apply the CR rule (which an IAC IAC pair never triggers).
+        nvt_cr(&escaped(b"a\r"), &mut cr, &mut out);
+        nvt_cr(&escaped(b"\nb\rc\xff\r"), &mut cr, &mut out);
+        assert_eq!(out, b"a\r\nb\r\x00c\xff\xff\r");
         let mut after = false;
         let mut back = Vec::new();
         nvt_receive(b"x\r", &mut after, &mut back);
