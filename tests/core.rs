@@ -1455,3 +1455,34 @@ fn daemon_mode_pidfile_and_signals() {
     }
     assert!(!pidfile.exists(), "pid file left behind");
 }
+
+#[test]
+fn unusable_pidfile_or_syslog_stops_startup_naming_it() {
+    let missing = "/nonexistent/vspc-test-dir/vspc.pid";
+    let e = run_args(&["--pidfile", missing]);
+    assert_eq!(
+        e.status.and_then(|s| s.code()),
+        Some(1),
+        "stderr:\n{}",
+        e.stderr
+    );
+    assert!(
+        e.stderr.contains("cannot write pid file") && e.stderr.contains(missing),
+        "stderr:\n{}",
+        e.stderr
+    );
+
+    if std::path::Path::new("/dev/log").exists() {
+        eprintln!("note: /dev/log exists here; the missing-syslog case is not testable");
+        return;
+    }
+    let e = run_args(&["--syslog"]);
+    assert_eq!(
+        e.status.and_then(|s| s.code()),
+        Some(1),
+        "stderr:\n{}",
+        e.stderr
+    );
+    assert!(e.stderr.contains("/dev/log"), "stderr:\n{}", e.stderr);
+    assert_eq!(e.stderr.trim().lines().count(), 1, "stderr:\n{}", e.stderr);
+}
