@@ -35,14 +35,9 @@ pub trait PortOpener: Send + Sync {
     fn open(&self, vm: Arc<Vm>, port: u16) -> std::io::Result<ListenerGuard>;
 }
 
-/// Stops a console listener when dropped.
-pub struct ListenerGuard(pub tokio::task::AbortHandle);
-
-impl Drop for ListenerGuard {
-    fn drop(&mut self) {
-        self.0.abort();
-    }
-}
+/// Stops a console listener when dropped (whatever the opener put inside
+/// closes it on drop).
+pub struct ListenerGuard(pub Box<dyn Send + Sync>);
 
 /// Settings the hub needs.
 #[derive(Debug, Clone)]

@@ -18,6 +18,7 @@
 use bytes::Bytes;
 use std::collections::VecDeque;
 use std::sync::Mutex;
+use std::task::{Context, Poll, Waker};
 use tokio::sync::Notify;
 
 /// What [`Outbox::push`] did.
@@ -39,14 +40,14 @@ struct Inner {
     bytes: usize,
     /// No more data is accepted; the writer flushes what is queued, then ends.
     closed: bool,
+    /// The writer, waiting for data or the end.
+    writer: Option<Waker>,
 }
 
 /// One connection's outbound queue.
 #[derive(Debug)]
 pub struct Outbox {
     inner: Mutex<Inner>,
-    /// Wakes the writer when data arrives or the outbox closes.
-    ready: Notify,
     /// Wakes producers waiting for the queue to shrink.
     room: Notify,
     /// Most bytes that may wait; past this, pushes with a limit fail.
@@ -68,7 +69,6 @@ impl Outbox {
     pub fn new(limit: usize) -> Outbox {
         Outbox {
             inner: Mutex::new(Inner::default()),
-            ready: Notify::new(),
             room: Notify::new(),
             limit,
             nvt: std::sync::atomic::AtomicBool::new(false),
@@ -95,16 +95,18 @@ impl Outbox {
                 inner.queue.push_back(Bytes::copy_from_slice(msg));
             }
             inner.closed = true;
+            let writer = inner.writer.take();
             drop(inner);
-            self.ready.notify_one();
+            wake(writer);
             self.room.notify_waiters();
             return Push::Overflow;
         }
         inner.bytes += data.len();
         inner.queue.push_back(data);
         let n = inner.bytes;
+        let writer = inner.writer.take();
         drop(inner);
-        self.ready.notify_one();
+        wake(writer);
         Push::Queued(n)
     }
 
@@ -117,8 +119,9 @@ impl Outbox {
         }
         inner.bytes += data.len();
         inner.queue.push_back(data);
+        let writer = inner.writer.take();
         drop(inner);
-        self.ready.notify_one();
+        wake(writer);
         true
     }
 
@@ -129,8 +132,9 @@ impl Outbox {
             return false;
         }
         inner.control.push_back(msg);
+        let writer = inner.writer.take();
         drop(inner);
-        self.ready.notify_one();
+        wake(writer);
         true
     }
 
@@ -139,7 +143,7 @@ impl Outbox {
     pub fn take_data(&self) -> Vec<Bytes> {
         let mut inner = self.lock();
         inner.bytes = 0;
-        let taken: Vec<Bytes> = inner.queue.drain(..).collect();
+        let taken = Vec::from(std::mem::take(&mut inner.queue));
         drop(inner);
         self.room.notify_waiters();
         taken
@@ -155,8 +159,9 @@ impl Outbox {
             }
         }
         inner.closed = true;
+        let writer = inner.writer.take();
         drop(inner);
-        self.ready.notify_one();
+        wake(writer);
         self.room.notify_waiters();
     }
 
@@ -197,40 +202,55 @@ impl Outbox {
     /// The writer's side: wait for data (or the end) and take a batch of at
     /// most about `max` bytes (protocol messages first).
     pub async fn next_batch(&self, max: usize) -> Batch {
-        loop {
-            {
-                let mut inner = self.lock();
-                let mut batch: Vec<Bytes> = inner.control.drain(..).collect();
-                let mut taken = 0;
-                while taken < max {
-                    let Some(mut chunk) = inner.queue.pop_front() else {
-                        break;
-                    };
-                    let room = max - taken;
-                    if chunk.len() > room {
-                        let rest = chunk.split_off(safe_cut(&chunk, room));
-                        if !rest.is_empty() {
-                            inner.queue.push_front(rest);
-                        }
-                    }
-                    taken += chunk.len();
-                    batch.push(chunk);
-                }
-                if !batch.is_empty() {
-                    inner.bytes = inner.bytes.saturating_sub(taken);
-                    if inner.queue.is_empty() && inner.queue.capacity() > 64 {
-                        inner.queue = VecDeque::new();
-                    }
-                    drop(inner);
-                    self.room.notify_waiters();
-                    return Batch::Data(batch);
-                }
-                if inner.closed {
-                    return Batch::End;
+        std::future::poll_fn(|cx| self.poll_batch(cx, max)).await
+    }
+
+    /// [`Outbox::next_batch`] for hand-written futures: when there is
+    /// nothing to take, `cx` is woken by the next push or the close. One
+    /// writer per outbox.
+    pub fn poll_batch(&self, cx: &mut Context<'_>, max: usize) -> Poll<Batch> {
+        let mut inner = self.lock();
+        // The control lane's buffer leaves with the batch: an idle outbox
+        // keeps no allocation.
+        let mut batch = Vec::from(std::mem::take(&mut inner.control));
+        let mut taken = 0;
+        while taken < max {
+            let Some(mut chunk) = inner.queue.pop_front() else {
+                break;
+            };
+            let room = max - taken;
+            if chunk.len() > room {
+                let rest = chunk.split_off(safe_cut(&chunk, room));
+                if !rest.is_empty() {
+                    inner.queue.push_front(rest);
                 }
             }
-            self.ready.notified().await;
+            taken += chunk.len();
+            batch.push(chunk);
         }
+        if !batch.is_empty() {
+            inner.bytes = inner.bytes.saturating_sub(taken);
+            if inner.queue.is_empty() {
+                inner.queue = VecDeque::new();
+            }
+            drop(inner);
+            self.room.notify_waiters();
+            return Poll::Ready(Batch::Data(batch));
+        }
+        if inner.closed {
+            return Poll::Ready(Batch::End);
+        }
+        match &mut inner.writer {
+            Some(w) if w.will_wake(cx.waker()) => {}
+            slot => *slot = Some(cx.waker().clone()),
+        }
+        Poll::Pending
+    }
+}
+
+fn wake(writer: Option<Waker>) {
+    if let Some(w) = writer {
+        w.wake();
     }
 }
 

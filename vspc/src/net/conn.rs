@@ -1,22 +1,31 @@
 //! Drives one connection: bytes from the socket into its [`Session`], its
-//! [`Outbox`] out to the socket, and the session's timers, all in one task.
+//! [`Outbox`] out to the socket, and the session's timers.
 //!
+//! [`Conn`] is a hand-written future rather than an `async` block, because
+//! an idle connection holds its whole task for as long as it is open: with
+//! thousands of VMs the driver's size is most of the daemon's memory. Its
+//! resting state is the socket, the session, the outbox handle and a few
+//! flags; the rarely needed parts (a timer, the input-throttle wait, the
+//! pacing state, a TLS read buffer) live on the heap only while needed.
 //! Plain TCP reads wait for readiness and then read into a per-thread
-//! buffer, so an idle connection owns no read buffer at all; TLS reads need
-//! their own. Writes take batches from the outbox; with pacing
+//! buffer, so an idle connection owns no read buffer at all.
+//!
+//! Writes take batches from the outbox and go out with vectored writes, so
+//! chunks shared with other consoles are never copied together; with pacing
 //! (`--vm-tx-rate`) the batches are small and spaced out.
 
 use crate::outbox::{Batch, Outbox, BATCH_BYTES};
 use crate::session::{Flow, Session};
 use crate::wire::encode;
+use bytes::{Buf, Bytes};
 use std::cell::RefCell;
 use std::future::Future;
-use std::io;
+use std::io::{self, IoSlice};
 use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{ready, Context, Poll};
 use std::time::Duration;
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadHalf};
-use tokio::net::tcp::OwnedReadHalf;
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::TcpStream;
 use tokio::time::{sleep_until, Instant, Sleep};
 use tokio_rustls::server::TlsStream;
@@ -24,11 +33,20 @@ use tokio_rustls::server::TlsStream;
 /// Size of the shared read buffer (one per worker thread).
 const READ_BUF: usize = 64 * 1024;
 
+/// Size of a TLS connection's own read buffer.
+const TLS_READ_BUF: usize = 16 * 1024;
+
 /// How long a closing connection may take to flush its farewell.
 const CLOSE_GRACE: Duration = Duration::from_secs(5);
 
 /// Console input resumes when the VM's queue is down to this.
 const INPUT_LOW_WATER: usize = 16 * 1024;
+
+/// Chunks handed to one vectored write.
+const MAX_IOV: usize = 64;
+
+/// Reads (or batches written) in one poll before other tasks get a turn.
+const ROUNDS: usize = 32;
 
 thread_local! {
     static BUF: RefCell<Vec<u8>> = RefCell::new(vec![0; READ_BUF]);
@@ -40,231 +58,383 @@ pub enum Stream {
     Tls(Box<TlsStream<TcpStream>>),
 }
 
-type Writer = Box<dyn AsyncWrite + Send + Unpin>;
-
-enum Reader {
-    Tcp(OwnedReadHalf),
-    Tls(ReadHalf<TlsStream<TcpStream>>, Box<[u8]>),
+enum Io {
+    Tcp(TcpStream),
+    Tls(Box<(TlsStream<TcpStream>, [u8; TLS_READ_BUF])>),
 }
 
-impl Reader {
-    /// Wait for bytes and hand them to `f`; Ok(0) at end of stream.
-    async fn read_with(&mut self, f: &mut (dyn FnMut(&[u8]) + Send)) -> io::Result<usize> {
+/// What a read gave.
+enum Got {
+    Input(Flow),
+    Eof,
+}
+
+impl Io {
+    /// Read once and hand the bytes to `session`.
+    fn poll_read_into<S: Session>(
+        &mut self,
+        cx: &mut Context<'_>,
+        session: &mut S,
+    ) -> Poll<io::Result<Got>> {
         match self {
-            Reader::Tcp(r) => loop {
-                r.readable().await?;
+            Io::Tcp(tcp) => loop {
+                ready!(tcp.poll_read_ready(cx))?;
                 let got = BUF.with(|cell| {
                     let mut buf = cell.borrow_mut();
-                    match r.try_read(&mut buf[..]) {
-                        Ok(n) => {
-                            if n > 0 {
-                                f(&buf[..n]);
-                            }
-                            Ok(Some(n))
-                        }
+                    match tcp.try_read(&mut buf[..]) {
+                        Ok(0) => Ok(Some(Got::Eof)),
+                        Ok(n) => Ok(Some(Got::Input(session.on_input(&buf[..n])))),
                         Err(e) if e.kind() == io::ErrorKind::WouldBlock => Ok(None),
                         Err(e) => Err(e),
                     }
                 })?;
-                if let Some(n) = got {
-                    return Ok(n);
+                if let Some(got) = got {
+                    return Poll::Ready(Ok(got));
                 }
             },
-            Reader::Tls(r, buf) => {
-                let n = r.read(buf).await?;
-                if n > 0 {
-                    f(&buf[..n]);
-                }
-                Ok(n)
+            Io::Tls(tls) => {
+                let (stream, buf) = &mut **tls;
+                let mut rb = ReadBuf::new(buf);
+                ready!(Pin::new(stream).poll_read(cx, &mut rb))?;
+                let data = rb.filled();
+                Poll::Ready(Ok(if data.is_empty() {
+                    Got::Eof
+                } else {
+                    Got::Input(session.on_input(data))
+                }))
             }
         }
+    }
+
+    fn poll_write_vectored(
+        &mut self,
+        cx: &mut Context<'_>,
+        bufs: &[IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        match self {
+            Io::Tcp(t) => Pin::new(t).poll_write_vectored(cx, bufs),
+            Io::Tls(t) => Pin::new(&mut t.0).poll_write_vectored(cx, bufs),
+        }
+    }
+
+    fn poll_flush(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self {
+            Io::Tcp(_) => Poll::Ready(Ok(())),
+            Io::Tls(t) => Pin::new(&mut t.0).poll_flush(cx),
+        }
+    }
+
+    fn poll_shutdown(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self {
+            Io::Tcp(t) => Pin::new(t).poll_shutdown(cx),
+            Io::Tls(t) => Pin::new(&mut t.0).poll_shutdown(cx),
+        }
+    }
+}
+
+/// Output pacing (`--vm-tx-rate`).
+struct Pace {
+    rate: u64,
+    next_at: Instant,
+    sleep: Option<Pin<Box<Sleep>>>,
+}
+
+/// Where the writing side is.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum WriteState {
+    /// Taking batches and writing them.
+    Open,
+    /// The outbox ended: sending FIN (or TLS close_notify).
+    ShuttingDown,
+}
+
+/// Serves one connection with session `S` until either side closes; then
+/// calls [`Session::on_close`].
+pub struct Conn<S: Session + Unpin> {
+    io: Io,
+    session: S,
+    outbox: Arc<Outbox>,
+    /// The batch being written; `written` chunks of it are out.
+    batch: Vec<Bytes>,
+    written: usize,
+    /// Bytes written since the last flush.
+    unflushed: usize,
+    /// The session's deadline or the close grace, whichever is first.
+    timer: Option<Pin<Box<Sleep>>>,
+    /// Input is throttled until this completes (the VM's queue drained).
+    wait: Option<Pin<Box<dyn Future<Output = ()> + Send>>>,
+    pace: Option<Box<Pace>>,
+    /// Give up flushing the farewell at this time.
+    give_up: Option<Instant>,
+    /// Largest batch taken from the outbox.
+    max_batch: u32,
+    state: WriteState,
+    reading: bool,
+    /// NVT output: the last byte written was a CR.
+    cr_pending: bool,
+    done: bool,
+}
+
+impl<S: Session + Unpin> Conn<S> {
+    /// A driver for `stream`; `pace` limits writes to that many bytes per
+    /// second.
+    pub fn new(stream: Stream, session: S, outbox: Arc<Outbox>, pace: Option<u64>) -> Conn<S> {
+        let io = match stream {
+            Stream::Tcp(tcp) => {
+                let _ = tcp.set_nodelay(true);
+                Io::Tcp(tcp)
+            }
+            Stream::Tls(tls) => Io::Tls(Box::new((*tls, [0; TLS_READ_BUF]))),
+        };
+        let max_batch = match pace {
+            Some(rate) => (rate / 20).clamp(1, BATCH_BYTES as u64) as u32,
+            None => BATCH_BYTES as u32,
+        };
+        Conn {
+            io,
+            session,
+            outbox,
+            batch: Vec::new(),
+            written: 0,
+            unflushed: 0,
+            timer: None,
+            wait: None,
+            pace: pace.map(|rate| {
+                Box::new(Pace {
+                    rate,
+                    next_at: Instant::now(),
+                    sleep: None,
+                })
+            }),
+            give_up: None,
+            max_batch,
+            state: WriteState::Open,
+            reading: true,
+            cr_pending: false,
+            done: false,
+        }
+    }
+
+    fn apply(&mut self, flow: Flow) {
+        match flow {
+            Flow::Continue => {}
+            Flow::Wait(o) => {
+                self.wait = Some(Box::pin(async move { o.drained(INPUT_LOW_WATER).await }));
+            }
+            Flow::Close => {
+                self.outbox.close(None);
+                self.reading = false;
+                self.give_up
+                    .get_or_insert_with(|| Instant::now() + CLOSE_GRACE);
+            }
+        }
+    }
+
+    /// Read while there is input; `Ready` when the connection is over.
+    fn poll_reading(&mut self, cx: &mut Context<'_>) -> Poll<()> {
+        for _ in 0..ROUNDS {
+            if let Some(w) = self.wait.as_mut() {
+                ready!(w.as_mut().poll(cx));
+                self.wait = None;
+            }
+            if !self.reading {
+                return Poll::Pending;
+            }
+            match ready!(self.io.poll_read_into(cx, &mut self.session)) {
+                Ok(Got::Input(flow)) => self.apply(flow),
+                Ok(Got::Eof) => return Poll::Ready(()),
+                Err(e) => {
+                    tracing::debug!(error = %e, "read failed");
+                    return Poll::Ready(());
+                }
+            }
+        }
+        cx.waker().wake_by_ref();
+        Poll::Pending
+    }
+
+    /// Arm the timer for the next deadline; `Ready` when it has passed.
+    fn poll_timer(&mut self, cx: &mut Context<'_>) -> Poll<()> {
+        let due = match (self.session.deadline().map(Instant::from_std), self.give_up) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
+        match (due, &mut self.timer) {
+            (None, t) => *t = None,
+            (Some(at), Some(sleep)) => {
+                if sleep.deadline() != at {
+                    sleep.as_mut().reset(at);
+                }
+            }
+            (Some(at), t @ None) => *t = Some(Box::pin(sleep_until(at))),
+        }
+        match self.timer.as_mut() {
+            Some(t) => t.as_mut().poll(cx),
+            None => Poll::Pending,
+        }
+    }
+
+    /// Write what the outbox has; `Ready` when writing is over (the outbox
+    /// ended and the stream is shut down, or the peer is gone).
+    fn poll_writing(&mut self, cx: &mut Context<'_>) -> Poll<()> {
+        match self.write_some(cx) {
+            Poll::Ready(Err(e)) => {
+                tracing::debug!(error = %e, "write failed");
+                Poll::Ready(())
+            }
+            Poll::Ready(Ok(())) => Poll::Ready(()),
+            Poll::Pending => Poll::Pending,
+        }
+    }
+
+    fn write_some(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        if self.state == WriteState::ShuttingDown {
+            return self.io.poll_shutdown(cx);
+        }
+        for _ in 0..ROUNDS {
+            // Finish the batch in hand.
+            while self.written < self.batch.len() {
+                let mut slices = [IoSlice::new(&[]); MAX_IOV];
+                let mut k = 0;
+                for c in &self.batch[self.written..] {
+                    if k == MAX_IOV {
+                        break;
+                    }
+                    slices[k] = IoSlice::new(c);
+                    k += 1;
+                }
+                let n = ready!(self.io.poll_write_vectored(cx, &slices[..k]))?;
+                if n == 0 {
+                    return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
+                }
+                self.unflushed += n;
+                self.advance(n);
+            }
+            if !self.batch.is_empty() {
+                self.batch = Vec::new();
+                self.written = 0;
+            }
+            if self.unflushed > 0 {
+                ready!(self.io.poll_flush(cx))?;
+                let sent = std::mem::take(&mut self.unflushed);
+                if let Some(p) = self.pace.as_mut() {
+                    let now = Instant::now();
+                    p.next_at =
+                        p.next_at.max(now) + Duration::from_secs_f64(sent as f64 / p.rate as f64);
+                    p.sleep = Some(Box::pin(sleep_until(p.next_at)));
+                }
+            }
+            // Paced: wait for the next slot.
+            if let Some(p) = self.pace.as_mut() {
+                if let Some(s) = p.sleep.as_mut() {
+                    ready!(s.as_mut().poll(cx));
+                    p.sleep = None;
+                }
+            }
+            match ready!(self.outbox.poll_batch(cx, self.max_batch as usize)) {
+                Batch::Data(chunks) => {
+                    self.batch = if self.outbox.nvt() {
+                        let mut out = Vec::new();
+                        for c in &chunks {
+                            encode::nvt_cr(c, &mut self.cr_pending, &mut out);
+                        }
+                        vec![Bytes::from(out)]
+                    } else {
+                        chunks
+                    };
+                }
+                Batch::End => {
+                    self.state = WriteState::ShuttingDown;
+                    return self.io.poll_shutdown(cx);
+                }
+            }
+        }
+        cx.waker().wake_by_ref();
+        Poll::Pending
+    }
+
+    /// Account for `n` bytes of the batch written.
+    fn advance(&mut self, mut n: usize) {
+        while n > 0 {
+            let c = &mut self.batch[self.written];
+            if n >= c.len() {
+                n -= c.len();
+                self.written += 1;
+            } else {
+                c.advance(n);
+                n = 0;
+            }
+        }
+    }
+
+    fn finish(&mut self) -> Poll<()> {
+        self.done = true;
+        // Nothing more will be written: refuse further pushes.
+        self.outbox.close(None);
+        self.session.on_close();
+        Poll::Ready(())
+    }
+}
+
+impl<S: Session + Unpin> Future for Conn<S> {
+    type Output = ();
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
+        let this = self.get_mut();
+        if this.done {
+            return Poll::Ready(());
+        }
+        if this.poll_reading(cx).is_ready() {
+            return this.finish();
+        }
+        // The session's deadline (after the input, which may move it).
+        let mut rounds = 0;
+        while this.poll_timer(cx).is_ready() {
+            this.timer = None;
+            if this.give_up.is_some_and(|g| Instant::now() >= g) {
+                return this.finish();
+            }
+            let flow = this.session.on_deadline(std::time::Instant::now());
+            this.apply(flow);
+            rounds += 1;
+            if rounds == ROUNDS {
+                cx.waker().wake_by_ref();
+                break;
+            }
+        }
+        // Last, so replies queued by the input and the timer go out now.
+        if this.poll_writing(cx).is_ready() {
+            return this.finish();
+        }
+        Poll::Pending
+    }
+}
+
+/// A session borrowed for the length of a [`Conn`].
+impl<S: Session + ?Sized> Session for &mut S {
+    fn on_input(&mut self, data: &[u8]) -> Flow {
+        (**self).on_input(data)
+    }
+    fn deadline(&self) -> Option<std::time::Instant> {
+        (**self).deadline()
+    }
+    fn on_deadline(&mut self, now: std::time::Instant) -> Flow {
+        (**self).on_deadline(now)
+    }
+    fn on_close(&mut self) {
+        (**self).on_close()
     }
 }
 
 /// Serve `stream` with `session` until either side closes. `pace` limits
 /// writes to that many bytes per second.
-pub async fn serve<S: Session>(
+pub async fn serve<S: Session + Unpin>(
     stream: Stream,
     session: &mut S,
     outbox: Arc<Outbox>,
     pace: Option<u64>,
 ) {
-    let (reader, writer): (Reader, Writer) = match stream {
-        Stream::Tcp(tcp) => {
-            let _ = tcp.set_nodelay(true);
-            let (r, w) = tcp.into_split();
-            (Reader::Tcp(r), Box::new(w))
-        }
-        Stream::Tls(tls) => {
-            let (r, w) = tokio::io::split(*tls);
-            (
-                Reader::Tls(r, vec![0; 16 * 1024].into_boxed_slice()),
-                Box::new(w),
-            )
-        }
-    };
-    run(reader, writer, session, outbox, pace).await;
-    session.on_close();
-}
-
-async fn run<S: Session>(
-    mut reader: Reader,
-    writer: Writer,
-    session: &mut S,
-    outbox: Arc<Outbox>,
-    pace: Option<u64>,
-) {
-    let write = write_loop(writer, outbox.clone(), pace);
-    tokio::pin!(write);
-    // Rarely needed states live on the heap only while needed, so an idle
-    // connection's task stays small: the drain wait while input is
-    // throttled, and one timer for the session's deadline or the close grace.
-    let mut wait: Option<Pin<Box<dyn Future<Output = ()> + Send>>> = None;
-    let mut timer: Option<(Instant, Pin<Box<Sleep>>)> = None;
-    let mut reading = true;
-    let mut give_up: Option<Instant> = None;
-    loop {
-        let due = match (session.deadline().map(Instant::from_std), give_up) {
-            (Some(a), Some(b)) => Some(a.min(b)),
-            (a, b) => a.or(b),
-        };
-        match (due, &mut timer) {
-            (None, t) => *t = None,
-            (Some(at), Some((set, sleep))) if *set != at => {
-                sleep.as_mut().reset(at);
-                *set = at;
-            }
-            (Some(_), Some(_)) => {}
-            (Some(at), t @ None) => *t = Some((at, Box::pin(sleep_until(at)))),
-        }
-        let mut flow = Flow::Continue;
-        let mut timer_fired = false;
-        {
-            let mut on_input = |d: &[u8]| flow = session.on_input(d);
-            tokio::select! {
-                _ = &mut write => break,
-                r = reader.read_with(&mut on_input), if reading && wait.is_none() => {
-                    match r {
-                        Ok(0) => break,
-                        Ok(_) => {}
-                        Err(e) => {
-                            tracing::debug!(error = %e, "read failed");
-                            break;
-                        }
-                    }
-                }
-                _ = async {
-                    if let Some(w) = wait.as_mut() {
-                        w.await
-                    }
-                }, if wait.is_some() => {
-                    wait = None;
-                }
-                _ = async {
-                    if let Some((_, t)) = timer.as_mut() {
-                        t.await
-                    }
-                }, if timer.is_some() => {
-                    timer_fired = true;
-                }
-            }
-        }
-        if timer_fired {
-            timer = None;
-            if give_up.is_some_and(|g| Instant::now() >= g) {
-                break;
-            }
-            flow = session.on_deadline(std::time::Instant::now());
-        }
-        match flow {
-            Flow::Continue => {}
-            Flow::Wait(o) => {
-                wait = Some(Box::pin(async move { o.drained(INPUT_LOW_WATER).await }));
-            }
-            Flow::Close => {
-                outbox.close(None);
-                reading = false;
-                give_up.get_or_insert_with(|| Instant::now() + CLOSE_GRACE);
-            }
-        }
-    }
-    // Nothing more will be written: refuse further pushes.
-    outbox.close(None);
-}
-
-async fn write_loop(mut w: Writer, outbox: Arc<Outbox>, pace: Option<u64>) {
-    let max = match pace {
-        Some(rate) => (rate / 20).clamp(1, BATCH_BYTES as u64) as usize,
-        None => BATCH_BYTES,
-    };
-    let mut cr_pending = false;
-    let mut scratch: Vec<u8> = Vec::new();
-    let mut next_at = Instant::now();
-    loop {
-        let chunks = match outbox.next_batch(max).await {
-            Batch::End => {
-                let _ = w.shutdown().await;
-                return;
-            }
-            Batch::Data(chunks) => chunks,
-        };
-        let nvt = outbox.nvt();
-        let written = if nvt {
-            scratch.clear();
-            for c in &chunks {
-                encode::nvt_cr(c, &mut cr_pending, &mut scratch);
-            }
-            let r = w.write_all(&scratch).await;
-            r.map(|()| scratch.len())
-        } else {
-            // Several chunks (shared with other consoles) go out in one
-            // writev, without copying them together first.
-            write_chunks(&mut w, &chunks).await
-        };
-        let written = match written {
-            Ok(n) => n,
-            Err(e) => {
-                tracing::debug!(error = %e, "write failed");
-                return;
-            }
-        };
-        if let Err(e) = w.flush().await {
-            tracing::debug!(error = %e, "flush failed");
-            return;
-        }
-        if let Some(rate) = pace {
-            let now = Instant::now();
-            if next_at < now {
-                next_at = now;
-            }
-            next_at += Duration::from_secs_f64(written as f64 / rate as f64);
-            // Boxed: only paced connections pay for a timer in their state.
-            Box::pin(sleep_until(next_at)).await;
-        }
-        if scratch.capacity() > 4 * BATCH_BYTES {
-            scratch = Vec::new();
-        }
-    }
-}
-
-/// Write every chunk, in order, with vectored writes; returns the bytes
-/// written.
-async fn write_chunks(w: &mut Writer, chunks: &[bytes::Bytes]) -> io::Result<usize> {
-    if let [one] = chunks {
-        w.write_all(one).await?;
-        return Ok(one.len());
-    }
-    let total = chunks.iter().map(|c| c.len()).sum();
-    let mut slices: Vec<io::IoSlice<'_>> = chunks.iter().map(|c| io::IoSlice::new(c)).collect();
-    let mut rest: &mut [io::IoSlice<'_>] = &mut slices;
-    while !rest.is_empty() {
-        let n = w.write_vectored(rest).await?;
-        if n == 0 {
-            return Err(io::ErrorKind::WriteZero.into());
-        }
-        io::IoSlice::advance_slices(&mut rest, n);
-    }
-    Ok(total)
+    Conn::new(stream, session, outbox, pace).await
 }
 
 /// Write `msg` to a stream that gets no session, then close it.
@@ -303,13 +473,9 @@ mod size_budget {
     async fn connection_driver_stays_small() {
         let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let a = TcpStream::connect(l.local_addr().unwrap()).await.unwrap();
-        let mut s = Nop;
-        let f = serve(Stream::Tcp(a), &mut s, Arc::new(Outbox::new(100)), None);
+        let f = Conn::new(Stream::Tcp(a), Nop, Arc::new(Outbox::new(100)), None);
         let size = std::mem::size_of_val(&f);
-        assert!(
-            size <= 1024,
-            "connection driver future grew to {size} bytes"
-        );
+        assert!(size <= 192, "connection driver future grew to {size} bytes");
         assert!(std::mem::size_of::<Outbox>() <= 192);
     }
 }

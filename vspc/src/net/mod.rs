@@ -2,13 +2,14 @@
 //! and the admin port; one task per connection. Also the periodic sweep and
 //! the signals (SIGTERM/SIGINT stop, SIGHUP reopens backend files).
 
+pub mod acceptor;
 pub mod conn;
 pub mod tls;
 
 use crate::hub::{Access, AttachError, Hub, ListenerGuard, LockMode, PortOpener, Vm};
 use crate::session::console::ConsoleSession;
 use crate::session::vm::{VmSession, VmSessionConfig};
-use conn::{say_and_close, serve, Stream};
+use conn::{say_and_close, Conn, Stream};
 use std::io;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::{Arc, Weak};
@@ -36,18 +37,11 @@ pub struct ServerConfig {
 /// default (128) overflows when many ESXi hosts reconnect at once, and the
 /// dropped ones wait a whole second to retry; the kernel caps this at
 /// `net.core.somaxconn`.
-const BACKLOG: u32 = 4096;
+const BACKLOG: i32 = 4096;
 
 /// Listen on `addr` with a deep accept queue (must run inside the runtime).
 pub fn listen(addr: SocketAddr) -> io::Result<TcpListener> {
-    let socket = if addr.is_ipv4() {
-        tokio::net::TcpSocket::new_v4()?
-    } else {
-        tokio::net::TcpSocket::new_v6()?
-    };
-    socket.set_reuseaddr(true)?;
-    socket.bind(addr)?;
-    socket.listen(BACKLOG)
+    TcpListener::from_std(acceptor::listen_std(addr, BACKLOG)?)
 }
 
 /// [`listen`], with an error that says which port it was for.
@@ -55,26 +49,31 @@ pub fn bind(addr: SocketAddr, what: &str) -> Result<TcpListener, String> {
     listen(addr).map_err(|e| format!("cannot listen on {what} {addr}: {e}"))
 }
 
-/// Opens console listeners for the hub.
+/// Opens console listeners for the hub; one thread accepts on all of them.
 struct ConsoleOpener {
-    hub: Weak<Hub>,
     interface: IpAddr,
-    rt: tokio::runtime::Handle,
+    acceptor: acceptor::Acceptor<Arc<Vm>>,
+}
+
+impl ConsoleOpener {
+    fn start(hub: Weak<Hub>, interface: IpAddr) -> io::Result<ConsoleOpener> {
+        let rt = tokio::runtime::Handle::current();
+        let acceptor = acceptor::Acceptor::start("console port", move |vm: &Arc<Vm>, tcp| {
+            if let Some(hub) = hub.upgrade() {
+                rt.spawn(serve_console(hub, vm.clone(), tcp));
+            }
+        })?;
+        Ok(ConsoleOpener {
+            interface,
+            acceptor,
+        })
+    }
 }
 
 impl PortOpener for ConsoleOpener {
     fn open(&self, vm: Arc<Vm>, port: u16) -> io::Result<ListenerGuard> {
-        let _guard = self.rt.enter();
-        let listener = listen(SocketAddr::new(self.interface, port))?;
-        let hub = self.hub.clone();
-        let task = self
-            .rt
-            .spawn(accept_loop(listener, "console port", move |tcp, _| {
-                if let Some(hub) = hub.upgrade() {
-                    tokio::spawn(serve_console(hub, vm.clone(), tcp));
-                }
-            }));
-        Ok(ListenerGuard(task.abort_handle()))
+        let listener = acceptor::listen_std(SocketAddr::new(self.interface, port), BACKLOG)?;
+        Ok(ListenerGuard(Box::new(self.acceptor.add(listener, vm)?)))
     }
 }
 
@@ -85,11 +84,9 @@ pub async fn run(
     cfg: ServerConfig,
     preload: Vec<vspc_backend_api::VmRecord>,
 ) -> Result<(), String> {
-    hub.set_opener(Box::new(ConsoleOpener {
-        hub: Arc::downgrade(&hub),
-        interface: hub.config().interface,
-        rt: tokio::runtime::Handle::current(),
-    }));
+    let opener = ConsoleOpener::start(Arc::downgrade(&hub), hub.config().interface)
+        .map_err(|e| format!("cannot start accepting console connections: {e}"))?;
+    hub.set_opener(Box::new(opener));
     let failed = hub.preload(preload);
     if failed > 0 {
         tracing::warn!(failed, "some persisted console ports could not be reopened");
@@ -101,7 +98,7 @@ pub async fn run(
     let h = hub.clone();
     let c = cfg.clone();
     tokio::spawn(accept_loop(proxy, "proxy port", move |tcp, addr| {
-        tokio::spawn(serve_vm(h.clone(), c.clone(), tcp, addr));
+        serve_vm(&h, &c, tcp, addr);
     }));
     let h = hub.clone();
     tokio::spawn(accept_loop(admin, "admin port", move |tcp, _| {
@@ -165,57 +162,67 @@ where
     }
 }
 
-async fn serve_vm(hub: Arc<Hub>, cfg: ServerConfig, tcp: TcpStream, addr: SocketAddr) {
+/// Serve a VM connection: after the TLS handshake, if any, the connection
+/// gets a task of its own that holds nothing else.
+fn serve_vm(hub: &Arc<Hub>, cfg: &ServerConfig, tcp: TcpStream, addr: SocketAddr) {
     tracing::debug!(%addr, "VM connection");
-    let stream = match &cfg.tls {
-        None => Stream::Tcp(tcp),
-        Some(acceptor) => {
-            match tokio::time::timeout(cfg.vm.handshake_timeout, acceptor.accept(tcp)).await {
-                Ok(Ok(tls)) => Stream::Tls(Box::new(tls)),
-                Ok(Err(e)) => {
-                    tracing::warn!(%addr, "TLS handshake failed: {e}");
-                    return;
-                }
-                Err(_) => {
-                    tracing::warn!(%addr, "TLS handshake timed out");
-                    return;
-                }
-            }
-        }
+    let Some(acceptor) = cfg.tls.clone() else {
+        tokio::spawn(vm_conn(hub.clone(), cfg, Stream::Tcp(tcp)));
+        return;
     };
-    let peer = hub.new_peer(VM_OUTBOX_LIMIT);
-    let outbox = peer.outbox.clone();
-    let mut session = VmSession::new(hub, peer, cfg.vm.clone(), Instant::now());
-    serve(stream, &mut session, outbox, cfg.vm_tx_rate).await;
-    tracing::debug!(%addr, "VM connection closed");
+    let (hub, cfg) = (hub.clone(), cfg.clone());
+    tokio::spawn(async move {
+        match tokio::time::timeout(cfg.vm.handshake_timeout, acceptor.accept(tcp)).await {
+            Ok(Ok(tls)) => {
+                tokio::spawn(vm_conn(hub, &cfg, Stream::Tls(Box::new(tls))));
+            }
+            Ok(Err(e)) => tracing::warn!(%addr, "TLS handshake failed: {e}"),
+            Err(_) => tracing::warn!(%addr, "TLS handshake timed out"),
+        }
+    });
 }
 
-async fn serve_console(hub: Arc<Hub>, vm: Arc<Vm>, tcp: TcpStream) {
+fn vm_conn(hub: Arc<Hub>, cfg: &ServerConfig, stream: Stream) -> Conn<VmSession> {
+    let peer = hub.new_peer(VM_OUTBOX_LIMIT);
+    let outbox = peer.outbox.clone();
+    let session = VmSession::new(hub, peer, cfg.vm.clone(), Instant::now());
+    Conn::new(stream, session, outbox, cfg.vm_tx_rate)
+}
+
+/// Serve a console-port connection: fetch the recent output and join the
+/// VM here, then give the connection a task of its own.
+async fn serve_console(hub: Arc<Hub>, vm: Arc<Vm>, tcp: std::net::TcpStream) {
+    let tcp = match TcpStream::from_std(tcp) {
+        Ok(tcp) => tcp,
+        Err(e) => {
+            tracing::warn!(vm = %vm.name(), "cannot serve a console: {e}");
+            return;
+        }
+    };
     // Recent context first; the session queues it before joining the
     // fan-out, so live output always follows it.
     let seed = hub.backend().seed_data(vm.record()).await;
-    let mut session =
-        match ConsoleSession::join(&hub, &vm, LockMode::FreeForAllOrReadOnly, Some(&seed)) {
-            Ok(s) => s,
-            Err(e) => {
-                tracing::info!(vm = %vm.name(), "console refused: {e}");
-                let msg = match e {
-                    AttachError::Full { .. } => {
-                        format!("vspc: {e}; the VM is full, try again later.\r\n")
-                    }
-                    _ => format!("vspc: {e}.\r\n"),
-                };
-                say_and_close(tcp, msg.as_bytes()).await;
-                return;
-            }
-        };
+    let session = match ConsoleSession::join(&hub, &vm, LockMode::FreeForAllOrReadOnly, Some(&seed))
+    {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::info!(vm = %vm.name(), "console refused: {e}");
+            let msg = match e {
+                AttachError::Full { .. } => {
+                    format!("vspc: {e}; the VM is full, try again later.\r\n")
+                }
+                _ => format!("vspc: {e}.\r\n"),
+            };
+            say_and_close(tcp, msg.as_bytes()).await;
+            return;
+        }
+    };
     if session.access() == Access::ReadOnly {
         session.tell("vspc: someone holds a write lock on this VM; this console is read-only.\r\n");
     }
     tracing::info!(vm = %vm.name(), consoles = vm.console_count(), access = session.access().as_str(), "console connected");
     let outbox = session.outbox();
-    serve(Stream::Tcp(tcp), &mut session, outbox, None).await;
-    tracing::info!(vm = %vm.name(), "console disconnected");
+    tokio::spawn(Conn::new(Stream::Tcp(tcp), session, outbox, None));
 }
 
 #[cfg(test)]
@@ -250,12 +257,12 @@ mod size_budget {
             },
             vm_tx_rate: None,
         };
-        let f = serve_vm(hub.clone(), cfg, a, l.local_addr().unwrap());
+        // What stays allocated while a connection is idle: its task's
+        // future. (Console listeners have no task: see `acceptor`.)
+        let f = vm_conn(hub.clone(), &cfg, Stream::Tcp(a));
         let vm_task = std::mem::size_of_val(&f);
-        assert!(
-            vm_task <= 2048,
-            "VM connection task grew to {vm_task} bytes"
-        );
+        eprintln!("VM connection future: {vm_task} bytes");
+        assert!(vm_task <= 640, "VM connection task grew to {vm_task} bytes");
         drop(f);
         let b = TcpStream::connect(l.local_addr().unwrap()).await.unwrap();
         let id = crate::hub::Identity {
@@ -264,18 +271,14 @@ mod size_budget {
             name: "n".into(),
         };
         let vm = hub.attach_vm(&id, hub.new_peer(10)).unwrap();
-        let f = serve_console(hub.clone(), vm.clone(), b);
+        let session = ConsoleSession::join(&hub, &vm, LockMode::FreeForAll, None).unwrap();
+        let outbox = session.outbox();
+        let f = Conn::new(Stream::Tcp(b), session, outbox, None);
         let console_task = std::mem::size_of_val(&f);
+        eprintln!("console connection future: {console_task} bytes");
         assert!(
-            console_task <= 1792,
+            console_task <= 416,
             "console task grew to {console_task} bytes"
-        );
-        drop(f);
-        let f = accept_loop(l, "x", move |_t, _a| {});
-        let listener_task = std::mem::size_of_val(&f);
-        assert!(
-            listener_task <= 512,
-            "console listener task grew to {listener_task} bytes"
         );
     }
 }

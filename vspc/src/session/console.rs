@@ -178,5 +178,6 @@ impl Session for ConsoleSession {
 
     fn on_close(&mut self) {
         self.hub.detach_console(&self.vm, self.peer.id);
+        tracing::info!(vm = %self.vm.name(), "console disconnected");
     }
 }
