@@ -682,7 +682,7 @@ async fn vspc_phase(
 
 /// Start `relay-server` (this executable) on ports P (VMs) and P+1
 /// (consoles); it exits when we close its stdin, or on a kill.
-fn spawn_relay(base: u16) -> Result<Spawned, String> {
+pub(crate) fn spawn_relay(base: u16) -> Result<Spawned, String> {
     let exe = std::env::current_exe()
         .map_err(|e| format!("cannot find this executable for the relay: {e}"))?;
     let stamp = SystemTime::now()
@@ -721,40 +721,21 @@ fn relay_command(exe: &Path) -> Command {
     cmd
 }
 
-/// Connect, send the header line, expect `ok`.
-async fn relay_connect(addr: SocketAddr, header: String) -> Result<TcpStream, String> {
-    let fail = |e: &dyn std::fmt::Display| format!("relay {addr} ({}): {e}", header.trim_end());
-    let mut s = TcpStream::connect(addr).await.map_err(|e| fail(&e))?;
-    s.set_nodelay(true).map_err(|e| fail(&e))?;
-    s.write_all(header.as_bytes()).await.map_err(|e| fail(&e))?;
-    let mut ok = [0u8; 3];
-    tokio::time::timeout(STEP_WAIT, s.read_exact(&mut ok))
-        .await
-        .map_err(|_| fail(&"no answer"))?
-        .map_err(|e| fail(&e))?;
-    if ok != super::relay::OK {
-        return Err(fail(&format!(
-            "answered {:?}",
-            String::from_utf8_lossy(&ok)
-        )));
-    }
-    Ok(s)
-}
-
-async fn relay_phase(
-    args: &FanoutArgs,
-    pid: u32,
+/// Wait for the relay on ports `base` and `base + 1`, then connect `c`
+/// consoles to each of `n` VMs through it (consoles first, as it wants).
+pub(crate) async fn relay_attach(
     relay: &mut Spawned,
-    pattern: Arc<Pattern>,
-) -> Result<Phase, Failure> {
-    let vm_addr = SocketAddr::from((Ipv4Addr::LOCALHOST, args.daemon.base_port));
-    let console_addr = SocketAddr::from((Ipv4Addr::LOCALHOST, args.daemon.base_port + 1));
+    base: u16,
+    n: usize,
+    c: usize,
+    width: usize,
+) -> Result<(Vec<TcpStream>, Vec<RawConsole>), String> {
+    let vm_addr = SocketAddr::from((Ipv4Addr::LOCALHOST, base));
+    let console_addr = SocketAddr::from((Ipv4Addr::LOCALHOST, base + 1));
     let start = Instant::now();
     loop {
         if relay.exited().is_some() {
-            return Err("the relay stopped before accepting connections"
-                .to_string()
-                .into());
+            return Err("the relay stopped before accepting connections".into());
         }
         if TcpStream::connect(vm_addr).await.is_ok()
             && TcpStream::connect(console_addr).await.is_ok()
@@ -762,12 +743,10 @@ async fn relay_phase(
             break;
         }
         if start.elapsed() > super::READY_WAIT {
-            return Err("the relay did not accept connections".to_string().into());
+            return Err("the relay did not accept connections".into());
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    let (n, c) = (args.vms as usize, args.consoles as usize);
-    let width = args.in_flight as usize;
     eprintln!(
         "vspc-bench: relay: connecting {} consoles, then {n} VMs",
         n * c
@@ -795,6 +774,38 @@ async fn relay_phase(
         relay_connect(vm_addr, format!("vm {i}\n"))
     })
     .await?;
+    Ok((vms, consoles))
+}
+
+/// Connect, send the header line, expect `ok`.
+async fn relay_connect(addr: SocketAddr, header: String) -> Result<TcpStream, String> {
+    let fail = |e: &dyn std::fmt::Display| format!("relay {addr} ({}): {e}", header.trim_end());
+    let mut s = TcpStream::connect(addr).await.map_err(|e| fail(&e))?;
+    s.set_nodelay(true).map_err(|e| fail(&e))?;
+    s.write_all(header.as_bytes()).await.map_err(|e| fail(&e))?;
+    let mut ok = [0u8; 3];
+    tokio::time::timeout(STEP_WAIT, s.read_exact(&mut ok))
+        .await
+        .map_err(|_| fail(&"no answer"))?
+        .map_err(|e| fail(&e))?;
+    if ok != super::relay::OK {
+        return Err(fail(&format!(
+            "answered {:?}",
+            String::from_utf8_lossy(&ok)
+        )));
+    }
+    Ok(s)
+}
+
+async fn relay_phase(
+    args: &FanoutArgs,
+    pid: u32,
+    relay: &mut Spawned,
+    pattern: Arc<Pattern>,
+) -> Result<Phase, Failure> {
+    let (n, c) = (args.vms as usize, args.consoles as usize);
+    let (vms, consoles) =
+        relay_attach(relay, args.daemon.base_port, n, c, args.in_flight as usize).await?;
     let delivered = (n * c) as u64 * args.bytes_per_vm;
     let phase = measured(
         pid,

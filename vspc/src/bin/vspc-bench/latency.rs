@@ -8,7 +8,14 @@
 //!
 //! The echo VM and the typing console run on their own thread (a
 //! single-threaded runtime), so the background tasks of the bench do not
-//! queue ahead of them.
+//! queue ahead of them. With `--busy-poll` that thread spins on
+//! non-blocking sockets instead of sleeping, as the peers of a real
+//! concentrator (an ESXi host, a user's terminal) would be on machines of
+//! their own: their wake-ups then stay out of the figure.
+//!
+//! Then the same run goes through the bare relay (`relay-server`) on the
+//! same ports: the latency any server on this machine could reach under
+//! the same load.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -22,12 +29,11 @@ use tokio::task::JoinSet;
 use vspc::wire::{encode, Decoder, Event};
 
 use super::fanout::{
-    attach_raw, check_fds, conclude, peak_rss_kib, splitmix64, verify_console, Pattern, RawConsole,
-    Verifier,
+    attach_raw, check_fds, conclude, peak_rss_kib, relay_attach, spawn_relay, splitmix64,
+    verify_console, Pattern, RawConsole, Verifier,
 };
 use super::{
-    cpu_s, round, runtime_with_signals, stopped, wait_ready, DaemonOpts, Failure, Spawned, Target,
-    STEP_WAIT,
+    cpu_s, round, runtime_with_signals, stopped, wait_ready, DaemonOpts, Failure, STEP_WAIT,
 };
 
 #[derive(Args)]
@@ -73,6 +79,15 @@ pub struct LatencyArgs {
     #[arg(long, value_name = "K", default_value_t = 256,
           value_parser = clap::value_parser!(u32).range(1..=65536))]
     in_flight: u32,
+
+    /// The probe's thread (echo VM and typing console) spins instead of
+    /// sleeping between bytes; it takes a CPU for the run.
+    #[arg(long)]
+    busy_poll: bool,
+
+    /// Measure the daemon only.
+    #[arg(long)]
+    no_relay: bool,
 }
 
 /// The JSON line (fields in this order).
@@ -87,6 +102,7 @@ struct LatencyReport {
     p999_us: u64,
     max_us: u64,
     mean_us: f64,
+    busy_poll: bool,
     /// What the streaming VMs were set to send, together.
     bg_target_bytes_s: u64,
     /// What their consoles verified per second while the probe ran.
@@ -94,6 +110,27 @@ struct LatencyReport {
     /// Daemon CPU (user + system) per second while the probe ran.
     daemon_cpu_pct: f64,
     rss_peak_kib: u64,
+    /// The same through the bare relay.
+    relay_p50_us: Option<u64>,
+    relay_p99_us: Option<u64>,
+    relay_p999_us: Option<u64>,
+    relay_max_us: Option<u64>,
+    relay_bg_bytes_s: Option<f64>,
+}
+
+/// What one run under load measured.
+struct Probed {
+    /// Round trips in microseconds, sorted.
+    rtts: Vec<u64>,
+    bg_bytes_s: f64,
+    cpu_pct: f64,
+}
+
+impl Probed {
+    fn pick(&self, q: f64) -> u64 {
+        let k = ((q * self.rtts.len() as f64).ceil() as usize).clamp(1, self.rtts.len());
+        self.rtts[k - 1]
+    }
 }
 
 pub fn run(args: LatencyArgs) -> Result<(), Failure> {
@@ -102,26 +139,81 @@ pub fn run(args: LatencyArgs) -> Result<(), Failure> {
     let (mut daemon, target) = args.daemon.start(args.vms, &[], &rt)?;
     let result = rt.block_on(async {
         tokio::select! {
-            r = measure(&args, target, &mut daemon) => r,
+            r = async {
+                wait_ready(target, Some(&mut daemon)).await?;
+                let n = args.vms as usize;
+                let (vms, consoles) = attach_raw(target, n, 1, args.in_flight as usize).await?;
+                let probed = under_load(&args, vms, consoles, target.pid).await?;
+                Ok((probed, peak_rss_kib(target.pid)?))
+            } => r,
             _ = stopped(stop.clone()) => Err(Failure::Interrupted),
         }
     });
+    let (vspc, rss_peak_kib) = conclude(result, daemon)?;
+
+    // The same through the bare relay, same ports.
+    let relay = if args.no_relay {
+        None
+    } else {
+        let mut relay = spawn_relay(args.daemon.base_port)?;
+        let pid = relay.child.id();
+        let result = rt.block_on(async {
+            tokio::select! {
+                r = async {
+                    let (vms, consoles) = relay_attach(
+                        &mut relay,
+                        args.daemon.base_port,
+                        args.vms as usize,
+                        1,
+                        args.in_flight as usize,
+                    )
+                    .await?;
+                    under_load(&args, vms, consoles, pid).await
+                } => r,
+                _ = stopped(stop.clone()) => Err(Failure::Interrupted),
+            }
+        });
+        Some(conclude(result, relay)?)
+    };
     rt.shutdown_background();
-    let report = conclude(result, daemon)?;
+
+    let mean = vspc.rtts.iter().sum::<u64>() as f64 / vspc.rtts.len() as f64;
+    let report = LatencyReport {
+        mode: "latency",
+        vms: args.vms,
+        streaming_vms: args.vms - 1,
+        samples: vspc.rtts.len(),
+        p50_us: vspc.pick(0.5),
+        p99_us: vspc.pick(0.99),
+        p999_us: vspc.pick(0.999),
+        max_us: vspc.pick(1.0),
+        mean_us: round(mean, 1),
+        busy_poll: args.busy_poll,
+        bg_target_bytes_s: u64::from(args.vms - 1) * args.rate,
+        bg_bytes_s: round(vspc.bg_bytes_s, 0),
+        daemon_cpu_pct: round(vspc.cpu_pct, 1),
+        rss_peak_kib,
+        relay_p50_us: relay.as_ref().map(|r| r.pick(0.5)),
+        relay_p99_us: relay.as_ref().map(|r| r.pick(0.99)),
+        relay_p999_us: relay.as_ref().map(|r| r.pick(0.999)),
+        relay_max_us: relay.as_ref().map(|r| r.pick(1.0)),
+        relay_bg_bytes_s: relay.as_ref().map(|r| round(r.bg_bytes_s, 0)),
+    };
     let line =
         serde_json::to_string(&report).map_err(|e| format!("cannot format the report: {e}"))?;
     println!("{line}");
     Ok(())
 }
 
-async fn measure(
+/// Stream from VMs 1.. to their consoles, then time round trips through
+/// VM 0 and its console; `pid` is the server's, for its CPU time.
+async fn under_load(
     args: &LatencyArgs,
-    target: Target,
-    daemon: &mut Spawned,
-) -> Result<LatencyReport, Failure> {
-    wait_ready(target, Some(daemon)).await?;
+    vms: Vec<TcpStream>,
+    consoles: Vec<super::fanout::RawConsole>,
+    pid: u32,
+) -> Result<Probed, Failure> {
     let n = args.vms as usize;
-    let (vms, consoles) = attach_raw(target, n, 1, args.in_flight as usize).await?;
     let pattern = Arc::new(Pattern::new());
     let progress = Arc::new(AtomicU64::new(0));
     let per_tick = usize::try_from(args.rate * args.tick_ms / 1000)
@@ -173,15 +265,21 @@ async fn measure(
     let (done, result) = tokio::sync::oneshot::channel();
     let (samples, warmup) = (args.samples as usize, args.warmup as usize);
     let gap = Duration::from_micros(args.gap_us);
+    let busy = args.busy_poll;
     let (bg0, cpu0, t0) = (
         progress.load(Ordering::Relaxed),
-        cpu_s(target.pid)?,
+        cpu_s(pid)?,
         Instant::now(),
     );
     std::thread::Builder::new()
         .name("probe".into())
         .spawn(move || {
-            let _ = done.send(probe_thread(probe, echo_vm, samples, warmup, gap));
+            let r = if busy {
+                spin::probe(probe, echo_vm, samples, warmup, gap)
+            } else {
+                probe_thread(probe, echo_vm, samples, warmup, gap)
+            };
+            let _ = done.send(r);
         })
         .map_err(|e| format!("cannot start the probe thread: {e}"))?;
     let mut rtts = tokio::select! {
@@ -189,29 +287,13 @@ async fn measure(
         Some(joined) = background.join_next() => return Err(ended(joined).into()),
     };
     let secs = t0.elapsed().as_secs_f64();
-    let (bg1, cpu1) = (progress.load(Ordering::Relaxed), cpu_s(target.pid)?);
+    let (bg1, cpu1) = (progress.load(Ordering::Relaxed), cpu_s(pid)?);
     background.abort_all();
-
     rtts.sort_unstable();
-    let pick = |q: f64| {
-        let k = ((q * rtts.len() as f64).ceil() as usize).clamp(1, rtts.len());
-        rtts[k - 1]
-    };
-    let mean = rtts.iter().sum::<u64>() as f64 / rtts.len() as f64;
-    Ok(LatencyReport {
-        mode: "latency",
-        vms: args.vms,
-        streaming_vms: args.vms - 1,
-        samples: rtts.len(),
-        p50_us: pick(0.5),
-        p99_us: pick(0.99),
-        p999_us: pick(0.999),
-        max_us: pick(1.0),
-        mean_us: round(mean, 1),
-        bg_target_bytes_s: (n as u64 - 1) * args.rate,
-        bg_bytes_s: round((bg1 - bg0) as f64 / secs, 0),
-        daemon_cpu_pct: round(100.0 * (cpu1 - cpu0) / secs, 1),
-        rss_peak_kib: peak_rss_kib(target.pid)?,
+    Ok(Probed {
+        rtts,
+        bg_bytes_s: (bg1 - bg0) as f64 / secs,
+        cpu_pct: 100.0 * (cpu1 - cpu0) / secs,
     })
 }
 
@@ -356,4 +438,118 @@ async fn probe(
         tokio::time::sleep(gap).await;
     }
     Ok(rtts)
+}
+
+/// The probe's busy-polling variant: both sockets non-blocking, one thread
+/// that never sleeps while a round trip is under way.
+mod spin {
+    use super::STEP_WAIT;
+    use std::io::{self, Read, Write};
+    use std::net::TcpStream;
+    use std::time::{Duration, Instant};
+    use vspc::wire::{encode, Decoder, Event};
+
+    /// Read what is there without waiting: `Ok(None)` if nothing is.
+    fn try_read(s: &mut TcpStream, buf: &mut [u8], what: &str) -> Result<Option<usize>, String> {
+        match s.read(buf) {
+            Ok(0) => Err(format!("{what} closed")),
+            Ok(n) => Ok(Some(n)),
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => Ok(None),
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => Ok(None),
+            Err(e) => Err(format!("{what}: {e}")),
+        }
+    }
+
+    /// Write all of `data`, spinning while the socket is full.
+    fn write_all(s: &mut TcpStream, mut data: &[u8], what: &str) -> Result<(), String> {
+        let t = Instant::now();
+        while !data.is_empty() {
+            match s.write(data) {
+                Ok(n) => data = &data[n..],
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted
+                    ) =>
+                {
+                    if t.elapsed() > STEP_WAIT {
+                        return Err(format!("{what}: cannot write for {STEP_WAIT:?}"));
+                    }
+                    std::hint::spin_loop();
+                }
+                Err(e) => return Err(format!("{what}: {e}")),
+            }
+        }
+        Ok(())
+    }
+
+    pub(super) fn probe(
+        mut console: TcpStream,
+        mut vm: TcpStream,
+        samples: usize,
+        warmup: usize,
+        gap: Duration,
+    ) -> Result<Vec<u64>, String> {
+        for s in [&console, &vm] {
+            s.set_nonblocking(true)
+                .map_err(|e| format!("probe: cannot make a socket non-blocking: {e}"))?;
+        }
+        let (mut cdec, mut vdec) = (Decoder::default(), Decoder::default());
+        let mut buf = vec![0u8; 4096];
+        let mut out = Vec::with_capacity(4096);
+        let mut rtts = Vec::with_capacity(samples);
+        for k in 0..warmup + samples {
+            let byte = b'a' + (k % 26) as u8;
+            let t = Instant::now();
+            write_all(&mut console, &[byte], "probe console")?;
+            let mut back = false;
+            while !back {
+                // The echo VM's side.
+                if let Some(n) = try_read(&mut vm, &mut buf, "echo VM")? {
+                    vdec.decode(&buf[..n], |ev| {
+                        if let Event::Data(d) = ev {
+                            encode::data(d, &mut out);
+                        }
+                    })
+                    .map_err(|e| format!("echo VM: {e}"))?;
+                    if !out.is_empty() {
+                        write_all(&mut vm, &out, "echo VM")?;
+                        out.clear();
+                    }
+                }
+                // The console's side.
+                if let Some(n) = try_read(&mut console, &mut buf, "probe console")? {
+                    let mut stray = None;
+                    cdec.decode(&buf[..n], |ev| {
+                        if let Event::Data(d) = ev {
+                            for &b in d {
+                                if b == byte && !back {
+                                    back = true;
+                                } else {
+                                    stray = Some(b);
+                                }
+                            }
+                        }
+                    })
+                    .map_err(|e| format!("probe console: {e}"))?;
+                    if let Some(b) = stray {
+                        return Err(format!(
+                            "round trip {k}: the console received 0x{b:02x}, expected only 0x{byte:02x}"
+                        ));
+                    }
+                }
+                if !back && t.elapsed() > STEP_WAIT {
+                    return Err(format!("round trip {k}: no echo within {STEP_WAIT:?}"));
+                }
+                // Any other thread that wants this CPU gets it at once.
+                std::thread::yield_now();
+            }
+            let rtt = t.elapsed();
+            if k >= warmup {
+                rtts.push(rtt.as_micros().try_into().unwrap_or(u64::MAX));
+            }
+            std::thread::sleep(gap);
+        }
+        Ok(rtts)
+    }
 }

@@ -1,11 +1,12 @@
-//! `vspc-bench relay-server` (hidden): the bare TCP relay `fanout` measures
-//! the daemon against. One port takes "VM" connections, one takes "console"
-//! connections; each opens with a header line (`vm ID` or `console ID`),
-//! answered with `ok`. A VM's connection then gets one task that reads its
-//! bytes and writes each read to that VM's consoles in turn with plain
-//! tokio writes: no telnet, no queues, no bookkeeping beyond a `Vec` of
-//! sockets. Consoles must connect before their VM; a VM takes the consoles
-//! registered at its header.
+//! `vspc-bench relay-server` (hidden): the bare TCP relay `fanout` and
+//! `latency` measure the daemon against. One port takes "VM" connections,
+//! one takes "console" connections; each opens with a header line (`vm ID`
+//! or `console ID`), answered with `ok`. A VM's connection then gets one
+//! task that reads its bytes and writes each read to that VM's consoles in
+//! turn with plain tokio writes: no telnet, no queues, no bookkeeping
+//! beyond a `Vec` of sockets. Each console gets a task that copies its
+//! input to the VM. Consoles must connect before their VM; a VM takes the
+//! consoles registered at its header.
 //!
 //! It runs as a child process of the bench (so it gets its own CPU, as the
 //! daemon does) and exits when its stdin reaches EOF, i.e. when the bench is
@@ -148,21 +149,43 @@ async fn header(stream: &mut TcpStream) -> Result<Option<String>, String> {
         .map_err(|_| "header is not UTF-8".into())
 }
 
-/// Copy everything the VM sends to each console; a console whose write
-/// fails is dropped.
-async fn relay(mut vm: TcpStream, mut consoles: Vec<TcpStream>) {
+/// Copy everything the VM sends to each console (a console whose write
+/// fails is dropped), and every console's input to the VM.
+async fn relay(vm: TcpStream, consoles: Vec<TcpStream>) {
+    let (mut vm_in, vm_out) = vm.into_split();
+    let vm_out = Arc::new(tokio::sync::Mutex::new(vm_out));
+    // Dropped (and so aborted) when the VM's connection ends.
+    let mut inputs = tokio::task::JoinSet::new();
+    let mut outs = Vec::with_capacity(consoles.len());
+    for console in consoles {
+        let (mut input, out) = console.into_split();
+        outs.push(out);
+        let vm_out = vm_out.clone();
+        inputs.spawn(async move {
+            let mut buf = vec![0u8; 4096];
+            loop {
+                let n = match input.read(&mut buf).await {
+                    Ok(0) | Err(_) => return,
+                    Ok(n) => n,
+                };
+                if vm_out.lock().await.write_all(&buf[..n]).await.is_err() {
+                    return;
+                }
+            }
+        });
+    }
     let mut buf = vec![0u8; BUF];
     loop {
-        let n = match vm.read(&mut buf).await {
+        let n = match vm_in.read(&mut buf).await {
             Ok(0) | Err(_) => return,
             Ok(n) => n,
         };
         let mut i = 0;
-        while i < consoles.len() {
-            if consoles[i].write_all(&buf[..n]).await.is_ok() {
+        while i < outs.len() {
+            if outs[i].write_all(&buf[..n]).await.is_ok() {
                 i += 1;
             } else {
-                consoles.swap_remove(i);
+                outs.swap_remove(i);
             }
         }
     }
