@@ -1,6 +1,8 @@
-//! Tokio listeners: the proxy port (TCP or TLS), the per-VM console ports
-//! and the admin port; one task per connection. Also the periodic sweep and
-//! the signals (SIGTERM/SIGINT stop, SIGHUP reopens backend files).
+//! Listeners: the proxy port (TCP or TLS) and the admin port on the tokio
+//! runtime, the per-VM console ports on one accepting thread
+//! ([`acceptor`]); one task per connection ([`conn::Conn`]). Also the
+//! periodic sweep and the signals (SIGTERM/SIGINT stop, SIGHUP reopens
+//! backend files).
 
 pub mod acceptor;
 pub mod conn;
