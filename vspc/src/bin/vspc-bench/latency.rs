@@ -412,24 +412,7 @@ async fn probe(
                 Ok(Ok(n)) => n,
                 Ok(Err(e)) => return Err(format!("round trip {k}: {e}")),
             };
-            let mut stray = None;
-            dec.decode(&buf[..n], |ev| {
-                if let Event::Data(d) = ev {
-                    for &b in d {
-                        if b == byte && !back {
-                            back = true;
-                        } else {
-                            stray = Some(b);
-                        }
-                    }
-                }
-            })
-            .map_err(|e| format!("probe console: {e}"))?;
-            if let Some(b) = stray {
-                return Err(format!(
-                    "round trip {k}: the console received 0x{b:02x}, expected only 0x{byte:02x}"
-                ));
-            }
+            back = echoed(&mut dec, &buf[..n], byte, k)?;
         }
         let rtt = t.elapsed();
         if k >= warmup {
@@ -438,6 +421,31 @@ async fn probe(
         tokio::time::sleep(gap).await;
     }
     Ok(rtts)
+}
+
+/// Whether what the probe console read (`data`) is the echo of `byte`, in
+/// round trip `k`; anything else is an error.
+fn echoed(dec: &mut Decoder, data: &[u8], byte: u8, k: usize) -> Result<bool, String> {
+    let mut back = false;
+    let mut stray = None;
+    dec.decode(data, |ev| {
+        if let Event::Data(d) = ev {
+            for &b in d {
+                if b == byte && !back {
+                    back = true;
+                } else {
+                    stray = Some(b);
+                }
+            }
+        }
+    })
+    .map_err(|e| format!("probe console: {e}"))?;
+    match stray {
+        Some(b) => Err(format!(
+            "round trip {k}: the console received 0x{b:02x}, expected only 0x{byte:02x}"
+        )),
+        None => Ok(back),
+    }
 }
 
 /// The probe's busy-polling variant: both sockets non-blocking, one thread
@@ -519,24 +527,7 @@ mod spin {
                 }
                 // The console's side.
                 if let Some(n) = try_read(&mut console, &mut buf, "probe console")? {
-                    let mut stray = None;
-                    cdec.decode(&buf[..n], |ev| {
-                        if let Event::Data(d) = ev {
-                            for &b in d {
-                                if b == byte && !back {
-                                    back = true;
-                                } else {
-                                    stray = Some(b);
-                                }
-                            }
-                        }
-                    })
-                    .map_err(|e| format!("probe console: {e}"))?;
-                    if let Some(b) = stray {
-                        return Err(format!(
-                            "round trip {k}: the console received 0x{b:02x}, expected only 0x{byte:02x}"
-                        ));
-                    }
+                    back = super::echoed(&mut cdec, &buf[..n], byte, k)?;
                 }
                 if !back && t.elapsed() > STEP_WAIT {
                     return Err(format!("round trip {k}: no echo within {STEP_WAIT:?}"));
