@@ -583,6 +583,25 @@ async fn native_listing_and_errors() {
         c.ask("version").await,
         json!({"ok": true, "version": env!("CARGO_PKG_VERSION"), "protocol": 1})
     );
+    // Two VMs, both connected, one console; the daemon's allocator says
+    // how much it holds.
+    let stats = c.ask("stats").await;
+    assert_eq!(
+        (
+            &stats["ok"],
+            &stats["vms"],
+            &stats["vms_connected"],
+            &stats["consoles"]
+        ),
+        (&json!(true), &json!(2), &json!(2), &json!(1)),
+        "{stats}"
+    );
+    let allocated = stats["heap_allocated_bytes"].as_u64();
+    let resident = stats["heap_resident_bytes"].as_u64();
+    assert!(
+        matches!((allocated, resident), (Some(a), Some(r)) if a > 0 && a <= r),
+        "{stats}"
+    );
     let help = c.ask("help").await;
     assert_eq!(help["ok"], json!(true), "{help}");
     let commands: Vec<&str> = help["commands"]
@@ -591,7 +610,9 @@ async fn native_listing_and_errors() {
         .iter()
         .filter_map(Json::as_str)
         .collect();
-    for word in ["list", "connect", "clear", "version", "help", "quit"] {
+    for word in [
+        "list", "connect", "clear", "stats", "version", "help", "quit",
+    ] {
         assert!(
             commands.iter().any(|c| c.split(' ').next() == Some(word)),
             "help lacks {word}: {commands:?}"

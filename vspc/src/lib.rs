@@ -10,6 +10,7 @@ pub mod backend_setup;
 pub mod config;
 pub mod hub;
 pub mod logging;
+pub mod memory;
 pub mod net;
 pub mod outbox;
 pub mod plugins;

@@ -9,6 +9,7 @@
 //! | `list` | `{"ok":true,"vms":[{"name","uuid","port","vm_connected","consoles"}]}`, sorted by name |
 //! | `connect VM [MODE]` | `{"ok":true,"vm":{…},"mode":"free-for-all"}`, then the connection is a telnet console of VM (recent output first) |
 //! | `clear VM` | `{"ok":true,"cleared":N}`: every console of VM disconnected |
+//! | `stats` | `{"ok":true,"vms","vms_connected","consoles","heap_allocated_bytes","heap_resident_bytes"}` (the heap figures are `null` where the allocator gives none) |
 //! | `version` | `{"ok":true,"version":"0.1.0","protocol":1}` |
 //! | `help` | `{"ok":true,"commands":[…]}` |
 //! | `quit` | closes the connection |
@@ -41,6 +42,7 @@ const COMMANDS: &[&str] = &[
     "list",
     "connect VM [exclusive|write|free-for-all|free-for-all-fallback]",
     "clear VM",
+    "stats",
     "version",
     "help",
     "quit",
@@ -71,6 +73,7 @@ pub async fn serve(hub: Arc<Hub>, mut tcp: TcpStream) {
                 "protocol": PROTOCOL,
             }),
             ("help", _) => json!({ "ok": true, "commands": COMMANDS }),
+            ("stats", _) => stats(&hub),
             ("quit", _) | ("exit", _) => return,
             ("clear", Some(name)) => match hub.find(name) {
                 Some(vm) => {
@@ -145,6 +148,26 @@ async fn run_console(mut session: ConsoleSession, tcp: TcpStream, leftover: Vec<
     );
     let outbox = session.outbox();
     serve_stream(Stream::Tcp(tcp), &mut session, outbox, None).await;
+}
+
+/// The `stats` answer: the hub's counts and the allocator's figures.
+fn stats(hub: &Hub) -> Value {
+    let (mut connected, mut consoles) = (0, 0);
+    for r in hub.records() {
+        if let Some(vm) = hub.find(&r.uuid) {
+            connected += usize::from(vm.vm_connected());
+            consoles += vm.console_count();
+        }
+    }
+    let heap = crate::memory::heap();
+    json!({
+        "ok": true,
+        "vms": hub.len(),
+        "vms_connected": connected,
+        "consoles": consoles,
+        "heap_allocated_bytes": heap.map(|h| h.allocated),
+        "heap_resident_bytes": heap.map(|h| h.resident),
+    })
 }
 
 /// A listing row with what the hub knows beyond the record.
