@@ -22,8 +22,6 @@ use super::{
     Target, STEP_WAIT,
 };
 
-/// Pause after the listing is empty, before the final readings.
-const CHURN_SETTLE: Duration = Duration::from_secs(2);
 /// How long the mappings may take to expire after the last cycle.
 const EXPIRE_WAIT: Duration = Duration::from_secs(60);
 /// RSS sampling period for the peak.
@@ -43,6 +41,16 @@ pub(crate) struct ChurnArgs {
     #[arg(long, value_name = "W", default_value_t = 32,
           value_parser = clap::value_parser!(u32).range(1..=4096))]
     parallel: u32,
+
+    /// Cycles run (and expired) before the first readings, so one-time
+    /// allocations (buffers, table capacities) are not counted as growth.
+    #[arg(long, value_name = "N", default_value_t = 1000)]
+    warmup: u32,
+
+    /// Seconds to wait after the listing is empty, before the final
+    /// readings (the daemon's allocator returns freed pages within ~10 s).
+    #[arg(long, value_name = "SECS", default_value_t = 2)]
+    settle: u64,
 }
 
 /// The JSON line of the churn mode.
@@ -52,6 +60,7 @@ struct ChurnReport {
     cycles: u32,
     parallel: u32,
     identities: u32,
+    warmup: u32,
     seconds: f64,
     cycles_per_s: f64,
     fds_start: u64,
@@ -60,6 +69,11 @@ struct ChurnReport {
     rss_end_kib: u64,
     rss_peak_kib: u64,
     rss_diff_kib: i64,
+    /// Bytes the daemon's allocator counts as in use (the admin port's
+    /// `stats`; `null` for a daemon without it).
+    heap_start_bytes: Option<u64>,
+    heap_end_bytes: Option<u64>,
+    heap_diff_bytes: Option<i64>,
 }
 
 pub(crate) fn run(args: ChurnArgs) -> Result<(), Failure> {
@@ -116,9 +130,18 @@ where
 async fn churn(args: ChurnArgs, target: Target) -> Result<(), Failure> {
     let identities = args.parallel * 4;
     let pid = target.pid;
+    let locks: Arc<Vec<Mutex<()>>> = Arc::new((0..identities).map(|_| Mutex::new(())).collect());
+    let nonce = super::simulate::Rng::seed();
     tokio::time::sleep(Duration::from_secs(1)).await;
+    if args.warmup > 0 {
+        eprintln!("vspc-bench: warming up with {} cycles", args.warmup);
+        run_cycles(args.warmup as usize, &args, target, &locks, nonce).await?;
+        all_expired(target).await?;
+        tokio::time::sleep(Duration::from_secs(args.settle)).await;
+    }
     let fds_start = fd_count(pid)?;
     let rss_start_kib = rss_kib(pid)?;
+    let heap_start = heap_allocated(target.admin).await;
     eprintln!(
         "vspc-bench: daemon pid {pid} ready: {fds_start} descriptors, VmRSS {rss_start_kib} KiB; \
          {} cycles, {} in flight, {identities} identities",
@@ -136,50 +159,26 @@ async fn churn(args: ChurnArgs, target: Target) -> Result<(), Failure> {
             }
         })
     };
-    let locks: Arc<Vec<Mutex<()>>> = Arc::new((0..identities).map(|_| Mutex::new(())).collect());
-    let nonce = super::simulate::Rng::seed();
-    let t0 = Instant::now();
     let cycles = args.cycles as usize;
-    let done = pool("cycles", cycles, args.parallel as usize, move |k| {
-        let locks = locks.clone();
-        async move { cycle(k, target, &locks, nonce).await }
-    })
-    .await;
-    let seconds = t0.elapsed().as_secs_f64();
-    done?;
+    let seconds = run_cycles(cycles, &args, target, &locks, nonce).await?;
     eprintln!("vspc-bench: {cycles} cycles in {seconds:.1} s; waiting for the mappings to expire");
     let t1 = Instant::now();
-    loop {
-        let rows = sim::list_vms(target.admin)
-            .await
-            .map_err(|e| format!("admin listing: {e}"))?;
-        if rows.is_empty() {
-            break;
-        }
-        if t1.elapsed() > EXPIRE_WAIT {
-            return Err(format!(
-                "{} VMs still listed {} s after the last cycle with --vm-expire-time 1, e.g. {:?}",
-                rows.len(),
-                EXPIRE_WAIT.as_secs(),
-                rows[0]
-            )
-            .into());
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    all_expired(target).await?;
     eprintln!(
         "vspc-bench: listing empty {:.1} s after the last cycle; settling",
         t1.elapsed().as_secs_f64()
     );
-    tokio::time::sleep(CHURN_SETTLE).await;
+    tokio::time::sleep(Duration::from_secs(args.settle)).await;
     sampler.abort();
     let fds_end = fd_count(pid)?;
     let rss_end_kib = rss_kib(pid)?;
+    let heap_end = heap_allocated(target.admin).await;
     let report = ChurnReport {
         mode: "churn",
         cycles: args.cycles,
         parallel: args.parallel,
         identities,
+        warmup: args.warmup,
         seconds: round(seconds, 3),
         cycles_per_s: round(f64::from(args.cycles) / seconds, 1),
         fds_start,
@@ -188,6 +187,9 @@ async fn churn(args: ChurnArgs, target: Target) -> Result<(), Failure> {
         rss_end_kib,
         rss_peak_kib: peak.load(Ordering::Relaxed).max(rss_end_kib),
         rss_diff_kib: rss_end_kib as i64 - rss_start_kib as i64,
+        heap_start_bytes: heap_start,
+        heap_end_bytes: heap_end,
+        heap_diff_bytes: heap_start.zip(heap_end).map(|(a, b)| b as i64 - a as i64),
     };
     if fds_end != fds_start {
         eprintln!(
@@ -286,4 +288,60 @@ async fn port_of(admin: std::net::SocketAddr, id: &Identity) -> Result<u16, Stri
         }
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
+}
+
+/// Run `n` cycles, `--parallel` at a time; returns the seconds taken.
+async fn run_cycles(
+    n: usize,
+    args: &ChurnArgs,
+    target: Target,
+    locks: &Arc<Vec<Mutex<()>>>,
+    nonce: u64,
+) -> Result<f64, Failure> {
+    let t0 = Instant::now();
+    let locks = locks.clone();
+    pool("cycles", n, args.parallel as usize, move |k| {
+        let locks = locks.clone();
+        async move { cycle(k, target, &locks, nonce).await }
+    })
+    .await?;
+    Ok(t0.elapsed().as_secs_f64())
+}
+
+/// Wait until the daemon lists no VM (they expire after a second).
+async fn all_expired(target: Target) -> Result<(), Failure> {
+    let t1 = Instant::now();
+    loop {
+        let rows = sim::list_vms(target.admin)
+            .await
+            .map_err(|e| format!("admin listing: {e}"))?;
+        if rows.is_empty() {
+            return Ok(());
+        }
+        if t1.elapsed() > EXPIRE_WAIT {
+            return Err(format!(
+                "{} VMs still listed {} s after the last cycle with --vm-expire-time 1, e.g. {:?}",
+                rows.len(),
+                EXPIRE_WAIT.as_secs(),
+                rows[0]
+            )
+            .into());
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// The daemon's heap in use, from the native admin protocol's `stats`;
+/// `None` if it does not answer that (another concentrator, an old vspc).
+async fn heap_allocated(admin: std::net::SocketAddr) -> Option<u64> {
+    use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+    let ask = async {
+        let mut stream = tokio::net::TcpStream::connect(admin).await.ok()?;
+        stream.write_all(b"stats\n").await.ok()?;
+        let mut line = String::new();
+        BufReader::new(stream).read_line(&mut line).await.ok()?;
+        let answer: serde_json::Value = serde_json::from_str(&line).ok()?;
+        answer["heap_allocated_bytes"].as_u64()
+    };
+    tokio::time::timeout(STEP_WAIT, ask).await.ok().flatten()
 }
