@@ -147,15 +147,9 @@ pub fn run(args: FanoutArgs) -> Result<(), Failure> {
     let relay = if args.no_relay {
         None
     } else {
-        let mut relay = spawn_relay(args.daemon.base_port)?;
-        let pid = relay.child.id();
-        let result = rt.block_on(async {
-            tokio::select! {
-                r = relay_phase(&args, pid, &mut relay, pattern.clone()) => r,
-                _ = stopped(stop.clone()) => Err(Failure::Interrupted),
-            }
-        });
-        Some(conclude(result, relay)?)
+        Some(on_relay(&rt, &stop, args.daemon.base_port, |pid| {
+            relay_phase(&args, pid, pattern.clone())
+        })?)
     };
     rt.shutdown_background();
 
@@ -663,15 +657,28 @@ async fn vspc_phase(
     wait_ready(target, Some(daemon)).await?;
     let (n, c) = (args.vms as usize, args.consoles as usize);
     let (vms, consoles) = attach_raw(target, n, c, args.in_flight as usize).await?;
-    let delivered = (n * c) as u64 * args.bytes_per_vm;
+    stream_measured("vspc", target.pid, vms, consoles, args, pattern).await
+}
+
+/// Stream every VM's bytes to its consoles through the server with process
+/// id `pid` (`what` names it), timing it and reading the server's CPU.
+async fn stream_measured(
+    what: &str,
+    pid: u32,
+    vms: Vec<TcpStream>,
+    consoles: Vec<RawConsole>,
+    args: &FanoutArgs,
+    pattern: Arc<Pattern>,
+) -> Result<Phase, Failure> {
+    let delivered = u64::from(args.vms) * u64::from(args.consoles) * args.bytes_per_vm;
     let phase = measured(
-        target.pid,
+        pid,
         delivered,
-        stream_phase("vspc", vms, consoles, args, pattern),
+        stream_phase(what, vms, consoles, args, pattern),
     )
     .await?;
     eprintln!(
-        "vspc-bench: vspc: {:.1} MiB/s ({:.3} s)",
+        "vspc-bench: {what}: {:.1} MiB/s ({:.3} s)",
         phase.mib_s, phase.secs
     );
     Ok(phase)
@@ -682,7 +689,7 @@ async fn vspc_phase(
 
 /// Start `relay-server` (this executable) on ports P (VMs) and P+1
 /// (consoles); it exits when we close its stdin, or on a kill.
-pub(crate) fn spawn_relay(base: u16) -> Result<Spawned, String> {
+fn spawn_relay(base: u16) -> Result<Spawned, String> {
     let exe = std::env::current_exe()
         .map_err(|e| format!("cannot find this executable for the relay: {e}"))?;
     let stamp = SystemTime::now()
@@ -721,10 +728,59 @@ fn relay_command(exe: &Path) -> Command {
     cmd
 }
 
-/// Wait for the relay on ports `base` and `base + 1`, then connect `c`
-/// consoles to each of `n` VMs through it (consoles first, as it wants).
+/// Start the bare relay on ports `base` and `base + 1`, wait until it
+/// accepts, and run `f(pid)` against it (until done or Ctrl-C); the relay
+/// is stopped however that ends.
+pub(crate) fn on_relay<T, F, Fut>(
+    rt: &tokio::runtime::Runtime,
+    stop: &watch::Receiver<bool>,
+    base: u16,
+    f: F,
+) -> Result<T, Failure>
+where
+    F: FnOnce(u32) -> Fut,
+    Fut: std::future::Future<Output = Result<T, Failure>>,
+{
+    let mut relay = spawn_relay(base)?;
+    let pid = relay.child.id();
+    let result = rt.block_on(async {
+        tokio::select! {
+            r = async {
+                relay_ready(&mut relay, base).await?;
+                f(pid).await
+            } => r,
+            _ = stopped(stop.clone()) => Err(Failure::Interrupted),
+        }
+    });
+    conclude(result, relay)
+}
+
+/// Wait until the relay accepts on both ports.
+async fn relay_ready(relay: &mut Spawned, base: u16) -> Result<(), String> {
+    let start = Instant::now();
+    loop {
+        if relay.exited().is_some() {
+            return Err("the relay stopped before accepting connections".into());
+        }
+        if TcpStream::connect(SocketAddr::from((Ipv4Addr::LOCALHOST, base)))
+            .await
+            .is_ok()
+            && TcpStream::connect(SocketAddr::from((Ipv4Addr::LOCALHOST, base + 1)))
+                .await
+                .is_ok()
+        {
+            return Ok(());
+        }
+        if start.elapsed() > super::READY_WAIT {
+            return Err("the relay did not accept connections".into());
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Connect `c` consoles to each of `n` VMs through the relay on ports
+/// `base` and `base + 1` (consoles first, as it wants).
 pub(crate) async fn relay_attach(
-    relay: &mut Spawned,
     base: u16,
     n: usize,
     c: usize,
@@ -732,21 +788,6 @@ pub(crate) async fn relay_attach(
 ) -> Result<(Vec<TcpStream>, Vec<RawConsole>), String> {
     let vm_addr = SocketAddr::from((Ipv4Addr::LOCALHOST, base));
     let console_addr = SocketAddr::from((Ipv4Addr::LOCALHOST, base + 1));
-    let start = Instant::now();
-    loop {
-        if relay.exited().is_some() {
-            return Err("the relay stopped before accepting connections".into());
-        }
-        if TcpStream::connect(vm_addr).await.is_ok()
-            && TcpStream::connect(console_addr).await.is_ok()
-        {
-            break;
-        }
-        if start.elapsed() > super::READY_WAIT {
-            return Err("the relay did not accept connections".into());
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
     eprintln!(
         "vspc-bench: relay: connecting {} consoles, then {n} VMs",
         n * c
@@ -797,25 +838,9 @@ async fn relay_connect(addr: SocketAddr, header: String) -> Result<TcpStream, St
     Ok(s)
 }
 
-async fn relay_phase(
-    args: &FanoutArgs,
-    pid: u32,
-    relay: &mut Spawned,
-    pattern: Arc<Pattern>,
-) -> Result<Phase, Failure> {
+async fn relay_phase(args: &FanoutArgs, pid: u32, pattern: Arc<Pattern>) -> Result<Phase, Failure> {
     let (n, c) = (args.vms as usize, args.consoles as usize);
     let (vms, consoles) =
-        relay_attach(relay, args.daemon.base_port, n, c, args.in_flight as usize).await?;
-    let delivered = (n * c) as u64 * args.bytes_per_vm;
-    let phase = measured(
-        pid,
-        delivered,
-        stream_phase("relay", vms, consoles, args, pattern),
-    )
-    .await?;
-    eprintln!(
-        "vspc-bench: relay: {:.1} MiB/s ({:.3} s)",
-        phase.mib_s, phase.secs
-    );
-    Ok(phase)
+        relay_attach(args.daemon.base_port, n, c, args.in_flight as usize).await?;
+    stream_measured("relay", pid, vms, consoles, args, pattern).await
 }

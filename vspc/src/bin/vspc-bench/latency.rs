@@ -29,7 +29,7 @@ use tokio::task::JoinSet;
 use vspc::wire::{encode, Decoder, Event};
 
 use super::fanout::{
-    attach_raw, check_fds, conclude, peak_rss_kib, relay_attach, spawn_relay, splitmix64,
+    attach_raw, check_fds, conclude, on_relay, peak_rss_kib, relay_attach, splitmix64,
     verify_console, Pattern, RawConsole, Verifier,
 };
 use super::{
@@ -155,25 +155,22 @@ pub fn run(args: LatencyArgs) -> Result<(), Failure> {
     let relay = if args.no_relay {
         None
     } else {
-        let mut relay = spawn_relay(args.daemon.base_port)?;
-        let pid = relay.child.id();
-        let result = rt.block_on(async {
-            tokio::select! {
-                r = async {
-                    let (vms, consoles) = relay_attach(
-                        &mut relay,
-                        args.daemon.base_port,
-                        args.vms as usize,
-                        1,
-                        args.in_flight as usize,
-                    )
-                    .await?;
-                    under_load(&args, vms, consoles, pid).await
-                } => r,
-                _ = stopped(stop.clone()) => Err(Failure::Interrupted),
-            }
-        });
-        Some(conclude(result, relay)?)
+        let args = &args;
+        Some(on_relay(
+            &rt,
+            &stop,
+            args.daemon.base_port,
+            |pid| async move {
+                let (vms, consoles) = relay_attach(
+                    args.daemon.base_port,
+                    args.vms as usize,
+                    1,
+                    args.in_flight as usize,
+                )
+                .await?;
+                under_load(args, vms, consoles, pid).await
+            },
+        )?)
     };
     rt.shutdown_background();
 
