@@ -10,7 +10,7 @@
 use proptest::prelude::*;
 use proptest::sample::Index;
 use vspc::admin::pickle::{self, PickleError, Value};
-use vspc::config::shell_words;
+use vspc::config::{shell_quote, shell_words};
 use vspc::vmware::{code, Msg};
 use vspc::wire::OwnedEvent as Ev;
 use vspc::wire::{encode, opt, DecodeError, Decoder, Event, Verb, IAC, SE};
@@ -409,26 +409,6 @@ fn plain_value() -> impl Strategy<Value = Value> {
     })
 }
 
-/// What decoding gives back for `v`: protocol-2 byte strings are Python 2
-/// `str`, which the reader turns into `Str` when they are valid UTF-8.
-fn as_read(v: &Value) -> Value {
-    match v {
-        Value::Bytes(b) => match std::str::from_utf8(b) {
-            Ok(s) => Value::Str(s.to_string()),
-            Err(_) => v.clone(),
-        },
-        Value::List(items) => Value::List(items.iter().map(as_read).collect()),
-        Value::Tuple(items) => Value::Tuple(items.iter().map(as_read).collect()),
-        Value::Dict(items) => Value::Dict(
-            items
-                .iter()
-                .map(|(k, x)| (as_read(k), as_read(x)))
-                .collect(),
-        ),
-        other => other.clone(),
-    }
-}
-
 type Outcome = Result<Option<(Value, usize)>, PickleError>;
 
 /// Incremental decoding, one more byte per call, up to the first answer.
@@ -458,7 +438,7 @@ proptest! {
     fn pickle_round_trips(v in plain_value(), trailing in telnet_bytes(8)) {
         let bytes = pickle::encode(&v);
         let n = bytes.len();
-        let expect = Some((as_read(&v), n));
+        let expect = Some((v.read_back(), n));
         prop_assert_eq!(pickle::decode(&bytes, n), Ok(expect.clone()));
         prop_assert_eq!(pickle::decode(&bytes, usize::MAX), Ok(expect.clone()));
         prop_assert_eq!(incremental(&bytes, n), Ok(expect.clone()));
@@ -532,19 +512,6 @@ fn pickle_bytes_reencode_as_py2_str() {
 // (e) native protocol: shell_words
 // ---------------------------------------------------------------------------
 
-/// `w` in double quotes, `"` and `\` backslash-escaped.
-fn quote(w: &str) -> String {
-    let mut q = String::from("\"");
-    for c in w.chars() {
-        if c == '"' || c == '\\' {
-            q.push('\\');
-        }
-        q.push(c);
-    }
-    q.push('"');
-    q
-}
-
 proptest! {
     #![proptest_config(config())]
 
@@ -552,7 +519,7 @@ proptest! {
     #[test]
     fn shell_words_requote(line in "[ a-z\"'\\\\\t\u{a0}é]{0,40}") {
         let words = shell_words(&line);
-        let requoted: Vec<String> = words.iter().map(|w| quote(w)).collect();
+        let requoted: Vec<String> = words.iter().map(|w| shell_quote(w)).collect();
         prop_assert_eq!(shell_words(&requoted.join(" ")), words);
     }
 
@@ -562,7 +529,7 @@ proptest! {
         prop_assert_eq!(shell_words(&words.join("  ")), words.clone());
         let single: Vec<String> = words.iter().map(|w| format!("'{w}'")).collect();
         prop_assert_eq!(shell_words(&single.join(" ")), words.clone());
-        let double: Vec<String> = words.iter().map(|w| quote(w)).collect();
+        let double: Vec<String> = words.iter().map(|w| shell_quote(w)).collect();
         prop_assert_eq!(shell_words(&double.join("\t")), words);
     }
 }

@@ -3,22 +3,10 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use vspc::config::shell_words;
-
-fn quote(w: &str) -> String {
-    let mut q = String::from("\"");
-    for c in w.chars() {
-        if c == '"' || c == '\\' {
-            q.push('\\');
-        }
-        q.push(c);
-    }
-    q.push('"');
-    q
-}
+use vspc::config::{shell_quote, shell_words};
 
 fuzz_target!(|line: &str| {
     let words = shell_words(line);
-    let requoted: Vec<String> = words.iter().map(|w| quote(w)).collect();
+    let requoted: Vec<String> = words.iter().map(|w| shell_quote(w)).collect();
     assert_eq!(shell_words(&requoted.join(" ")), words);
 });

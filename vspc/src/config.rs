@@ -255,6 +255,21 @@ pub fn shell_words(s: &str) -> Vec<String> {
     words
 }
 
+/// `word` as one word for [`shell_words`]: in double quotes, with `"` and
+/// `\` backslash-escaped.
+pub fn shell_quote(word: &str) -> String {
+    let mut q = String::with_capacity(word.len() + 2);
+    q.push('"');
+    for c in word.chars() {
+        if c == '"' || c == '\\' {
+            q.push('\\');
+        }
+        q.push(c);
+    }
+    q.push('"');
+    q
+}
+
 /// Turn a TOML config file into flags: `key = value` becomes `--key=value`,
 /// `key = true` becomes `--key`, `key = false` is left out.
 fn file_args(path: &std::path::Path) -> Result<Vec<String>, String> {

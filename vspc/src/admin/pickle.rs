@@ -56,6 +56,29 @@ pub enum Value {
     Exception(String),
 }
 
+impl Value {
+    /// What [`encode`] of this value decodes back as: `Bytes` travel as
+    /// Python 2 `str`, so ones that are valid UTF-8 come back as `Str`.
+    pub fn read_back(&self) -> Value {
+        let all = |items: &[Value]| items.iter().map(Value::read_back).collect();
+        match self {
+            Value::Bytes(b) => match std::str::from_utf8(b) {
+                Ok(text) => Value::Str(text.to_string()),
+                Err(_) => self.clone(),
+            },
+            Value::List(items) => Value::List(all(items)),
+            Value::Tuple(items) => Value::Tuple(all(items)),
+            Value::Dict(items) => Value::Dict(
+                items
+                    .iter()
+                    .map(|(k, v)| (k.read_back(), v.read_back()))
+                    .collect(),
+            ),
+            other => other.clone(),
+        }
+    }
+}
+
 /// Why a byte sequence is not (and can never become) an acceptable pickle.
 #[derive(Debug, thiserror::Error, PartialEq)]
 pub enum PickleError {
@@ -1770,34 +1793,13 @@ mod tests {
         ]
     }
 
-    /// What a value reads back as: `Bytes` travel as Python 2 `str`, so
-    /// ones that are valid UTF-8 come back as `Str`.
-    fn as_read_back(value: &Value) -> Value {
-        let all = |items: &[Value]| items.iter().map(as_read_back).collect();
-        match value {
-            Value::Bytes(b) => match String::from_utf8(b.clone()) {
-                Ok(text) => Value::Str(text),
-                Err(_) => value.clone(),
-            },
-            Value::List(items) => Value::List(all(items)),
-            Value::Tuple(items) => Value::Tuple(all(items)),
-            Value::Dict(items) => Value::Dict(
-                items
-                    .iter()
-                    .map(|(k, v)| (as_read_back(k), as_read_back(v)))
-                    .collect(),
-            ),
-            other => other.clone(),
-        }
-    }
-
     #[test]
     fn encode_decode_round_trip() {
         for value in samples() {
             let bytes = encode(&value);
             assert_eq!(bytes.get(..2), Some(&[0x80, 0x02][..]));
             assert_eq!(bytes.last(), Some(&b'.'));
-            assert_eq!(one(&bytes), as_read_back(&value));
+            assert_eq!(one(&bytes), value.read_back());
         }
         assert_eq!(one(&encode(&Value::Bytes(b"ab".to_vec()))), s("ab"));
     }

@@ -31,6 +31,7 @@ use tokio::net::TcpStream;
 use tokio::signal::unix::{signal, Signal, SignalKind};
 use tokio::sync::{mpsc, Notify};
 use tokio::task::JoinHandle;
+use vspc::config::shell_quote;
 use vspc::wire::{encode, opt, Decoder, Event, Negotiator, OptionSet};
 
 /// Exit status: an error (connection, protocol, unknown VM).
@@ -304,20 +305,6 @@ async fn read_answer(
     }
 }
 
-/// `word` quoted for the server's shell-like splitting.
-fn quote(word: &str) -> String {
-    let mut q = String::with_capacity(word.len() + 2);
-    q.push('"');
-    for c in word.chars() {
-        if c == '"' || c == '\\' {
-            q.push('\\');
-        }
-        q.push(c);
-    }
-    q.push('"');
-    q
-}
-
 /// The answer's error, as a failure: an unknown VM lists the known ones.
 fn refused(server: &Server, vm: &str, lock: Option<LockMode>, answer: &Value) -> Failure {
     let code = answer.get("code").and_then(Value::as_str).unwrap_or("");
@@ -404,7 +391,7 @@ async fn list(server: &Server, json: bool) -> Result<u8, Failure> {
 }
 
 async fn clear(server: &Server, vm: &str) -> Result<u8, Failure> {
-    let (_, answer, _) = server.ask(&format!("clear {}", quote(vm))).await?;
+    let (_, answer, _) = server.ask(&format!("clear {}", shell_quote(vm))).await?;
     if !is_ok(&answer) {
         return Err(refused(server, vm, None, &answer));
     }
@@ -419,7 +406,7 @@ async fn console(
     mode: LockMode,
     term: &mut Terminal,
 ) -> Result<u8, Failure> {
-    let command = format!("connect {} {}", quote(vm), mode.name());
+    let command = format!("connect {} {}", shell_quote(vm), mode.name());
     let (sock, answer, leftover) = server.ask(&command).await?;
     if !is_ok(&answer) {
         return Err(refused(server, vm, Some(mode), &answer));
