@@ -95,18 +95,14 @@ impl Outbox {
                 inner.queue.push_back(Bytes::copy_from_slice(msg));
             }
             inner.closed = true;
-            let writer = inner.writer.take();
-            drop(inner);
-            wake(writer);
+            unlock_and_wake(inner);
             self.room.notify_waiters();
             return Push::Overflow;
         }
         inner.bytes += data.len();
         inner.queue.push_back(data);
         let n = inner.bytes;
-        let writer = inner.writer.take();
-        drop(inner);
-        wake(writer);
+        unlock_and_wake(inner);
         Push::Queued(n)
     }
 
@@ -119,9 +115,7 @@ impl Outbox {
         }
         inner.bytes += data.len();
         inner.queue.push_back(data);
-        let writer = inner.writer.take();
-        drop(inner);
-        wake(writer);
+        unlock_and_wake(inner);
         true
     }
 
@@ -132,9 +126,7 @@ impl Outbox {
             return false;
         }
         inner.control.push_back(msg);
-        let writer = inner.writer.take();
-        drop(inner);
-        wake(writer);
+        unlock_and_wake(inner);
         true
     }
 
@@ -159,9 +151,7 @@ impl Outbox {
             }
         }
         inner.closed = true;
-        let writer = inner.writer.take();
-        drop(inner);
-        wake(writer);
+        unlock_and_wake(inner);
         self.room.notify_waiters();
     }
 
@@ -199,15 +189,9 @@ impl Outbox {
         }
     }
 
-    /// The writer's side: wait for data (or the end) and take a batch of at
-    /// most about `max` bytes (protocol messages first).
-    pub async fn next_batch(&self, max: usize) -> Batch {
-        std::future::poll_fn(|cx| self.poll_batch(cx, max)).await
-    }
-
-    /// [`Outbox::next_batch`] for hand-written futures: when there is
-    /// nothing to take, `cx` is woken by the next push or the close. One
-    /// writer per outbox.
+    /// The writer's side: take a batch of at most about `max` bytes
+    /// (protocol messages first), or the end; when there is nothing to take,
+    /// `cx` is woken by the next push or the close. One writer per outbox.
     pub fn poll_batch(&self, cx: &mut Context<'_>, max: usize) -> Poll<Batch> {
         let mut inner = self.lock();
         // The control lane's buffer leaves with the batch: an idle outbox
@@ -248,7 +232,11 @@ impl Outbox {
     }
 }
 
-fn wake(writer: Option<Waker>) {
+/// Unlock, then wake the writer if it is waiting (outside the lock, so it
+/// never wakes into a held mutex).
+fn unlock_and_wake(mut inner: std::sync::MutexGuard<'_, Inner>) {
+    let writer = inner.writer.take();
+    drop(inner);
     if let Some(w) = writer {
         w.wake();
     }
@@ -274,6 +262,11 @@ fn safe_cut(escaped: &[u8], want: usize) -> usize {
 mod tests {
     use super::*;
 
+    /// Wait for the next batch, as the connection's writer does.
+    async fn next_batch(o: &Outbox, max: usize) -> Batch {
+        std::future::poll_fn(|cx| o.poll_batch(cx, max)).await
+    }
+
     #[tokio::test]
     async fn overflow_closes_with_farewell() {
         let o = Outbox::new(10);
@@ -283,11 +276,11 @@ mod tests {
             Push::Overflow
         );
         assert_eq!(o.push(Bytes::from_static(b"1"), None), Push::Closed);
-        match o.next_batch(BATCH_BYTES).await {
+        match next_batch(&o, BATCH_BYTES).await {
             Batch::Data(b) => assert_eq!(b, vec![Bytes::from_static(b"bye")]),
             Batch::End => panic!("farewell lost"),
         }
-        assert!(matches!(o.next_batch(BATCH_BYTES).await, Batch::End));
+        assert!(matches!(next_batch(&o, BATCH_BYTES).await, Batch::End));
     }
 
     #[tokio::test]
@@ -296,7 +289,7 @@ mod tests {
         o.push(Bytes::from_static(b"ab\xff\xffcd"), None);
         o.push_control(Bytes::from_static(b"!"));
         // Asking for 3 bytes would cut between the two 0xFF: take 4.
-        match o.next_batch(3).await {
+        match next_batch(&o, 3).await {
             Batch::Data(b) => assert_eq!(b.concat(), b"!ab\xff\xff"),
             Batch::End => panic!(),
         }
@@ -309,10 +302,10 @@ mod tests {
         let o = Outbox::new(100);
         o.push(Bytes::from_static(b"a"), None);
         o.close(Some(Bytes::from_static(b"z")));
-        match o.next_batch(BATCH_BYTES).await {
+        match next_batch(&o, BATCH_BYTES).await {
             Batch::Data(b) => assert_eq!(b.concat(), b"az"),
             Batch::End => panic!(),
         }
-        assert!(matches!(o.next_batch(BATCH_BYTES).await, Batch::End));
+        assert!(matches!(next_batch(&o, BATCH_BYTES).await, Batch::End));
     }
 }
