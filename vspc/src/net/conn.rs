@@ -164,12 +164,12 @@ pub struct Conn<S: Session + Unpin> {
     /// Input is throttled until this completes (the VM's queue drained).
     wait: Option<Pin<Box<dyn Future<Output = ()> + Send>>>,
     pace: Option<Box<Pace>>,
-    /// Give up flushing the farewell at this time.
+    /// Closing: input is no longer read, and flushing the farewell is given
+    /// up at this time.
     give_up: Option<Instant>,
     /// Largest batch taken from the outbox.
     max_batch: u32,
     state: WriteState,
-    reading: bool,
     /// NVT output: the last byte written was a CR.
     cr_pending: bool,
     done: bool,
@@ -209,7 +209,6 @@ impl<S: Session + Unpin> Conn<S> {
             give_up: None,
             max_batch,
             state: WriteState::Open,
-            reading: true,
             cr_pending: false,
             done: false,
         }
@@ -223,7 +222,6 @@ impl<S: Session + Unpin> Conn<S> {
             }
             Flow::Close => {
                 self.outbox.close(None);
-                self.reading = false;
                 self.give_up
                     .get_or_insert_with(|| Instant::now() + CLOSE_GRACE);
             }
@@ -237,7 +235,7 @@ impl<S: Session + Unpin> Conn<S> {
                 ready!(w.as_mut().poll(cx));
                 self.wait = None;
             }
-            if !self.reading {
+            if self.give_up.is_some() {
                 return Poll::Pending;
             }
             match ready!(self.io.poll_read_into(cx, &mut self.session)) {
