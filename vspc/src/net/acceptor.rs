@@ -171,25 +171,34 @@ fn accept_batch<T>(
             },
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => return None,
             Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(e) => {
-                // EMFILE (24) and ENFILE (23): out of descriptors.
-                let out_of_fds = matches!(e.raw_os_error(), Some(24) | Some(23));
-                if last_warn.is_none_or(|t| t.elapsed() >= Duration::from_secs(1)) {
-                    *last_warn = Some(Instant::now());
-                    if out_of_fds {
-                        tracing::error!(
-                            "{}: out of file descriptors; refusing new connections until some close",
-                            shared.what
-                        );
-                    } else {
-                        tracing::warn!("{}: accept failed: {e}", shared.what);
-                    }
-                }
-                return Some(Duration::from_millis(if out_of_fds { 100 } else { 10 }));
-            }
+            Err(e) => return Some(accept_failed(shared.what, &e, last_warn)),
         }
     }
     None
+}
+
+/// Log a failed accept on the `what` listener (at most once a second, by
+/// `last_warn`) and say how long to pause before accepting again. Running
+/// out of descriptors is an error that pauses longer; connections already
+/// open go on.
+pub(crate) fn accept_failed(
+    what: &str,
+    e: &io::Error,
+    last_warn: &mut Option<Instant>,
+) -> Duration {
+    // EMFILE (24) and ENFILE (23): the process or system is out of descriptors.
+    let out_of_fds = matches!(e.raw_os_error(), Some(24) | Some(23));
+    if last_warn.is_none_or(|t| t.elapsed() >= Duration::from_secs(1)) {
+        *last_warn = Some(Instant::now());
+        if out_of_fds {
+            tracing::error!(
+                "{what}: out of file descriptors; refusing new connections until some close"
+            );
+        } else {
+            tracing::warn!("{what}: accept failed: {e}");
+        }
+    }
+    Duration::from_millis(if out_of_fds { 100 } else { 10 })
 }
 
 /// A non-blocking listening socket on `addr` with a `backlog`-deep accept

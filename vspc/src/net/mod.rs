@@ -148,17 +148,7 @@ where
         match listener.accept().await {
             Ok((tcp, addr)) => on_conn(tcp, addr),
             Err(e) => {
-                // EMFILE (24) and ENFILE (23): the process or system is out of descriptors.
-                let out_of_fds = matches!(e.raw_os_error(), Some(24) | Some(23));
-                if last_warn.is_none_or(|t| t.elapsed() >= Duration::from_secs(1)) {
-                    last_warn = Some(Instant::now());
-                    if out_of_fds {
-                        tracing::error!("{what}: out of file descriptors; refusing new connections until some close");
-                    } else {
-                        tracing::warn!("{what}: accept failed: {e}");
-                    }
-                }
-                tokio::time::sleep(Duration::from_millis(if out_of_fds { 100 } else { 10 })).await;
+                tokio::time::sleep(acceptor::accept_failed(what, &e, &mut last_warn)).await;
             }
         }
     }
