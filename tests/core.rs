@@ -529,8 +529,9 @@ async fn nvt_console_cr_rules() {
     vm.send(b"a\rb\r\nc\rd").await.unwrap();
     let want = b"a\r\0b\r\nc\r\0d";
     assert_eq!(c.read_exact_data(want.len(), T).await.unwrap(), want);
-    c.send_raw(b"x\r\0y\r\nz").await.unwrap();
-    assert_eq!(vm.read_exact_data(6, T).await.unwrap(), b"x\ry\r\nz");
+    // CR NUL and CR LF are both Enter from an NVT client: a bare CR.
+    c.send_raw(b"x\r\0y\r\nz\n").await.unwrap();
+    assert_eq!(vm.read_exact_data(6, T).await.unwrap(), b"x\ry\rz\n");
 }
 
 // ---------------------------------------------------------------------------
@@ -1147,7 +1148,7 @@ async fn endless_subnegotiation_closes_the_connection() {
 
 #[tokio::test]
 async fn stalled_console_is_dropped_others_keep_flowing() {
-    let d = Daemon::start(&["--console-queue", "65536"]);
+    let d = Daemon::start(&["--console-queue", "65536", "--console-stall-timeout", "2"]);
     let id = Identity::numbered(144);
     let (vm, port) = vm_up(&d, &id).await;
     let fast = console_synced(&vm, &d, port).await;
@@ -1172,7 +1173,16 @@ async fn stalled_console_is_dropped_others_keep_flowing() {
     }
     eprintln!("32 MiB through the daemon in {:?}", t0.elapsed());
 
-    // The stalled console was cut off: it ends before getting everything.
+    // The stalled console is cut off once its socket has taken nothing for
+    // the stall timeout: it ends before getting everything.
+    assert!(
+        d.wait_log(
+            "disconnecting a console that took no output",
+            Duration::from_secs(15)
+        )
+        .await,
+        "the stalled console was not given up on"
+    );
     let mut n = 0usize;
     let mut buf = vec![0u8; 256 * 1024];
     let deadline = tokio::time::Instant::now() + Duration::from_secs(15);

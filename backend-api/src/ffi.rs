@@ -127,6 +127,12 @@ pub trait BackendObj: Send {
     fn idle(&mut self);
     #[sabi(last_prefix_field)]
     fn shutdown(&mut self);
+    // Methods below were added after the first release: a plugin built
+    // before them lacks them, and the default body answers instead.
+    /// See [`Backend::needs_every_byte`].
+    fn needs_every_byte(&self) -> bool {
+        false
+    }
 }
 
 /// An owned backend behind the stable ABI.
@@ -188,13 +194,22 @@ pub struct Guarded<B> {
     inner: B,
     /// Cached so a broken backend can still be named in messages.
     name: String,
+    /// Records already converted for console data, by uuid.
+    records: std::collections::HashMap<String, VmRecord>,
 }
+
+/// Most records [`Guarded`] keeps converted; past this it starts over.
+const RECORD_CACHE: usize = 65_536;
 
 impl<B: Backend> Guarded<B> {
     pub fn new(inner: B) -> Guarded<B> {
         let name = catch_unwind(AssertUnwindSafe(|| inner.name().to_string()))
             .unwrap_or_else(|_| "(unnamed)".to_string());
-        Guarded { inner, name }
+        Guarded {
+            inner,
+            name,
+            records: std::collections::HashMap::new(),
+        }
     }
 
     /// Run `f` on the backend; on a panic, log it and return `fallback()`.
@@ -316,12 +331,31 @@ impl<B: Backend> BackendObj for Guarded<B> {
     }
 
     fn console_data(&mut self, vm: &FfiRecord, data: RSlice<'_, u8>) {
-        let rec = VmRecord::from(vm);
-        self.guard(
-            "console_data",
-            || (),
-            |b| b.console_data(&rec, data.as_slice()),
-        )
+        // Console data is the hot path: reuse the record converted last
+        // time for this VM, so an event costs no string copies.
+        let fresh = match self.records.get(vm.uuid.as_str()) {
+            Some(r) => r.name != vm.name.as_str() || r.port != vm.port.into_option(),
+            None => true,
+        };
+        if fresh {
+            if self.records.len() >= RECORD_CACHE {
+                self.records.clear();
+            }
+            self.records.insert(vm.uuid.to_string(), VmRecord::from(vm));
+        }
+        let Some(rec) = self.records.get(vm.uuid.as_str()) else {
+            return;
+        };
+        let inner = &mut self.inner;
+        if let Err(p) = catch_unwind(AssertUnwindSafe(|| {
+            inner.console_data(rec, data.as_slice())
+        })) {
+            log::error(&format!(
+                "backend {} panicked in console_data: {}; it keeps running",
+                self.name,
+                panic_text(&*p)
+            ));
+        }
     }
 
     fn console_attached(&mut self, vm: &FfiRecord) {
@@ -358,6 +392,10 @@ impl<B: Backend> BackendObj for Guarded<B> {
 
     fn shutdown(&mut self) {
         self.guard("shutdown", || (), |b| b.shutdown())
+    }
+
+    fn needs_every_byte(&self) -> bool {
+        self.guard_ref("needs_every_byte", || false, |b| b.needs_every_byte())
     }
 }
 

@@ -150,6 +150,16 @@ pub trait Backend: Send {
         false
     }
 
+    /// True if the backend must see every output byte (a transcript):
+    /// rather than drop output for it, the daemon stops reading from the
+    /// VMs whose output waits for it while it is more than its byte budget
+    /// behind (`--backend-queue`), so ESXi holds the data. False (the
+    /// default) lets the daemon drop console data for it under load, and
+    /// count what it dropped; VMs never wait for it.
+    fn needs_every_byte(&self) -> bool {
+        false
+    }
+
     fn vm_connected(&mut self, _vm: &VmRecord) {}
     fn vm_renamed(&mut self, _vm: &VmRecord, _old_name: &str) {}
     fn vm_disconnected(&mut self, _vm: &VmRecord) {}

@@ -11,9 +11,15 @@
 //! become `a_b.log`); such VMs then append to the same transcript. Each VM
 //! still keeps its own context, which is what consoles are shown.
 //!
-//! Open transcripts are kept per VM (keyed by uuid) behind a buffer, flushed
-//! whenever the daemon's queue runs dry ([`Backend::idle`]), before a file
-//! is rotated, reopened or closed, and at shutdown. `reopen` (SIGHUP) closes
+//! The transcript is the record people read after an incident, so this
+//! backend says it needs every byte ([`Backend::needs_every_byte`]): the
+//! daemon never drops output for it, and pauses the VMs that write while it
+//! is behind. Open transcripts are kept per VM (keyed by uuid) behind a
+//! buffer that batches small writes into one (up to [`BATCH`] bytes; larger
+//! output goes straight to the file). The buffer is written whenever the
+//! daemon's queue runs dry ([`Backend::idle`]), before a file is rotated,
+//! reopened or closed, and at shutdown; it is freed when written, so an
+//! idle VM holds no buffer. `reopen` (SIGHUP) closes
 //! every transcript so the next write opens the path afresh, which is what
 //! logrotate's rename-then-HUP expects. With `--max-log-size`, a transcript
 //! that would grow past the limit is renamed to `NAME.log.1` (replacing an
@@ -24,7 +30,7 @@
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::fs::{self, DirBuilder, File, OpenOptions};
-use std::io::{self, BufWriter, Write};
+use std::io::{self, Write};
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
@@ -43,6 +49,8 @@ const MAX_NAME_BYTES: usize = 200;
 const MAX_PREFIX_BYTES: usize = 40;
 /// Largest `--context` accepted (per VM, held in memory).
 const MAX_CONTEXT: u64 = 16 << 20;
+/// Output collected per transcript before it is written in one call.
+const BATCH: usize = 64 * 1024;
 
 /// Writes per-VM console transcripts and keeps recent context for new
 /// consoles.
@@ -99,11 +107,41 @@ struct VmLog {
 #[derive(Debug)]
 struct Transcript {
     path: PathBuf,
-    writer: BufWriter<File>,
-    /// Bytes in the file: its length at open plus what we wrote since.
+    file: File,
+    /// Bytes in the file: its length at open plus what was handed to us
+    /// since (written or in `buf`).
     size: u64,
-    /// Bytes written since the last successful flush.
-    dirty: bool,
+    /// Output not yet written to the file.
+    buf: Vec<u8>,
+}
+
+impl Transcript {
+    /// Append `data`: collected while small, written at once when large.
+    fn append(&mut self, data: &[u8]) -> io::Result<()> {
+        if self.buf.len() + data.len() > BATCH {
+            self.write_buf()?;
+        }
+        if data.len() >= BATCH {
+            self.file.write_all(data)?;
+        } else {
+            if self.buf.capacity() == 0 {
+                self.buf.reserve(data.len().clamp(4096, BATCH));
+            }
+            self.buf.extend_from_slice(data);
+        }
+        self.size += data.len() as u64;
+        Ok(())
+    }
+
+    /// Write what is collected; the buffer is freed.
+    fn write_buf(&mut self) -> io::Result<()> {
+        if self.buf.is_empty() {
+            return Ok(());
+        }
+        let result = self.file.write_all(&self.buf);
+        self.buf = Vec::new();
+        result
+    }
 }
 
 /// Which files have a logged error, so each is reported once until a flush
@@ -260,9 +298,9 @@ fn open_transcript(path: &Path, mode: u32) -> io::Result<Transcript> {
     let size = file.metadata()?.len();
     Ok(Transcript {
         path: path.to_path_buf(),
-        writer: BufWriter::new(file),
+        file,
         size,
-        dirty: false,
+        buf: Vec::new(),
     })
 }
 
@@ -270,12 +308,11 @@ fn open_transcript(path: &Path, mode: u32) -> io::Result<Transcript> {
 /// the next write reopens it by path.
 fn flush(out: &mut Option<Transcript>, errors: &mut Errors) {
     let Some(t) = out.as_mut() else { return };
-    if !t.dirty {
+    if t.buf.is_empty() {
         return;
     }
-    match t.writer.flush() {
+    match t.write_buf() {
         Ok(()) => {
-            t.dirty = false;
             errors.succeeded(&t.path);
         }
         Err(e) => {
@@ -338,11 +375,8 @@ fn write_transcript(vm: &mut VmLog, config: &Config, errors: &mut Errors, data: 
         }
     }
     let Some(t) = vm.out.as_mut() else { return };
-    match t.writer.write_all(data) {
-        Ok(()) => {
-            t.size += len;
-            t.dirty = true;
-        }
+    match t.append(data) {
+        Ok(()) => {}
         Err(e) => {
             errors.report(&t.path, "write", &e);
             vm.out = None;
@@ -525,6 +559,10 @@ impl Backend for LoggingBackend {
     }
 
     fn wants_console_data(&self) -> bool {
+        true
+    }
+
+    fn needs_every_byte(&self) -> bool {
         true
     }
 

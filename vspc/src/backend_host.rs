@@ -1,29 +1,41 @@
 //! Runs each backend on its own OS thread, fed by a queue in event order.
 //!
 //! Backends may block (disk, network, a plugin's own locks); console traffic
-//! must not. Hooks are queued and the daemon goes on. Console-data events
-//! are counted while queued: past [`DATA_QUEUE_LIMIT`] further ones for that
-//! backend are dropped, with a counter and a rate-limited warning. Mapping
-//! events (connect, rename, disconnect, expiry, console attach/detach) are
-//! never dropped. Queries (listing rows, seed data) get their answer through
-//! a oneshot channel. When a backend's queue runs empty it gets `idle()`, so
-//! it can write batched state.
+//! must not wait for a backend that does not need every byte. Hooks are
+//! queued and the daemon goes on. Console data is counted in bytes while
+//! queued, against a budget per backend (`--backend-queue`):
+//!
+//! - a backend that needs every byte ([`Backend::needs_every_byte`], a
+//!   transcript) never loses any: over its budget, the VMs whose output
+//!   waits for it stop being read ([`Backends::console_data`] hands them a
+//!   wait) until it is back under half its budget, so TCP pushes back to
+//!   ESXi, which holds the data. Queued memory stays within the budget plus
+//!   one read per VM.
+//! - any other backend has console data dropped while it is over its
+//!   budget, with a counter and a rate-limited warning.
+//!
+//! Mapping events (connect, rename, disconnect, expiry, console
+//! attach/detach) are never dropped. Queries (listing rows, seed data) get
+//! their answer through a oneshot channel. When a backend's queue runs empty
+//! it gets `idle()`, so it can write batched state.
+//!
+//! [`Backend::needs_every_byte`]: vspc_backend_api::Backend::needs_every_byte
 //!
 //! Every call goes through the backend's stable-ABI object, built-in or
 //! plugin alike; panics are caught on the backend's side of that boundary.
 
+use crate::session::WaitFuture;
 use bytes::Bytes;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{mpsc, Arc};
 use std::time::Duration;
-use tokio::sync::oneshot;
+use tokio::sync::{oneshot, Notify};
 use vspc_backend_api::abi_stable::std_types::{RSlice, RStr, RVec};
 use vspc_backend_api::ffi::{BackendBox, FfiRecord};
 use vspc_backend_api::VmRecord;
 
-/// Console-data events that may wait in one backend's queue before new ones
-/// are dropped.
-pub const DATA_QUEUE_LIMIT: usize = 4096;
+/// Default byte budget of console data queued for one backend.
+pub const DEFAULT_QUEUE_BYTES: usize = 32 << 20;
 
 enum Job {
     Connected(FfiRecord),
@@ -32,11 +44,51 @@ enum Job {
     Expired(FfiRecord),
     ConsoleAttached(FfiRecord),
     ConsoleDetached(FfiRecord),
-    Data(FfiRecord, Bytes),
+    Data(Arc<FfiRecord>, Bytes),
     ListRows(Vec<VmRecord>, oneshot::Sender<Vec<VmRecord>>),
     Seed(FfiRecord, oneshot::Sender<Vec<u8>>),
     Reopen,
     Shutdown(std::sync::mpsc::Sender<()>),
+}
+
+/// Console data queued for one backend, in bytes, and the producers
+/// waiting for it to shrink. Shared by the daemon's side and the backend's
+/// thread.
+struct Level {
+    queued: AtomicUsize,
+    /// Over budget, producers should wait until the queue is down to this.
+    low: usize,
+    /// A producer waits (or is about to) for the queue to reach `low`.
+    blocked: AtomicBool,
+    room: Notify,
+}
+
+impl Level {
+    /// The backend handled `n` queued bytes: wake waiting producers once
+    /// the queue is low enough.
+    fn handled(&self, n: usize) {
+        let left = self.queued.fetch_sub(n, Ordering::SeqCst) - n;
+        if left <= self.low && self.blocked.load(Ordering::SeqCst) {
+            self.blocked.store(false, Ordering::SeqCst);
+            self.room.notify_waiters();
+        }
+    }
+
+    /// Wait until the queue is down to `low`. The flag is raised before the
+    /// level is read, so the backend's thread, which lowers the level before
+    /// it reads the flag, cannot miss this waiter.
+    async fn drained(self: Arc<Self>) {
+        loop {
+            let notified = self.room.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            self.blocked.store(true, Ordering::SeqCst);
+            if self.queued.load(Ordering::SeqCst) <= self.low {
+                return;
+            }
+            notified.await;
+        }
+    }
 }
 
 /// The daemon's handle on one backend thread.
@@ -44,54 +96,89 @@ struct Host {
     name: String,
     tx: mpsc::Sender<Job>,
     wants_data: bool,
-    /// Data events queued and not yet handled.
-    queued_data: Arc<AtomicUsize>,
-    /// Data events dropped because the queue was full.
+    /// Never drop console data for it; make VMs wait instead.
+    lossless: bool,
+    /// Most bytes of console data queued before it counts as behind.
+    budget: usize,
+    level: Arc<Level>,
+    /// Data events dropped because the backend was over its budget.
     dropped: AtomicU64,
+    /// Times VMs were made to wait for it.
+    waits: AtomicU64,
 }
 
 impl Host {
-    fn spawn(backend: BackendBox) -> std::io::Result<Host> {
+    fn spawn(backend: BackendBox, budget: usize) -> std::io::Result<Host> {
         let name = backend.name().to_string();
         let wants_data = backend.wants_console_data();
+        let lossless = wants_data && backend.needs_every_byte();
         let (tx, rx) = mpsc::channel();
-        let queued_data = Arc::new(AtomicUsize::new(0));
-        let counter = queued_data.clone();
+        let level = Arc::new(Level {
+            queued: AtomicUsize::new(0),
+            low: budget / 2,
+            blocked: AtomicBool::new(false),
+            room: Notify::new(),
+        });
+        let for_thread = level.clone();
         std::thread::Builder::new()
             .name(format!("backend-{name}"))
-            .spawn(move || run(backend, rx, counter))?;
+            .spawn(move || run(backend, rx, for_thread))?;
         Ok(Host {
             name,
             tx,
             wants_data,
-            queued_data,
+            lossless,
+            budget,
+            level,
             dropped: AtomicU64::new(0),
+            waits: AtomicU64::new(0),
         })
     }
 
-    fn send(&self, job: Job) {
+    fn send(&self, job: Job) -> bool {
         if self.tx.send(job).is_err() {
             tracing::error!(backend = %self.name, "backend thread is gone; event lost");
+            return false;
         }
+        true
     }
 
-    fn data(&self, vm: &FfiRecord, data: &Bytes) {
+    /// Queue console data; a wait for the producer if this backend needs
+    /// every byte and is over its budget.
+    fn data(&self, vm: &Arc<FfiRecord>, data: &Bytes) -> Option<WaitFuture> {
         if !self.wants_data {
-            return;
+            return None;
         }
-        if self.queued_data.load(Ordering::Relaxed) >= DATA_QUEUE_LIMIT {
-            let n = self.dropped.fetch_add(1, Ordering::Relaxed) + 1;
-            if n.is_power_of_two() {
+        let n = data.len();
+        if !self.lossless && self.level.queued.load(Ordering::Relaxed) + n > self.budget {
+            let d = self.dropped.fetch_add(1, Ordering::Relaxed) + 1;
+            if d.is_power_of_two() {
                 tracing::warn!(
                     backend = %self.name,
-                    dropped = n,
-                    "backend queue full: console data for it is being dropped"
+                    dropped = d,
+                    "backend is over its --backend-queue budget: console data for it is being dropped"
                 );
             }
-            return;
+            return None;
         }
-        self.queued_data.fetch_add(1, Ordering::Relaxed);
-        self.send(Job::Data(vm.clone(), data.clone()));
+        let queued = self.level.queued.fetch_add(n, Ordering::SeqCst) + n;
+        if !self.send(Job::Data(vm.clone(), data.clone())) {
+            self.level.handled(n);
+            return None;
+        }
+        if self.lossless && queued > self.budget {
+            let w = self.waits.fetch_add(1, Ordering::Relaxed) + 1;
+            if w.is_power_of_two() {
+                tracing::info!(
+                    backend = %self.name,
+                    queued,
+                    times = w,
+                    "backend is behind its --backend-queue budget: pausing the VMs that write until it catches up"
+                );
+            }
+            return Some(Box::pin(self.level.clone().drained()));
+        }
+        None
     }
 }
 
@@ -102,13 +189,14 @@ pub struct Backends {
 }
 
 impl Backends {
-    /// Start each backend on its own thread. Call after `configure` and
+    /// Start each backend on its own thread, each with a budget of
+    /// `queue_bytes` of console data. Call after `configure` and
     /// `load_map`, which run on the caller's thread so their errors can stop
     /// start-up.
-    pub fn spawn(backends: Vec<BackendBox>) -> std::io::Result<Backends> {
+    pub fn spawn(backends: Vec<BackendBox>, queue_bytes: usize) -> std::io::Result<Backends> {
         let mut hosts = Vec::with_capacity(backends.len());
         for b in backends {
-            hosts.push(Host::spawn(b)?);
+            hosts.push(Host::spawn(b, queue_bytes.max(1))?);
         }
         let wants_data = hosts.iter().any(|h| h.wants_data);
         Ok(Backends { hosts, wants_data })
@@ -119,6 +207,15 @@ impl Backends {
         for h in &self.hosts {
             h.send(make(rec.clone()));
         }
+    }
+
+    /// Names of the backends that need every output byte.
+    pub fn lossless(&self) -> Vec<&str> {
+        self.hosts
+            .iter()
+            .filter(|h| h.lossless)
+            .map(|h| h.name.as_str())
+            .collect()
     }
 
     pub fn vm_connected(&self, vm: VmRecord) {
@@ -150,16 +247,44 @@ impl Backends {
         self.wants_data
     }
 
-    /// Console output for the backends that want it; dropped (and counted)
-    /// for a backend that is too far behind.
-    pub fn console_data(&self, vm: &VmRecord, data: Bytes) {
+    /// Console output for the backends that want it: dropped (and counted)
+    /// for a lossy backend over its budget; for a lossless one over its
+    /// budget, the returned wait is what the VM's reader must wait for.
+    pub fn console_data(&self, vm: &Arc<FfiRecord>, data: Bytes) -> Option<WaitFuture> {
         if !self.wants_data {
-            return;
+            return None;
         }
-        let rec = FfiRecord::from(vm);
+        let mut waits: Vec<WaitFuture> = Vec::new();
         for h in &self.hosts {
-            h.data(&rec, &data);
+            if let Some(w) = h.data(vm, &data) {
+                waits.push(w);
+            }
         }
+        match waits.len() {
+            0 => None,
+            1 => waits.pop(),
+            _ => Some(Box::pin(async move {
+                for w in waits {
+                    w.await;
+                }
+            })),
+        }
+    }
+
+    /// Bytes of console data queued over all backends.
+    pub fn queued_bytes(&self) -> usize {
+        self.hosts
+            .iter()
+            .map(|h| h.level.queued.load(Ordering::Relaxed))
+            .sum()
+    }
+
+    /// Times VMs were made to wait for a lossless backend.
+    pub fn waits(&self) -> u64 {
+        self.hosts
+            .iter()
+            .map(|h| h.waits.load(Ordering::Relaxed))
+            .sum()
     }
 
     /// Console-data events dropped so far, over all backends.
@@ -218,7 +343,7 @@ impl Backends {
     }
 }
 
-fn run(mut backend: BackendBox, rx: mpsc::Receiver<Job>, queued_data: Arc<AtomicUsize>) {
+fn run(mut backend: BackendBox, rx: mpsc::Receiver<Job>, level: Arc<Level>) {
     while let Ok(mut job) = rx.recv() {
         loop {
             if let Job::Shutdown(done) = job {
@@ -226,7 +351,7 @@ fn run(mut backend: BackendBox, rx: mpsc::Receiver<Job>, queued_data: Arc<Atomic
                 let _ = done.send(());
                 return;
             }
-            handle(&mut backend, job, &queued_data);
+            handle(&mut backend, job, &level);
             match rx.try_recv() {
                 Ok(next) => job = next,
                 Err(_) => break,
@@ -237,7 +362,7 @@ fn run(mut backend: BackendBox, rx: mpsc::Receiver<Job>, queued_data: Arc<Atomic
     backend.shutdown();
 }
 
-fn handle(b: &mut BackendBox, job: Job, queued_data: &AtomicUsize) {
+fn handle(b: &mut BackendBox, job: Job, level: &Level) {
     match job {
         Job::Connected(vm) => b.vm_connected(&vm),
         Job::Renamed(vm, old) => b.vm_renamed(&vm, RStr::from(old.as_str())),
@@ -246,8 +371,8 @@ fn handle(b: &mut BackendBox, job: Job, queued_data: &AtomicUsize) {
         Job::ConsoleAttached(vm) => b.console_attached(&vm),
         Job::ConsoleDetached(vm) => b.console_detached(&vm),
         Job::Data(vm, data) => {
-            queued_data.fetch_sub(1, Ordering::Relaxed);
             b.console_data(&vm, RSlice::from_slice(&data));
+            level.handled(data.len());
         }
         Job::ListRows(rows, reply) => {
             let ffi: RVec<FfiRecord> = rows.iter().map(FfiRecord::from).collect();
@@ -272,6 +397,7 @@ mod tests {
     /// A backend that is slow on console data and records what it saw.
     struct Slow {
         seen: Arc<Mutex<Vec<String>>>,
+        lossless: bool,
     }
 
     impl Backend for Slow {
@@ -280,6 +406,9 @@ mod tests {
         }
         fn wants_console_data(&self) -> bool {
             true
+        }
+        fn needs_every_byte(&self) -> bool {
+            self.lossless
         }
         fn vm_connected(&mut self, vm: &VmRecord) {
             self.seen
@@ -307,14 +436,25 @@ mod tests {
         }
     }
 
+    const EVENTS: usize = 3000;
+    const BUDGET: usize = 1000;
+
     #[tokio::test]
-    async fn full_queue_drops_data_but_never_mapping_events() {
+    async fn lossy_backend_over_budget_drops_data_but_never_mapping_events() {
         let seen = Arc::new(Mutex::new(Vec::new()));
         let seen_handle = seen.clone();
-        let b = Backends::spawn(vec![boxed(Slow { seen: seen.clone() })]).unwrap();
+        let slow = Slow {
+            seen: seen.clone(),
+            lossless: false,
+        };
+        let b = Backends::spawn(vec![boxed(slow)], BUDGET).unwrap();
+        let rec = Arc::new(FfiRecord::from(&vm("a")));
         let data = Bytes::from_static(b"x");
-        for i in 0..(DATA_QUEUE_LIMIT * 3) {
-            b.console_data(&vm("a"), data.clone());
+        for i in 0..EVENTS {
+            assert!(
+                b.console_data(&rec, data.clone()).is_none(),
+                "a lossy backend made a VM wait"
+            );
             if i % 1000 == 0 {
                 b.vm_connected(vm(&format!("vm{i}")));
             }
@@ -326,7 +466,7 @@ mod tests {
         assert_eq!(rows, vec![vm("q")]);
         let seen = seen.lock().unwrap().clone();
         let connects: Vec<&String> = seen.iter().filter(|s| s.starts_with("connect")).collect();
-        let expected: Vec<String> = (0..DATA_QUEUE_LIMIT * 3)
+        let expected: Vec<String> = (0..EVENTS)
             .step_by(1000)
             .map(|i| format!("connect vm{i}"))
             .collect();
@@ -336,11 +476,51 @@ mod tests {
             "mapping events lost or reordered"
         );
         let handled = seen.iter().filter(|s| s.starts_with("data")).count() as u64;
-        assert_eq!(handled + b.dropped(), (DATA_QUEUE_LIMIT * 3) as u64);
+        assert_eq!(handled + b.dropped(), EVENTS as u64);
+        assert_eq!(b.queued_bytes(), 0);
         // idle() runs once the queue is empty, which is just after the
         // query's reply; shutdown() is queued behind it.
         b.shutdown(Duration::from_secs(5));
         let after = seen_handle.lock().unwrap().clone();
         assert!(after.iter().any(|s| s == "idle"), "idle() never ran");
+    }
+
+    #[tokio::test]
+    async fn lossless_backend_over_budget_makes_the_writer_wait_and_loses_nothing() {
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let slow = Slow {
+            seen: seen.clone(),
+            lossless: true,
+        };
+        let b = Backends::spawn(vec![boxed(slow)], BUDGET).unwrap();
+        assert_eq!(b.lossless(), vec!["Slow"]);
+        let rec = Arc::new(FfiRecord::from(&vm("a")));
+        let chunk = Bytes::from(vec![7u8; 100]);
+        let mut waited = 0;
+        let mut most = 0;
+        for _ in 0..EVENTS / 10 {
+            if let Some(w) = b.console_data(&rec, chunk.clone()) {
+                waited += 1;
+                // Past the budget: the writer waits until half of it is left.
+                tokio::time::timeout(Duration::from_secs(10), w)
+                    .await
+                    .expect("a lossless backend never let its writer go on");
+                assert!(b.queued_bytes() <= BUDGET / 2 + chunk.len());
+            }
+            most = most.max(b.queued_bytes());
+        }
+        assert!(waited > 0, "the writer never waited");
+        assert!(most <= BUDGET + chunk.len(), "queue grew to {most} bytes");
+        let _ = b.list_rows(Vec::new()).await;
+        let handled = seen
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|s| s.starts_with("data"))
+            .count();
+        assert_eq!(handled, EVENTS / 10, "console data was lost");
+        assert_eq!(b.dropped(), 0);
+        assert_eq!(b.waits(), waited);
+        b.shutdown(Duration::from_secs(5));
     }
 }

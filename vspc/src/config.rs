@@ -151,10 +151,29 @@ pub struct Config {
     #[arg(long, default_value = "300", value_name = "SECONDS", value_parser = parse_duration)]
     pub vmotion_timeout: Duration,
 
-    /// Bytes that may wait for one console; a console that falls further
-    /// behind is disconnected.
-    #[arg(long, default_value_t = 1 << 20, value_name = "BYTES", value_parser = clap::value_parser!(u64).range(4096..))]
+    /// Bytes of output that may wait for one console. A console that falls
+    /// further behind stays connected: it skips the oldest output and is
+    /// told, on a line of its own, how many bytes it missed.
+    #[arg(long, default_value_t = 1 << 20, value_name = "BYTES", value_parser = clap::value_parser!(u64).range(4096..=(1u64 << 32)))]
     pub console_queue: u64,
+
+    /// Seconds a console's socket may take no byte while output waits for
+    /// it; then it is told why (if it can still take that) and
+    /// disconnected. 0 never disconnects.
+    #[arg(long, default_value = "30", value_name = "SECONDS", value_parser = parse_duration_or_zero)]
+    pub console_stall_timeout: Duration,
+
+    /// How console-port clients are served: `auto` tells telnet clients and
+    /// raw ones (gdb, socat, scripts) apart by the first byte they send;
+    /// `telnet` and `raw` force one.
+    #[arg(long, value_enum, default_value = "auto", value_name = "MODE")]
+    pub console_protocol: crate::hub::ConsoleProtocol,
+
+    /// Bytes of console output that may wait for one backend. A backend
+    /// that needs every byte (Logging) makes the VMs that write wait past
+    /// this; any other backend has output dropped for it.
+    #[arg(long, default_value_t = 32 << 20, value_name = "BYTES", value_parser = clap::value_parser!(u64).range(65536..=(1u64 << 40)))]
+    pub backend_queue: u64,
 }
 
 /// Separate vspc's own flags (and their values) from everything else, which
@@ -306,6 +325,14 @@ fn file_args(path: &std::path::Path) -> Result<Vec<String>, String> {
         }
     }
     Ok(out)
+}
+
+/// Seconds, where 0 means "never" (a zero duration).
+fn parse_duration_or_zero(s: &str) -> Result<Duration, String> {
+    if s.trim().parse::<f64>() == Ok(0.0) {
+        return Ok(Duration::ZERO);
+    }
+    parse_duration(s)
 }
 
 fn parse_duration(s: &str) -> Result<Duration, String> {

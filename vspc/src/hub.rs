@@ -6,16 +6,23 @@
 //! never contend with each other. Nothing here touches a socket: connections
 //! are [`Peer`]s (an id and an [`Outbox`]), and console listeners are opened
 //! through the [`PortOpener`] the network layer installs.
+//!
+//! Fan-out is where the flow-control rules are decided ([`Hub::vm_output`]):
+//! every console gets every chunk; a console past half its queue makes the
+//! VM's reader wait for it, at most [`LAG_WAIT`] per time it falls behind;
+//! a lossless backend over its byte budget makes the reader wait until it
+//! has caught up.
 
 use crate::backend_host::Backends;
-use crate::outbox::{Outbox, Push};
-use crate::wire::encode;
+use crate::outbox::{Encoding, Outbox};
+use crate::session::WaitFuture;
 use bytes::Bytes;
 use std::collections::{BTreeSet, HashMap};
 use std::net::IpAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::time::{Duration, Instant};
+use vspc_backend_api::ffi::FfiRecord;
 use vspc_backend_api::VmRecord;
 
 /// Identifies one connection for the life of the process.
@@ -49,12 +56,43 @@ pub struct HubConfig {
     pub expire: Duration,
     pub vmotion_timeout: Duration,
     pub client_limit: Option<usize>,
+    /// Bytes of output a console may be behind before the oldest is skipped.
     pub console_queue: usize,
+    /// How a console port's client is served (telnet, raw, or told apart).
+    pub console_protocol: ConsoleProtocol,
+    /// A console whose socket takes nothing for this long while output
+    /// waits is disconnected (`None`: never).
+    pub console_stall: Option<Duration>,
 }
 
-/// Told to a console that fell too far behind, before it is closed.
-pub const SLOW_CONSOLE_MSG: &[u8] =
-    b"\r\nvspc: this console fell too far behind the VM's output and is being disconnected.\r\n";
+/// How console clients are served.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum ConsoleProtocol {
+    /// Tell telnet clients and raw clients apart by what they send first.
+    Auto,
+    /// Always telnet: negotiate at once, escape 0xFF, parse IAC.
+    Telnet,
+    /// Always raw: bytes pass untouched both ways; no negotiation.
+    Raw,
+}
+
+/// The longest a VM's reader waits for one lagging console before it goes
+/// on without it (and that console starts skipping output once its queue
+/// is full). A console that reads at network speed drains half a queue in
+/// a few milliseconds, so this only matters for one that cannot keep up;
+/// waiting longer would let a person on a slow link slow the guest, whose
+/// kernel blocks on a serial port that does not drain.
+pub const LAG_WAIT: Duration = Duration::from_millis(200);
+
+/// What became of a VM's output.
+pub enum Fanout {
+    /// The connection no longer carries the VM: nothing was sent.
+    Retired,
+    /// Sent; read on.
+    Sent,
+    /// Sent; wait for this before reading more.
+    Wait(WaitFuture),
+}
 
 /// Console input held during a vMotion, at most.
 const HELD_LIMIT: usize = 1 << 20;
@@ -73,6 +111,9 @@ pub struct Vm {
 
 struct VmState {
     name: String,
+    /// The record as backends get it with console data, kept so that
+    /// output costs no string copies.
+    rec: Arc<FfiRecord>,
     /// The connection from ESXi that currently carries this serial port.
     active: Option<Peer>,
     consoles: Vec<Console>,
@@ -97,6 +138,15 @@ impl Vm {
     /// The VM's current name.
     pub fn name(&self) -> String {
         self.lock().name.clone()
+    }
+
+    fn set_name(&self, st: &mut VmState, name: String) -> String {
+        st.rec = Arc::new(FfiRecord {
+            uuid: self.uuid.as_str().into(),
+            name: name.as_str().into(),
+            port: self.port.into(),
+        });
+        std::mem::replace(&mut st.name, name)
     }
 
     /// The record backends and listings see.
@@ -273,10 +323,10 @@ impl Hub {
     }
 
     /// A new peer with an outbox of `limit` bytes.
-    pub fn new_peer(&self, limit: usize) -> Peer {
+    pub fn new_peer(&self, limit: usize, encoding: Encoding) -> Peer {
         Peer {
             id: self.new_id(),
-            outbox: Arc::new(Outbox::new(limit)),
+            outbox: Arc::new(Outbox::new(limit, encoding)),
         }
     }
 
@@ -295,12 +345,13 @@ impl Hub {
             if reg.vms.contains_key(&key) {
                 continue;
             }
-            let vm = Arc::new(Vm {
-                key: key.clone(),
-                uuid: rec.uuid.clone(),
-                port: rec.port.filter(|_| self.cfg.vm_ports),
-                state: Mutex::new(new_state(rec.name.clone(), Some(now))),
-            });
+            let vm = new_vm(
+                key.clone(),
+                rec.uuid.clone(),
+                rec.port.filter(|_| self.cfg.vm_ports),
+                rec.name.clone(),
+                Some(now),
+            );
             if let Some(port) = vm.port {
                 if reg.ports.contains(&port) {
                     tracing::warn!(vm = %rec.name, port, "persisted port is taken twice; not reopening it");
@@ -332,24 +383,26 @@ impl Hub {
     /// Create a VM entry with the lowest free console port.
     fn create(&self, reg: &mut Registry, id: &Identity) -> Result<Arc<Vm>, AttachError> {
         if !self.cfg.vm_ports {
-            return Ok(Arc::new(Vm {
-                key: id.key.clone(),
-                uuid: id.uuid.clone(),
-                port: None,
-                state: Mutex::new(new_state(id.name.clone(), None)),
-            }));
+            return Ok(new_vm(
+                id.key.clone(),
+                id.uuid.clone(),
+                None,
+                id.name.clone(),
+                None,
+            ));
         }
         let start = self.cfg.port_range_start;
         for port in start..=u16::MAX {
             if reg.ports.contains(&port) {
                 continue;
             }
-            let vm = Arc::new(Vm {
-                key: id.key.clone(),
-                uuid: id.uuid.clone(),
-                port: Some(port),
-                state: Mutex::new(new_state(id.name.clone(), None)),
-            });
+            let vm = new_vm(
+                id.key.clone(),
+                id.uuid.clone(),
+                Some(port),
+                id.name.clone(),
+                None,
+            );
             match self.open_port(&vm, port) {
                 Ok(guard) => {
                     vm.lock().listener = Some(guard);
@@ -381,7 +434,11 @@ impl Hub {
             }
         };
         let mut st = vm.lock();
-        let old_name = std::mem::replace(&mut st.name, id.name.clone());
+        let old_name = if st.name == id.name {
+            id.name.clone()
+        } else {
+            vm.set_name(&mut st, id.name.clone())
+        };
         if let Some(old) = st.active.replace(peer) {
             tracing::info!(vm = %id.name, "VM reconnected; closing its previous connection");
             old.outbox.close(None);
@@ -420,42 +477,47 @@ impl Hub {
         if st.active.as_ref().map(|p| p.id) != Some(conn) || st.name == name {
             return;
         }
-        let old = std::mem::replace(&mut st.name, name.to_string());
+        let old = vm.set_name(&mut st, name.to_string());
         drop(st);
         tracing::info!(vm = %name, old = %old, "VM renamed");
         self.backend.vm_renamed(vm.record(), old);
     }
 
-    /// Serial output from the VM on connection `conn`: to every console and
-    /// the backend. False if `conn` no longer carries the VM (the data is
-    /// dropped).
-    pub fn vm_output(&self, vm: &Vm, conn: ConnId, data: &[u8]) -> bool {
-        let escaped = Bytes::from(encode::escaped(data));
-        let mut st = vm.lock();
+    /// Serial output from the VM on connection `conn` (one call per read):
+    /// to every console and the backends. Says whether the VM's reader
+    /// should wait before reading more: for consoles past half their queue
+    /// that it has not yet given up on (at most [`LAG_WAIT`]), and for a
+    /// lossless backend over its budget (until it catches up).
+    pub fn vm_output(&self, vm: &Vm, conn: ConnId, data: Bytes) -> Fanout {
+        let st = vm.lock();
         if st.active.as_ref().map(|p| p.id) != Some(conn) {
-            return false;
+            return Fanout::Retired;
         }
-        let mut dropped = 0;
+        let mut lagging = Vec::new();
         for c in &st.consoles {
-            if c.peer.outbox.push(escaped.clone(), Some(SLOW_CONSOLE_MSG)) == Push::Overflow {
-                dropped += 1;
+            let outbox = &c.peer.outbox;
+            if let Some(queued) = outbox.push(data.clone()) {
+                if outbox.lags_at(queued) {
+                    lagging.push(outbox.clone());
+                }
             }
         }
-        if dropped > 0 {
-            st.consoles.retain(|c| !c.peer.outbox.is_closed());
-            tracing::warn!(vm = %st.name, dropped, "disconnected console(s) that stopped reading");
-        }
-        if self.backend.wants_data() {
-            let rec = VmRecord {
-                uuid: vm.uuid.clone(),
-                name: st.name.clone(),
-                port: vm.port,
-            };
+        let backend_wait = if self.backend.wants_data() {
+            let rec = st.rec.clone();
             drop(st);
-            self.backend
-                .console_data(&rec, Bytes::copy_from_slice(data));
+            self.backend.console_data(&rec, data)
+        } else {
+            None
+        };
+        if lagging.is_empty() && backend_wait.is_none() {
+            return Fanout::Sent;
         }
-        true
+        Fanout::Wait(Box::pin(async move {
+            if let Some(w) = backend_wait {
+                w.await;
+            }
+            wait_for_lagging(lagging).await;
+        }))
     }
 
     /// Attach a console to `vm` with the lock it asks for, unless the VM is
@@ -546,7 +608,7 @@ impl Hub {
     /// console can wait for room; `None` if it was held (vMotion) or dropped
     /// (no VM connection).
     pub fn console_input(&self, vm: &Vm, data: &[u8]) -> Option<Arc<Outbox>> {
-        let escaped = Bytes::from(encode::escaped(data));
+        let escaped = Bytes::copy_from_slice(data);
         let mut st = vm.lock();
         if st.vmotion.is_some() {
             if st.held_bytes + escaped.len() > HELD_LIMIT {
@@ -760,9 +822,57 @@ impl Hub {
     }
 }
 
-fn new_state(name: String, idle_since: Option<Instant>) -> VmState {
+/// Wait until every console in `lagging` has drained to its low-water
+/// mark, for [`LAG_WAIT`] at most; the ones that have not are given up on
+/// until they catch up (they skip output once their queue is full).
+async fn wait_for_lagging(lagging: Vec<Arc<Outbox>>) {
+    if lagging.is_empty() {
+        return;
+    }
+    let deadline = tokio::time::Instant::now() + LAG_WAIT;
+    for o in &lagging {
+        if tokio::time::timeout_at(deadline, o.drained(o.low_water()))
+            .await
+            .is_err()
+        {
+            break;
+        }
+    }
+    for o in &lagging {
+        if o.queued() > o.low_water() && !o.is_closed() {
+            tracing::debug!(
+                queued = o.queued(),
+                "a console lags; the VM goes on without waiting for it"
+            );
+            o.set_behind();
+        }
+    }
+}
+
+fn new_vm(
+    key: String,
+    uuid: String,
+    port: Option<u16>,
+    name: String,
+    idle_since: Option<Instant>,
+) -> Arc<Vm> {
+    let rec = Arc::new(FfiRecord {
+        uuid: uuid.as_str().into(),
+        name: name.as_str().into(),
+        port: port.into(),
+    });
+    Arc::new(Vm {
+        key,
+        uuid,
+        port,
+        state: Mutex::new(new_state(name, rec, idle_since)),
+    })
+}
+
+fn new_state(name: String, rec: Arc<FfiRecord>, idle_since: Option<Instant>) -> VmState {
     VmState {
         name,
+        rec,
         active: None,
         consoles: Vec::new(),
         vmotion: None,

@@ -95,8 +95,8 @@ fn start(cfg: Config) -> Result<(), String> {
     }
 
     let backends: Vec<_> = backends.into_iter().map(|n| n.backend).collect();
-    let host =
-        Backends::spawn(backends).map_err(|e| format!("cannot start backend thread: {e}"))?;
+    let host = Backends::spawn(backends, cfg.backend_queue as usize)
+        .map_err(|e| format!("cannot start backend thread: {e}"))?;
     let hub_cfg = HubConfig {
         port_range_start: cfg.port_range_start,
         vm_ports: !cfg.no_vm_ports,
@@ -105,6 +105,8 @@ fn start(cfg: Config) -> Result<(), String> {
         vmotion_timeout: cfg.vmotion_timeout,
         client_limit: cfg.client_limit,
         console_queue: cfg.console_queue as usize,
+        console_protocol: cfg.console_protocol,
+        console_stall: Some(cfg.console_stall_timeout).filter(|d| !d.is_zero()),
     };
     let server = ServerConfig {
         proxy: (cfg.proxy_iface, cfg.proxy_port).into(),

@@ -1,43 +1,70 @@
 //! A connection's outbound queue.
 //!
 //! Producers (the VM's reader fanning out, consoles typing, the session's own
-//! replies) push encoded byte chunks; the connection's writer takes them in
-//! batches. Nothing here ever waits on the socket, so a producer never blocks
-//! on a slow peer: it sees the queue's size and decides (a console that falls
-//! behind is dropped; a console typing into a slow VM waits for [`drained`]).
-//! An empty queue holds no heap memory.
+//! replies) push byte chunks; the connection's writer takes them in batches.
+//! Nothing here ever waits on the socket, so a producer never blocks on a
+//! slow peer: it sees the queue's size and decides. An empty queue holds no
+//! heap memory.
 //!
 //! Two lanes: protocol messages (negotiation, VMware replies such as
-//! GOAHEAD) go ahead of queued data, so pacing or a long paste never delays
-//! an answer ESXi waits for. The writer only switches lanes between data
-//! pieces that end on a whole telnet escape, so a reply can never land inside
-//! an `IAC IAC` pair.
+//! GOAHEAD), already encoded, go ahead of queued data, so pacing or a long
+//! paste never delays an answer ESXi waits for. Data is queued as the plain
+//! bytes it is and encoded only on its way out, as the peer needs it
+//! ([`Encoding`]): raw for a client that speaks no telnet, IAC doubled for a
+//! telnet peer, CR NUL added for one that refused BINARY. One chunk can thus
+//! be shared by consoles that want different encodings, and a lane switch
+//! can never land inside an `IAC IAC` pair.
 //!
-//! [`drained`]: Outbox::drained
+//! A console's queue never refuses output and never disconnects anyone: past
+//! its limit, the oldest queued data is dropped and counted, and the next
+//! batch starts with a line telling the console how many bytes it missed
+//! ([`skip_notice`]). Whether a VM should wait for a console before that
+//! happens is the caller's decision; the outbox only says how full it is
+//! ([`Outbox::lagging`]) and remembers when the VM gave up waiting for it
+//! ([`Outbox::set_behind`]).
 
 use bytes::Bytes;
 use std::collections::VecDeque;
+use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
 use std::sync::Mutex;
 use std::task::{Context, Poll, Waker};
 use tokio::sync::Notify;
 
-/// What [`Outbox::push`] did.
+/// How queued data is put on the wire.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Push {
-    /// Queued; this many bytes are now waiting.
-    Queued(usize),
-    /// Over the limit: nothing queued; the outbox is now closed and the
-    /// connection will be dropped after the farewell, if any.
-    Overflow,
-    /// The connection is closing; nothing queued.
-    Closed,
+#[repr(u8)]
+pub enum Encoding {
+    /// Not decided yet (a console that has not spoken): only the control
+    /// lane is written; data waits.
+    Hold = 0,
+    /// Byte for byte (clients that speak no telnet: gdb, socat, scripts).
+    Raw = 1,
+    /// Telnet BINARY: 0xFF doubled.
+    Telnet = 2,
+    /// Telnet without BINARY (NVT): 0xFF doubled and a CR not followed by
+    /// LF sent as CR NUL.
+    Nvt = 3,
+}
+
+impl Encoding {
+    fn from_u8(v: u8) -> Encoding {
+        match v {
+            1 => Encoding::Raw,
+            2 => Encoding::Telnet,
+            3 => Encoding::Nvt,
+            _ => Encoding::Hold,
+        }
+    }
 }
 
 #[derive(Debug, Default)]
 struct Inner {
     control: VecDeque<Bytes>,
     queue: VecDeque<Bytes>,
+    /// Data bytes queued (the control lane is not counted).
     bytes: usize,
+    /// Data bytes dropped from the front since the last notice was queued.
+    skipped: u64,
     /// No more data is accepted; the writer flushes what is queued, then ends.
     closed: bool,
     /// The writer, waiting for data or the end.
@@ -50,28 +77,50 @@ pub struct Outbox {
     inner: Mutex<Inner>,
     /// Wakes producers waiting for the queue to shrink.
     room: Notify,
-    /// Most bytes that may wait; past this, pushes with a limit fail.
+    /// Most data bytes that may wait; past this the oldest are skipped.
     limit: usize,
-    /// The peer refused BINARY: the writer applies NVT rules (CR -> CR NUL).
-    nvt: std::sync::atomic::AtomicBool,
+    /// An [`Encoding`], as u8.
+    encoding: AtomicU8,
+    /// The VM gave up waiting for this console: it is not waited for again
+    /// until it has caught up to [`Outbox::low_water`].
+    behind: AtomicBool,
+}
+
+/// What the writer took: `control` encoded messages first, then data
+/// chunks to encode with [`Taken::encoding`].
+pub struct Taken {
+    pub chunks: Vec<Bytes>,
+    /// How many of `chunks`, from the front, are control messages.
+    pub control: usize,
+    /// The encoding the data chunks need.
+    pub encoding: Encoding,
 }
 
 /// A batch of chunks the writer took, or the end of the stream.
 pub enum Batch {
-    Data(Vec<Bytes>),
+    Data(Taken),
     End,
 }
 
 /// The most the writer takes at once when not pacing.
 pub const BATCH_BYTES: usize = 256 * 1024;
 
+/// The line a console gets where output was skipped because it fell more
+/// than its queue behind.
+pub fn skip_notice(skipped: u64) -> Bytes {
+    Bytes::from(format!(
+        "\r\n[vspc: skipped {skipped} bytes of output; this console fell behind]\r\n"
+    ))
+}
+
 impl Outbox {
-    pub fn new(limit: usize) -> Outbox {
+    pub fn new(limit: usize, encoding: Encoding) -> Outbox {
         Outbox {
             inner: Mutex::new(Inner::default()),
             room: Notify::new(),
-            limit,
-            nvt: std::sync::atomic::AtomicBool::new(false),
+            limit: limit.max(1),
+            encoding: AtomicU8::new(encoding as u8),
+            behind: AtomicBool::new(false),
         }
     }
 
@@ -81,33 +130,36 @@ impl Outbox {
         self.inner.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Queue `data` if it fits under the limit; otherwise close the outbox,
-    /// queueing `farewell` (if any) as the last thing the peer receives.
-    pub fn push(&self, data: Bytes, farewell: Option<&[u8]>) -> Push {
+    /// Queue output; past the limit, drop the oldest queued data (and, for
+    /// a chunk larger than the whole limit, its head) and count it. Returns
+    /// the bytes now queued, or `None` if the outbox is closed.
+    pub fn push(&self, mut data: Bytes) -> Option<usize> {
         let mut inner = self.lock();
         if inner.closed {
-            return Push::Closed;
+            return None;
         }
-        if inner.bytes + data.len() > self.limit {
-            inner.queue.clear();
-            inner.bytes = 0;
-            if let Some(msg) = farewell {
-                inner.queue.push_back(Bytes::copy_from_slice(msg));
-            }
-            inner.closed = true;
-            unlock_and_wake(inner);
-            self.room.notify_waiters();
-            return Push::Overflow;
+        if data.len() > self.limit {
+            let cut = data.len() - self.limit;
+            inner.skipped += cut as u64;
+            let _ = data.split_to(cut);
+        }
+        while inner.bytes + data.len() > self.limit {
+            let Some(old) = inner.queue.pop_front() else {
+                break;
+            };
+            inner.bytes -= old.len();
+            inner.skipped += old.len() as u64;
         }
         inner.bytes += data.len();
         inner.queue.push_back(data);
         let n = inner.bytes;
         unlock_and_wake(inner);
-        Push::Queued(n)
+        Some(n)
     }
 
-    /// Queue `data` regardless of the limit (protocol replies, which are
-    /// small and must not be lost). Returns false if the outbox is closed.
+    /// Queue `data` regardless of the limit (recent output for a new
+    /// console, notices, console input for the VM, which its producer
+    /// throttles itself). Returns false if the outbox is closed.
     pub fn push_always(&self, data: Bytes) -> bool {
         let mut inner = self.lock();
         if inner.closed {
@@ -119,7 +171,7 @@ impl Outbox {
         true
     }
 
-    /// Queue a protocol message ahead of any queued data.
+    /// Queue an encoded protocol message ahead of any queued data.
     pub fn push_control(&self, msg: Bytes) -> bool {
         let mut inner = self.lock();
         if inner.closed {
@@ -155,7 +207,21 @@ impl Outbox {
         self.room.notify_waiters();
     }
 
-    /// Bytes waiting to be written.
+    /// Drop every queued data byte, queue `last` alone and close: for a
+    /// peer that is being given up on, so that only the reason waits.
+    pub fn abandon(&self, last: Bytes) {
+        let mut inner = self.lock();
+        if !inner.closed {
+            inner.queue.clear();
+            inner.bytes = 0;
+            inner.queue.push_back(last);
+        }
+        inner.closed = true;
+        unlock_and_wake(inner);
+        self.room.notify_waiters();
+    }
+
+    /// Data bytes waiting to be written.
     pub fn queued(&self) -> usize {
         self.lock().bytes
     }
@@ -164,13 +230,52 @@ impl Outbox {
         self.lock().closed
     }
 
-    /// Switch NVT output rules on or off (see the `nvt` field).
-    pub fn set_nvt(&self, on: bool) {
-        self.nvt.store(on, std::sync::atomic::Ordering::Relaxed);
+    /// How the data is put on the wire.
+    pub fn encoding(&self) -> Encoding {
+        Encoding::from_u8(self.encoding.load(Ordering::Relaxed))
     }
 
-    pub fn nvt(&self) -> bool {
-        self.nvt.load(std::sync::atomic::Ordering::Relaxed)
+    /// Change the encoding from the next batch on (a held outbox starts
+    /// writing its data).
+    pub fn set_encoding(&self, e: Encoding) {
+        if self.encoding.swap(e as u8, Ordering::Relaxed) != e as u8 {
+            unlock_and_wake(self.lock());
+        }
+    }
+
+    /// The level past which a VM should wait for this console.
+    pub fn high_water(&self) -> usize {
+        self.limit / 2
+    }
+
+    /// The level a lagging console must drain to before the VM goes on.
+    pub fn low_water(&self) -> usize {
+        self.limit / 4
+    }
+
+    /// With `queued` bytes waiting, should a VM wait for this console
+    /// (briefly) before sending more? Yes past the high-water mark, unless
+    /// it was given up on or is not being written yet (a console still
+    /// being told apart must not hold the VM up).
+    pub fn lags_at(&self, queued: usize) -> bool {
+        queued > self.high_water()
+            && !self.behind.load(Ordering::Relaxed)
+            && self.encoding() != Encoding::Hold
+    }
+
+    /// [`Outbox::lags_at`] its current level.
+    pub fn lagging(&self) -> bool {
+        self.lags_at(self.queued())
+    }
+
+    /// The VM stops waiting for this console until it has caught up.
+    pub fn set_behind(&self) {
+        self.behind.store(true, Ordering::Relaxed);
+    }
+
+    /// Whether the VM has given up waiting for this console for now.
+    pub fn is_behind(&self) -> bool {
+        self.behind.load(Ordering::Relaxed)
     }
 
     /// Wait until at most `level` bytes are queued (or the outbox closes).
@@ -189,39 +294,51 @@ impl Outbox {
         }
     }
 
-    /// The writer's side: take a batch of at most about `max` bytes
+    /// The writer's side: take a batch of at most about `max` data bytes
     /// (protocol messages first), or the end; when there is nothing to take,
-    /// `cx` is woken by the next push or the close. One writer per outbox.
+    /// `cx` is woken by the next push, encoding change or close. One writer
+    /// per outbox.
     pub fn poll_batch(&self, cx: &mut Context<'_>, max: usize) -> Poll<Batch> {
+        let encoding = self.encoding();
         let mut inner = self.lock();
         // The control lane's buffer leaves with the batch: an idle outbox
         // keeps no allocation.
-        let mut batch = Vec::from(std::mem::take(&mut inner.control));
+        let mut chunks = Vec::from(std::mem::take(&mut inner.control));
+        let control = chunks.len();
         let mut taken = 0;
-        while taken < max {
-            let Some(mut chunk) = inner.queue.pop_front() else {
-                break;
-            };
-            let room = max - taken;
-            if chunk.len() > room {
-                let rest = chunk.split_off(safe_cut(&chunk, room));
-                if !rest.is_empty() {
-                    inner.queue.push_front(rest);
-                }
+        if encoding != Encoding::Hold {
+            if inner.skipped > 0 && !inner.queue.is_empty() {
+                chunks.push(skip_notice(std::mem::take(&mut inner.skipped)));
             }
-            taken += chunk.len();
-            batch.push(chunk);
+            while taken < max {
+                let Some(mut chunk) = inner.queue.pop_front() else {
+                    break;
+                };
+                let room = max - taken;
+                if chunk.len() > room {
+                    inner.queue.push_front(chunk.split_off(room));
+                }
+                taken += chunk.len();
+                chunks.push(chunk);
+            }
         }
-        if !batch.is_empty() {
+        if !chunks.is_empty() {
             inner.bytes = inner.bytes.saturating_sub(taken);
             if inner.queue.is_empty() {
                 inner.queue = VecDeque::new();
             }
+            if inner.bytes <= self.limit / 4 {
+                self.behind.store(false, Ordering::Relaxed);
+            }
             drop(inner);
             self.room.notify_waiters();
-            return Poll::Ready(Batch::Data(batch));
+            return Poll::Ready(Batch::Data(Taken {
+                chunks,
+                control,
+                encoding,
+            }));
         }
-        if inner.closed {
+        if inner.closed && (encoding != Encoding::Hold || inner.queue.is_empty()) {
             return Poll::Ready(Batch::End);
         }
         match &mut inner.writer {
@@ -242,19 +359,39 @@ fn unlock_and_wake(mut inner: std::sync::MutexGuard<'_, Inner>) {
     }
 }
 
-/// Where to cut escaped data near `want` without splitting an `IAC IAC`
-/// pair: a prefix that ends in an odd run of 0xFF takes one byte more.
-fn safe_cut(escaped: &[u8], want: usize) -> usize {
-    let want = want.max(1).min(escaped.len());
-    let run = escaped[..want]
-        .iter()
-        .rev()
-        .take_while(|&&b| b == 0xFF)
-        .count();
-    if run % 2 == 1 {
-        (want + 1).min(escaped.len())
-    } else {
-        want
+impl Taken {
+    /// The batch as it goes on the wire: control messages as they are, data
+    /// encoded. `cr_pending` carries NVT's "the last byte out was a CR"
+    /// across batches. Chunks that need no change are passed through
+    /// without a copy.
+    pub fn into_wire(self, cr_pending: &mut bool) -> Vec<Bytes> {
+        let Taken {
+            mut chunks,
+            control,
+            encoding,
+        } = self;
+        match encoding {
+            Encoding::Raw | Encoding::Hold => chunks,
+            Encoding::Telnet => {
+                for c in &mut chunks[control..] {
+                    if memchr::memchr(crate::wire::IAC, c).is_some() {
+                        *c = Bytes::from(crate::wire::encode::escaped(c));
+                    }
+                }
+                chunks
+            }
+            Encoding::Nvt => {
+                let mut out = Vec::new();
+                for c in &chunks[control..] {
+                    crate::wire::encode::nvt_data(c, cr_pending, &mut out);
+                }
+                chunks.truncate(control);
+                if !out.is_empty() {
+                    chunks.push(Bytes::from(out));
+                }
+                chunks
+            }
+        }
     }
 }
 
@@ -267,45 +404,96 @@ mod tests {
         std::future::poll_fn(|cx| o.poll_batch(cx, max)).await
     }
 
-    #[tokio::test]
-    async fn overflow_closes_with_farewell() {
-        let o = Outbox::new(10);
-        assert_eq!(o.push(Bytes::from_static(b"12345"), None), Push::Queued(5));
-        assert_eq!(
-            o.push(Bytes::from_static(b"123456"), Some(b"bye")),
-            Push::Overflow
-        );
-        assert_eq!(o.push(Bytes::from_static(b"1"), None), Push::Closed);
-        match next_batch(&o, BATCH_BYTES).await {
-            Batch::Data(b) => assert_eq!(b, vec![Bytes::from_static(b"bye")]),
-            Batch::End => panic!("farewell lost"),
+    async fn next_wire(o: &Outbox, max: usize) -> Option<Vec<u8>> {
+        match next_batch(o, max).await {
+            Batch::Data(t) => Some(t.into_wire(&mut false).concat()),
+            Batch::End => None,
         }
-        assert!(matches!(next_batch(&o, BATCH_BYTES).await, Batch::End));
     }
 
     #[tokio::test]
-    async fn control_goes_first_and_never_splits_an_escape() {
-        let o = Outbox::new(1000);
-        o.push(Bytes::from_static(b"ab\xff\xffcd"), None);
-        o.push_control(Bytes::from_static(b"!"));
-        // Asking for 3 bytes would cut between the two 0xFF: take 4.
-        match next_batch(&o, 3).await {
-            Batch::Data(b) => assert_eq!(b.concat(), b"!ab\xff\xff"),
-            Batch::End => panic!(),
-        }
+    async fn overflow_skips_the_oldest_and_says_so() {
+        let o = Outbox::new(10, Encoding::Raw);
+        assert_eq!(o.push(Bytes::from_static(b"12345")), Some(5));
+        assert_eq!(o.push(Bytes::from_static(b"abc")), Some(8));
+        // 8 + 6 > 10: "12345" goes.
+        assert_eq!(o.push(Bytes::from_static(b"uvwxyz")), Some(9));
+        let got = next_wire(&o, BATCH_BYTES).await.unwrap();
+        let mut want = skip_notice(5).to_vec();
+        want.extend_from_slice(b"abcuvwxyz");
+        assert_eq!(got, want);
+        // A chunk larger than the limit keeps its tail.
+        o.push(Bytes::from_static(b"0123456789ABCDEF"));
+        let got = next_wire(&o, BATCH_BYTES).await.unwrap();
+        let mut want = skip_notice(6).to_vec();
+        want.extend_from_slice(b"6789ABCDEF");
+        assert_eq!(got, want);
+        // Nothing is ever refused: the outbox stays open.
+        assert!(!o.is_closed());
+    }
+
+    #[tokio::test]
+    async fn control_goes_first_and_data_is_encoded_on_the_way_out() {
+        let o = Outbox::new(1000, Encoding::Telnet);
+        o.push(Bytes::from_static(b"ab\xffcd"));
+        o.push_control(Bytes::from_static(b"\xff\xfb\x01"));
+        // Three data bytes only: the cut may fall anywhere in raw data.
+        assert_eq!(next_wire(&o, 3).await.unwrap(), b"\xff\xfb\x01ab\xff\xff");
         assert_eq!(o.take_data(), vec![Bytes::from_static(b"cd")]);
         assert_eq!(o.queued(), 0);
+        o.set_encoding(Encoding::Raw);
+        o.push(Bytes::from_static(b"\xff\r\0"));
+        assert_eq!(next_wire(&o, 100).await.unwrap(), b"\xff\r\0");
+        o.set_encoding(Encoding::Nvt);
+        o.push(Bytes::from_static(b"\xff\ra\r\n"));
+        assert_eq!(next_wire(&o, 100).await.unwrap(), b"\xff\xff\r\0a\r\n");
+    }
+
+    #[tokio::test]
+    async fn held_data_waits_for_an_encoding() {
+        let o = Outbox::new(100, Encoding::Hold);
+        o.push(Bytes::from_static(b"data"));
+        o.push_control(Bytes::from_static(b"ctl"));
+        assert_eq!(next_wire(&o, 100).await.unwrap(), b"ctl");
+        let pending = futures_poll(&o);
+        assert!(pending.is_pending(), "held data was written");
+        o.set_encoding(Encoding::Raw);
+        assert_eq!(next_wire(&o, 100).await.unwrap(), b"data");
+    }
+
+    struct NoWake;
+    impl std::task::Wake for NoWake {
+        fn wake(self: std::sync::Arc<Self>) {}
+    }
+
+    fn futures_poll(o: &Outbox) -> Poll<Batch> {
+        let waker = Waker::from(std::sync::Arc::new(NoWake));
+        let mut cx = Context::from_waker(&waker);
+        o.poll_batch(&mut cx, 100)
     }
 
     #[tokio::test]
     async fn close_flushes_queue_first() {
-        let o = Outbox::new(100);
-        o.push(Bytes::from_static(b"a"), None);
+        let o = Outbox::new(100, Encoding::Raw);
+        o.push(Bytes::from_static(b"a"));
         o.close(Some(Bytes::from_static(b"z")));
-        match next_batch(&o, BATCH_BYTES).await {
-            Batch::Data(b) => assert_eq!(b.concat(), b"az"),
-            Batch::End => panic!(),
-        }
-        assert!(matches!(next_batch(&o, BATCH_BYTES).await, Batch::End));
+        assert_eq!(next_wire(&o, BATCH_BYTES).await.unwrap(), b"az");
+        assert!(next_wire(&o, BATCH_BYTES).await.is_none());
+        let o = Outbox::new(100, Encoding::Raw);
+        o.push(Bytes::from_static(b"old"));
+        o.abandon(Bytes::from_static(b"bye"));
+        assert_eq!(next_wire(&o, BATCH_BYTES).await.unwrap(), b"bye");
+    }
+
+    #[test]
+    fn lag_marks() {
+        let o = Outbox::new(100, Encoding::Raw);
+        o.push(Bytes::from(vec![0; 51]));
+        assert!(o.lagging());
+        o.set_behind();
+        assert!(!o.lagging());
+        // Caught up to the low-water mark: waited for again.
+        let _ = futures_poll(&o);
+        assert!(!o.is_behind());
     }
 }

@@ -7,7 +7,7 @@
 //! | command | answer |
 //! | --- | --- |
 //! | `list` | `{"ok":true,"vms":[{"name","uuid","port","vm_connected","consoles"}]}`, sorted by name |
-//! | `connect VM [MODE]` | `{"ok":true,"vm":{…},"mode":"free-for-all"}`, then the connection is a telnet console of VM (recent output first) |
+//! | `connect VM [MODE [PROTOCOL]]` | `{"ok":true,"vm":{…},"mode":"free-for-all"}`, then the connection is a console of VM (recent output first): telnet, or with PROTOCOL `raw` bytes untouched both ways |
 //! | `clear VM` | `{"ok":true,"cleared":N}`: every console of VM disconnected |
 //! | `stats` | `{"ok":true,"vms","vms_connected","consoles","heap_allocated_bytes","heap_resident_bytes"}` (the heap figures are `null` where the allocator gives none) |
 //! | `version` | `{"ok":true,"version":"0.1.0","protocol":1}` |
@@ -20,7 +20,7 @@
 //! (with `"known"`: the VM names), `lock_invalid`, `lock_failed`.
 
 use crate::config::shell_words;
-use crate::hub::{AttachError, Hub, LockMode, Vm};
+use crate::hub::{AttachError, ConsoleProtocol, Hub, LockMode, Vm};
 use crate::net::conn::{serve as serve_stream, Stream};
 use crate::session::console::ConsoleSession;
 use crate::session::Session;
@@ -40,7 +40,7 @@ const IDLE: Duration = Duration::from_secs(300);
 
 const COMMANDS: &[&str] = &[
     "list",
-    "connect VM [exclusive|write|free-for-all|free-for-all-fallback]",
+    "connect VM [exclusive|write|free-for-all|free-for-all-fallback [telnet|raw]]",
     "clear VM",
     "stats",
     "version",
@@ -87,16 +87,29 @@ pub async fn serve(hub: Arc<Hub>, mut tcp: TcpStream) {
                     None => Some(LockMode::FreeForAllOrReadOnly),
                     Some(m) => LockMode::parse(m),
                 };
-                match (hub.find(name), mode) {
-                    (None, _) => not_found(&hub, name),
-                    (Some(_), None) => error(
+                let protocol = match words.get(3).map(|w| w.to_ascii_lowercase()) {
+                    None => Some(ConsoleProtocol::Telnet),
+                    Some(w) if w == "telnet" => Some(ConsoleProtocol::Telnet),
+                    Some(w) if w == "raw" => Some(ConsoleProtocol::Raw),
+                    Some(_) => None,
+                };
+                match (hub.find(name), mode, protocol) {
+                    (_, _, None) => error(
+                        "bad_command",
+                        &format!(
+                            "unknown console protocol '{}' (use telnet or raw)",
+                            words.get(3).map(String::as_str).unwrap_or_default()
+                        ),
+                    ),
+                    (None, _, _) => not_found(&hub, name),
+                    (Some(_), None, _) => error(
                         "lock_invalid",
                         &format!(
                             "unknown lock mode '{}' (use exclusive, write, free-for-all or free-for-all-fallback)",
                             words.get(2).map(String::as_str).unwrap_or_default()
                         ),
                     ),
-                    (Some(vm), Some(mode)) => match connect(&hub, &vm, mode).await {
+                    (Some(vm), Some(mode), Some(protocol)) => match connect(&hub, &vm, mode, protocol).await {
                         Ok(session) => {
                             let answer = json!({
                                 "ok": true,
@@ -133,9 +146,10 @@ async fn connect(
     hub: &Arc<Hub>,
     vm: &Arc<Vm>,
     mode: LockMode,
+    protocol: ConsoleProtocol,
 ) -> Result<ConsoleSession, AttachError> {
     let seed = hub.backend().seed_data(vm.record()).await;
-    ConsoleSession::join(hub, vm, mode, Some(&seed))
+    ConsoleSession::join(hub, vm, mode, Some(&seed), protocol)
 }
 
 async fn run_console(mut session: ConsoleSession, tcp: TcpStream, leftover: Vec<u8>) {
@@ -147,7 +161,8 @@ async fn run_console(mut session: ConsoleSession, tcp: TcpStream, leftover: Vec<
         "admin console session (native protocol)"
     );
     let outbox = session.outbox();
-    serve_stream(Stream::Tcp(tcp), &mut session, outbox, None).await;
+    let stall = session.stall_timeout();
+    serve_stream(Stream::Tcp(tcp), &mut session, outbox, None, stall).await;
 }
 
 /// The `stats` answer: the hub's counts and the allocator's figures.

@@ -9,7 +9,7 @@
 //! and refuses anything that would import or call code.
 
 use super::pickle::{self, Value};
-use crate::hub::{Access, AttachError, Hub, LockMode, Vm};
+use crate::hub::{Access, AttachError, ConsoleProtocol, Hub, LockMode, Vm};
 use crate::net::conn::{serve as serve_stream, Stream};
 use crate::session::console::ConsoleSession;
 use crate::session::Session;
@@ -182,7 +182,7 @@ async fn console_session(
 ) -> Result<(), AdminError> {
     let seed = hub.backend().seed_data(vm.record()).await;
     // The seed travels in a pickle here, not in the telnet stream.
-    let mut session = match ConsoleSession::join(&hub, &vm, mode, None) {
+    let mut session = match ConsoleSession::join(&hub, &vm, mode, None, ConsoleProtocol::Telnet) {
         Ok(s) => s,
         Err(e @ AttachError::LockFailed { .. }) | Err(e @ AttachError::Full { .. }) => {
             tracing::info!(vm = %vm.name(), "admin console refused: {e}");
@@ -210,6 +210,7 @@ async fn console_session(
         session.on_input(&rest);
     }
     let outbox = session.outbox();
-    serve_stream(Stream::Tcp(c.tcp), &mut session, outbox, None).await;
+    let stall = session.stall_timeout();
+    serve_stream(Stream::Tcp(c.tcp), &mut session, outbox, None, stall).await;
     Ok(())
 }

@@ -13,10 +13,18 @@
 //! Writes take batches from the outbox and go out with vectored writes, so
 //! chunks shared with other consoles are never copied together; with pacing
 //! (`--vm-tx-rate`) the batches are small and spaced out.
+//!
+//! Flow control lives in the session's answers ([`Flow::Wait`]): after each
+//! read the session may say to stop reading until something drains (the
+//! VM's consoles, a lossless backend, the VM's own queue for console
+//! input). Reads are capped at a slice ([`Conn::read_slice`]) well below a
+//! console's queue, so one read can never overflow a queue by itself. A
+//! console whose socket takes no byte for the stall timeout while output
+//! waits for it is told why, if it can still take that, and closed
+//! ([`Conn::stall_timeout`]).
 
 use crate::outbox::{Batch, Outbox, BATCH_BYTES};
 use crate::session::{Flow, Session};
-use crate::wire::encode;
 use bytes::{Buf, Bytes};
 use std::cell::RefCell;
 use std::future::Future;
@@ -39,8 +47,8 @@ const TLS_READ_BUF: usize = 16 * 1024;
 /// How long a closing connection may take to flush its farewell.
 const CLOSE_GRACE: Duration = Duration::from_secs(5);
 
-/// Console input resumes when the VM's queue is down to this.
-const INPUT_LOW_WATER: usize = 16 * 1024;
+/// How long a stalled console gets to take the notice of why it goes.
+const STALL_GRACE: Duration = Duration::from_secs(2);
 
 /// Chunks handed to one vectored write.
 const MAX_IOV: usize = 64;
@@ -75,13 +83,15 @@ impl Io {
         &mut self,
         cx: &mut Context<'_>,
         session: &mut S,
+        max: usize,
     ) -> Poll<io::Result<Got>> {
         match self {
             Io::Tcp(tcp) => loop {
                 ready!(tcp.poll_read_ready(cx))?;
                 let got = BUF.with(|cell| {
                     let mut buf = cell.borrow_mut();
-                    match tcp.try_read(&mut buf[..]) {
+                    let slice = max.clamp(1, buf.len());
+                    match tcp.try_read(&mut buf[..slice]) {
                         Ok(0) => Ok(Some(Got::Eof)),
                         Ok(n) => Ok(Some(Got::Input(session.on_input(&buf[..n])))),
                         Err(e) if e.kind() == io::ErrorKind::WouldBlock => Ok(None),
@@ -94,7 +104,8 @@ impl Io {
             },
             Io::Tls(tls) => {
                 let (stream, buf) = &mut **tls;
-                let mut rb = ReadBuf::new(buf);
+                let slice = max.clamp(1, buf.len());
+                let mut rb = ReadBuf::new(&mut buf[..slice]);
                 ready!(Pin::new(stream).poll_read(cx, &mut rb))?;
                 let data = rb.filled();
                 Poll::Ready(Ok(if data.is_empty() {
@@ -161,18 +172,34 @@ pub struct Conn<S: Session + Unpin> {
     unflushed: usize,
     /// The session's deadline or the close grace, whichever is first.
     timer: Option<Pin<Box<Sleep>>>,
-    /// Input is throttled until this completes (the VM's queue drained).
+    /// Input is not read until this completes (see [`Flow::Wait`]).
     wait: Option<Pin<Box<dyn Future<Output = ()> + Send>>>,
     pace: Option<Box<Pace>>,
     /// Closing: input is no longer read, and flushing the farewell is given
     /// up at this time.
     give_up: Option<Instant>,
+    /// Since when output has waited for a socket that takes nothing.
+    stalled_since: Option<Instant>,
+    /// Close the connection once it has been stalled this many
+    /// milliseconds; 0 waits forever (VM connections: ESXi's own flow
+    /// control applies).
+    stall_ms: u32,
     /// Largest batch taken from the outbox.
     max_batch: u32,
+    /// Largest read handed to the session at once.
+    read_max: u32,
     state: WriteState,
     /// NVT output: the last byte written was a CR.
     cr_pending: bool,
     done: bool,
+}
+
+/// Told to a console that took no output for the stall timeout.
+pub fn stall_notice(limit: Duration) -> Bytes {
+    Bytes::from(format!(
+        "\r\nvspc: this console took no output for {} s while output waited; disconnecting it.\r\n",
+        limit.as_secs_f64()
+    ))
 }
 
 impl<S: Session + Unpin> Conn<S> {
@@ -207,19 +234,37 @@ impl<S: Session + Unpin> Conn<S> {
                 })
             }),
             give_up: None,
+            stalled_since: None,
+            stall_ms: 0,
             max_batch,
+            read_max: READ_BUF as u32,
             state: WriteState::Open,
             cr_pending: false,
             done: false,
         }
     }
 
+    /// Hand the session at most `bytes` per read (a VM's read slice).
+    pub fn read_slice(mut self, bytes: usize) -> Self {
+        self.read_max = bytes.clamp(1, READ_BUF) as u32;
+        self
+    }
+
+    /// Give up on a peer whose socket takes no byte for `limit` while
+    /// output waits for it (consoles).
+    pub fn stall_timeout(mut self, limit: Option<Duration>) -> Self {
+        self.stall_ms = limit.map_or(0, |l| l.as_millis().clamp(1, u32::MAX as u128) as u32);
+        self
+    }
+
+    fn stall_limit(&self) -> Option<Duration> {
+        (self.stall_ms > 0).then(|| Duration::from_millis(u64::from(self.stall_ms)))
+    }
+
     fn apply(&mut self, flow: Flow) {
         match flow {
             Flow::Continue => {}
-            Flow::Wait(o) => {
-                self.wait = Some(Box::pin(async move { o.drained(INPUT_LOW_WATER).await }));
-            }
+            Flow::Wait(w) => self.wait = Some(w),
             Flow::Close => {
                 self.outbox.close(None);
                 self.give_up
@@ -238,7 +283,8 @@ impl<S: Session + Unpin> Conn<S> {
             if self.give_up.is_some() {
                 return Poll::Pending;
             }
-            match ready!(self.io.poll_read_into(cx, &mut self.session)) {
+            let max = self.read_max as usize;
+            match ready!(self.io.poll_read_into(cx, &mut self.session, max)) {
                 Ok(Got::Input(flow)) => self.apply(flow),
                 Ok(Got::Eof) => return Poll::Ready(()),
                 Err(e) => {
@@ -253,10 +299,18 @@ impl<S: Session + Unpin> Conn<S> {
 
     /// Arm the timer for the next deadline; `Ready` when it has passed.
     fn poll_timer(&mut self, cx: &mut Context<'_>) -> Poll<()> {
-        let due = match (self.session.deadline().map(Instant::from_std), self.give_up) {
-            (Some(a), Some(b)) => Some(a.min(b)),
-            (a, b) => a.or(b),
-        };
+        let stall = self
+            .stalled_since
+            .zip(self.stall_limit())
+            .map(|(s, l)| s + l);
+        let due = [
+            self.session.deadline().map(Instant::from_std),
+            self.give_up,
+            stall,
+        ]
+        .into_iter()
+        .flatten()
+        .min();
         match (due, &mut self.timer) {
             (None, t) => *t = None,
             (Some(at), Some(sleep)) => {
@@ -301,10 +355,17 @@ impl<S: Session + Unpin> Conn<S> {
                     slices[k] = IoSlice::new(c);
                     k += 1;
                 }
-                let n = ready!(self.io.poll_write_vectored(cx, &slices[..k]))?;
+                let n = match self.io.poll_write_vectored(cx, &slices[..k]) {
+                    Poll::Ready(r) => r?,
+                    Poll::Pending => {
+                        self.stalled_since.get_or_insert_with(Instant::now);
+                        return Poll::Pending;
+                    }
+                };
                 if n == 0 {
                     return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
                 }
+                self.stalled_since = None;
                 self.unflushed += n;
                 self.advance(n);
             }
@@ -330,16 +391,8 @@ impl<S: Session + Unpin> Conn<S> {
                 }
             }
             match ready!(self.outbox.poll_batch(cx, self.max_batch as usize)) {
-                Batch::Data(chunks) => {
-                    self.batch = if self.outbox.nvt() {
-                        let mut out = Vec::new();
-                        for c in &chunks {
-                            encode::nvt_cr(c, &mut self.cr_pending, &mut out);
-                        }
-                        vec![Bytes::from(out)]
-                    } else {
-                        chunks
-                    };
+                Batch::Data(taken) => {
+                    self.batch = taken.into_wire(&mut self.cr_pending);
                 }
                 Batch::End => {
                     self.state = WriteState::ShuttingDown;
@@ -389,8 +442,24 @@ impl<S: Session + Unpin> Future for Conn<S> {
         let mut rounds = 0;
         while this.poll_timer(cx).is_ready() {
             this.timer = None;
-            if this.give_up.is_some_and(|g| Instant::now() >= g) {
+            let now = Instant::now();
+            if this.give_up.is_some_and(|g| now >= g) {
                 return this.finish();
+            }
+            if let Some(limit) = this.stall_limit() {
+                if this.stalled_since.is_some_and(|s| now >= s + limit) {
+                    // Only the reason waits now; if the socket takes even
+                    // that within the grace, the peer learns why.
+                    tracing::info!(
+                        stalled_s = limit.as_secs_f64(),
+                        "disconnecting a console that took no output"
+                    );
+                    this.outbox.abandon(stall_notice(limit));
+                    this.stalled_since = None;
+                    this.stall_ms = 0;
+                    this.give_up = Some(now + STALL_GRACE);
+                    continue;
+                }
             }
             let flow = this.session.on_deadline(std::time::Instant::now());
             this.apply(flow);
@@ -403,6 +472,10 @@ impl<S: Session + Unpin> Future for Conn<S> {
         // Last, so replies queued by the input and the timer go out now.
         if this.poll_writing(cx).is_ready() {
             return this.finish();
+        }
+        // A write that just stalled starts the stall clock: arm it.
+        if this.stall_ms > 0 && this.stalled_since.is_some() && this.poll_timer(cx).is_ready() {
+            cx.waker().wake_by_ref();
         }
         Poll::Pending
     }
@@ -425,14 +498,18 @@ impl<S: Session + ?Sized> Session for &mut S {
 }
 
 /// Serve `stream` with `session` until either side closes. `pace` limits
-/// writes to that many bytes per second.
+/// writes to that many bytes per second; `stall` gives up on a peer that
+/// takes nothing for that long while output waits.
 pub async fn serve<S: Session + Unpin>(
     stream: Stream,
     session: &mut S,
     outbox: Arc<Outbox>,
     pace: Option<u64>,
+    stall: Option<Duration>,
 ) {
-    Conn::new(stream, session, outbox, pace).await
+    Conn::new(stream, session, outbox, pace)
+        .stall_timeout(stall)
+        .await
 }
 
 /// Write `msg` to a stream that gets no session, then close it.
@@ -471,7 +548,12 @@ mod size_budget {
     async fn connection_driver_stays_small() {
         let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let a = TcpStream::connect(l.local_addr().unwrap()).await.unwrap();
-        let f = Conn::new(Stream::Tcp(a), Nop, Arc::new(Outbox::new(100)), None);
+        let f = Conn::new(
+            Stream::Tcp(a),
+            Nop,
+            Arc::new(Outbox::new(100, crate::outbox::Encoding::Raw)),
+            None,
+        );
         let size = std::mem::size_of_val(&f);
         assert!(size <= 192, "connection driver future grew to {size} bytes");
         assert!(std::mem::size_of::<Outbox>() <= 192);

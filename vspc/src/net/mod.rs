@@ -9,6 +9,7 @@ pub mod conn;
 pub mod tls;
 
 use crate::hub::{Access, AttachError, Hub, ListenerGuard, LockMode, PortOpener, Vm};
+use crate::outbox::Encoding;
 use crate::session::console::ConsoleSession;
 use crate::session::vm::{VmSession, VmSessionConfig};
 use conn::{say_and_close, Conn, Stream};
@@ -175,10 +176,18 @@ fn serve_vm(hub: &Arc<Hub>, cfg: &ServerConfig, tcp: TcpStream, addr: SocketAddr
 }
 
 fn vm_conn(hub: Arc<Hub>, cfg: &ServerConfig, stream: Stream) -> Conn<VmSession> {
-    let peer = hub.new_peer(VM_OUTBOX_LIMIT);
+    let peer = hub.new_peer(VM_OUTBOX_LIMIT, Encoding::Telnet);
     let outbox = peer.outbox.clone();
+    let slice = vm_read_slice(hub.config().console_queue);
     let session = VmSession::new(hub, peer, cfg.vm.clone(), Instant::now());
-    Conn::new(stream, session, outbox, cfg.vm_tx_rate)
+    Conn::new(stream, session, outbox, cfg.vm_tx_rate).read_slice(slice)
+}
+
+/// How much of a VM's output to take in one read: an eighth of a console's
+/// queue (64 KiB with the default queue), so that one read can never fill a
+/// console's queue past the point where the VM waits for it.
+pub fn vm_read_slice(console_queue: usize) -> usize {
+    (console_queue / 8).clamp(1024, 64 * 1024)
 }
 
 /// Serve a console-port connection: fetch the recent output and join the
@@ -194,8 +203,14 @@ async fn serve_console(hub: Arc<Hub>, vm: Arc<Vm>, tcp: std::net::TcpStream) {
     // Recent context first; the session queues it before joining the
     // fan-out, so live output always follows it.
     let seed = hub.backend().seed_data(vm.record()).await;
-    let session = match ConsoleSession::join(&hub, &vm, LockMode::FreeForAllOrReadOnly, Some(&seed))
-    {
+    let protocol = hub.config().console_protocol;
+    let session = match ConsoleSession::join(
+        &hub,
+        &vm,
+        LockMode::FreeForAllOrReadOnly,
+        Some(&seed),
+        protocol,
+    ) {
         Ok(s) => s,
         Err(e) => {
             tracing::info!(vm = %vm.name(), "console refused: {e}");
@@ -214,7 +229,8 @@ async fn serve_console(hub: Arc<Hub>, vm: Arc<Vm>, tcp: std::net::TcpStream) {
     }
     tracing::info!(vm = %vm.name(), consoles = vm.console_count(), access = session.access().as_str(), "console connected");
     let outbox = session.outbox();
-    tokio::spawn(Conn::new(Stream::Tcp(tcp), session, outbox, None));
+    let stall = hub.config().console_stall;
+    tokio::spawn(Conn::new(Stream::Tcp(tcp), session, outbox, None).stall_timeout(stall));
 }
 
 #[cfg(test)]
@@ -233,8 +249,10 @@ mod size_budget {
                 vmotion_timeout: Duration::from_secs(1),
                 client_limit: None,
                 console_queue: 1 << 20,
+                console_protocol: crate::hub::ConsoleProtocol::Auto,
+                console_stall: None,
             },
-            crate::backend_host::Backends::spawn(vec![]).unwrap(),
+            crate::backend_host::Backends::spawn(vec![], 1 << 20).unwrap(),
         );
         let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let a = TcpStream::connect(l.local_addr().unwrap()).await.unwrap();
@@ -254,7 +272,7 @@ mod size_budget {
         let f = vm_conn(hub.clone(), &cfg, Stream::Tcp(a));
         let vm_task = std::mem::size_of_val(&f);
         eprintln!("VM connection future: {vm_task} bytes");
-        assert!(vm_task <= 640, "VM connection task grew to {vm_task} bytes");
+        assert!(vm_task <= 656, "VM connection task grew to {vm_task} bytes");
         drop(f);
         let b = TcpStream::connect(l.local_addr().unwrap()).await.unwrap();
         let id = crate::hub::Identity {
@@ -262,8 +280,17 @@ mod size_budget {
             uuid: "u".into(),
             name: "n".into(),
         };
-        let vm = hub.attach_vm(&id, hub.new_peer(10)).unwrap();
-        let session = ConsoleSession::join(&hub, &vm, LockMode::FreeForAll, None).unwrap();
+        let vm = hub
+            .attach_vm(&id, hub.new_peer(10, Encoding::Telnet))
+            .unwrap();
+        let session = ConsoleSession::join(
+            &hub,
+            &vm,
+            LockMode::FreeForAll,
+            None,
+            crate::hub::ConsoleProtocol::Auto,
+        )
+        .unwrap();
         let outbox = session.outbox();
         let f = Conn::new(Stream::Tcp(b), session, outbox, None);
         let console_task = std::mem::size_of_val(&f);

@@ -1,23 +1,71 @@
-//! One telnet user on a VM's console port.
+//! One client on a VM's console: a person with a telnet client, or a
+//! program that speaks no telnet at all (gdb on a kgdb or gdbserver serial
+//! line, socat, nc, scripts).
+//!
+//! # Telling them apart
+//!
+//! With [`ConsoleProtocol::Auto`] (the console ports' default) the first
+//! byte the client sends decides: IAC (255) means a telnet client, anything
+//! else a raw one. A client that says nothing for [`DETECT_WINDOW`] is
+//! offered telnet (the opening negotiation below), because a telnet client
+//! started with an explicit port waits for the server to negotiate; its
+//! output then waits up to [`ANSWER_WAIT`] more for the answer, and after
+//! that flows raw until the client speaks (a telnet client always answers
+//! an offer, so one that stays silent is a raw reader). Output is held, not
+//! lost, until the decision. [`ConsoleProtocol::Telnet`] and
+//! [`ConsoleProtocol::Raw`] skip the guess (the admin port's sessions are
+//! always telnet: vspc-client and vSPC.py's client speak it).
+//!
+//! # Telnet clients
 //!
 //! The session offers character-at-a-time binary mode (WILL ECHO, WILL SGA,
 //! WILL BINARY, DO BINARY, DO SGA). Output is byte-exact unless the client
-//! refuses BINARY, in which case NVT rules apply in that direction only:
-//! a bare CR goes out as CR NUL, and CR NUL coming in becomes CR. Clients
-//! that speak no telnet at all (socat, nc) get raw bytes.
+//! refuses BINARY, in which case NVT rules apply in that direction only: a
+//! bare CR goes out as CR NUL, and CR NUL or CR LF coming in becomes CR
+//! (Enter, as a terminal sends it to a getty).
+//!
+//! # Raw clients
+//!
+//! Bytes pass untouched both ways: no 0xFF doubling, no IAC parsing, NUL
+//! and CR as they are, and the first bytes go to the VM at once.
 
 use super::{Flow, Session};
-use crate::hub::{Access, AttachError, Hub, LockMode, Peer, Vm};
-use crate::wire::{encode, opt, Change, Decoder, Event, Negotiator, OptionSet};
+use crate::hub::{Access, AttachError, ConsoleProtocol, Hub, LockMode, Peer, Vm};
+use crate::outbox::Encoding;
+use crate::wire::{encode, opt, Change, Decoder, Event, Negotiator, OptionSet, IAC};
 use bytes::Bytes;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 const LOCAL_OK: OptionSet = OptionSet::of(&[opt::BINARY, opt::SGA, opt::ECHO]);
 const REMOTE_OK: OptionSet = OptionSet::of(&[opt::BINARY, opt::SGA]);
 
 /// Console input may queue this much for the VM before the console waits.
 pub const INPUT_HIGH_WATER: usize = 64 * 1024;
+
+/// Console input resumes when the VM's queue is down to this.
+const INPUT_LOW_WATER: usize = 16 * 1024;
+
+/// How long a silent client has to speak first before it is offered
+/// telnet. Programs that speak first (gdb, PuTTY) decide at once; a person
+/// does not notice a third of a second at connect.
+pub const DETECT_WINDOW: Duration = Duration::from_millis(300);
+
+/// How long output waits for the answer to the telnet offer before it
+/// flows raw.
+pub const ANSWER_WAIT: Duration = Duration::from_secs(1);
+
+/// Where the session is in telling the client apart.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Mode {
+    /// Nothing sent either way yet; output is held.
+    Silent,
+    /// The telnet opening went out; output is held until the answer or
+    /// [`ANSWER_WAIT`], then flows raw until the client speaks.
+    Offered,
+    Telnet,
+    Raw,
+}
 
 /// A console's session.
 pub struct ConsoleSession {
@@ -26,10 +74,13 @@ pub struct ConsoleSession {
     peer: Peer,
     decoder: Decoder,
     neg: Negotiator,
+    mode: Mode,
+    /// The next step of telling the client apart, while one is due.
+    detect_at: Option<Instant>,
     /// What the console was granted; a read-only console's input is
     /// discarded.
     access: Access,
-    /// The client refused BINARY for its input: undo NVT CR NUL.
+    /// The client refused BINARY for its input: undo NVT CR NUL / CR LF.
     nvt_in: bool,
     after_cr: bool,
     /// Scratch: input collected during one read.
@@ -43,30 +94,35 @@ impl ConsoleSession {
     pub fn opening() -> (Negotiator, Vec<u8>) {
         let mut neg = Negotiator::new(LOCAL_OK, REMOTE_OK);
         let mut out = Vec::new();
-        neg.enable_local(opt::ECHO, &mut out);
-        neg.enable_local(opt::SGA, &mut out);
-        neg.enable_local(opt::BINARY, &mut out);
-        neg.enable_remote(opt::BINARY, &mut out);
-        neg.enable_remote(opt::SGA, &mut out);
+        offer(&mut neg, &mut out);
         (neg, out)
     }
 
-    /// Open a console on `vm`: queue the telnet opening (and `seed`, the
-    /// recent output, when it travels in the stream), then join the fan-out
-    /// with the lock `mode` asks for. Nothing is written to the peer until
-    /// the caller starts serving the session, so protocol answers can go
-    /// first.
+    /// Open a console on `vm`: queue `seed` (the recent output) and, for a
+    /// telnet session, the opening negotiation; then join the fan-out with
+    /// the lock `mode` asks for. Nothing is written to the peer until the
+    /// caller starts serving the session, so protocol answers can go first.
     pub fn join(
         hub: &Arc<Hub>,
         vm: &Arc<Vm>,
         mode: LockMode,
         seed: Option<&[u8]>,
+        protocol: ConsoleProtocol,
     ) -> Result<ConsoleSession, AttachError> {
-        let peer = hub.new_peer(hub.config().console_queue);
-        let (neg, opening) = ConsoleSession::opening();
-        peer.outbox.push_control(opening.into());
+        let (encoding, start) = match protocol {
+            ConsoleProtocol::Auto => (Encoding::Hold, Mode::Silent),
+            ConsoleProtocol::Telnet => (Encoding::Telnet, Mode::Telnet),
+            ConsoleProtocol::Raw => (Encoding::Raw, Mode::Raw),
+        };
+        let peer = hub.new_peer(hub.config().console_queue, encoding);
+        let mut neg = Negotiator::new(LOCAL_OK, REMOTE_OK);
+        if start == Mode::Telnet {
+            let mut opening = Vec::new();
+            offer(&mut neg, &mut opening);
+            peer.outbox.push_control(opening.into());
+        }
         if let Some(seed) = seed.filter(|s| !s.is_empty()) {
-            peer.outbox.push_always(encode::escaped(seed).into());
+            peer.outbox.push_always(Bytes::copy_from_slice(seed));
         }
         let access = hub.attach_console(vm, peer.clone(), mode)?;
         Ok(ConsoleSession {
@@ -75,6 +131,8 @@ impl ConsoleSession {
             peer,
             decoder: Decoder::default(),
             neg,
+            mode: start,
+            detect_at: (start == Mode::Silent).then(|| Instant::now() + DETECT_WINDOW),
             access,
             nvt_in: false,
             after_cr: false,
@@ -82,6 +140,12 @@ impl ConsoleSession {
             out: Vec::new(),
             closing: false,
         })
+    }
+
+    /// How long this console's socket may take nothing while output waits
+    /// (the hub's `--console-stall-timeout`).
+    pub fn stall_timeout(&self) -> Option<Duration> {
+        self.hub.config().console_stall
     }
 
     /// What the console was granted.
@@ -94,11 +158,33 @@ impl ConsoleSession {
         self.peer.outbox.clone()
     }
 
-    /// Queue a text line for this console (IAC escaped).
+    /// Queue a text line for this console.
     pub fn tell(&self, text: &str) {
         self.peer
             .outbox
-            .push_always(encode::escaped(text.as_bytes()).into());
+            .push_always(Bytes::copy_from_slice(text.as_bytes()));
+    }
+
+    /// The client's first byte decides what it is.
+    fn decide(&mut self, first: u8) {
+        if first == IAC {
+            if self.mode == Mode::Silent {
+                let mut out = std::mem::take(&mut self.out);
+                offer(&mut self.neg, &mut out);
+                self.out = out;
+            }
+            self.mode = Mode::Telnet;
+            self.peer.outbox.set_encoding(Encoding::Telnet);
+            tracing::debug!(conn = self.peer.id, "console speaks telnet");
+        } else {
+            self.mode = Mode::Raw;
+            self.peer.outbox.set_encoding(Encoding::Raw);
+            tracing::debug!(
+                conn = self.peer.id,
+                "console speaks no telnet; serving it raw"
+            );
+        }
+        self.detect_at = None;
     }
 
     fn handle(&mut self, ev: Event<'_>) {
@@ -112,8 +198,12 @@ impl ConsoleSession {
                 }
             }
             Event::Negotiate(verb, option) => match self.neg.receive(verb, option, &mut self.out) {
-                Some(Change::LocalDisabled(opt::BINARY)) => self.peer.outbox.set_nvt(true),
-                Some(Change::LocalEnabled(opt::BINARY)) => self.peer.outbox.set_nvt(false),
+                Some(Change::LocalDisabled(opt::BINARY)) => {
+                    self.peer.outbox.set_encoding(Encoding::Nvt)
+                }
+                Some(Change::LocalEnabled(opt::BINARY)) => {
+                    self.peer.outbox.set_encoding(Encoding::Telnet)
+                }
                 Some(Change::RemoteDisabled(opt::BINARY)) => self.nvt_in = true,
                 Some(Change::RemoteEnabled(opt::BINARY)) => self.nvt_in = false,
                 _ => {}
@@ -133,10 +223,61 @@ impl ConsoleSession {
             }
         }
     }
+
+    /// Queue the collected input for the VM; wait if the VM's queue is
+    /// full.
+    fn send_input(&mut self, data: Option<&[u8]>) -> Flow {
+        let input = data.unwrap_or(&self.input);
+        let mut flow = Flow::Continue;
+        if !input.is_empty() {
+            if let Some(vm_outbox) = self.hub.console_input(&self.vm, input) {
+                if vm_outbox.queued() > INPUT_HIGH_WATER {
+                    flow = Flow::Wait(Box::pin(
+                        async move { vm_outbox.drained(INPUT_LOW_WATER).await },
+                    ));
+                }
+            }
+        }
+        self.input.clear();
+        if self.input.capacity() > 64 * 1024 {
+            self.input = Vec::new();
+        }
+        flow
+    }
+
+    fn flush_replies(&mut self) {
+        if !self.out.is_empty() {
+            self.peer
+                .outbox
+                .push_control(Bytes::from(std::mem::take(&mut self.out)));
+        }
+    }
+}
+
+/// Append the opening offer: WILL ECHO, WILL SGA, WILL BINARY, DO BINARY,
+/// DO SGA.
+fn offer(neg: &mut Negotiator, out: &mut Vec<u8>) {
+    neg.enable_local(opt::ECHO, out);
+    neg.enable_local(opt::SGA, out);
+    neg.enable_local(opt::BINARY, out);
+    neg.enable_remote(opt::BINARY, out);
+    neg.enable_remote(opt::SGA, out);
 }
 
 impl Session for ConsoleSession {
     fn on_input(&mut self, data: &[u8]) -> Flow {
+        if matches!(self.mode, Mode::Silent | Mode::Offered) {
+            if let Some(&first) = data.first() {
+                self.decide(first);
+            }
+        }
+        if self.mode == Mode::Raw {
+            self.flush_replies();
+            if self.access == Access::ReadOnly {
+                return Flow::Continue;
+            }
+            return self.send_input(Some(data));
+        }
         let mut decoder = std::mem::take(&mut self.decoder);
         let result = decoder.decode(data, |ev| self.handle(ev));
         self.decoder = decoder;
@@ -144,23 +285,8 @@ impl Session for ConsoleSession {
             tracing::info!(conn = self.peer.id, "closing console: {e}");
             self.closing = true;
         }
-        if !self.out.is_empty() {
-            self.peer
-                .outbox
-                .push_control(Bytes::from(std::mem::take(&mut self.out)));
-        }
-        let mut flow = Flow::Continue;
-        if !self.input.is_empty() {
-            if let Some(vm_outbox) = self.hub.console_input(&self.vm, &self.input) {
-                if vm_outbox.queued() > INPUT_HIGH_WATER {
-                    flow = Flow::Wait(vm_outbox);
-                }
-            }
-            self.input.clear();
-            if self.input.capacity() > 64 * 1024 {
-                self.input = Vec::new();
-            }
-        }
+        self.flush_replies();
+        let flow = self.send_input(None);
         if self.closing {
             Flow::Close
         } else {
@@ -169,10 +295,27 @@ impl Session for ConsoleSession {
     }
 
     fn deadline(&self) -> Option<Instant> {
-        None
+        self.detect_at
     }
 
-    fn on_deadline(&mut self, _now: Instant) -> Flow {
+    fn on_deadline(&mut self, now: Instant) -> Flow {
+        match self.mode {
+            Mode::Silent => {
+                let mut out = std::mem::take(&mut self.out);
+                offer(&mut self.neg, &mut out);
+                self.out = out;
+                self.flush_replies();
+                self.mode = Mode::Offered;
+                self.detect_at = Some(now + ANSWER_WAIT);
+            }
+            Mode::Offered => {
+                // No answer: not a telnet client. Output flows raw; the
+                // client's first byte, whenever it comes, still decides.
+                self.peer.outbox.set_encoding(Encoding::Raw);
+                self.detect_at = None;
+            }
+            Mode::Telnet | Mode::Raw => self.detect_at = None,
+        }
         Flow::Continue
     }
 

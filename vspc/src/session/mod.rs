@@ -5,16 +5,20 @@
 pub mod console;
 pub mod vm;
 
-use crate::outbox::Outbox;
-use std::sync::Arc;
+use std::future::Future;
+use std::pin::Pin;
 use std::time::Instant;
 
+/// A wait the connection performs before it reads again.
+pub type WaitFuture = Pin<Box<dyn Future<Output = ()> + Send>>;
+
 /// What the connection should do after a session handled input.
-#[derive(Debug, Clone)]
 pub enum Flow {
     Continue,
-    /// Stop reading until this outbox drains (input backpressure).
-    Wait(Arc<Outbox>),
+    /// Read nothing more until this completes (backpressure: the VM's
+    /// queue for console input, or the VM's consoles and lossless backends
+    /// for its output).
+    Wait(WaitFuture),
     /// Flush what is queued, then close.
     Close,
 }

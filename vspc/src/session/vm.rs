@@ -7,8 +7,8 @@
 //! after. A vMotion destination sends PEER before its identity, and never
 //! DO-PROXY (§4.2).
 
-use super::{Flow, Session};
-use crate::hub::{Begin, Hub, Identity, Peer, Vm};
+use super::{Flow, Session, WaitFuture};
+use crate::hub::{Begin, Fanout, Hub, Identity, Peer, Vm};
 use crate::vmware::{Msg, VmUuid, PROXY_KNOWN_SUBOPTIONS};
 use crate::wire::{opt, Change, Decoder, Event, Negotiator, OptionSet, Verb};
 use bytes::Bytes;
@@ -83,6 +83,11 @@ pub struct VmSession {
     closing: bool,
     /// Scratch buffer for replies.
     out: Vec<u8>,
+    /// Serial output decoded from the current read, handed to the hub in
+    /// one call (before any other event, to keep the order).
+    output: Vec<u8>,
+    /// What the connection must wait for before it reads again.
+    wait: Option<WaitFuture>,
 }
 
 impl VmSession {
@@ -108,6 +113,8 @@ impl VmSession {
             identify_deadline: Some(now + identify),
             closing: false,
             out: Vec::new(),
+            output: Vec::new(),
+            wait: None,
         };
         // The capture's opening: WILL BINARY, SGA, ECHO; DO BINARY, SGA, 232.
         let mut out = std::mem::take(&mut s.out);
@@ -122,13 +129,46 @@ impl VmSession {
         s
     }
 
-    /// Send queued replies and tell the driver whether to go on.
+    /// Send queued output and replies and tell the driver whether to go on.
     fn finish(&mut self) -> Flow {
+        self.send_output();
         self.flush();
         if self.closing {
             Flow::Close
+        } else if let Some(w) = self.wait.take() {
+            Flow::Wait(w)
         } else {
             Flow::Continue
+        }
+    }
+
+    /// Hand the output collected so far to the hub.
+    fn send_output(&mut self) {
+        if self.output.is_empty() {
+            return;
+        }
+        let data = Bytes::from(std::mem::take(&mut self.output));
+        let Link::Active(vm) = &self.link else {
+            return;
+        };
+        match self.hub.vm_output(vm, self.peer.id, data) {
+            Fanout::Sent => {}
+            Fanout::Wait(w) => {
+                self.wait = Some(match self.wait.take() {
+                    None => w,
+                    Some(first) => Box::pin(async move {
+                        first.await;
+                        w.await;
+                    }),
+                });
+            }
+            Fanout::Retired => {
+                tracing::info!(
+                    conn = self.peer.id,
+                    "connection no longer carries its VM; dropping its data"
+                );
+                self.link = Link::Retired;
+            }
         }
     }
 
@@ -152,6 +192,9 @@ impl VmSession {
     }
 
     fn handle(&mut self, ev: Event<'_>) {
+        if !matches!(ev, Event::Data(_)) {
+            self.send_output();
+        }
         match ev {
             Event::Data(d) => self.on_data(d),
             Event::Negotiate(verb, option) => self.on_negotiate(verb, option),
@@ -376,14 +419,11 @@ impl VmSession {
 
     fn on_data(&mut self, data: &[u8]) {
         match &self.link {
-            Link::Active(vm) => {
-                if !self.hub.vm_output(vm, self.peer.id, data) {
-                    tracing::info!(
-                        conn = self.peer.id,
-                        "connection no longer carries its VM; dropping its data"
-                    );
-                    self.link = Link::Retired;
+            Link::Active(_) => {
+                if self.output.is_empty() {
+                    self.output.reserve_exact(data.len());
                 }
+                self.output.extend_from_slice(data);
             }
             Link::Handshake | Link::Destination { .. } => {
                 if self.early.len() + data.len() <= EARLY_LIMIT {

@@ -35,23 +35,31 @@ pub fn subneg(option: u8, payload: &[u8], out: &mut Vec<u8>) {
     out.extend_from_slice(&[IAC, SE]);
 }
 
-/// NVT's CR rule alone, for data that is already IAC-escaped: a CR not
-/// followed by LF gets a NUL after it.
-pub fn nvt_cr(escaped: &[u8], cr_pending: &mut bool, out: &mut Vec<u8>) {
-    for &b in escaped {
+/// Append `data` as NVT text (for a peer that refused BINARY): IAC
+/// doubled, and a CR not followed by LF sent as CR NUL. `cr_pending`
+/// carries "the last byte out was a CR" across calls; the NUL for a CR at
+/// the very end of one call is added when the next byte is known.
+pub fn nvt_data(data: &[u8], cr_pending: &mut bool, out: &mut Vec<u8>) {
+    out.reserve(data.len() + data.len() / 32);
+    for &b in data {
         if *cr_pending && b != b'\n' {
             out.push(0);
         }
         *cr_pending = b == b'\r';
         out.push(b);
+        if b == IAC {
+            out.push(IAC);
+        }
     }
 }
 
-/// Undo NVT encoding of received data in place: `CR NUL` becomes `CR`.
-/// `after_cr` carries "the last byte seen was a CR" across calls.
+/// Undo NVT encoding of received data: `CR NUL` and `CR LF` (what a telnet
+/// client without BINARY sends for Enter) both become a bare `CR`, which is
+/// what a terminal's Enter key gives a getty or shell. `after_cr` carries
+/// "the last byte seen was a CR" across calls.
 pub fn nvt_receive(bytes: &[u8], after_cr: &mut bool, out: &mut Vec<u8>) {
     for &b in bytes {
-        let drop = *after_cr && b == 0;
+        let drop = *after_cr && (b == 0 || b == b'\n');
         *after_cr = b == b'\r';
         if !drop {
             out.push(b);
@@ -80,15 +88,19 @@ mod tests {
     fn nvt_rules() {
         let mut cr = false;
         let mut out = Vec::new();
-        // What a console writer does for a peer without BINARY: escape,
-        // then apply the CR rule (which an IAC IAC pair never triggers).
-        nvt_cr(&escaped(b"a\r"), &mut cr, &mut out);
-        nvt_cr(&escaped(b"\nb\rc\xff\r"), &mut cr, &mut out);
-        assert_eq!(out, b"a\r\nb\r\x00c\xff\xff\r");
+        // What a console writer does for a peer without BINARY; the CR rule
+        // holds across calls.
+        nvt_data(b"a\r", &mut cr, &mut out);
+        nvt_data(b"\nb\rc\xff\r", &mut cr, &mut out);
+        nvt_data(b"\r", &mut cr, &mut out);
+        assert_eq!(out, b"a\r\nb\r\x00c\xff\xff\r\x00\r");
         let mut after = false;
         let mut back = Vec::new();
         nvt_receive(b"x\r", &mut after, &mut back);
-        nvt_receive(b"\x00y\r\n\x00", &mut after, &mut back);
-        assert_eq!(back, b"x\ry\r\n\x00");
+        nvt_receive(b"\x00y\r\n\x00z\r", &mut after, &mut back);
+        nvt_receive(b"\n\n", &mut after, &mut back);
+        // CR NUL and CR LF are both Enter: a bare CR; a lone LF or NUL
+        // passes.
+        assert_eq!(back, b"x\ry\r\x00z\r\n");
     }
 }
