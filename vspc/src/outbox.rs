@@ -82,7 +82,10 @@ pub struct Outbox {
     /// An [`Encoding`], as u8.
     encoding: AtomicU8,
     /// The VM gave up waiting for this console: it is not waited for again
-    /// until it has caught up to [`Outbox::low_water`].
+    /// until it has caught up (its writer found nothing left to write).
+    /// Merely draining below a mark is not enough: a console that reads
+    /// slower than the VM writes would otherwise make the VM wait again at
+    /// every batch.
     behind: AtomicBool,
 }
 
@@ -327,9 +330,6 @@ impl Outbox {
             if inner.queue.is_empty() {
                 inner.queue = VecDeque::new();
             }
-            if inner.bytes <= self.limit / 4 {
-                self.behind.store(false, Ordering::Relaxed);
-            }
             drop(inner);
             self.room.notify_waiters();
             return Poll::Ready(Batch::Data(Taken {
@@ -340,6 +340,11 @@ impl Outbox {
         }
         if inner.closed && (encoding != Encoding::Hold || inner.queue.is_empty()) {
             return Poll::Ready(Batch::End);
+        }
+        if encoding != Encoding::Hold {
+            // Everything queued is out and the writer asks for more: the
+            // console has caught up, and a VM waits for it again.
+            self.behind.store(false, Ordering::Relaxed);
         }
         match &mut inner.writer {
             Some(w) if w.will_wake(cx.waker()) => {}
@@ -492,8 +497,15 @@ mod tests {
         assert!(o.lagging());
         o.set_behind();
         assert!(!o.lagging());
-        // Caught up to the low-water mark: waited for again.
-        let _ = futures_poll(&o);
+        // Taking a batch is not catching up: the VM may still be ahead.
+        assert!(futures_poll(&o).is_ready());
+        assert!(o.is_behind());
+        // Asking for more with nothing left is.
+        assert!(futures_poll(&o).is_pending());
         assert!(!o.is_behind());
+        // A held console is never waited for.
+        let held = Outbox::new(100, Encoding::Hold);
+        held.push(Bytes::from(vec![0; 90]));
+        assert!(!held.lagging());
     }
 }
