@@ -896,3 +896,265 @@ fn flush_held(st: &mut VmState) {
         tracing::info!(vm = %st.name, "dropping console input held for a VM that is not connected");
     }
 }
+
+#[cfg(test)]
+mod tests {
+    //! The hub's rules with synthetic time: [`Hub::sweep`] takes the time,
+    //! so expiry and vMotion timeouts need no sleeping.
+    use super::*;
+    use crate::outbox::{Batch, Encoding};
+    use std::task::{Context, Poll, Wake, Waker};
+
+    const EXPIRE: Duration = Duration::from_secs(60);
+    const VMOTION: Duration = Duration::from_secs(30);
+
+    fn hub() -> Arc<Hub> {
+        Hub::new(
+            HubConfig {
+                port_range_start: 1,
+                vm_ports: false,
+                interface: "127.0.0.1".parse().expect("address"),
+                expire: EXPIRE,
+                vmotion_timeout: VMOTION,
+                client_limit: None,
+                console_queue: 4096,
+                console_protocol: ConsoleProtocol::Auto,
+                console_stall: None,
+            },
+            Backends::spawn(Vec::new(), 1 << 20).expect("backend threads"),
+        )
+    }
+
+    fn id(n: u32) -> Identity {
+        Identity {
+            key: format!("{n:032x}"),
+            uuid: format!("uuid-{n}"),
+            name: format!("vm-{n}"),
+        }
+    }
+
+    fn peer(h: &Hub) -> Peer {
+        h.new_peer(1 << 20, Encoding::Raw)
+    }
+
+    struct NoWake;
+    impl Wake for NoWake {
+        fn wake(self: Arc<Self>) {}
+    }
+
+    /// Everything the outbox would write now, and whether it has ended.
+    fn written(o: &Outbox) -> (Vec<u8>, bool) {
+        let waker = Waker::from(Arc::new(NoWake));
+        let mut cx = Context::from_waker(&waker);
+        let mut out = Vec::new();
+        loop {
+            match o.poll_batch(&mut cx, usize::MAX) {
+                Poll::Ready(Batch::Data(t)) => out.extend(t.into_wire(&mut false).concat()),
+                Poll::Ready(Batch::End) => return (out, true),
+                Poll::Pending => return (out, false),
+            }
+        }
+    }
+
+    fn output(h: &Hub, vm: &Vm, conn: ConnId, data: &'static [u8]) {
+        match h.vm_output(vm, conn, Bytes::from_static(data)) {
+            Fanout::Sent => {}
+            Fanout::Wait(_) => panic!("waited with nothing lagging"),
+            Fanout::Retired => panic!("the connection lost its VM"),
+        }
+    }
+
+    #[test]
+    fn the_newest_connection_of_a_vm_wins() {
+        let h = hub();
+        let (a, b) = (peer(&h), peer(&h));
+        let vm = h.attach_vm(&id(1), a.clone()).expect("attach");
+        let again = h.attach_vm(&id(1), b.clone()).expect("reattach");
+        assert!(Arc::ptr_eq(&vm, &again), "a reconnect must keep the entry");
+        assert!(a.outbox.is_closed(), "the old connection must be closed");
+        // The old connection's data and its close no longer count.
+        assert!(matches!(
+            h.vm_output(&vm, a.id, Bytes::from_static(b"x")),
+            Fanout::Retired
+        ));
+        h.detach_vm(&vm, a.id);
+        assert!(vm.vm_connected());
+        h.detach_vm(&vm, b.id);
+        assert!(!vm.vm_connected());
+    }
+
+    #[test]
+    fn an_idle_vm_expires_after_the_expire_time_and_not_before() {
+        let h = hub();
+        let p = peer(&h);
+        let vm = h.attach_vm(&id(2), p.clone()).expect("attach");
+        let t0 = Instant::now();
+        h.detach_vm(&vm, p.id);
+        h.sweep(t0 + EXPIRE - Duration::from_secs(1));
+        assert_eq!(h.len(), 1, "expired early");
+        h.sweep(t0 + EXPIRE + Duration::from_secs(1));
+        assert_eq!(h.len(), 0, "never expired");
+        // A console arriving late finds the VM gone.
+        let c = peer(&h);
+        assert!(matches!(
+            h.attach_console(&vm, c, LockMode::FreeForAll),
+            Err(AttachError::Gone { .. })
+        ));
+    }
+
+    #[test]
+    fn a_console_keeps_a_disconnected_vm_from_expiring() {
+        let h = hub();
+        let p = peer(&h);
+        let vm = h.attach_vm(&id(3), p.clone()).expect("attach");
+        let c = peer(&h);
+        h.attach_console(&vm, c.clone(), LockMode::FreeForAll)
+            .expect("console");
+        h.detach_vm(&vm, p.id);
+        let t0 = Instant::now();
+        h.sweep(t0 + EXPIRE * 10);
+        assert_eq!(h.len(), 1, "expired with a console attached");
+        h.detach_console(&vm, c.id);
+        let t1 = Instant::now();
+        h.sweep(t1 + EXPIRE + Duration::from_secs(1));
+        assert_eq!(h.len(), 0);
+    }
+
+    #[test]
+    fn a_pending_vmotion_times_out_and_held_input_goes_to_the_source() {
+        let h = hub();
+        let src = peer(&h);
+        let vm = h.attach_vm(&id(4), src.clone()).expect("attach");
+        let Begin::GoAhead(cookie) = h.vmotion_begin(&vm, src.id, b"seq1") else {
+            panic!("no GOAHEAD");
+        };
+        assert_eq!(&cookie[..4], b"seq1");
+        assert_eq!(cookie.len(), 12, "sequence plus an 8-byte secret");
+        assert_eq!(
+            h.vmotion_begin(&vm, src.id, b"seq2"),
+            Begin::NotNow("another vMotion of this port is pending")
+        );
+        // Input typed during the handoff is held, not sent.
+        assert!(h.console_input(&vm, b"typed").is_none());
+        assert_eq!(written(&src.outbox).0, b"");
+        let t0 = Instant::now();
+        h.sweep(t0 + VMOTION - Duration::from_secs(1));
+        assert!(h.vmotion_peer(&cookie, peer(&h)).is_some(), "dropped early");
+        h.sweep(t0 + VMOTION + Duration::from_secs(1));
+        assert!(h.vmotion_peer(&cookie, peer(&h)).is_none(), "never dropped");
+        assert_eq!(written(&src.outbox).0, b"typed");
+        // A new vMotion may start.
+        assert!(matches!(
+            h.vmotion_begin(&vm, src.id, b"seq3"),
+            Begin::GoAhead(_)
+        ));
+    }
+
+    #[test]
+    fn complete_moves_the_vm_and_its_held_input_to_the_destination() {
+        let h = hub();
+        let src = peer(&h);
+        let vm = h.attach_vm(&id(5), src.clone()).expect("attach");
+        let Begin::GoAhead(cookie) = h.vmotion_begin(&vm, src.id, b"s") else {
+            panic!("no GOAHEAD");
+        };
+        h.console_input(&vm, b"held");
+        // A wrong cookie finds nothing.
+        let mut wrong = cookie.clone();
+        wrong[1] ^= 1;
+        assert!(h.vmotion_peer(&wrong, peer(&h)).is_none());
+        let dest = peer(&h);
+        let (found, seq) = h.vmotion_peer(&cookie, dest.clone()).expect("PEER");
+        assert!(Arc::ptr_eq(&found, &vm));
+        assert_eq!(seq, b"s");
+        // COMPLETE must name the right sequence on the bound destination.
+        assert!(!h.vmotion_complete(&vm, &cookie, b"x", &dest));
+        assert!(!h.vmotion_complete(&vm, &cookie, b"s", &peer(&h)));
+        assert!(h.vmotion_complete(&vm, &cookie, b"s", &dest));
+        assert_eq!(written(&dest.outbox).0, b"held");
+        assert!(src.outbox.is_closed(), "the source must be closed");
+        // Output now counts only from the destination.
+        assert!(matches!(
+            h.vm_output(&vm, src.id, Bytes::from_static(b"late")),
+            Fanout::Retired
+        ));
+        output(&h, &vm, dest.id, b"on");
+    }
+
+    #[test]
+    fn abort_keeps_the_source_and_closes_a_bound_destination() {
+        let h = hub();
+        let src = peer(&h);
+        let vm = h.attach_vm(&id(6), src.clone()).expect("attach");
+        let Begin::GoAhead(cookie) = h.vmotion_begin(&vm, src.id, b"q") else {
+            panic!("no GOAHEAD");
+        };
+        let dest = peer(&h);
+        h.vmotion_peer(&cookie, dest.clone()).expect("PEER");
+        h.console_input(&vm, b"keep");
+        assert!(h.vmotion_abort(&vm, src.id));
+        assert!(dest.outbox.is_closed());
+        assert_eq!(written(&src.outbox).0, b"keep");
+        assert!(!h.vmotion_abort(&vm, src.id), "nothing left to abort");
+    }
+
+    #[test]
+    fn lock_rules_follow_vspc_py() {
+        use LockMode::*;
+        let h = hub();
+        let vm = h.attach_vm(&id(7), peer(&h)).expect("attach");
+        let attach = |m| h.attach_console(&vm, peer(&h), m);
+        // Writer first: free-for-all is refused, the fallback is read-only,
+        // a second writer and exclusive are refused.
+        assert_eq!(attach(Write), Ok(Access::Write));
+        assert!(attach(FreeForAll).is_err());
+        assert_eq!(attach(FreeForAllOrReadOnly), Ok(Access::ReadOnly));
+        assert!(attach(Write).is_err());
+        assert!(attach(Exclusive).is_err());
+        let vm2 = h.attach_vm(&id(8), peer(&h)).expect("attach");
+        let attach2 = |m| h.attach_console(&vm2, peer(&h), m);
+        assert_eq!(attach2(Exclusive), Ok(Access::Exclusive));
+        for m in [Exclusive, Write, FreeForAll, FreeForAllOrReadOnly] {
+            assert!(attach2(m).is_err(), "{m:?} beside an exclusive lock");
+        }
+    }
+
+    #[test]
+    fn fanout_reaches_every_console_and_waits_only_for_one_that_lags() {
+        let h = hub();
+        let p = peer(&h);
+        let vm = h.attach_vm(&id(9), p.clone()).expect("attach");
+        let small = |h: &Hub| h.new_peer(h.config().console_queue, Encoding::Raw);
+        let (a, b) = (small(&h), small(&h));
+        h.attach_console(&vm, a.clone(), LockMode::FreeForAll)
+            .expect("a");
+        h.attach_console(&vm, b.clone(), LockMode::FreeForAll)
+            .expect("b");
+        output(&h, &vm, p.id, b"hello");
+        assert_eq!(written(&a.outbox).0, b"hello");
+        // b does not read: past half its queue the VM is told to wait.
+        assert_eq!(written(&b.outbox).0, b"hello");
+        let half = vec![1u8; 2049];
+        match h.vm_output(&vm, p.id, Bytes::from(half)) {
+            Fanout::Wait(_) => {}
+            _ => panic!("no wait for a console past half its queue"),
+        }
+        // Given up on, it is not waited for again until it caught up.
+        b.outbox.set_behind();
+        a.outbox.take_data();
+        output(&h, &vm, p.id, b"more");
+        assert_eq!(written(&a.outbox).0, b"more");
+        // A console still being told apart never holds the VM up.
+        let held = h.new_peer(1024, Encoding::Hold);
+        h.attach_console(&vm, held.clone(), LockMode::FreeForAll)
+            .expect("held");
+        let big: &'static [u8] = &[2u8; 600];
+        b.outbox.take_data();
+        a.outbox.take_data();
+        match h.vm_output(&vm, p.id, Bytes::from_static(big)) {
+            Fanout::Sent => {}
+            _ => panic!("waited for a console that is not being written"),
+        }
+        assert_eq!(held.outbox.queued(), 600);
+    }
+}

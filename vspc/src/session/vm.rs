@@ -568,3 +568,195 @@ impl Session for VmSession {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    //! The VM session in-process, with synthetic time: every deadline is
+    //! driven through [`Session::on_deadline`] with a made-up `now`, and the
+    //! capture's ESXi bytes are fed straight in.
+    use super::*;
+    use crate::backend_host::Backends;
+    use crate::hub::{ConsoleProtocol, HubConfig};
+    use crate::outbox::{Batch, Encoding, Outbox};
+    use crate::wire::OwnedEvent;
+    use std::task::{Context, Poll, Wake, Waker};
+
+    const HANDSHAKE: Duration = Duration::from_secs(5);
+    const IDENTIFY: Duration = Duration::from_secs(60);
+
+    fn hub() -> Arc<Hub> {
+        Hub::new(
+            HubConfig {
+                port_range_start: 1,
+                vm_ports: false,
+                interface: "127.0.0.1".parse().expect("address"),
+                expire: Duration::from_secs(60),
+                vmotion_timeout: Duration::from_secs(30),
+                client_limit: None,
+                console_queue: 1 << 20,
+                console_protocol: ConsoleProtocol::Auto,
+                console_stall: None,
+            },
+            Backends::spawn(Vec::new(), 1 << 20).expect("backend threads"),
+        )
+    }
+
+    fn session(h: &Arc<Hub>, now: Instant) -> (VmSession, Arc<Outbox>) {
+        let peer = h.new_peer(1 << 20, Encoding::Telnet);
+        let outbox = peer.outbox.clone();
+        let cfg = VmSessionConfig {
+            handshake_timeout: HANDSHAKE,
+            identify_timeout: IDENTIFY,
+            multi_console: false,
+        };
+        (VmSession::new(h.clone(), peer, cfg, now), outbox)
+    }
+
+    struct NoWake;
+    impl Wake for NoWake {
+        fn wake(self: Arc<Self>) {}
+    }
+
+    /// What the session wrote so far, decoded.
+    fn replies(o: &Outbox) -> Vec<OwnedEvent> {
+        let waker = Waker::from(Arc::new(NoWake));
+        let mut cx = Context::from_waker(&waker);
+        let mut bytes = Vec::new();
+        while let Poll::Ready(Batch::Data(t)) = o.poll_batch(&mut cx, usize::MAX) {
+            bytes.extend(t.into_wire(&mut false).concat());
+        }
+        let mut events = Vec::new();
+        crate::wire::Decoder::default()
+            .decode(&bytes, |ev| OwnedEvent::push_merged(&mut events, ev))
+            .expect("our own replies decode");
+        events
+    }
+
+    fn vmware(code: u8, payload: &[u8]) -> OwnedEvent {
+        let mut p = vec![code];
+        p.extend_from_slice(payload);
+        OwnedEvent::Subneg(opt::VMWARE_EXT, p)
+    }
+
+    fn msg(m: Msg<'_>) -> Vec<u8> {
+        let mut out = Vec::new();
+        m.encode(&mut out);
+        out
+    }
+
+    const UUID: &[u8] = b"01 23 45 67 89 ab cd ef-fe dc ba 98 00 00 00 00";
+
+    #[test]
+    fn a_plain_telnet_client_is_told_and_closed_at_the_handshake_timeout() {
+        let h = hub();
+        let t0 = Instant::now();
+        let (mut s, out) = session(&h, t0);
+        assert_eq!(s.deadline(), Some(t0 + HANDSHAKE));
+        assert!(matches!(s.on_deadline(t0 + HANDSHAKE), Flow::Close));
+        let said = replies(&out);
+        assert!(
+            said.contains(&OwnedEvent::Data(NOT_ESXI_MSG.to_vec())),
+            "{said:?}"
+        );
+    }
+
+    #[test]
+    fn an_unidentified_connection_is_closed_at_the_identify_timeout() {
+        let h = hub();
+        let t0 = Instant::now();
+        let (mut s, _) = session(&h, t0);
+        // The extension comes on, but no DO-PROXY and no uuid ever do.
+        assert!(matches!(s.on_input(b"\xff\xfb\xe8"), Flow::Continue));
+        assert_eq!(s.deadline(), Some(t0 + IDENTIFY));
+        assert!(matches!(s.on_deadline(t0 + IDENTIFY), Flow::Close));
+        assert!(h.is_empty());
+    }
+
+    #[test]
+    fn a_vm_without_a_name_is_known_by_its_uuid_after_the_name_wait() {
+        let h = hub();
+        let t0 = Instant::now();
+        let (mut s, _) = session(&h, t0);
+        let mut bytes = b"\xff\xfb\xe8".to_vec();
+        bytes.extend(msg(Msg::DoProxy {
+            direction: b'S',
+            uri: b"vSPC.py",
+        }));
+        bytes.extend(msg(Msg::VmVcUuid(UUID)));
+        // Output before identification is held, not lost.
+        bytes.extend_from_slice(b"early");
+        s.on_input(&bytes);
+        assert!(h.is_empty(), "identified before the name wait");
+        let due = s.deadline().expect("the name wait");
+        assert!(due > t0 && due <= Instant::now() + NAME_WAIT);
+        s.on_deadline(due);
+        let vm = h.find("0123456789abcdef-fedcba9800000000").expect("listed");
+        assert_eq!(vm.name(), "0123456789abcdef-fedcba9800000000");
+        // A console sees what comes next; the early bytes went out first.
+        assert!(vm.vm_connected());
+    }
+
+    /// The capture's first connection, fed in as ESXi sent it: the session
+    /// must make the same replies the captured concentrator made (the
+    /// secret differs: ours is random and 8 bytes).
+    #[test]
+    fn the_captured_power_on_connection_gets_the_captured_replies() {
+        let text = include_str!("../../../tests/captures/stream0.txt");
+        let h = hub();
+        let (mut s, out) = session(&h, Instant::now());
+        let mut theirs = Vec::new();
+        let mut begin = None;
+        for line in text.lines().map(str::trim).filter(|l| !l.is_empty()) {
+            let (from_vm, hex) = match line.split_once(' ') {
+                Some(("vm>", hex)) => (true, hex),
+                Some(("<vspc", hex)) => (false, hex),
+                _ => continue,
+            };
+            let bytes: Vec<u8> = (0..hex.len())
+                .step_by(2)
+                .map(|i| u8::from_str_radix(&hex[i..i + 2], 16).expect("hex"))
+                .collect();
+            if from_vm {
+                if bytes.starts_with(b"\xff\xfa\xe8\x28") {
+                    begin = Some(bytes.clone());
+                }
+                s.on_input(&bytes);
+            } else {
+                theirs.extend(bytes);
+            }
+        }
+        let mut want = Vec::new();
+        crate::wire::Decoder::default()
+            .decode(&theirs, |ev| OwnedEvent::push_merged(&mut want, ev))
+            .expect("capture decodes");
+        let got = replies(&out);
+        // Every command the captured concentrator sent, ours sent too, in
+        // the same order; GOAHEAD is compared by its sequence.
+        let goahead = |e: &OwnedEvent| matches!(e, OwnedEvent::Subneg(0xe8, p) if p[0] == 0x29);
+        let strip = |v: &[OwnedEvent]| -> Vec<OwnedEvent> {
+            v.iter()
+                .filter(|e| !matches!(e, OwnedEvent::Data(_)))
+                .map(|e| match e {
+                    OwnedEvent::Subneg(0xe8, p) if p[0] == 0x29 => vmware(0x29, &p[1..5]),
+                    other => other.clone(),
+                })
+                .collect()
+        };
+        let (got_cmds, want_cmds) = (strip(&got), strip(&want));
+        let mut rest = got_cmds.iter();
+        for w in &want_cmds {
+            assert!(
+                rest.any(|g| g == w),
+                "missing or out of order: {w:?}\nours: {got_cmds:?}\ntheirs: {want_cmds:?}"
+            );
+        }
+        assert!(begin.is_some(), "the capture has a BEGIN");
+        let ours = got.iter().find(|e| goahead(e)).expect("GOAHEAD");
+        match ours {
+            OwnedEvent::Subneg(_, p) => assert_eq!(p.len(), 1 + 4 + 8),
+            _ => unreachable!(),
+        }
+        let vm = h.find("vm-00000").expect("the capture's VM");
+        assert_eq!(vm.uuid, "0123456789abcdef-fedcba9800000000");
+    }
+}
