@@ -1,7 +1,10 @@
 //! Smoke tests of the load tool: `vspc-bench attach` starts the real
 //! daemon, attaches 20 simulated VMs with 2 consoles each and prints one
 //! JSON line; `vspc-bench latency` times round trips through the daemon
-//! and through the bare relay, both ways of probing.
+//! and through the bare relay, both ways of probing; `vspc-bench burst`
+//! sends 8 MiB at full speed to two reading consoles and one that does not
+//! read; `vspc-bench fanout --logging` checks the Logging backend's
+//! transcripts byte for byte.
 
 use std::net::TcpListener;
 use std::process::Command;
@@ -98,4 +101,87 @@ fn latency_through_the_daemon_and_the_relay() {
             assert!(rate > 0.0, "{key}: {v}");
         }
     }
+}
+
+#[test]
+fn burst_to_two_consoles_past_a_stuck_one() {
+    let v = bench(
+        2 + 1,
+        &[
+            "burst",
+            "--bytes",
+            "8388608",
+            "--consoles",
+            "2",
+            "--stuck",
+            "1",
+        ],
+    );
+    assert_eq!(v["mode"], "burst", "{v}");
+    assert_eq!(v["bytes"], 8_388_608, "{v}");
+    assert_eq!(v["consoles"], 2, "{v}");
+    assert_eq!(v["stuck"], 1, "{v}");
+    // Both reading consoles got every byte, in order.
+    assert_eq!(v["verified"], serde_json::json!([true, true]), "{v}");
+    assert_eq!(v["every_byte"], true, "{v}");
+    for key in ["mib_s", "relay_mib_s", "ratio"] {
+        let x = v[key].as_f64().unwrap_or_else(|| panic!("{key}: {v}"));
+        assert!(x > 0.0, "{key}: {v}");
+    }
+    assert!(v["rss_peak_kib"].as_u64().is_some_and(|k| k > 0), "{v}");
+    // The stuck console was kept: once it read, what it got and what the
+    // daemon said it skipped add up to the whole burst, in order.
+    let stuck = &v["stuck_consoles"][0];
+    assert_eq!(stuck["verified"], true, "{v}");
+    assert_eq!(stuck["connected"], true, "{v}");
+    let (got, skipped) = (stuck["received"].as_u64(), stuck["skipped"].as_u64());
+    assert_eq!(got.zip(skipped).map(|(g, s)| g + s), Some(8_388_608), "{v}");
+}
+
+#[test]
+fn fanout_with_transcripts() {
+    // Transcripts on the target directory's disk, in a directory of this
+    // test's own; the bench removes its subdirectory when done.
+    let parent = std::path::Path::new(env!("CARGO_TARGET_TMPDIR"))
+        .join(format!("bench-smoke-logging.{}", std::process::id()));
+    std::fs::create_dir_all(&parent).expect("create the transcript parent");
+    let dir = parent.to_str().expect("UTF-8 path");
+    let v = bench(
+        2 + 4,
+        &[
+            "fanout",
+            "--vms",
+            "4",
+            "--consoles",
+            "2",
+            "--bytes-per-vm",
+            "1000000",
+            "--logging",
+            "--logging-dir",
+            dir,
+        ],
+    );
+    assert_eq!(v["mode"], "fanout", "{v}");
+    assert_eq!(v["window"], 0, "{v}");
+    assert_eq!(v["skipped_consoles"], 0, "{v}");
+    assert_eq!(v["transcripts_complete"], "4 of 4", "{v}");
+    assert_eq!(v["logging_skipped_bytes"], 0, "{v}");
+    for key in [
+        "vspc_mib_s",
+        "logging_mib_s",
+        "logging_ratio",
+        "relay_mib_s",
+    ] {
+        let x = v[key].as_f64().unwrap_or_else(|| panic!("{key}: {v}"));
+        assert!(x > 0.0, "{key}: {v}");
+    }
+    assert!(
+        v["logging_rss_peak_kib"].as_u64().is_some_and(|k| k > 0),
+        "{v}"
+    );
+    let left: Vec<_> = std::fs::read_dir(&parent)
+        .expect("list the transcript parent")
+        .collect();
+    assert!(left.is_empty(), "transcripts left behind: {left:?}");
+    let _ = std::fs::remove_dir(&parent);
 }

@@ -1,25 +1,25 @@
 //! `vspc-bench fanout`: fan-out throughput. N VMs each send B bytes of their
 //! own deterministic pattern as fast as they can; each of their C consoles
-//! checks every byte against the regenerated pattern. Measured from the
-//! first byte sent to the last byte verified, first through the daemon,
-//! then through a bare TCP relay (`relay-server`, a child process) of the
-//! same shape; the ratio says what the daemon's telnet and fan-out cost.
+//! checks every byte against the regenerated pattern (see `stream.rs`).
+//! Measured from the first byte sent to the last byte verified, first
+//! through the daemon, then (with `--logging`) through a daemon writing a
+//! transcript per VM with the Logging backend, then through a bare TCP relay
+//! (`relay-server`, a child process) of the same shape; the ratios say what
+//! the daemon's telnet and fan-out, and its transcripts, cost.
 //!
-//! The pattern uses the byte values 0x00..=0xFE only: no 0xFF, so telnet
-//! escaping is a no-op and the daemon moves exactly the bytes the relay
-//! moves (it still scans for IAC in both directions, which is part of what
-//! is measured).
+//! Every console reads as fast as it can, so the daemon must get every byte
+//! to every console: one that it told "skipped N bytes" (because it fell
+//! more than `--console-queue` behind) fails the run, after the report.
 //!
 //! Connections to the daemon are set up by the simulation (handshake,
 //! listing, console negotiation) and then taken out of it
 //! ([`SimVm::into_raw`]); from then on each VM is one writer task and each
-//! console one reader task, with a reused buffer and one slice compare per
-//! run of data.
+//! console one reader task.
 
+use std::io::Read;
 use std::net::{Ipv4Addr, SocketAddr};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
@@ -30,19 +30,20 @@ use tokio::net::TcpStream;
 use tokio::sync::watch;
 use tokio::task::JoinSet;
 use vspc::sim::{ConsoleOptions, RawConn, Role, SimConsole, SimVm, VmOptions};
-use vspc::wire::{Decoder, Event};
+use vspc::wire::Decoder;
 
+use super::stream::{listing, stream_measured, Pattern, Phase, RawConsole, Reading, Shape, PERIOD};
 use super::{
-    cpu_s, identity, pool, round, runtime_with_signals, stopped, wait_listed, wait_ready,
-    DaemonOpts, Failure, Spawned, Target, FD_SLACK, PROGRESS_EVERY, STEP_WAIT,
+    identity, pool, round, runtime_with_signals, stopped, wait_listed, wait_ready, DaemonOpts,
+    Failure, Spawned, Target, FD_SLACK, STEP_WAIT,
 };
 
-/// The pattern's period: a prime, so whole-chunk losses never line up.
-const PERIOD: usize = 1_048_573;
-/// A console's read buffer.
-const READ_BUF: usize = 32 * 1024;
-/// Most bytes shown from a mismatching read.
-const SHOW: usize = 48;
+/// How long the Logging daemon may take to exit after SIGTERM (it writes
+/// out whatever its backend queue still holds first).
+const STOP_WAIT: Duration = Duration::from_secs(120);
+/// Transcripts are read (and compared with the pattern) this many bytes at
+/// a time.
+const COMPARE_BUF: usize = 512 * 1024;
 
 #[derive(Args)]
 pub struct FanoutArgs {
@@ -67,12 +68,13 @@ pub struct FanoutArgs {
           value_parser = clap::value_parser!(u64).range(1..=(PERIOD as u64)))]
     chunk: u64,
 
-    /// A VM sends at most this many bytes ahead of its slowest console (0:
-    /// no limit), in both phases. The daemon drops a console that falls
-    /// `--console-queue` (1 MiB) behind instead of slowing the VM, so an
-    /// unlimited sender loses consoles whenever the bench reads slower than
-    /// the daemon writes.
-    #[arg(long, value_name = "BYTES", default_value_t = 768 * 1024)]
+    /// For experiments: a VM sends at most this many bytes ahead of its
+    /// slowest console, in every phase (0: no limit, VMs write at full
+    /// speed as a real guest does). The daemon is meant to need no such
+    /// help: it pauses reading a VM briefly for a console that lags, and a
+    /// console more than --console-queue behind skips the oldest output
+    /// and is told so in-band; such a notice fails this run.
+    #[arg(long, value_name = "BYTES", default_value_t = 0)]
     window: u64,
 
     /// Handshakes (and console negotiations) in flight at once.
@@ -84,9 +86,37 @@ pub struct FanoutArgs {
     #[arg(long, value_name = "SECS", default_value_t = 30)]
     stall_secs: u64,
 
+    /// After the Memory phase, the same traffic through a daemon started
+    /// with `--backend Logging`, whose transcripts are then checked byte for
+    /// byte (after the daemon's SIGTERM shutdown, which flushes them).
+    #[arg(long)]
+    logging: bool,
+
+    /// Where --logging's transcripts go: a new directory inside DIR,
+    /// removed afterwards. Use a local disk (not tmpfs): writing them is
+    /// part of what is measured.
+    #[arg(
+        long,
+        value_name = "DIR",
+        default_value = "/var/tmp",
+        requires = "logging"
+    )]
+    logging_dir: PathBuf,
+
     /// Measure the daemon only.
     #[arg(long)]
     no_relay: bool,
+}
+
+impl FanoutArgs {
+    fn shape(&self) -> Shape {
+        Shape {
+            total: self.bytes_per_vm,
+            chunk: usize::try_from(self.chunk).unwrap_or(usize::MAX),
+            window: self.window,
+            stall: Duration::from_secs(self.stall_secs),
+        }
+    }
 }
 
 /// The JSON line (fields in this order).
@@ -102,6 +132,7 @@ struct FanoutReport {
     /// Most bytes a VM ran ahead of its slowest console (0: no limit).
     window: u64,
     vspc_s: f64,
+    /// Bytes the consoles received per second (skipped ones not counted).
     vspc_mib_s: f64,
     /// Daemon CPU (user + system) per GiB delivered to consoles.
     cpu_s_per_gib: f64,
@@ -109,6 +140,23 @@ struct FanoutReport {
     rss_peak_kib: u64,
     /// The bench's own CPU during the daemon's streaming phase.
     bench_cpu_s: f64,
+    /// Consoles the daemon told it skipped output (each one fails the run),
+    /// and the bytes skipped.
+    skipped_consoles: u64,
+    skipped_bytes: u64,
+    /// The same with `--backend Logging` (a fresh daemon).
+    logging_s: Option<f64>,
+    logging_mib_s: Option<f64>,
+    /// logging_mib_s / vspc_mib_s.
+    logging_ratio: Option<f64>,
+    logging_cpu_s_per_gib: Option<f64>,
+    /// That daemon's VmHWM (it ran only this phase).
+    logging_rss_peak_kib: Option<u64>,
+    logging_skipped_bytes: Option<u64>,
+    /// SIGTERM to exit: the backend writing out what it still held.
+    logging_stop_s: Option<f64>,
+    /// "K of N": transcripts with exactly B bytes, all the VM's, in order.
+    transcripts_complete: Option<String>,
     relay_s: Option<f64>,
     relay_mib_s: Option<f64>,
     relay_cpu_s_per_gib: Option<f64>,
@@ -118,13 +166,13 @@ struct FanoutReport {
     ratio: Option<f64>,
 }
 
-/// What one streaming phase measured.
-struct Phase {
-    secs: f64,
-    mib_s: f64,
-    cpu_s_per_gib: f64,
-    rss_peak_kib: u64,
-    bench_cpu_s: f64,
+/// What the Logging phase found.
+struct Logged {
+    phase: Phase,
+    stop_s: f64,
+    complete: usize,
+    /// One line per transcript that is not exactly its VM's output.
+    incomplete: Vec<String>,
 }
 
 pub fn run(args: FanoutArgs) -> Result<(), Failure> {
@@ -132,18 +180,39 @@ pub fn run(args: FanoutArgs) -> Result<(), Failure> {
     check_fds(n, c, u64::from(args.in_flight))?;
     let (rt, stop) = runtime_with_signals()?;
     let pattern = Arc::new(Pattern::new());
+    // Failures found after a phase completed: reported after the JSON line.
+    let mut failures = Vec::new();
 
     // Phase 1: the daemon.
     let (mut daemon, target) = args.daemon.start(args.vms, &[], &rt)?;
     let result = rt.block_on(async {
         tokio::select! {
-            r = vspc_phase(&args, target, &mut daemon, pattern.clone()) => r,
+            r = vspc_phase(&args, "vspc", target, &mut daemon, pattern.clone()) => r,
             _ = stopped(stop.clone()) => Err(Failure::Interrupted),
         }
     });
     let vspc = conclude(result, daemon)?;
+    failures.extend(vspc.check_skips("vspc"));
 
-    // Phase 2: the relay, same shape, same ports.
+    // Phase 2: the daemon writing transcripts.
+    let logged = if args.logging {
+        let logged = logging_phase(&args, &rt, &stop, pattern.clone())?;
+        failures.extend(logged.phase.check_skips("logging"));
+        if !logged.incomplete.is_empty() {
+            failures.push(format!(
+                "logging: {} of {} transcripts are not exactly their VM's {} bytes: {}",
+                logged.incomplete.len(),
+                args.vms,
+                args.bytes_per_vm,
+                listing(logged.incomplete.iter().cloned())
+            ));
+        }
+        Some(logged)
+    } else {
+        None
+    };
+
+    // Phase 3: the relay, same shape, same ports.
     let relay = if args.no_relay {
         None
     } else {
@@ -153,6 +222,8 @@ pub fn run(args: FanoutArgs) -> Result<(), Failure> {
     };
     rt.shutdown_background();
 
+    let (skipped_consoles, skipped_bytes) = vspc.skips();
+    let logging = logged.as_ref().map(|l| &l.phase);
     let report = FanoutReport {
         mode: "fanout",
         vms: args.vms,
@@ -166,6 +237,18 @@ pub fn run(args: FanoutArgs) -> Result<(), Failure> {
         cpu_s_per_gib: round(vspc.cpu_s_per_gib, 3),
         rss_peak_kib: vspc.rss_peak_kib,
         bench_cpu_s: round(vspc.bench_cpu_s, 2),
+        skipped_consoles,
+        skipped_bytes,
+        logging_s: logging.map(|l| round(l.secs, 3)),
+        logging_mib_s: logging.map(|l| round(l.mib_s, 1)),
+        logging_ratio: logging.map(|l| round(l.mib_s / vspc.mib_s, 3)),
+        logging_cpu_s_per_gib: logging.map(|l| round(l.cpu_s_per_gib, 3)),
+        logging_rss_peak_kib: logging.map(|l| l.rss_peak_kib),
+        logging_skipped_bytes: logging.map(|l| l.skips().1),
+        logging_stop_s: logged.as_ref().map(|l| round(l.stop_s, 3)),
+        transcripts_complete: logged
+            .as_ref()
+            .map(|l| format!("{} of {}", l.complete, args.vms)),
         relay_s: relay.as_ref().map(|r| round(r.secs, 3)),
         relay_mib_s: relay.as_ref().map(|r| round(r.mib_s, 1)),
         relay_cpu_s_per_gib: relay.as_ref().map(|r| round(r.cpu_s_per_gib, 3)),
@@ -176,7 +259,11 @@ pub fn run(args: FanoutArgs) -> Result<(), Failure> {
     let line =
         serde_json::to_string(&report).map_err(|e| format!("cannot format the report: {e}"))?;
     println!("{line}");
-    Ok(())
+    if failures.is_empty() {
+        Ok(())
+    } else {
+        Err(failures.join("\n  ").into())
+    }
 }
 
 /// Raise the open-files limit and check it holds the bench's sockets
@@ -227,350 +314,132 @@ pub(crate) fn peak_rss_kib(pid: u32) -> Result<u64, String> {
 }
 
 // ---------------------------------------------------------------------------
-// The pattern.
+// Through the daemon, with transcripts.
 
-/// Every VM's stream is the same pseudo-random table of bytes 0x00..=0xFE
-/// with period [`PERIOD`], read from a VM-specific starting point. The table
-/// is stored twice over, so any piece up to a period long is one slice:
-/// sending and checking are slice writes and slice compares.
-pub(crate) struct Pattern {
-    table: Vec<u8>,
-}
+/// A directory removed (with its contents) when dropped, however the phase
+/// ends: transcripts of a big run take gigabytes.
+struct TranscriptDir(PathBuf);
 
-impl Pattern {
-    pub(crate) fn new() -> Pattern {
-        let mut table = Vec::with_capacity(2 * PERIOD);
-        let mut x = 0x5eed_u64;
-        while table.len() < PERIOD {
-            x = splitmix64(x);
-            for b in x.to_le_bytes() {
-                if table.len() < PERIOD {
-                    table.push((u32::from(b) * 255 / 256) as u8);
-                }
-            }
-        }
-        table.extend_from_within(..PERIOD);
-        Pattern { table }
-    }
-
-    /// Bytes `offset .. offset + len` of VM `vm`'s stream; `len` ≤ PERIOD.
-    pub(crate) fn piece(&self, vm: usize, offset: u64, len: usize) -> &[u8] {
-        let start = (vm as u64).wrapping_mul(0x9e37_79b9) % PERIOD as u64;
-        let at = ((start + offset % PERIOD as u64) % PERIOD as u64) as usize;
-        &self.table[at..at + len.min(PERIOD)]
+impl Drop for TranscriptDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
     }
 }
 
-pub(crate) fn splitmix64(x: u64) -> u64 {
-    let mut z = x.wrapping_add(0x9e37_79b9_7f4a_7c15);
-    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-    z ^ (z >> 31)
-}
-
-/// Checks one console's data against its VM's pattern.
-pub(crate) struct Verifier {
-    pub(crate) vm: usize,
-    /// Data bytes verified so far.
-    pub(crate) got: u64,
-    /// How many the VM sends (`None`: no end).
-    pub(crate) expect: Option<u64>,
-    pattern: Arc<Pattern>,
-}
-
-impl Verifier {
-    pub(crate) fn new(vm: usize, expect: Option<u64>, pattern: Arc<Pattern>) -> Verifier {
-        Verifier {
-            vm,
-            got: 0,
-            expect,
-            pattern,
-        }
-    }
-
-    pub(crate) fn done(&self) -> bool {
-        self.expect.is_some_and(|e| self.got >= e)
-    }
-
-    /// Check one run of data bytes.
-    pub(crate) fn data(&mut self, mut d: &[u8]) -> Result<(), String> {
-        if let Some(expect) = self.expect {
-            if self.got + d.len() as u64 > expect {
-                return Err(format!(
-                    "received {} bytes more than the {expect} its VM sent: {:?}",
-                    self.got + d.len() as u64 - expect,
-                    String::from_utf8_lossy(&d[..d.len().min(SHOW)])
-                ));
-            }
-        }
-        while !d.is_empty() {
-            let len = d.len().min(PERIOD);
-            let want = self.pattern.piece(self.vm, self.got, len);
-            if d[..len] != *want {
-                let at = d.iter().zip(want).position(|(a, b)| a != b).unwrap_or(0);
-                let shown = &d[at..(at + SHOW).min(d.len())];
-                return Err(format!(
-                    "byte {} differs from the pattern (0x{:02x}, expected 0x{:02x}); \
-                     received from there: {:?}",
-                    self.got + at as u64,
-                    d[at],
-                    want[at],
-                    String::from_utf8_lossy(shown)
-                ));
-            }
-            self.got += len as u64;
-            d = &d[len..];
-        }
-        Ok(())
-    }
-}
-
-/// How far each console of one VM has verified, so the VM's sender can
-/// stay within `--window` of the slowest.
-pub(crate) struct Flow {
-    verified: Vec<AtomicU64>,
-    /// Wakes the sender after a console made progress.
-    progress: tokio::sync::Notify,
-}
-
-impl Flow {
-    fn new(consoles: usize) -> Flow {
-        Flow {
-            verified: (0..consoles).map(|_| AtomicU64::new(0)).collect(),
-            progress: tokio::sync::Notify::new(),
-        }
-    }
-
-    fn slowest(&self) -> u64 {
-        self.verified
-            .iter()
-            .map(|v| v.load(Ordering::Relaxed))
-            .min()
-            .unwrap_or(u64::MAX)
-    }
-
-    /// Console `j` has verified `got` bytes.
-    fn report(&self, j: usize, got: u64) {
-        if let Some(v) = self.verified.get(j) {
-            v.store(got, Ordering::Relaxed);
-            self.progress.notify_one();
-        }
-    }
-}
-
-/// Read a console's telnet stream until its VM's bytes are all verified
-/// (forever without `expect`); every read is added to `progress`. Returns
-/// when the last byte was verified, and the stream.
-pub(crate) async fn verify_console(
-    conn: RawConn<TcpStream>,
-    mut v: Verifier,
-    progress: Arc<AtomicU64>,
-    flow: Option<(Arc<Flow>, usize)>,
-) -> Result<(Instant, TcpStream), String> {
-    let RawConn {
-        mut stream,
-        data,
-        mut decoder,
-        ..
-    } = conn;
-    v.data(&data)?;
-    progress.fetch_add(data.len() as u64, Ordering::Relaxed);
-    let mut buf = vec![0u8; READ_BUF];
-    while !v.done() {
-        let n = match stream.read(&mut buf).await {
-            Ok(0) => {
-                return Err(format!(
-                    "closed by the other side after {} data bytes{}",
-                    v.got,
-                    v.expect.map_or(String::new(), |e| format!(" of {e}"))
-                ))
-            }
-            Ok(n) => n,
-            Err(e) => return Err(format!("read error after {} data bytes: {e}", v.got)),
-        };
-        let before = v.got;
-        let mut bad = Ok(());
-        decoder
-            .decode(&buf[..n], |ev| {
-                if let (Event::Data(d), Ok(())) = (ev, &bad) {
-                    bad = v.data(d);
-                }
-            })
-            .map_err(|e| format!("telnet decode error: {e}"))?;
-        bad?;
-        progress.fetch_add(v.got - before, Ordering::Relaxed);
-        if let Some((flow, j)) = &flow {
-            flow.report(*j, v.got);
-        }
-    }
-    Ok((Instant::now(), stream))
-}
-
-/// Send `total` bytes of VM `vm`'s pattern in writes of up to `chunk`
-/// bytes once `gate` opens, never more than `window` bytes (0: no limit)
-/// ahead of the slowest console; returns the stream (kept open until the
-/// phase ends).
-#[allow(clippy::too_many_arguments)]
-async fn send_pattern(
-    mut stream: TcpStream,
-    vm: usize,
-    total: u64,
-    chunk: usize,
-    window: u64,
-    flow: Arc<Flow>,
-    pattern: Arc<Pattern>,
-    mut gate: watch::Receiver<bool>,
-) -> Result<TcpStream, String> {
-    if gate.wait_for(|open| *open).await.is_err() {
-        return Err("internal error: start gate dropped".into());
-    }
-    let mut sent = 0u64;
-    while sent < total {
-        let mut room = total - sent;
-        if window > 0 {
-            loop {
-                let ahead = sent.saturating_sub(flow.slowest());
-                if ahead < window {
-                    room = room.min(window - ahead);
-                    break;
-                }
-                // A console's report after the check leaves a permit.
-                flow.progress.notified().await;
-            }
-        }
-        let len = chunk.min(room as usize);
-        stream
-            .write_all(pattern.piece(vm, sent, len))
-            .await
-            .map_err(|e| format!("VM {vm} writing at byte {sent}: {e}"))?;
-        sent += len as u64;
-    }
-    Ok(stream)
-}
-
-/// A console's connection and its VM.
-pub(crate) struct RawConsole {
-    pub(crate) vm: usize,
-    pub(crate) conn: RawConn<TcpStream>,
-}
-
-/// Stream every VM's bytes to its consoles; returns (seconds from the gate
-/// opening to the last console done, bench CPU seconds).
-async fn stream_phase(
-    what: &str,
-    vms: Vec<TcpStream>,
-    consoles: Vec<RawConsole>,
+/// The Logging phase: a fresh daemon with `--backend Logging -l DIR`, the
+/// same traffic, then SIGTERM (the daemon flushes its transcripts on the way
+/// out) and every transcript compared with its VM's pattern.
+fn logging_phase(
     args: &FanoutArgs,
+    rt: &tokio::runtime::Runtime,
+    stop: &watch::Receiver<bool>,
     pattern: Arc<Pattern>,
-) -> Result<f64, String> {
-    let total = args.bytes_per_vm;
-    let all = consoles.len() as u64 * total;
-    let progress = Arc::new(AtomicU64::new(0));
-    let mut per_vm = vec![0usize; vms.len()];
-    for console in &consoles {
-        if let Some(count) = per_vm.get_mut(console.vm) {
-            *count += 1;
-        }
+) -> Result<Logged, Failure> {
+    let stamp = SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos());
+    let dir = args
+        .logging_dir
+        .join(format!("vspc-bench-logs.{}.{stamp:x}", std::process::id()));
+    std::fs::create_dir(&dir).map_err(|e| {
+        format!(
+            "cannot create the transcript directory {} (--logging-dir): {e}",
+            dir.display()
+        )
+    })?;
+    let dir = TranscriptDir(dir);
+    if let Some(fs) = fs_type(&dir.0).filter(|t| t == "tmpfs" || t == "ramfs") {
+        eprintln!(
+            "vspc-bench: warning: {} is on {fs}, in memory: the Logging figure will not \
+             include disk writes (choose --logging-dir on a local disk)",
+            dir.0.display()
+        );
     }
-    let flows: Vec<Arc<Flow>> = per_vm.iter().map(|&c| Arc::new(Flow::new(c))).collect();
-    let mut readers = JoinSet::new();
-    for RawConsole { vm, conn } in consoles {
-        let v = Verifier::new(vm, Some(total), pattern.clone());
-        let progress = progress.clone();
-        let flow = flows.get(vm).map(|f| (f.clone(), per_vm[vm] - 1));
-        if let Some(count) = per_vm.get_mut(vm) {
-            *count -= 1; // console numbers count down: each gets its own slot
-        }
-        readers.spawn(async move {
-            verify_console(conn, v, progress, flow)
-                .await
-                .map_err(|e| format!("console of VM {vm}: {e}"))
-        });
-    }
-    let (gate, gate_rx) = watch::channel(false);
-    let mut writers = JoinSet::new();
-    for (vm, stream) in vms.into_iter().enumerate() {
-        writers.spawn(send_pattern(
-            stream,
-            vm,
-            total,
-            args.chunk as usize,
-            args.window,
-            flows[vm].clone(),
-            pattern.clone(),
-            gate_rx.clone(),
-        ));
-    }
-    eprintln!(
-        "vspc-bench: {what}: streaming {} MiB to {} consoles",
-        all >> 20,
-        readers.len()
-    );
-    let t0 = Instant::now();
-    let _ = gate.send(true);
-    let mut last = t0;
-    let mut kept = Vec::new(); // streams stay open until the phase ends
-    let mut ticker =
-        tokio::time::interval_at(tokio::time::Instant::now() + PROGRESS_EVERY, PROGRESS_EVERY);
-    let (mut seen, mut since) = (0, Instant::now());
-    let stall = Duration::from_secs(args.stall_secs);
-    while !readers.is_empty() {
+    let logdir = dir
+        .0
+        .to_str()
+        .ok_or_else(|| format!("the transcript directory {} is not UTF-8", dir.0.display()))?;
+    eprintln!("vspc-bench: logging: transcripts in {logdir}");
+    let (mut daemon, target) =
+        args.daemon
+            .start(args.vms, &["--backend", "Logging", "-l", logdir], rt)?;
+    let result = rt.block_on(async {
         tokio::select! {
-            joined = readers.join_next() => match joined {
-                Some(Ok(Ok((at, stream)))) => {
-                    last = last.max(at);
-                    kept.push(stream);
-                }
-                Some(Ok(Err(e))) => return Err(format!("{what}: {e}")),
-                Some(Err(e)) => return Err(format!("{what}: a console task failed: {e}")),
-                None => {}
-            },
-            Some(joined) = writers.join_next() => match joined {
-                Ok(Ok(stream)) => kept.push(stream),
-                Ok(Err(e)) => return Err(format!("{what}: {e}")),
-                Err(e) => return Err(format!("{what}: a VM task failed: {e}")),
-            },
-            _ = ticker.tick() => {
-                let now = progress.load(Ordering::Relaxed);
-                eprintln!(
-                    "vspc-bench:   {what}: {} / {} MiB verified, {} consoles to go",
-                    now >> 20, all >> 20, readers.len()
-                );
-                if now != seen {
-                    (seen, since) = (now, Instant::now());
-                } else if since.elapsed() > stall {
-                    return Err(format!(
-                        "{what}: no byte verified for {} s ({now} of {all} bytes, {} of \
-                         the consoles not done)",
-                        args.stall_secs,
-                        readers.len()
-                    ));
-                }
-            }
+            r = async {
+                let phase = vspc_phase(args, "logging", target, &mut daemon, pattern.clone()).await?;
+                let stopping = Instant::now();
+                daemon.terminate(STOP_WAIT).await?;
+                Ok((phase, stopping.elapsed().as_secs_f64()))
+            } => r,
+            _ = stopped(stop.clone()) => Err(Failure::Interrupted),
+        }
+    });
+    let (phase, stop_s) = conclude(result, daemon)?;
+    eprintln!("vspc-bench: logging: daemon stopped after {stop_s:.3} s; checking transcripts");
+    let mut incomplete = Vec::new();
+    for vm in 0..args.vms as usize {
+        if let Err(e) = check_transcript(&dir.0, vm, args.bytes_per_vm, &pattern) {
+            incomplete.push(e);
         }
     }
-    Ok((last - t0).as_secs_f64())
+    Ok(Logged {
+        phase,
+        stop_s,
+        complete: args.vms as usize - incomplete.len(),
+        incomplete,
+    })
 }
 
-/// Measure one phase around `stream`: CPU and peak memory of `pid`, and the
-/// bench's own CPU.
-async fn measured(
-    pid: u32,
-    delivered: u64,
-    stream: impl std::future::Future<Output = Result<f64, String>>,
-) -> Result<Phase, String> {
-    let me = std::process::id();
-    let (cpu0, me0) = (cpu_s(pid)?, cpu_s(me)?);
-    let secs = stream.await?;
-    let (cpu1, me1) = (cpu_s(pid)?, cpu_s(me)?);
-    let gib = delivered as f64 / f64::from(1u32 << 30);
-    Ok(Phase {
-        secs,
-        mib_s: delivered as f64 / f64::from(1u32 << 20) / secs.max(1e-9),
-        cpu_s_per_gib: (cpu1 - cpu0) / gib,
-        rss_peak_kib: peak_rss_kib(pid)?,
-        bench_cpu_s: me1 - me0,
-    })
+/// Is DIR/NAME.log exactly VM `vm`'s `total` bytes? If not, says how it
+/// differs: its size, and the first byte that differs from the VM's output.
+fn check_transcript(dir: &Path, vm: usize, total: u64, pattern: &Pattern) -> Result<(), String> {
+    let name = format!("{}.log", identity(vm).name);
+    let path = dir.join(&name);
+    let mut file = std::fs::File::open(&path).map_err(|e| format!("{name}: {e}"))?;
+    let mut buf = vec![0u8; COMPARE_BUF];
+    let mut at = 0u64;
+    let mut differs = None;
+    loop {
+        let n = file
+            .read(&mut buf)
+            .map_err(|e| format!("{name}: read error at byte {at}: {e}"))?;
+        if n == 0 {
+            break;
+        }
+        if differs.is_none() {
+            let mine = n.min(usize::try_from(total.saturating_sub(at)).unwrap_or(usize::MAX));
+            differs = pattern
+                .first_difference(vm, at, &buf[..mine])
+                .map(|i| at + i as u64);
+        }
+        at += n as u64;
+    }
+    match (at == total, differs) {
+        (true, None) => Ok(()),
+        (_, Some(byte)) => Err(format!(
+            "{name}: {at} bytes, differing from its VM's output from byte {byte} on"
+        )),
+        (false, None) => Err(format!(
+            "{name}: {at} bytes, a correct start of its VM's {total}"
+        )),
+    }
+}
+
+/// The type of the file system holding `path` (the longest mount point
+/// above it in /proc/self/mounts), if that can be told.
+fn fs_type(path: &Path) -> Option<String> {
+    let path = std::fs::canonicalize(path).ok()?;
+    let mounts = std::fs::read_to_string("/proc/self/mounts").ok()?;
+    mounts
+        .lines()
+        .filter_map(|l| {
+            let mut f = l.split_whitespace();
+            let (_, point, fs) = (f.next()?, f.next()?, f.next()?);
+            path.starts_with(point)
+                .then(|| (point.len(), fs.to_string()))
+        })
+        .max_by_key(|(len, _)| *len)
+        .map(|(_, fs)| fs)
 }
 
 // ---------------------------------------------------------------------------
@@ -641,15 +510,22 @@ pub(crate) async fn attach_raw(
                 .into_raw::<TcpStream>()
                 .await
                 .map_err(|e| fail(&e))?;
-            Ok(RawConsole { vm, conn })
+            Ok(RawConsole {
+                vm,
+                index: k % c,
+                conn,
+            })
         }
     })
     .await?;
     Ok((vm_streams, consoles))
 }
 
+/// One phase through the daemon (`what` names it): every console must get
+/// every byte; skips are left to the caller, which reports them.
 async fn vspc_phase(
     args: &FanoutArgs,
+    what: &str,
     target: Target,
     daemon: &mut Spawned,
     pattern: Arc<Pattern>,
@@ -657,31 +533,22 @@ async fn vspc_phase(
     wait_ready(target, Some(daemon)).await?;
     let (n, c) = (args.vms as usize, args.consoles as usize);
     let (vms, consoles) = attach_raw(target, n, c, args.in_flight as usize).await?;
-    stream_measured("vspc", target.pid, vms, consoles, args, pattern).await
-}
-
-/// Stream every VM's bytes to its consoles through the server with process
-/// id `pid` (`what` names it), timing it and reading the server's CPU.
-async fn stream_measured(
-    what: &str,
-    pid: u32,
-    vms: Vec<TcpStream>,
-    consoles: Vec<RawConsole>,
-    args: &FanoutArgs,
-    pattern: Arc<Pattern>,
-) -> Result<Phase, Failure> {
-    let delivered = u64::from(args.vms) * u64::from(args.consoles) * args.bytes_per_vm;
-    let phase = measured(
-        pid,
-        delivered,
-        stream_phase(what, vms, consoles, args, pattern),
+    let phase = stream_measured(
+        what,
+        target.pid,
+        vms,
+        all_fast(consoles),
+        args.shape(),
+        pattern,
     )
     .await?;
-    eprintln!(
-        "vspc-bench: {what}: {:.1} MiB/s ({:.3} s)",
-        phase.mib_s, phase.secs
-    );
+    phase.check_errors(what)?;
     Ok(phase)
+}
+
+/// Every console reading at full speed.
+pub(crate) fn all_fast(consoles: Vec<RawConsole>) -> Vec<(RawConsole, Reading)> {
+    consoles.into_iter().map(|c| (c, Reading::Fast)).collect()
 }
 
 // ---------------------------------------------------------------------------
@@ -800,6 +667,7 @@ pub(crate) async fn relay_attach(
             let stream = relay_connect(console_addr, format!("console {}\n", k / c)).await?;
             Ok(RawConsole {
                 vm: k / c,
+                index: k % c,
                 conn: RawConn {
                     stream,
                     data: Vec::new(),
@@ -842,5 +710,49 @@ async fn relay_phase(args: &FanoutArgs, pid: u32, pattern: Arc<Pattern>) -> Resu
     let (n, c) = (args.vms as usize, args.consoles as usize);
     let (vms, consoles) =
         relay_attach(args.daemon.base_port, n, c, args.in_flight as usize).await?;
-    stream_measured("relay", pid, vms, consoles, args, pattern).await
+    let phase =
+        stream_measured("relay", pid, vms, all_fast(consoles), args.shape(), pattern).await?;
+    phase.check_errors("relay")?;
+    Ok(phase)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn transcripts_are_checked_byte_for_byte() {
+        let dir =
+            std::env::temp_dir().join(format!("vspc-bench-transcript-test.{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("create a test directory");
+        let _cleanup = TranscriptDir(dir.clone());
+        let pattern = Pattern::new();
+        let total = 3 * COMPARE_BUF as u64 + 17;
+        let mut whole = Vec::new();
+        while (whole.len() as u64) < total {
+            let len = (total as usize - whole.len()).min(COMPARE_BUF);
+            whole.extend_from_slice(pattern.piece(0, whole.len() as u64, len));
+        }
+        let path = dir.join(format!("{}.log", identity(0).name));
+        let check = |bytes: &[u8]| {
+            std::fs::write(&path, bytes).expect("write a transcript");
+            check_transcript(&dir, 0, total, &pattern)
+        };
+        assert_eq!(check(&whole), Ok(()));
+        let short = check(&whole[..1000]).unwrap_err();
+        assert!(short.contains("1000 bytes, a correct start"), "{short}");
+        let mut holed = whole.clone();
+        holed.drain(COMPARE_BUF + 5..COMPARE_BUF + 9);
+        let holed = check(&holed).unwrap_err();
+        assert!(
+            holed.contains(&format!("from byte {} on", COMPARE_BUF + 5)),
+            "{holed}"
+        );
+        let mut long = whole.clone();
+        long.push(b'x');
+        let long = check(&long).unwrap_err();
+        assert!(long.contains(&format!("{} bytes", total + 1)), "{long}");
+        let missing = check_transcript(&dir, 1, total, &pattern).unwrap_err();
+        assert!(missing.contains("sim-vm-00002.log"), "{missing}");
+    }
 }

@@ -26,12 +26,14 @@ use tokio::sync::watch;
 use tokio::task::JoinSet;
 use vspc::sim::{self, ConsoleOptions, Identity, Role, SimConsole, SimVm, VmOptions};
 
+mod burst;
 mod churn;
 mod fanout;
 mod latency;
 mod relay;
 mod simulate;
 mod soak;
+mod stream;
 
 /// Descriptors a process needs besides the per-VM ones (runtime, listeners,
 /// log file, admin queries, slack).
@@ -83,6 +85,10 @@ enum Mode {
     /// Fan-out throughput: N VMs stream to C consoles each through the
     /// daemon, then the same through a bare TCP relay; the ratio.
     Fanout(fanout::FanoutArgs),
+    /// One VM writes B bytes at full speed to C consoles reading as fast as
+    /// they can, while stuck consoles never read and slow ones read at a
+    /// limited rate; every fast console must get every byte, undelayed.
+    Burst(burst::BurstArgs),
     /// Console round trip through an echoing VM while other VMs stream at
     /// serial-port rate.
     Latency(latency::LatencyArgs),
@@ -162,6 +168,7 @@ fn main() -> ExitCode {
         Mode::Churn(args) => churn::run(args),
         Mode::Soak(args) => soak::run(args),
         Mode::Fanout(args) => fanout::run(args),
+        Mode::Burst(args) => burst::run(args),
         Mode::Latency(args) => latency::run(args),
         Mode::RelayServer(args) => relay::serve(args),
     };
@@ -190,7 +197,8 @@ pub(crate) struct DaemonOpts {
     pub(crate) vspc: Option<PathBuf>,
 
     /// Ports of the started daemon: proxy P, admin P+1, consoles from P+2
-    /// (below the ephemeral range); fanout's relay uses P and P+1 too.
+    /// (below the ephemeral range); the bare relay (fanout, burst, latency)
+    /// uses P and P+1 too.
     #[arg(long, value_name = "P", default_value_t = 20000,
           value_parser = clap::value_parser!(u16).range(1..))]
     pub(crate) base_port: u16,
@@ -865,6 +873,45 @@ impl Spawned {
         match self.child.try_wait() {
             Ok(Some(status)) => Some(status.to_string()),
             _ => None,
+        }
+    }
+
+    /// Stop the process as an init system does, with SIGTERM (the daemon
+    /// then flushes its backends), and wait up to `wait` for it to exit.
+    /// The signal is sent with kill(1): std can only SIGKILL a child, and
+    /// the bench has no signal-sending dependency of its own.
+    async fn terminate(&mut self, wait: Duration) -> Result<(), String> {
+        let pid = self.child.id().to_string();
+        let sent = Command::new("kill")
+            .args(["-s", "TERM", &pid])
+            .stdin(Stdio::null())
+            .status()
+            .map_err(|e| format!("cannot run kill(1) to stop the daemon: {e}"))?;
+        if !sent.success() {
+            return Err(format!("kill -s TERM {pid} failed ({sent})"));
+        }
+        let start = Instant::now();
+        loop {
+            match self.child.try_wait() {
+                Ok(Some(status)) => {
+                    self.reaped = true;
+                    return if status.success() {
+                        Ok(())
+                    } else {
+                        Err(format!("the daemon exited with {status} after SIGTERM"))
+                    };
+                }
+                Ok(None) if start.elapsed() < wait => {
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                }
+                Ok(None) => {
+                    return Err(format!(
+                        "the daemon had not exited {} s after SIGTERM",
+                        wait.as_secs()
+                    ))
+                }
+                Err(e) => return Err(format!("cannot wait for the daemon: {e}")),
+            }
         }
     }
 
