@@ -8,10 +8,11 @@
 //! through the [`PortOpener`] the network layer installs.
 //!
 //! Fan-out is where the flow-control rules are decided ([`Hub::vm_output`]):
-//! every console gets every chunk; a console past half its queue makes the
-//! VM's reader wait for it, at most [`LAG_WAIT`] per time it falls behind;
-//! a lossless backend over its byte budget makes the reader wait until it
-//! has caught up.
+//! every console gets every chunk; a console past an eighth of its queue
+//! makes the VM's reader wait for it while it reads at least
+//! [`LAG_PROGRESS`] per [`LAG_WAIT`] (or, if only the daemon is behind, up
+//! to [`BUSY_WAIT`]); a lossless backend over its byte budget makes the
+//! reader wait until it has caught up.
 
 use crate::backend_host::Backends;
 use crate::outbox::{Encoding, Outbox};
@@ -76,13 +77,28 @@ pub enum ConsoleProtocol {
     Raw,
 }
 
-/// The longest a VM's reader waits for one lagging console before it goes
-/// on without it (and that console starts skipping output once its queue
-/// is full). A console that reads at network speed drains half a queue in
-/// a few milliseconds, so this only matters for one that cannot keep up;
-/// waiting longer would let a person on a slow link slow the guest, whose
-/// kernel blocks on a serial port that does not drain.
-pub const LAG_WAIT: Duration = Duration::from_millis(200);
+/// How long a VM's reader waits for a lagging console before it looks at
+/// how that console is doing, and so the longest it waits for one that
+/// cannot keep up. A second is long enough that a client sharing a busy
+/// machine (thousands of sockets, every core taken) shows its real rate
+/// rather than a scheduling hiccup, and short enough that a guest printing
+/// to its serial port barely notices.
+pub const LAG_WAIT: Duration = Duration::from_secs(1);
+
+/// A lagging console that takes at least this much output from its socket
+/// per [`LAG_WAIT`] (320 KiB/s) is reading, and the VM keeps waiting for it;
+/// one that takes less, while its socket is full, cannot keep up and is
+/// given up on. So no console slows a VM below 320 KiB/s, some 28 times
+/// what a 115,200-baud serial line carries, and a console that reads at
+/// least that fast never loses a byte, however busy the daemon or the
+/// machine the client runs on.
+pub const LAG_PROGRESS: u64 = 320 * 1024;
+
+/// The longest a VM's reader waits for lagging consoles whose sockets take
+/// everything the daemon writes: then the lag is the daemon's own (every
+/// core busy), not the client's. Past this the console is given up on all
+/// the same.
+pub const BUSY_WAIT: Duration = Duration::from_secs(5);
 
 /// What became of a VM's output.
 pub enum Fanout {
@@ -485,9 +501,9 @@ impl Hub {
 
     /// Serial output from the VM on connection `conn` (one call per read):
     /// to every console and the backends. Says whether the VM's reader
-    /// should wait before reading more: for consoles past half their queue
-    /// that it has not yet given up on (at most [`LAG_WAIT`]), and for a
-    /// lossless backend over its budget (until it catches up).
+    /// should wait before reading more: for consoles past an eighth of
+    /// their queue that it has not given up on ([`wait_for_lagging`]), and
+    /// for a lossless backend over its budget (until it catches up).
     pub fn vm_output(&self, vm: &Vm, conn: ConnId, data: Bytes) -> Fanout {
         let st = vm.lock();
         if st.active.as_ref().map(|p| p.id) != Some(conn) {
@@ -823,29 +839,45 @@ impl Hub {
 }
 
 /// Wait until every console in `lagging` has drained to its low-water
-/// mark, for [`LAG_WAIT`] at most; the ones that have not are given up on
-/// until they catch up (they skip output once their queue is full).
+/// mark, looking at each every [`LAG_WAIT`]: one that took less than
+/// [`LAG_PROGRESS`] from its full socket in that time is given up on (it
+/// skips output once its queue is full, and is not waited for again until
+/// it has caught up); one that is reading is waited for; one whose socket
+/// takes everything is only behind because the daemon is, and is waited
+/// for up to [`BUSY_WAIT`].
 async fn wait_for_lagging(lagging: Vec<Arc<Outbox>>) {
-    if lagging.is_empty() {
-        return;
-    }
-    let deadline = tokio::time::Instant::now() + LAG_WAIT;
-    for o in &lagging {
-        if tokio::time::timeout_at(deadline, o.drained(o.low_water()))
-            .await
-            .is_err()
-        {
-            break;
+    let start = tokio::time::Instant::now();
+    let mut lagging: Vec<(Arc<Outbox>, u64)> =
+        lagging.into_iter().map(|o| (o.clone(), o.sent())).collect();
+    while !lagging.is_empty() {
+        let deadline = tokio::time::Instant::now() + LAG_WAIT;
+        for (o, _) in &lagging {
+            if tokio::time::timeout_at(deadline, o.drained(o.low_water()))
+                .await
+                .is_err()
+            {
+                break;
+            }
         }
-    }
-    for o in &lagging {
-        if o.queued() > o.low_water() && !o.is_closed() {
+        let busy_too_long = start.elapsed() >= BUSY_WAIT;
+        lagging.retain_mut(|(o, mark)| {
+            if o.queued() <= o.low_water() || o.is_closed() {
+                return false;
+            }
+            let sent = o.sent();
+            let reading = sent - *mark >= LAG_PROGRESS;
+            *mark = sent;
+            if reading || (!o.is_full() && !busy_too_long) {
+                return true;
+            }
             tracing::debug!(
                 queued = o.queued(),
-                "a console lags; the VM goes on without waiting for it"
+                socket_full = o.is_full(),
+                "a console cannot keep up; the VM goes on without waiting for it"
             );
             o.set_behind();
-        }
+            false
+        });
     }
 }
 
@@ -1132,12 +1164,13 @@ mod tests {
             .expect("b");
         output(&h, &vm, p.id, b"hello");
         assert_eq!(written(&a.outbox).0, b"hello");
-        // b does not read: past half its queue the VM is told to wait.
+        // b does not read: past an eighth of its queue the VM is told to
+        // wait.
         assert_eq!(written(&b.outbox).0, b"hello");
-        let half = vec![1u8; 2049];
+        let half = vec![1u8; 513];
         match h.vm_output(&vm, p.id, Bytes::from(half)) {
             Fanout::Wait(_) => {}
-            _ => panic!("no wait for a console past half its queue"),
+            _ => panic!("no wait for a console past an eighth of its queue"),
         }
         // Given up on, it is not waited for again until it caught up.
         b.outbox.set_behind();
@@ -1145,16 +1178,16 @@ mod tests {
         output(&h, &vm, p.id, b"more");
         assert_eq!(written(&a.outbox).0, b"more");
         // A console still being told apart never holds the VM up.
-        let held = h.new_peer(1024, Encoding::Hold);
+        let held = h.new_peer(256, Encoding::Hold);
         h.attach_console(&vm, held.clone(), LockMode::FreeForAll)
             .expect("held");
-        let big: &'static [u8] = &[2u8; 600];
+        let big: &'static [u8] = &[2u8; 200];
         b.outbox.take_data();
         a.outbox.take_data();
         match h.vm_output(&vm, p.id, Bytes::from_static(big)) {
             Fanout::Sent => {}
             _ => panic!("waited for a console that is not being written"),
         }
-        assert_eq!(held.outbox.queued(), 600);
+        assert_eq!(held.outbox.queued(), 200);
     }
 }

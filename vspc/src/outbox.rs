@@ -25,7 +25,7 @@
 
 use bytes::Bytes;
 use std::collections::VecDeque;
-use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
 use std::sync::Mutex;
 use std::task::{Context, Poll, Waker};
 use tokio::sync::Notify;
@@ -81,6 +81,13 @@ pub struct Outbox {
     limit: usize,
     /// An [`Encoding`], as u8.
     encoding: AtomicU8,
+    /// The writer is blocked on a socket that takes nothing more: the peer
+    /// is not reading as fast as output comes (rather than the daemon
+    /// being slow to write).
+    full: AtomicBool,
+    /// Bytes the writer has put on the socket so far: how fast the peer
+    /// really takes output.
+    sent: AtomicU64,
     /// The VM gave up waiting for this console: it is not waited for again
     /// until it has caught up (its writer found nothing left to write).
     /// Merely draining below a mark is not enough: a console that reads
@@ -123,6 +130,8 @@ impl Outbox {
             room: Notify::new(),
             limit: limit.max(1),
             encoding: AtomicU8::new(encoding as u8),
+            full: AtomicBool::new(false),
+            sent: AtomicU64::new(0),
             behind: AtomicBool::new(false),
         }
     }
@@ -246,14 +255,16 @@ impl Outbox {
         }
     }
 
-    /// The level past which a VM should wait for this console.
+    /// The level past which a VM should wait for this console: an eighth
+    /// of the queue (two reads of the VM with the default queue), so that
+    /// thousands of busy consoles each hold 128 KiB, not a whole queue.
     pub fn high_water(&self) -> usize {
-        self.limit / 2
+        self.limit / 8
     }
 
     /// The level a lagging console must drain to before the VM goes on.
     pub fn low_water(&self) -> usize {
-        self.limit / 4
+        self.limit / 16
     }
 
     /// With `queued` bytes waiting, should a VM wait for this console
@@ -269,6 +280,27 @@ impl Outbox {
     /// [`Outbox::lags_at`] its current level.
     pub fn lagging(&self) -> bool {
         self.lags_at(self.queued())
+    }
+
+    /// The writer found the peer's socket full (true) or wrote to it again
+    /// (false).
+    pub fn set_full(&self, full: bool) {
+        self.full.store(full, Ordering::Relaxed);
+    }
+
+    /// Whether the peer's socket is full right now.
+    pub fn is_full(&self) -> bool {
+        self.full.load(Ordering::Relaxed)
+    }
+
+    /// The writer put `n` more bytes on the socket.
+    pub fn count_sent(&self, n: usize) {
+        self.sent.fetch_add(n as u64, Ordering::Relaxed);
+    }
+
+    /// Bytes put on the socket so far.
+    pub fn sent(&self) -> u64 {
+        self.sent.load(Ordering::Relaxed)
     }
 
     /// The VM stops waiting for this console until it has caught up.
@@ -493,7 +525,7 @@ mod tests {
     #[test]
     fn lag_marks() {
         let o = Outbox::new(100, Encoding::Raw);
-        o.push(Bytes::from(vec![0; 51]));
+        o.push(Bytes::from(vec![0; 13]));
         assert!(o.lagging());
         o.set_behind();
         assert!(!o.lagging());

@@ -358,14 +358,20 @@ impl<S: Session + Unpin> Conn<S> {
                 let n = match self.io.poll_write_vectored(cx, &slices[..k]) {
                     Poll::Ready(r) => r?,
                     Poll::Pending => {
-                        self.stalled_since.get_or_insert_with(Instant::now);
+                        if self.stalled_since.is_none() {
+                            self.stalled_since = Some(Instant::now());
+                            self.outbox.set_full(true);
+                        }
                         return Poll::Pending;
                     }
                 };
                 if n == 0 {
                     return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
                 }
-                self.stalled_since = None;
+                if self.stalled_since.take().is_some() {
+                    self.outbox.set_full(false);
+                }
+                self.outbox.count_sent(n);
                 self.unflushed += n;
                 self.advance(n);
             }

@@ -183,11 +183,12 @@ fn vm_conn(hub: Arc<Hub>, cfg: &ServerConfig, stream: Stream) -> Conn<VmSession>
     Conn::new(stream, session, outbox, cfg.vm_tx_rate).read_slice(slice)
 }
 
-/// How much of a VM's output to take in one read: an eighth of a console's
-/// queue (64 KiB with the default queue), so that one read can never fill a
-/// console's queue past the point where the VM waits for it.
+/// How much of a VM's output to take in one read: a sixteenth of a
+/// console's queue (64 KiB with the default queue), so that one read can
+/// never fill a console's queue far past the point where the VM waits for
+/// it.
 pub fn vm_read_slice(console_queue: usize) -> usize {
-    (console_queue / 8).clamp(1024, 64 * 1024)
+    (console_queue / 16).clamp(256, 64 * 1024)
 }
 
 /// Serve a console-port connection: fetch the recent output and join the

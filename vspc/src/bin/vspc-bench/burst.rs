@@ -58,8 +58,10 @@ pub struct BurstArgs {
           value_parser = clap::value_parser!(u32).range(0..=10_000))]
     slow: u32,
 
-    /// Read rate of each --slow console, telnet bytes per second.
-    #[arg(long, value_name = "BYTES_PER_SEC", default_value_t = 1 << 20,
+    /// Read rate of each --slow console, telnet bytes per second. The
+    /// daemon waits for a console that reads at least 320 KiB/s, so the
+    /// default is well below that: a console it must give up on.
+    #[arg(long, value_name = "BYTES_PER_SEC", default_value_t = 100 * 1024,
           value_parser = clap::value_parser!(u64).range(1..))]
     slow_rate: u64,
 
