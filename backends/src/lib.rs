@@ -2,6 +2,8 @@
 //! [`vspc_backend_api::Backend`] trait a plugin does, and the daemon reaches
 //! them through the same stable-ABI object.
 
+#![forbid(unsafe_code)]
+
 mod file;
 mod logging;
 mod memory;

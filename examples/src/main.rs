@@ -14,10 +14,12 @@
 //! telnet 127.0.0.1 50000
 //! ```
 
+#![forbid(unsafe_code)]
+
 use clap::Parser;
 use std::time::Duration;
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
-use vspc::sim::{Identity, SimVm};
+use vspc_testkit::sim::{Identity, SimVm};
 
 /// One simulated ESXi virtual serial port.
 #[derive(Parser)]

@@ -4,7 +4,7 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use vspc::admin::pickle::{self, PickleError, Value};
+use vspc_codec::pickle::{self, PickleError, Value};
 
 type Outcome = Result<Option<(Value, usize)>, PickleError>;
 

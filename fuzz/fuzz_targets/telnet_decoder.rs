@@ -4,8 +4,8 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use vspc::wire::OwnedEvent as Ev;
-use vspc::wire::{DecodeError, Decoder, Event};
+use vspc_codec::wire::OwnedEvent as Ev;
+use vspc_codec::wire::{DecodeError, Decoder, Event};
 
 /// Decode `parts` in order (stopping at the first error), with adjacent
 /// data runs merged; checks the per-event invariants on the way.

@@ -4,8 +4,8 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use vspc::vmware::Msg;
-use vspc::wire::{opt, Decoder, Event};
+use vspc_codec::vmware::Msg;
+use vspc_codec::wire::{opt, Decoder, Event};
 
 fuzz_target!(|payload: &[u8]| {
     let Ok(msg) = Msg::decode(payload) else {

@@ -234,60 +234,7 @@ fn split_backend_options(args: Vec<std::ffi::OsString>) -> (Vec<std::ffi::OsStri
     (ours, theirs)
 }
 
-/// Split a string into words the way a shell would for simple cases:
-/// whitespace separates, single and double quotes group, backslash escapes.
-pub fn shell_words(s: &str) -> Vec<String> {
-    let mut words = Vec::new();
-    let mut cur = String::new();
-    let mut in_word = false;
-    let mut quote: Option<char> = None;
-    let mut chars = s.chars();
-    while let Some(c) = chars.next() {
-        match (quote, c) {
-            (Some(q), c) if c == q => quote = None,
-            (Some('"'), '\\') | (None, '\\') => {
-                if let Some(n) = chars.next() {
-                    cur.push(n);
-                }
-                in_word = true;
-            }
-            (Some(_), c) => cur.push(c),
-            (None, '\'') | (None, '"') => {
-                quote = Some(c);
-                in_word = true;
-            }
-            (None, c) if c.is_whitespace() => {
-                if in_word {
-                    words.push(std::mem::take(&mut cur));
-                    in_word = false;
-                }
-            }
-            (None, c) => {
-                cur.push(c);
-                in_word = true;
-            }
-        }
-    }
-    if in_word {
-        words.push(cur);
-    }
-    words
-}
-
-/// `word` as one word for [`shell_words`]: in double quotes, with `"` and
-/// `\` backslash-escaped.
-pub fn shell_quote(word: &str) -> String {
-    let mut q = String::with_capacity(word.len() + 2);
-    q.push('"');
-    for c in word.chars() {
-        if c == '"' || c == '\\' {
-            q.push('\\');
-        }
-        q.push(c);
-    }
-    q.push('"');
-    q
-}
+pub use vspc_codec::words::{shell_quote, shell_words};
 
 /// Turn a TOML config file into flags: `key = value` becomes `--key=value`,
 /// `key = true` becomes `--key`, `key = false` is left out.

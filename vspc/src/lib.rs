@@ -4,6 +4,8 @@
 //! sockets, with [`backend_host`] beside the hub receiving events. Nothing
 //! below [`net`] knows about sockets; nothing in [`wire`] knows about VMs.
 
+#![forbid(unsafe_code)]
+
 pub mod admin;
 pub mod backend_host;
 pub mod backend_setup;
@@ -15,6 +17,5 @@ pub mod net;
 pub mod outbox;
 pub mod plugins;
 pub mod session;
-pub mod sim;
-pub mod vmware;
-pub mod wire;
+
+pub use vspc_codec::{vmware, wire};

@@ -2,6 +2,8 @@
 //! serving (TLS files, backend options, its stored map), optionally detach,
 //! then run the server on a tokio runtime.
 
+#![forbid(unsafe_code)]
+
 use std::process::ExitCode;
 use std::sync::Arc;
 use vspc::backend_host::Backends;

@@ -12,8 +12,9 @@
 //! clear a VM's consoles.
 
 pub mod native;
-pub mod pickle;
 pub mod query;
+
+pub use vspc_codec::pickle;
 
 use crate::hub::Hub;
 use std::sync::Arc;

@@ -1,4 +1,4 @@
-//! vSPC.py's query protocol (PROTOCOL.md §7.2): back-to-back pickles.
+//! vSPC.py's query protocol (`vspc/PROTOCOL.md` §7.1): back-to-back pickles.
 //! The server sends its version (3); the client sends its version, the VM
 //! (name or uuid, or None to list) and a lock mode; the answer is
 //! `vm_not_found` plus the listing, `lock_invalid`, `lock_failed`, or
@@ -50,19 +50,14 @@ pub async fn serve(hub: Arc<Hub>, tcp: TcpStream) {
 
 struct Conn {
     tcp: TcpStream,
-    buf: Vec<u8>,
-    decoder: pickle::Decoder,
+    pickles: pickle::Stream,
 }
 
 impl Conn {
     async fn read_value(&mut self) -> Result<Value, AdminError> {
         loop {
-            if !self.buf.is_empty() {
-                if let Some((v, used)) = self.decoder.decode(&self.buf)? {
-                    self.buf.drain(..used);
-                    self.decoder = pickle::Decoder::new(MAX_PICKLE);
-                    return Ok(v);
-                }
+            if let Some(v) = self.pickles.next_value()? {
+                return Ok(v);
             }
             let mut chunk = [0u8; 4096];
             let n = tokio::time::timeout(STEP_TIMEOUT, self.tcp.read(&mut chunk))
@@ -71,7 +66,7 @@ impl Conn {
             if n == 0 {
                 return Err(AdminError::Eof);
             }
-            self.buf.extend_from_slice(&chunk[..n]);
+            self.pickles.feed(&chunk[..n]);
         }
     }
 
@@ -98,8 +93,7 @@ fn row(r: &VmRecord) -> Value {
 async fn query(hub: Arc<Hub>, tcp: TcpStream) -> Result<(), AdminError> {
     let mut c = Conn {
         tcp,
-        buf: Vec::new(),
-        decoder: pickle::Decoder::new(MAX_PICKLE),
+        pickles: pickle::Stream::new(MAX_PICKLE),
     };
     c.send(&Value::Int(Q_VERS)).await?;
     let client_vers = match c.read_value().await {
@@ -205,7 +199,7 @@ async fn console_session(
         }
     }
     tracing::info!(vm = %vm.name(), access = session.access().as_str(), "admin console session (vSPC.py protocol)");
-    let rest = std::mem::take(&mut c.buf);
+    let rest = c.pickles.take_rest();
     if !rest.is_empty() {
         session.on_input(&rest);
     }

@@ -15,6 +15,8 @@
 //! bytes pass through untouched (no escape character), so files and
 //! scripts can be piped in; end of input ends the session.
 
+#![forbid(unsafe_code)]
+
 use std::collections::VecDeque;
 use std::io::{Read, Write};
 use std::process::ExitCode;

@@ -2,7 +2,7 @@
 //! extension handshake, identification and vMotion.
 //!
 //! A connection is identified once it has an accepted DO-PROXY plus the VM's
-//! VC UUID and name (PROTOCOL.md §4.3), or when a vMotion COMPLETE hands it
+//! VC UUID and name (`vspc/PROTOCOL.md` §4), or when a vMotion COMPLETE hands it
 //! an existing VM. Serial data that arrives earlier is held and delivered
 //! after. A vMotion destination sends PEER before its identity, and never
 //! DO-PROXY (§4.2).

@@ -11,6 +11,8 @@
 //! error, Ctrl-C or SIGTERM, and a panic. It runs in its own process group,
 //! so a Ctrl-C at the terminal reaches only the bench, which then tears down.
 
+#![forbid(unsafe_code)]
+
 use std::future::Future;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::os::unix::process::CommandExt;
@@ -24,7 +26,7 @@ use clap::{Args, Parser, Subcommand};
 use serde::Serialize;
 use tokio::sync::watch;
 use tokio::task::JoinSet;
-use vspc::sim::{self, ConsoleOptions, Identity, Role, SimConsole, SimVm, VmOptions};
+use vspc_testkit::sim::{self, ConsoleOptions, Identity, Role, SimConsole, SimVm, VmOptions};
 
 mod burst;
 mod churn;

@@ -28,8 +28,8 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::sync::watch;
 use tokio::task::JoinSet;
-use vspc::sim::RawConn;
-use vspc::wire::Event;
+use vspc_codec::wire::Event;
+use vspc_testkit::sim::RawConn;
 
 use super::fanout::peak_rss_kib;
 use super::{cpu_s, identity, Failure, PROGRESS_EVERY};

@@ -1,9 +1,7 @@
 //! End-to-end tests of `vspc-client`: the real client binary against the
-//! real daemon, with simulated VMs ([`vspc::sim::SimVm`]). The client runs
+//! real daemon, with simulated VMs ([`vspc_testkit::sim::SimVm`]). The client runs
 //! with stdin piped (not a terminal), except in `terminal_is_restored`,
 //! where `tests/client_pty.py` runs it under a pseudo-terminal.
-
-mod common;
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::SocketAddr;
@@ -12,11 +10,11 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use common::*;
+use crate::common::*;
 use serde_json::Value;
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
-use vspc::sim::Identity;
+use vspc_testkit::sim::Identity;
 
 /// The client under test.
 const CLIENT: &str = env!("CARGO_BIN_EXE_vspc-client");

@@ -8,7 +8,7 @@
 
 use crate::wire::{encode, opt::VMWARE_EXT};
 
-/// Suboption codes (PROTOCOL.md §3).
+/// Suboption codes (`vspc/PROTOCOL.md` §3).
 pub mod code {
     pub const KNOWN_SUBOPTIONS_1: u8 = 0x00;
     pub const KNOWN_SUBOPTIONS_2: u8 = 0x01;
@@ -283,7 +283,7 @@ mod tests {
 
     #[test]
     fn capture_bytes() {
-        // CAP s2 f334: GOAHEAD with 0xFF in the sequence, escaped on the wire.
+        // tests/captures/stream2.txt: GOAHEAD with 0xFF in the sequence, escaped on the wire.
         assert_eq!(
             Msg::VmotionGoahead(&[0x76, 0x19, 0xff, 0xe9, 0x55, 0x21, 0x99, 0x8c]).to_bytes(),
             b"\xff\xfa\xe8\x29\x76\x19\xff\xff\xe9\x55\x21\x99\x8c\xff\xf0"

@@ -6,8 +6,6 @@
 //!
 //! The plugins are built once per run with cargo (see [`plugins`]).
 
-mod common;
-
 use std::collections::{BTreeMap, BTreeSet};
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
@@ -15,8 +13,8 @@ use std::process::{Command, Stdio};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
-use common::*;
-use vspc::sim::{Identity, SimConsole, SimVm};
+use crate::common::*;
+use vspc_testkit::sim::{Identity, SimConsole, SimVm};
 
 const SHORT: Duration = Duration::from_millis(300);
 

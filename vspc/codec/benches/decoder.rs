@@ -5,7 +5,7 @@
 //! the same with an `IAC IAC` pair about every KiB.
 
 use criterion::{black_box, criterion_group, criterion_main, Criterion, Throughput};
-use vspc::wire::{encode, Decoder, Event};
+use vspc_codec::wire::{encode, Decoder, Event};
 
 const LEN: usize = 64 * 1024;
 

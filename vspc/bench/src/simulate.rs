@@ -17,7 +17,7 @@ use clap::Args;
 use serde::Serialize;
 use tokio::sync::{watch, Semaphore};
 use tokio::time::Instant;
-use vspc::sim::{Identity, Role, SimVm, VmOptions, VmotionReply};
+use vspc_testkit::sim::{Identity, Role, SimVm, VmOptions, VmotionReply};
 
 use super::{round, stopped, watch_signals, Failure};
 

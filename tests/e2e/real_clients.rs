@@ -35,8 +35,6 @@
 //! own daemon, so the tests run in parallel with each other and the rest of
 //! the suite.
 
-mod common;
-
 use std::io::{Read, Write};
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
@@ -45,10 +43,10 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use common::*;
+use crate::common::*;
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::net::TcpStream;
-use vspc::sim::{Identity, SimVm};
+use vspc_testkit::sim::{Identity, SimVm};
 
 /// The daemon's opening telnet negotiation to a console that stays silent:
 /// IAC WILL ECHO, IAC WILL SGA, IAC WILL BINARY, IAC DO BINARY, IAC DO SGA.
@@ -416,7 +414,7 @@ fn assert_same_bytes(what: &str, got: &[u8], want: &[u8]) {
     let around = |v: &[u8]| {
         let from = first.saturating_sub(8);
         let to = (first + 24).min(v.len());
-        vspc::sim::hex(&v[from.min(to)..to])
+        vspc_testkit::sim::hex(&v[from.min(to)..to])
     };
     panic!(
         "{what}: got {} bytes, wanted {}; first difference at offset {first}\n  \
@@ -720,7 +718,7 @@ async fn gdb_remote_protocol_through_a_console_steps() {
         assert!(
             contains(&vm_input, packet),
             "gdbserver's input lacks the X packet data [{}]\n{}",
-            vspc::sim::hex(packet),
+            vspc_testkit::sim::hex(packet),
             report()
         );
     }
@@ -795,7 +793,7 @@ async fn socat_raw_both_ways_every_byte_value_steps() {
     assert!(
         extra.is_empty(),
         "VM got extra bytes [{}]",
-        vspc::sim::hex(&extra)
+        vspc_testkit::sim::hex(&extra)
     );
 
     // End of input: socat shuts its side down and exits.
@@ -967,7 +965,7 @@ async fn inetutils_telnet_binary_session_steps() {
     assert!(
         extra.is_empty(),
         "VM got extra bytes after Enter: [{}]",
-        vspc::sim::hex(&extra)
+        vspc_testkit::sim::hex(&extra)
     );
 
     // Ctrl-] then `quit`: telnet leaves.
@@ -988,7 +986,7 @@ async fn inetutils_telnet_binary_session_steps() {
     assert!(
         extra.is_empty(),
         "VM got [{}] from telnet's quit",
-        vspc::sim::hex(&extra)
+        vspc_testkit::sim::hex(&extra)
     );
 }
 

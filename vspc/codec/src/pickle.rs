@@ -149,6 +149,51 @@ impl Decoder {
     }
 }
 
+/// Pickles sent back to back on one byte stream (vSPC.py's query protocol
+/// has no other framing): feed the bytes as they arrive, take each value as
+/// it completes. Sans-IO, so the daemon, the simulators and the tests all
+/// read pickles the same way.
+#[derive(Debug)]
+pub struct Stream {
+    buf: Vec<u8>,
+    decoder: Decoder,
+}
+
+impl Stream {
+    /// A stream refusing pickles longer than `max_len` bytes.
+    pub fn new(max_len: usize) -> Stream {
+        Stream {
+            buf: Vec::new(),
+            decoder: Decoder::new(max_len),
+        }
+    }
+
+    /// Bytes that arrived.
+    pub fn feed(&mut self, bytes: &[u8]) {
+        self.buf.extend_from_slice(bytes);
+    }
+
+    /// The next complete value, `None` until more bytes are fed.
+    pub fn next_value(&mut self) -> Result<Option<Value>, PickleError> {
+        if self.buf.is_empty() {
+            return Ok(None);
+        }
+        match self.decoder.decode(&self.buf)? {
+            Some((value, used)) => {
+                self.buf.drain(..used);
+                Ok(Some(value))
+            }
+            None => Ok(None),
+        }
+    }
+
+    /// The bytes after the last value taken (a console session that
+    /// follows the pickles starts with them).
+    pub fn take_rest(&mut self) -> Vec<u8> {
+        std::mem::take(&mut self.buf)
+    }
+}
+
 /// Encode `value` as a protocol-2 pickle (PROTO 2 ... STOP), the form every Python 2.3+ and 3.x `pickle.load` reads.
 pub fn encode(value: &Value) -> Vec<u8> {
     let mut out = vec![op::PROTO, 2];
@@ -2131,5 +2176,36 @@ mod tests {
             decode(&b, MAX * 8),
             Err(PickleError::TooComplex(_))
         ));
+    }
+}
+
+#[cfg(test)]
+mod stream_tests {
+    use super::*;
+
+    #[test]
+    fn values_come_out_one_by_one_whatever_the_pieces() {
+        let mut wire = encode(&Value::Int(3));
+        wire.extend(encode(&Value::Str("vm_found".into())));
+        wire.extend_from_slice(b"rest");
+        for piece in [1, 2, 7, wire.len()] {
+            let mut s = Stream::new(1 << 10);
+            let mut got = Vec::new();
+            for chunk in wire.chunks(piece) {
+                s.feed(chunk);
+                while let Some(v) = s.next_value().unwrap() {
+                    got.push(v);
+                }
+                if got.len() == 2 {
+                    break;
+                }
+            }
+            assert_eq!(got, vec![Value::Int(3), Value::Str("vm_found".into())]);
+        }
+        let mut s = Stream::new(1 << 10);
+        s.feed(&wire);
+        s.next_value().unwrap();
+        s.next_value().unwrap();
+        assert_eq!(s.take_rest(), b"rest");
     }
 }

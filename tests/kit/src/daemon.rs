@@ -1,14 +1,12 @@
-//! Harness for the end-to-end tests: start the real `vspc` binary on private
-//! ports, capture its log, query its admin port, connect over TLS, and make
-//! test data.
+//! The harness: start the real `vspc` binary on private ports, capture its
+//! log, query its admin port, connect over TLS, and make test data. The
+//! end-to-end tests and the load tool both start daemons through it.
 //!
 //! Every daemon gets its own proxy and admin ports and its own console port
 //! range, picked at random in 20000..32000 and checked with a bind first, so
 //! test processes running side by side do not collide. The daemon is killed
 //! (SIGKILL) when its [`Daemon`] is dropped, and its log is printed when the
 //! test is failing (or always, with `VSPC_TEST_LOG=1`).
-
-#![allow(dead_code)]
 
 use std::collections::HashSet;
 use std::io::{BufRead, BufReader, Read};
@@ -20,13 +18,30 @@ use std::sync::{Arc, Mutex, OnceLock};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
+use crate::sim::{Identity, Received, SimConsole, SimVm};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
-use vspc::admin::pickle::{self, Value};
-use vspc::sim::{Identity, Received, SimConsole, SimVm};
 
-/// The daemon under test.
-pub const BIN: &str = env!("CARGO_BIN_EXE_vspc");
+/// The `vspc` binary to run: `$VSPC_BIN` if set, else the `vspc` Cargo built
+/// beside the running program (`target/<profile>/vspc`, found from a test
+/// binary in `target/<profile>/deps/` or a tool in `target/<profile>/`).
+pub fn bin() -> &'static str {
+    static BIN: OnceLock<String> = OnceLock::new();
+    BIN.get_or_init(|| {
+        if let Some(path) = std::env::var_os("VSPC_BIN") {
+            return path.to_string_lossy().into_owned();
+        }
+        let exe = std::env::current_exe().unwrap_or_default();
+        exe.ancestors()
+            .skip(1)
+            .take(2)
+            .map(|dir| dir.join("vspc"))
+            .find(|p| p.is_file())
+            .unwrap_or_else(|| PathBuf::from("vspc"))
+            .to_string_lossy()
+            .into_owned()
+    })
+}
 /// The usual limit for one step of a test.
 pub const T: Duration = Duration::from_secs(5);
 /// How many console ports each daemon's range is checked for.
@@ -34,7 +49,7 @@ const RANGE_LEN: u16 = 16;
 
 /// The workspace root (the `vspc` package lives one level below).
 pub fn repo_root() -> PathBuf {
-    PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/.."))
+    PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../.."))
 }
 
 // ---------------------------------------------------------------------------
@@ -190,10 +205,10 @@ impl DaemonBuilder {
             let mut cmd = match self.wrapper.split_first() {
                 Some((prog, rest)) => {
                     let mut c = Command::new(prog);
-                    c.args(rest).arg(BIN);
+                    c.args(rest).arg(bin());
                     c
                 }
-                None => Command::new(BIN),
+                None => Command::new(bin()),
             };
             cmd.args(["--proxy-iface", &self.proxy_iface])
                 .args(["--admin-iface", &self.local_iface])
@@ -210,7 +225,7 @@ impl DaemonBuilder {
                 .stderr(Stdio::piped());
             let mut child = cmd
                 .spawn()
-                .unwrap_or_else(|e| panic!("cannot run {BIN}: {e}"));
+                .unwrap_or_else(|e| panic!("cannot run {}: {e}", bin()));
             let log = Arc::new(Mutex::new(String::new()));
             let log_threads = vec![
                 collect(child.stdout.take(), log.clone(), "stdout: "),
@@ -378,7 +393,7 @@ pub fn run_to_exit(args: &[&str], limit: Duration) -> Exit {
 
 /// [`run_to_exit`] with extra environment variables.
 pub fn run_to_exit_env(args: &[&str], envs: &[(&str, &str)], limit: Duration) -> Exit {
-    let mut child = Command::new(BIN)
+    let mut child = Command::new(bin())
         .args(args)
         .env_remove("SUPPORT_MULTI_CONSOLE")
         .env_remove("VM_CLIENT_LIMIT")
@@ -387,7 +402,7 @@ pub fn run_to_exit_env(args: &[&str], envs: &[(&str, &str)], limit: Duration) ->
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
-        .unwrap_or_else(|e| panic!("cannot run {BIN}: {e}"));
+        .unwrap_or_else(|e| panic!("cannot run {}: {e}", bin()));
     let out = Arc::new(Mutex::new(String::new()));
     let err = Arc::new(Mutex::new(String::new()));
     let threads = [
@@ -418,7 +433,7 @@ pub fn run_to_exit_env(args: &[&str], envs: &[(&str, &str)], limit: Duration) ->
 }
 
 // ---------------------------------------------------------------------------
-// The admin port (vSPC.py query protocol v3, PROTOCOL.md §7.2).
+// The admin port (vSPC.py query protocol v3, vspc/PROTOCOL.md §7.1).
 
 /// `pickle(3)`, protocol 2.
 pub const PICKLE_VERSION_3: &[u8] = b"\x80\x02\x4b\x03\x2e";
@@ -434,45 +449,11 @@ pub fn pickle_str(s: &str) -> Vec<u8> {
     out
 }
 
-/// Reads back-to-back pickles from a stream.
-struct PickleReader {
-    stream: TcpStream,
-    buf: Vec<u8>,
-}
-
-impl PickleReader {
-    async fn next(&mut self) -> Result<Value, String> {
-        loop {
-            match pickle::decode(&self.buf, 1 << 20) {
-                Ok(Some((value, used))) => {
-                    self.buf.drain(..used);
-                    return Ok(value);
-                }
-                Ok(None) => {}
-                Err(e) => return Err(format!("bad pickle from the server: {e}")),
-            }
-            let mut chunk = [0u8; 4096];
-            let n = self
-                .stream
-                .read(&mut chunk)
-                .await
-                .map_err(|e| format!("read: {e}"))?;
-            if n == 0 {
-                return Err(format!(
-                    "server closed the connection ({} bytes of a pickle pending)",
-                    self.buf.len()
-                ));
-            }
-            self.buf.extend_from_slice(&chunk[..n]);
-        }
-    }
-}
-
 /// One row of the listing: name, uuid (display form), console port.
 pub type VmRow = (String, String, Option<u16>);
 
-/// The daemon's VM listing, like `vSPCClient` with no VM name; panics on
-/// any protocol failure.
+/// The daemon's VM listing, like `vSPCClient` with no VM name, sorted;
+/// panics on any protocol failure.
 pub async fn list_vms(admin: SocketAddr) -> Vec<VmRow> {
     match try_list_vms(admin).await {
         Ok(rows) => rows,
@@ -482,63 +463,9 @@ pub async fn list_vms(admin: SocketAddr) -> Vec<VmRow> {
 
 /// [`list_vms`], with the failure as a value.
 pub async fn try_list_vms(admin: SocketAddr) -> Result<Vec<VmRow>, String> {
-    tokio::time::timeout(T, query(admin))
+    let mut rows = crate::sim::list_vms(admin)
         .await
-        .map_err(|_| format!("no complete answer within {T:?}"))?
-}
-
-async fn query(admin: SocketAddr) -> Result<Vec<VmRow>, String> {
-    let mut stream = TcpStream::connect(admin)
-        .await
-        .map_err(|e| format!("connect: {e}"))?;
-    stream
-        .write_all(PICKLE_VERSION_3)
-        .await
-        .map_err(|e| format!("write: {e}"))?;
-    let mut rd = PickleReader {
-        stream,
-        buf: Vec::new(),
-    };
-    match rd.next().await? {
-        Value::Int(3) => {}
-        other => return Err(format!("server version {other:?}, wanted Int(3)")),
-    }
-    let mut ask = PICKLE_NONE.to_vec();
-    ask.extend(pickle_str("free_for_all_or_readonly"));
-    rd.stream
-        .write_all(&ask)
-        .await
-        .map_err(|e| format!("write: {e}"))?;
-    match rd.next().await? {
-        Value::Str(s) if s == "vm_not_found" => {}
-        other => return Err(format!("status {other:?}, wanted 'vm_not_found'")),
-    }
-    let count = match rd.next().await? {
-        Value::Int(n) if (0..=100_000).contains(&n) => n,
-        other => return Err(format!("count {other:?}")),
-    };
-    let mut rows = Vec::new();
-    for _ in 0..count {
-        let entry = rd.next().await?;
-        let Value::Dict(items) = &entry else {
-            return Err(format!("listing entry {entry:?} is not a dict"));
-        };
-        let get = |key: &str| {
-            items
-                .iter()
-                .find(|(k, _)| *k == Value::Str(key.into()))
-                .map(|(_, v)| v.clone())
-        };
-        let (Some(Value::Str(name)), Some(Value::Str(uuid))) = (get("name"), get("uuid")) else {
-            return Err(format!("listing entry {entry:?} lacks name or uuid"));
-        };
-        let port = match get("port") {
-            Some(Value::Int(p)) => Some(u16::try_from(p).map_err(|_| format!("port {p}"))?),
-            Some(Value::None) => None,
-            other => return Err(format!("listing entry port {other:?}")),
-        };
-        rows.push((name, uuid, port));
-    }
+        .map_err(|e| e.to_string())?;
     rows.sort();
     Ok(rows)
 }
@@ -739,7 +666,7 @@ impl rustls::client::danger::ServerCertVerifier for AnyCert {
 /// is kept as raw bytes and also decoded into commands and data.
 pub struct Raw {
     pub stream: TcpStream,
-    dec: vspc::wire::Decoder,
+    dec: vspc_codec::wire::Decoder,
     /// Every byte received.
     pub bytes: Vec<u8>,
     /// Every command received.
@@ -758,7 +685,7 @@ impl Raw {
         stream.set_nodelay(true).expect("nodelay");
         Raw {
             stream,
-            dec: vspc::wire::Decoder::default(),
+            dec: vspc_codec::wire::Decoder::default(),
             bytes: Vec::new(),
             events: Vec::new(),
             data: Vec::new(),
@@ -788,7 +715,7 @@ impl Raw {
                 let (events, data) = (&mut self.events, &mut self.data);
                 self.dec
                     .decode(&buf[..n], |ev| match ev {
-                        vspc::wire::Event::Data(d) => data.extend_from_slice(d),
+                        vspc_codec::wire::Event::Data(d) => data.extend_from_slice(d),
                         other => events.extend(Received::from_event(&other)),
                     })
                     .unwrap_or_else(|e| panic!("daemon sent undecodable telnet: {e}"));
@@ -835,7 +762,7 @@ impl Raw {
 
 /// A short readable form of a command, for failure messages.
 pub fn describe(ev: &Received) -> String {
-    use vspc::wire::Verb;
+    use vspc_codec::wire::Verb;
     match ev {
         Received::Negotiate(verb, o) => {
             let v = match verb {
@@ -847,11 +774,11 @@ pub fn describe(ev: &Received) -> String {
             format!("{v} {o}")
         }
         Received::Vmware(body) => match body.split_first() {
-            Some((code, payload)) => format!("SB232 {code:02x} [{}]", vspc::sim::hex(payload)),
+            Some((code, payload)) => format!("SB232 {code:02x} [{}]", crate::sim::hex(payload)),
             None => "SB232 (empty)".into(),
         },
         Received::Subneg { option, payload } => {
-            format!("SB{option} [{}]", vspc::sim::hex(payload))
+            format!("SB{option} [{}]", crate::sim::hex(payload))
         }
         Received::Command(c) => format!("IAC {c:02x}"),
         Received::Malformed(m) => format!("MALFORMED {m}"),

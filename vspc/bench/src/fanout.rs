@@ -29,8 +29,8 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::sync::watch;
 use tokio::task::JoinSet;
-use vspc::sim::{ConsoleOptions, RawConn, Role, SimConsole, SimVm, VmOptions};
-use vspc::wire::Decoder;
+use vspc_codec::wire::Decoder;
+use vspc_testkit::sim::{ConsoleOptions, RawConn, Role, SimConsole, SimVm, VmOptions};
 
 use super::stream::{listing, stream_measured, Pattern, Phase, RawConsole, Reading, Shape, PERIOD};
 use super::{

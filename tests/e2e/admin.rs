@@ -4,8 +4,6 @@
 //! `--no-vm-ports`, and hostile input. Every test starts its own daemon; the
 //! daemon's log is printed when a test fails.
 
-mod common;
-
 use std::io::{self, BufRead, BufReader};
 use std::path::Path;
 use std::pin::Pin;
@@ -14,13 +12,13 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
-use common::*;
+use crate::common::*;
 use serde_json::{json, Value as Json};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::TcpStream;
-use vspc::admin::pickle::{self, Value};
-use vspc::sim::{hex, ConsoleOptions, Identity, Received, SimConsole, SimVm};
-use vspc::wire::{opt, Verb};
+use vspc_codec::pickle::{self, Value};
+use vspc_codec::wire::{opt, Verb};
+use vspc_testkit::sim::{hex, ConsoleOptions, Identity, Received, SimConsole, SimVm};
 
 /// How long "nothing more arrives" is watched for.
 const SHORT: Duration = Duration::from_millis(250);
@@ -531,7 +529,7 @@ fn marker(what: &str) -> Vec<u8> {
 async fn type_and_sync(console: &SimConsole, data: &[u8]) {
     let wont = Received::Negotiate(Verb::Wont, 99);
     let before = console.events().iter().filter(|e| **e == wont).count();
-    let mut bytes = vspc::wire::encode::escaped(data);
+    let mut bytes = vspc_codec::wire::encode::escaped(data);
     bytes.extend_from_slice(&[0xff, 0xfd, 99]);
     console.send_raw(&bytes).await.expect("console write");
     let deadline = Instant::now() + T;

@@ -26,7 +26,7 @@ use serde::Serialize;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::task::JoinSet;
-use vspc::wire::{encode, Decoder, Event};
+use vspc_codec::wire::{encode, Decoder, Event};
 
 use super::fanout::{attach_raw, check_fds, conclude, on_relay, peak_rss_kib, relay_attach};
 use super::stream::{splitmix64, verify_console, Pattern, Progress, RawConsole, Verifier};
@@ -452,7 +452,7 @@ mod spin {
     use std::io::{self, Read, Write};
     use std::net::TcpStream;
     use std::time::{Duration, Instant};
-    use vspc::wire::{encode, Decoder, Event};
+    use vspc_codec::wire::{encode, Decoder, Event};
 
     /// Read what is there without waiting: `Ok(None)` if nothing is.
     fn try_read(s: &mut TcpStream, buf: &mut [u8], what: &str) -> Result<Option<usize>, String> {

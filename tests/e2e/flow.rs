@@ -17,14 +17,12 @@
 //! The VMs write with [`SimVm::into_raw`] streams, so nothing in the test
 //! process throttles them, and the consoles read with plain sockets.
 
-mod common;
-
 use std::time::{Duration, Instant};
 
-use common::*;
+use crate::common::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpSocket, TcpStream};
-use vspc::sim::{Identity, SimVm};
+use vspc_testkit::sim::{Identity, SimVm};
 
 /// The pattern's period: 251 is prime and below 255, so the pattern has no
 /// 0xFF (the VM's raw stream needs no escaping) and never lines up with a

@@ -27,13 +27,13 @@ use tokio::sync::{mpsc, oneshot, Notify};
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
-use crate::vmware::Msg;
-use crate::wire::{
+use vspc_codec::vmware::Msg;
+use vspc_codec::wire::{
     encode, opt, DecodeError, Decoder, Event, Malformed, Negotiator, OptionSet, Verb,
 };
 
 /// The suboption list ESXi sends in KNOWN-SUBOPTIONS-1, in ESXi's order
-/// (CAP s0 f20; note `50 51 54 55 56 57 52 53`).
+/// (`tests/captures/stream0.txt`; note `50 51 54 55 56 57 52 53`).
 pub const ESXI_KNOWN_SUBOPTIONS: &[u8] = &[
     0x00, 0x01, 0x02, 0x03, 0x28, 0x29, 0x2b, 0x2c, 0x2d, 0x2e, 0x30, 0x46, 0x47, 0x49, 0x50, 0x51,
     0x54, 0x55, 0x56, 0x57, 0x52, 0x53,
@@ -760,7 +760,7 @@ pub enum VmotionReply {
     NotNow,
 }
 
-/// ESXi's side of the handshake (PROTOCOL.md §4.1, §4.2).
+/// ESXi's side of the handshake (vspc/PROTOCOL.md §4 and §5).
 struct VmBrain {
     id: Identity,
     role: Role,
@@ -785,7 +785,7 @@ impl VmBrain {
             role,
             answer_name,
             // We perform BINARY, SGA and 232 when asked; we let the proxy
-            // perform BINARY, SGA and ECHO (CAP s0 f10-f16).
+            // perform BINARY, SGA and ECHO (as ESXi does in `tests/captures/stream0.txt`).
             neg: Negotiator::new(
                 OptionSet::of(&[BINARY, SGA, VMWARE_EXT]),
                 OptionSet::of(&[BINARY, SGA, ECHO]),
@@ -872,7 +872,7 @@ impl VmBrain {
 
 impl Brain for VmBrain {
     fn start(&mut self, out: &mut Vec<u8>) {
-        // ESXi's first bytes: IAC WILL AUTHENTICATION (CAP s0 f4).
+        // ESXi's first bytes: IAC WILL AUTHENTICATION (the first line of `tests/captures/stream0.txt`).
         self.neg.enable_local(opt::AUTHENTICATION, out);
     }
 
@@ -1339,13 +1339,12 @@ const LISTING_MAX_ROWS: i64 = 1_000_000;
 pub async fn list_vms(
     admin: std::net::SocketAddr,
 ) -> io::Result<Vec<(String, String, Option<u16>)>> {
-    use crate::admin::pickle::Value;
+    use vspc_codec::pickle::Value;
     let stream = admin_step("connecting", TcpStream::connect(admin)).await?;
     stream.set_nodelay(true)?;
     let mut client = AdminClient {
         stream,
-        buf: BytesMut::new(),
-        decoder: crate::admin::pickle::Decoder::new(LISTING_MAX_PICKLE),
+        pickles: vspc_codec::pickle::Stream::new(LISTING_MAX_PICKLE),
     };
     client.send(&[Value::Int(3)]).await?;
     match client.next().await? {
@@ -1379,8 +1378,8 @@ pub async fn list_vms(
 
 /// One listing row: a dict with `name`, `uuid` (strings) and `port` (an int
 /// or None). Other keys are ignored.
-fn listing_row(entry: crate::admin::pickle::Value) -> io::Result<(String, String, Option<u16>)> {
-    use crate::admin::pickle::Value;
+fn listing_row(entry: vspc_codec::pickle::Value) -> io::Result<(String, String, Option<u16>)> {
+    use vspc_codec::pickle::Value;
     let Value::Dict(items) = entry else {
         return Err(invalid_answer(format!(
             "listing row {entry:?} is not a dict"
@@ -1430,46 +1429,33 @@ async fn admin_step<T>(
 /// The client side of one admin connection: back-to-back pickles both ways.
 struct AdminClient {
     stream: TcpStream,
-    /// Received bytes not yet decoded (the front of the current pickle).
-    buf: BytesMut,
-    decoder: crate::admin::pickle::Decoder,
+    pickles: vspc_codec::pickle::Stream,
 }
 
 impl AdminClient {
     /// Send `values` as back-to-back pickles in one write.
-    async fn send(&mut self, values: &[crate::admin::pickle::Value]) -> io::Result<()> {
-        let bytes: Vec<u8> = values
-            .iter()
-            .flat_map(crate::admin::pickle::encode)
-            .collect();
+    async fn send(&mut self, values: &[vspc_codec::pickle::Value]) -> io::Result<()> {
+        let bytes: Vec<u8> = values.iter().flat_map(vspc_codec::pickle::encode).collect();
         admin_step("writing", self.stream.write_all(&bytes)).await
     }
 
     /// The next pickle from the daemon.
-    async fn next(&mut self) -> io::Result<crate::admin::pickle::Value> {
+    async fn next(&mut self) -> io::Result<vspc_codec::pickle::Value> {
+        let mut chunk = vec![0u8; 16 * 1024];
         loop {
-            if !self.buf.is_empty() {
-                match self.decoder.decode(&self.buf) {
-                    Ok(Some((value, used))) => {
-                        // O(1): the decoder starts afresh after a value.
-                        let _ = self.buf.split_to(used);
-                        return Ok(value);
-                    }
-                    Ok(None) => {}
-                    Err(e) => return Err(invalid_answer(format!("bad pickle: {e}"))),
-                }
+            match self.pickles.next_value() {
+                Ok(Some(value)) => return Ok(value),
+                Ok(None) => {}
+                Err(e) => return Err(invalid_answer(format!("bad pickle: {e}"))),
             }
-            self.buf.reserve(16 * 1024);
-            let n = admin_step("reading", self.stream.read_buf(&mut self.buf)).await?;
+            let n = admin_step("reading", self.stream.read(&mut chunk)).await?;
             if n == 0 {
                 return Err(io::Error::new(
                     io::ErrorKind::UnexpectedEof,
-                    format!(
-                        "admin port: the daemon closed the connection ({} bytes of a pickle pending)",
-                        self.buf.len()
-                    ),
+                    "admin port: the daemon closed the connection in the middle of the answer",
                 ));
             }
+            self.pickles.feed(&chunk[..n]);
         }
     }
 }
@@ -1477,15 +1463,15 @@ impl AdminClient {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::vmware::PROXY_KNOWN_SUBOPTIONS;
-    use crate::wire::Change;
     use tokio::net::TcpListener;
+    use vspc_codec::vmware::PROXY_KNOWN_SUBOPTIONS;
+    use vspc_codec::wire::Change;
 
     const T: Duration = Duration::from_secs(5);
 
     fn fixture(n: u32) -> Vec<capture::Segment> {
         let path = format!(
-            "{}/../tests/captures/stream{n}.txt",
+            "{}/../captures/stream{n}.txt",
             env!("CARGO_MANIFEST_DIR")
         );
         let text = std::fs::read_to_string(&path).expect("capture fixture");
@@ -1798,7 +1784,7 @@ mod tests {
             "01 23 45 67 89 ab cd ef-fe dc ba 98 00 00 00 00"
         );
         assert_eq!(id.uuid_display(), "0123456789abcdef-fedcba9800000000");
-        let parsed = crate::vmware::VmUuid::parse(id.uuid_text().as_bytes()).unwrap();
+        let parsed = vspc_codec::vmware::VmUuid::parse(id.uuid_text().as_bytes()).unwrap();
         assert_eq!(parsed.display, id.uuid_display());
         assert_ne!(Identity::numbered(1).uuid, Identity::numbered(2).uuid);
         assert_ne!(Identity::numbered(1).name, Identity::numbered(2).name);

@@ -1,7 +1,7 @@
 //! Property tests for the byte-level codecs: the telnet layer (`wire`), the
 //! VMware extension messages (`vmware::Msg`), the admin port's pickle reader
 //! and writer (`admin::pickle`) and the native protocol's line splitter
-//! (`config::shell_words`).
+//! (`words::shell_words`).
 //!
 //! Every stream property feeds the decoder in pieces cut at proptest-chosen
 //! points, because a real socket may split anything anywhere. Case counts are
@@ -9,11 +9,11 @@
 
 use proptest::prelude::*;
 use proptest::sample::Index;
-use vspc::admin::pickle::{self, PickleError, Value};
-use vspc::config::{shell_quote, shell_words};
-use vspc::vmware::{code, Msg};
-use vspc::wire::OwnedEvent as Ev;
-use vspc::wire::{encode, opt, DecodeError, Decoder, Event, Verb, IAC, SE};
+use vspc_codec::pickle::{self, PickleError, Value};
+use vspc_codec::vmware::{code, Msg};
+use vspc_codec::wire::OwnedEvent as Ev;
+use vspc_codec::wire::{encode, opt, DecodeError, Decoder, Event, Verb, IAC, SE};
+use vspc_codec::words::{shell_quote, shell_words};
 
 const CASES: u32 = 256;
 

@@ -1,21 +1,19 @@
 //! End-to-end tests: the real `vspc` binary, simulated ESXi connections
-//! ([`vspc::sim::SimVm`]) and simulated telnet users
-//! ([`vspc::sim::SimConsole`]). Every test starts its own daemon on its own
+//! ([`vspc_testkit::sim::SimVm`]) and simulated telnet users
+//! ([`vspc_testkit::sim::SimConsole`]). Every test starts its own daemon on its own
 //! ports; the daemon's log is printed when a test fails.
-
-mod common;
 
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use common::*;
+use crate::common::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
-use vspc::sim::{
+use vspc_codec::vmware::{Msg, PROXY_KNOWN_SUBOPTIONS};
+use vspc_testkit::sim::{
     capture, decode_events, ConsoleOptions, Identity, Received, Role, SimConsole, SimError, SimVm,
     VmOptions, VmotionReply,
 };
-use vspc::vmware::{Msg, PROXY_KNOWN_SUBOPTIONS};
 
 const SHORT: Duration = Duration::from_millis(300);
 
@@ -65,7 +63,7 @@ fn replace(haystack: &[u8], from: &[u8], to: &[u8]) -> Option<Vec<u8>> {
     Some([&haystack[..at], to, &haystack[at + from.len()..]].concat())
 }
 
-/// The capture's refused BEGIN (CAP s2 f234).
+/// The capture's refused BEGIN (`tests/captures/stream2.txt`, answered NOTNOW).
 const REFUSED_SEQ: [u8; 4] = [0xcd, 0x52, 0x67, 0x55];
 
 /// Check that `got` has the same commands as the capture's `<vspc` side,
@@ -579,7 +577,7 @@ async fn vm_without_name_is_listed_by_uuid() {
     let _vm = SimVm::connect_with(d.proxy, &id, Role::Source, &opts)
         .await
         .unwrap();
-    let hex = vspc::sim::hex(&id.uuid);
+    let hex = vspc_testkit::sim::hex(&id.uuid);
     let deadline = Instant::now() + T;
     loop {
         let rows = list_vms(d.admin).await;
@@ -1415,7 +1413,7 @@ fn daemon_mode_pidfile_and_signals() {
     let pidfile = dir.path().join("vspc.pid");
     let args = port_args();
     let admin: u16 = args[5].parse().unwrap();
-    let mut cmd = Command::new(BIN);
+    let mut cmd = Command::new(bin());
     cmd.args(&args)
         .args(["--daemon", "--pidfile"])
         .arg(&pidfile)

@@ -6,31 +6,18 @@
 //! read; `vspc-bench fanout --logging` checks the Logging backend's
 //! transcripts byte for byte.
 
-use std::net::TcpListener;
 use std::process::Command;
-
-/// A base port P in 20000..30000 with P .. P+len all bindable now.
-fn free_base(len: u16) -> u16 {
-    loop {
-        let mut b = [0u8; 2];
-        getrandom::fill(&mut b).expect("getrandom");
-        let base = 20000 + u16::from_le_bytes(b) % 10000;
-        if (base..base + len).all(|p| TcpListener::bind(("127.0.0.1", p)).is_ok()) {
-            return base;
-        }
-    }
-}
 
 /// Run `vspc-bench MODE ARGS --base-port P` on free ports (`ports` of
 /// them) and return its one JSON line.
 fn bench(ports: u16, args: &[&str]) -> serde_json::Value {
     let mut last_stderr = String::new();
     for _attempt in 0..3 {
-        let base = free_base(ports);
+        let base = vspc_testkit::free_range(ports);
         let out = Command::new(env!("CARGO_BIN_EXE_vspc-bench"))
             .args(args)
             .args(["--base-port", &base.to_string()])
-            .args(["--vspc", env!("CARGO_BIN_EXE_vspc")])
+            .args(["--vspc", vspc_testkit::bin()])
             .env_remove("SUPPORT_MULTI_CONSOLE")
             .env_remove("VM_CLIENT_LIMIT")
             .output()

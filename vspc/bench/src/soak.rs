@@ -34,7 +34,7 @@ use serde::Serialize;
 use tokio::sync::watch;
 use tokio::task::JoinSet;
 use tokio::time::Instant;
-use vspc::sim::{self, ConsoleOptions, Role, SimConsole, SimVm, VmOptions};
+use vspc_testkit::sim::{self, ConsoleOptions, Role, SimConsole, SimVm, VmOptions};
 
 use super::churn::with_daemon;
 use super::simulate::{vmotion, Rng};
@@ -614,7 +614,7 @@ async fn vm_task(
 /// Connect VM `id` again (a few tries); `None` if it cannot.
 async fn reconnect(
     ctx: &Ctx,
-    id: &vspc::sim::Identity,
+    id: &vspc_testkit::sim::Identity,
     opts: &VmOptions,
     input: &mut InputCheck,
 ) -> Option<SimVm> {

@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 use clap::Args;
 use serde::Serialize;
 use tokio::sync::{watch, Mutex};
-use vspc::sim::{self, ConsoleOptions, Identity, Role, SimConsole, SimVm, VmOptions};
+use vspc_testkit::sim::{self, ConsoleOptions, Identity, Role, SimConsole, SimVm, VmOptions};
 
 use super::{
     fd_count, pool, round, rss_kib, runtime_with_signals, stopped, wait_ready, DaemonOpts, Failure,

@@ -1,0 +1,3 @@
+//! What every test module uses: the test kit.
+
+pub use vspc_testkit::*;

@@ -1,0 +1,24 @@
+//! vspc's end-to-end tests, in one test binary: the real `vspc` (and
+//! `vspc-client`) binaries on private loopback ports, simulated ESXi hosts
+//! and console users from `vspc-testkit`, and real client programs. Every
+//! test starts its own daemon, so they run in parallel; a failing test
+//! prints its daemon's log.
+//!
+//! | module | what it covers |
+//! | --- | --- |
+//! | [`daemon`] | the proxy port: captures replayed, negotiation, identity, vMotion, reconnects, expiry, TLS, flags, signals |
+//! | [`flow`] | every byte to every console: bursts, slow and stuck consoles, lossless transcripts, raw clients |
+//! | [`real_clients`] | gdb with gdbserver, socat, inetutils and BusyBox telnet |
+//! | [`admin`] | the admin port's two protocols, locks, vSPC.py's own client |
+//! | [`client`] | `vspc-client` on a pseudo-terminal |
+//! | [`backends`] | File, Logging, plugins, and start-up errors |
+//! | [`certs`] | the checked-in test certificates |
+
+mod admin;
+mod backends;
+mod certs;
+mod client;
+mod common;
+mod daemon;
+mod flow;
+mod real_clients;
