@@ -4,6 +4,7 @@
 //! declared that option, and the first backend that persists supplies the
 //! port map.
 
+use crate::argv::{OptKey, OptToken, OptValue};
 use crate::plugins;
 use std::path::PathBuf;
 use vspc_backend_api::abi_stable::std_types::{ROption, RString, RVec, Tuple2};
@@ -65,70 +66,26 @@ type Opts = Vec<(String, Option<String>)>;
 /// `--long V` and `--long=V` all work for options with values.
 pub fn route(tokens: &[String], backends: &[Named]) -> Result<Vec<Opts>, SetupError> {
     let mut out: Vec<Opts> = vec![Vec::new(); backends.len()];
-    let names = || {
-        backends
-            .iter()
-            .map(|b| b.backend.name().to_string())
-            .collect::<Vec<_>>()
-            .join(", ")
-    };
-    let mut i = 0;
-    while i < tokens.len() {
-        let tok = &tokens[i];
-        i += 1;
-        let (key, inline): (Key, Option<String>) = if let Some(rest) = tok.strip_prefix("--") {
-            match rest.split_once('=') {
-                Some((k, v)) => (Key::Long(k.to_string()), Some(v.to_string())),
-                None => (Key::Long(rest.to_string()), None),
-            }
-        } else if let Some(rest) = tok.strip_prefix('-').filter(|r| !r.is_empty()) {
-            let mut chars = rest.chars();
-            let c = chars.next().unwrap_or('-');
-            let tail = chars.as_str();
-            (Key::Short(c), (!tail.is_empty()).then(|| tail.to_string()))
-        } else {
-            return Err(SetupError::Usage(format!("unexpected argument '{tok}'")));
-        };
-        let owners: Vec<(usize, &OptionSpec)> = backends
-            .iter()
-            .enumerate()
-            .filter_map(|(n, b)| b.specs.iter().find(|s| key.matches(s)).map(|s| (n, s)))
-            .collect();
-        let (idx, spec) = match owners.as_slice() {
-            [] => {
+    let mut it = tokens.iter();
+    while let Some(tok) = it.next() {
+        let opt = OptToken::parse(tok)
+            .ok_or_else(|| SetupError::Usage(format!("unexpected argument '{tok}'")))?;
+        let (idx, spec) = owner(tok, &opt.key, backends)?;
+        let backend = backends[idx].backend.name();
+        let value = match &spec.value {
+            None if opt.inline.is_some() => {
                 return Err(SetupError::Usage(format!(
-                    "unknown option '{tok}': not a vspc flag nor an option of backend {} (see --backend NAME --backend-help)",
-                    names()
+                    "option --{} of backend {backend} takes no value (got '{tok}')",
+                    spec.long
                 )))
             }
-            [one] => *one,
-            [(a, _), (b, _), ..] => {
-                return Err(SetupError::Usage(format!(
-                    "option '{tok}' belongs to both backend {} and backend {}; use --backend-args for one of them",
-                    backends[*a].backend.name(),
-                    backends[*b].backend.name()
-                )))
-            }
-        };
-        let value = match (&spec.value, inline) {
-            (None, None) => None,
-            (None, Some(_)) => {
-                return Err(SetupError::Usage(format!(
-                    "option --{} of backend {} takes no value (got '{tok}')",
-                    spec.long,
-                    backends[idx].backend.name()
-                )))
-            }
-            (Some(_), Some(v)) => Some(v),
-            (Some(meta), None) => match tokens.get(i) {
-                Some(v) => {
-                    i += 1;
-                    Some(v.clone())
-                }
-                None => {
+            None => None,
+            Some(meta) => match opt.value(&mut it) {
+                OptValue::Inline(v) => Some(v),
+                OptValue::Next(v) => Some(v.clone()),
+                OptValue::Missing => {
                     return Err(SetupError::Usage(format!(
-                        "option '{tok}' of backend {} needs a value ({meta})",
-                        backends[idx].backend.name()
+                        "option '{tok}' of backend {backend} needs a value ({meta})"
                     )))
                 }
             },
@@ -138,18 +95,44 @@ pub fn route(tokens: &[String], backends: &[Named]) -> Result<Vec<Opts>, SetupEr
     Ok(out)
 }
 
-enum Key {
-    Long(String),
-    Short(char),
+/// The one backend that declared option `key` (written as `tok`), and its
+/// declaration.
+fn owner<'a>(
+    tok: &str,
+    key: &OptKey,
+    backends: &'a [Named],
+) -> Result<(usize, &'a OptionSpec), SetupError> {
+    let owners: Vec<(usize, &OptionSpec)> = backends
+        .iter()
+        .enumerate()
+        .filter_map(|(n, b)| {
+            b.specs
+                .iter()
+                .find(|s| key.is(Some(&s.long), s.short))
+                .map(|s| (n, s))
+        })
+        .collect();
+    match owners.as_slice() {
+        [] => Err(SetupError::Usage(format!(
+            "unknown option '{tok}': not a vspc flag nor an option of backend {} (see --backend NAME --backend-help)",
+            names(backends)
+        ))),
+        [one] => Ok(*one),
+        [(a, _), (b, _), ..] => Err(SetupError::Usage(format!(
+            "option '{tok}' belongs to both backend {} and backend {}; use --backend-args for one of them",
+            backends[*a].backend.name(),
+            backends[*b].backend.name()
+        ))),
+    }
 }
 
-impl Key {
-    fn matches(&self, s: &OptionSpec) -> bool {
-        match self {
-            Key::Long(l) => s.long == *l,
-            Key::Short(c) => s.short == Some(*c),
-        }
-    }
+/// The backends' names, comma-separated.
+fn names(backends: &[Named]) -> String {
+    let names: Vec<String> = backends
+        .iter()
+        .map(|b| b.backend.name().to_string())
+        .collect();
+    names.join(", ")
 }
 
 /// Configure every backend with its options.
@@ -312,6 +295,57 @@ mod tests {
             route(&["-l".into(), "x".into()], &mem),
             Err(SetupError::Usage(_))
         ));
+    }
+
+    #[test]
+    fn flags_values_and_clashes() {
+        let toks = |t: &[&str]| t.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        let mut flagged = named("Memory");
+        flagged.specs = vec![
+            OptionSpec::flag("verbose", Some('v'), "talk"),
+            OptionSpec::value("level", Some('L'), "N", "how much"),
+        ];
+        let bs = vec![flagged];
+        // A flag takes no token after it; an empty inline value is a value.
+        let r = route(&toks(&["-v", "--level=", "--verbose", "-L", "-v"]), &bs).unwrap();
+        assert_eq!(
+            r[0],
+            vec![
+                ("verbose".to_string(), None),
+                ("level".to_string(), Some(String::new())),
+                ("verbose".to_string(), None),
+                ("level".to_string(), Some("-v".to_string())),
+            ]
+        );
+        let err = |t: &[&str], bs: &[Named]| match route(&toks(t), bs) {
+            Err(SetupError::Usage(m)) => m,
+            other => panic!("expected a usage error, got {:?}", other.map(|_| ())),
+        };
+        assert_eq!(
+            err(&["--verbose=yes"], &bs),
+            "option --verbose of backend Memory takes no value (got '--verbose=yes')"
+        );
+        assert_eq!(
+            err(&["-vx"], &bs),
+            "option --verbose of backend Memory takes no value (got '-vx')"
+        );
+        assert_eq!(
+            err(&["--level"], &bs),
+            "option '--level' of backend Memory needs a value (N)"
+        );
+        assert_eq!(err(&["-"], &bs), "unexpected argument '-'");
+        let two = vec![named("Logging"), named("File")];
+        assert_eq!(
+            err(&["--nope"], &two),
+            "unknown option '--nope': not a vspc flag nor an option of backend Logging, File (see --backend NAME --backend-help)"
+        );
+        let mut clash = named("File");
+        clash.specs = vec![OptionSpec::value("logdir", None, "DIR", "")];
+        let both = vec![named("Logging"), clash];
+        assert_eq!(
+            err(&["--logdir=/x"], &both),
+            "option '--logdir=/x' belongs to both backend Logging and backend File; use --backend-args for one of them"
+        );
     }
 
     #[test]

@@ -7,6 +7,7 @@
 //! (`proxy-port = 13370`, `ssl = true`); flags on the command line win over
 //! the file.
 
+use crate::argv::{OptKey, OptToken, OptValue};
 use clap::Parser;
 use std::net::IpAddr;
 use std::path::PathBuf;
@@ -174,6 +175,34 @@ pub struct Config {
     /// this; any other backend has output dropped for it.
     #[arg(long, default_value_t = 32 << 20, value_name = "BYTES", value_parser = clap::value_parser!(u64).range(65536..=(1u64 << 40)))]
     pub backend_queue: u64,
+
+    /// Port of the HTTP API and /metrics [default: 13372]. The default port
+    /// is best effort (taken: a warning, no HTTP); a port given here must
+    /// be free.
+    #[arg(long, value_name = "PORT")]
+    pub http_port: Option<u16>,
+
+    /// Address the HTTP port listens on; anything but loopback needs
+    /// --http-token-file.
+    #[arg(long, default_value = "127.0.0.1", value_name = "ADDR")]
+    pub http_iface: IpAddr,
+
+    /// Open no HTTP port (no API, no /metrics).
+    #[arg(long)]
+    pub no_http: bool,
+
+    /// Bearer tokens for the HTTP port, one per line: TOKEN, `TOKEN rw` or
+    /// `TOKEN ro` (read-only); `#` starts a comment.
+    #[arg(long, value_name = "FILE")]
+    pub http_token_file: Option<PathBuf>,
+
+    /// PEM certificate chain: serve the HTTP port over TLS.
+    #[arg(long, value_name = "FILE")]
+    pub http_cert: Option<PathBuf>,
+
+    /// PEM private key for --http-cert (default: read it from --http-cert).
+    #[arg(long, value_name = "FILE", requires = "http_cert")]
+    pub http_key: Option<PathBuf>,
 }
 
 /// Separate vspc's own flags (and their values) from everything else, which
@@ -181,17 +210,21 @@ pub struct Config {
 /// so the two can never disagree.
 fn split_backend_options(args: Vec<std::ffi::OsString>) -> (Vec<std::ffi::OsString>, Vec<String>) {
     let cmd = <Config as clap::CommandFactory>::command();
-    let mut longs: Vec<(String, bool)> = vec![("help".into(), false), ("version".into(), false)];
-    let mut shorts: Vec<(char, bool)> = vec![('h', false), ('V', false)];
+    // (long, short, takes a value) of every flag, clap's own included.
+    let mut flags: Vec<(Option<String>, Option<char>, bool)> = vec![
+        (Some("help".into()), Some('h'), false),
+        (Some("version".into()), Some('V'), false),
+    ];
     for a in cmd.get_arguments() {
-        let takes = a.get_action().takes_values();
-        if let Some(l) = a.get_long() {
-            longs.push((l.to_string(), takes));
-        }
-        if let Some(c) = a.get_short() {
-            shorts.push((c, takes));
-        }
+        let long = a.get_long().map(String::from);
+        flags.push((long, a.get_short(), a.get_action().takes_values()));
     }
+    let takes_value = |key: &OptKey| {
+        flags
+            .iter()
+            .find(|(l, s, _)| key.is(l.as_deref(), *s))
+            .map(|(_, _, takes)| *takes)
+    };
     let mut ours = Vec::new();
     let mut theirs = Vec::new();
     let mut it = args.into_iter();
@@ -203,32 +236,19 @@ fn split_backend_options(args: Vec<std::ffi::OsString>) -> (Vec<std::ffi::OsStri
             ours.push(arg);
             continue;
         };
-        let takes = if let Some(rest) = text.strip_prefix("--") {
-            let name = rest.split('=').next().unwrap_or_default();
-            longs
-                .iter()
-                .find(|(l, _)| l == name)
-                .map(|(_, t)| *t && !rest.contains('='))
-        } else if let Some(rest) = text.strip_prefix('-').filter(|r| !r.is_empty()) {
-            let mut chars = rest.chars();
-            let c = chars.next().unwrap_or('-');
-            shorts
-                .iter()
-                .find(|(s, _)| *s == c)
-                .map(|(_, t)| *t && chars.as_str().is_empty())
-        } else {
-            None
+        let Some((opt, takes)) =
+            OptToken::parse(&text).and_then(|o| takes_value(&o.key).map(|t| (o, t)))
+        else {
+            theirs.push(text);
+            continue;
         };
-        match takes {
-            Some(needs_value) => {
-                ours.push(arg);
-                if needs_value {
-                    if let Some(v) = it.next() {
-                        ours.push(v);
-                    }
-                }
-            }
-            None => theirs.push(text),
+        ours.push(arg);
+        if !takes {
+            continue;
+        }
+        // A missing value is left for clap to report.
+        if let OptValue::Next(v) = opt.value(&mut it) {
+            ours.push(v);
         }
     }
     (ours, theirs)
@@ -473,6 +493,56 @@ mod tests {
             shell_words(r#"a "b c" 'd e' f\ g"#),
             ["a", "b c", "d e", "f g"]
         );
+    }
+
+    #[test]
+    fn split_reads_every_flag_form() {
+        let os = |a: &[&str]| a.iter().map(std::ffi::OsString::from).collect::<Vec<_>>();
+        let (ours, theirs) = split_backend_options(os(&[
+            "vspc",
+            "-a1234",
+            "--proxy-port=1",
+            "-l",
+            "-d",
+            "--backend-args",
+            "-m 0640",
+            "-",
+            "word",
+            "--",
+            "--debug=x",
+            "-dl",
+            "-h",
+            "--version",
+            "--interface",
+        ]));
+        assert_eq!(
+            ours,
+            os(&[
+                "vspc",
+                "-a1234",
+                "--proxy-port=1",
+                "-d",
+                "--backend-args",
+                "-m 0640",
+                "--debug=x",
+                "-dl",
+                "-h",
+                "--version",
+                "--interface",
+            ])
+        );
+        assert_eq!(theirs, ["-l", "-", "word", "--"]);
+    }
+
+    #[cfg(unix)]
+    #[test]
+    fn split_keeps_non_utf8_values() {
+        use std::os::unix::ffi::OsStringExt;
+        let odd = std::ffi::OsString::from_vec(vec![b'/', 0xff]);
+        let args = vec!["vspc".into(), "-f".into(), odd.clone(), odd.clone()];
+        let (ours, theirs) = split_backend_options(args.clone());
+        assert_eq!(ours, args);
+        assert!(theirs.is_empty());
     }
 
     #[test]

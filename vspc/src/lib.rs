@@ -7,6 +7,7 @@
 #![forbid(unsafe_code)]
 
 pub mod admin;
+pub mod argv;
 pub mod backend_host;
 pub mod backend_setup;
 pub mod config;

@@ -48,6 +48,173 @@ const COMMANDS: &[&str] = &[
     "quit",
 ];
 
+/// One command line, parsed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Command {
+    List,
+    Connect {
+        vm: String,
+        /// An unknown mode is answered (`lock_invalid`) only once the VM is
+        /// found: an unknown VM is reported first.
+        mode: Result<LockMode, Reject>,
+        protocol: ConsoleProtocol,
+    },
+    Clear {
+        vm: String,
+    },
+    Stats,
+    Version,
+    Help,
+    /// `quit` or `exit`.
+    Quit,
+}
+
+/// An error answer: `{"ok":false,"code":…,"error":…}`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Reject {
+    code: &'static str,
+    message: String,
+}
+
+impl Reject {
+    fn new(code: &'static str, message: String) -> Reject {
+        Reject { code, message }
+    }
+
+    fn answer(&self) -> Value {
+        error(self.code, &self.message)
+    }
+}
+
+/// Read one command line: `Ok(None)` for a blank line (no answer). The
+/// command word and the protocol word are case-insensitive; words after
+/// those a command uses are ignored.
+fn parse(line: &str) -> Result<Option<Command>, Reject> {
+    let words = shell_words(line);
+    let Some(cmd) = words.first().map(|w| w.to_ascii_lowercase()) else {
+        return Ok(None);
+    };
+    let vm = || {
+        words
+            .get(1)
+            .cloned()
+            .ok_or_else(|| Reject::new("bad_command", format!("'{cmd}' needs a VM name or uuid")))
+    };
+    let command = match cmd.as_str() {
+        "list" => Command::List,
+        "version" => Command::Version,
+        "help" => Command::Help,
+        "stats" => Command::Stats,
+        "quit" | "exit" => Command::Quit,
+        "clear" => Command::Clear { vm: vm()? },
+        "connect" => Command::Connect {
+            vm: vm()?,
+            protocol: parse_protocol(words.get(3))?,
+            mode: parse_mode(words.get(2)),
+        },
+        _ => {
+            return Err(Reject::new(
+                "bad_command",
+                format!("unknown command '{cmd}' (try 'help')"),
+            ))
+        }
+    };
+    Ok(Some(command))
+}
+
+/// `connect`'s third word; free-for-all-fallback when absent.
+fn parse_mode(word: Option<&String>) -> Result<LockMode, Reject> {
+    let Some(word) = word else {
+        return Ok(LockMode::FreeForAllOrReadOnly);
+    };
+    LockMode::parse(word).ok_or_else(|| {
+        Reject::new(
+            "lock_invalid",
+            format!("unknown lock mode '{word}' (use exclusive, write, free-for-all or free-for-all-fallback)"),
+        )
+    })
+}
+
+/// `connect`'s fourth word; telnet when absent.
+fn parse_protocol(word: Option<&String>) -> Result<ConsoleProtocol, Reject> {
+    let Some(word) = word else {
+        return Ok(ConsoleProtocol::Telnet);
+    };
+    match word.to_ascii_lowercase().as_str() {
+        "telnet" => Ok(ConsoleProtocol::Telnet),
+        "raw" => Ok(ConsoleProtocol::Raw),
+        _ => Err(Reject::new(
+            "bad_command",
+            format!("unknown console protocol '{word}' (use telnet or raw)"),
+        )),
+    }
+}
+
+/// What a command leads to.
+enum Outcome {
+    /// Answer, and read the next command.
+    Answer(Value),
+    /// Close the connection without an answer.
+    Close,
+    /// Answer, then the connection is this console.
+    /// (Boxed: the session is large, and this happens once per connection.)
+    Console(Box<ConsoleSession>, Value),
+}
+
+/// Run one command.
+async fn run(hub: &Arc<Hub>, cmd: Command) -> Outcome {
+    let answer = match cmd {
+        Command::List => json!({ "ok": true, "vms": listing(hub).await }),
+        Command::Version => json!({
+            "ok": true,
+            "version": env!("CARGO_PKG_VERSION"),
+            "protocol": PROTOCOL,
+        }),
+        Command::Help => json!({ "ok": true, "commands": COMMANDS }),
+        Command::Stats => stats(hub),
+        Command::Quit => return Outcome::Close,
+        Command::Clear { vm } => clear(hub, &vm),
+        Command::Connect { vm, mode, protocol } => {
+            return run_connect(hub, &vm, mode, protocol).await
+        }
+    };
+    Outcome::Answer(answer)
+}
+
+fn clear(hub: &Hub, name: &str) -> Value {
+    let Some(vm) = hub.find(name) else {
+        return not_found(hub, name);
+    };
+    let n = hub.clear_consoles(&vm, super::CLEARED_MSG);
+    json!({ "ok": true, "cleared": n })
+}
+
+async fn run_connect(
+    hub: &Arc<Hub>,
+    name: &str,
+    mode: Result<LockMode, Reject>,
+    protocol: ConsoleProtocol,
+) -> Outcome {
+    let Some(vm) = hub.find(name) else {
+        return Outcome::Answer(not_found(hub, name));
+    };
+    let mode = match mode {
+        Ok(mode) => mode,
+        Err(reject) => return Outcome::Answer(reject.answer()),
+    };
+    match connect(hub, &vm, mode, protocol).await {
+        Ok(session) => {
+            let answer = json!({
+                "ok": true,
+                "vm": row(hub, &vm.record()),
+                "mode": session.access().as_str(),
+            });
+            Outcome::Console(Box::new(session), answer)
+        }
+        Err(e) => Outcome::Answer(error("lock_failed", &e.to_string())),
+    }
+}
+
 /// Serve one native-protocol connection.
 pub async fn serve(hub: Arc<Hub>, mut tcp: TcpStream) {
     let mut buf: Vec<u8> = Vec::new();
@@ -60,86 +227,38 @@ pub async fn serve(hub: Arc<Hub>, mut tcp: TcpStream) {
                 return;
             }
         };
-        let words = shell_words(&line);
-        let Some(cmd) = words.first().map(|w| w.to_ascii_lowercase()) else {
-            continue;
+        let outcome = match parse(&line) {
+            Ok(None) => continue,
+            Ok(Some(cmd)) => run(&hub, cmd).await,
+            Err(reject) => Outcome::Answer(reject.answer()),
         };
-        let arg = words.get(1).map(String::as_str);
-        let answer = match (cmd.as_str(), arg) {
-            ("list", _) => json!({ "ok": true, "vms": listing(&hub).await }),
-            ("version", _) => json!({
-                "ok": true,
-                "version": env!("CARGO_PKG_VERSION"),
-                "protocol": PROTOCOL,
-            }),
-            ("help", _) => json!({ "ok": true, "commands": COMMANDS }),
-            ("stats", _) => stats(&hub),
-            ("quit", _) | ("exit", _) => return,
-            ("clear", Some(name)) => match hub.find(name) {
-                Some(vm) => {
-                    let n = hub.clear_consoles(&vm, super::CLEARED_MSG);
-                    json!({ "ok": true, "cleared": n })
-                }
-                None => not_found(&hub, name),
-            },
-            ("connect", Some(name)) => {
-                let mode = match words.get(2) {
-                    None => Some(LockMode::FreeForAllOrReadOnly),
-                    Some(m) => LockMode::parse(m),
-                };
-                let protocol = match words.get(3).map(|w| w.to_ascii_lowercase()) {
-                    None => Some(ConsoleProtocol::Telnet),
-                    Some(w) if w == "telnet" => Some(ConsoleProtocol::Telnet),
-                    Some(w) if w == "raw" => Some(ConsoleProtocol::Raw),
-                    Some(_) => None,
-                };
-                match (hub.find(name), mode, protocol) {
-                    (_, _, None) => error(
-                        "bad_command",
-                        &format!(
-                            "unknown console protocol '{}' (use telnet or raw)",
-                            words.get(3).map(String::as_str).unwrap_or_default()
-                        ),
-                    ),
-                    (None, _, _) => not_found(&hub, name),
-                    (Some(_), None, _) => error(
-                        "lock_invalid",
-                        &format!(
-                            "unknown lock mode '{}' (use exclusive, write, free-for-all or free-for-all-fallback)",
-                            words.get(2).map(String::as_str).unwrap_or_default()
-                        ),
-                    ),
-                    (Some(vm), Some(mode), Some(protocol)) => match connect(&hub, &vm, mode, protocol).await {
-                        Ok(session) => {
-                            let answer = json!({
-                                "ok": true,
-                                "vm": row(&hub, &vm.record()),
-                                "mode": session.access().as_str(),
-                            });
-                            if reply(&mut tcp, &answer).await.is_err() {
-                                let mut session = session;
-                                session.on_close();
-                                return;
-                            }
-                            run_console(session, tcp, buf).await;
-                            return;
-                        }
-                        Err(e) => error("lock_failed", &e.to_string()),
-                    },
+        match outcome {
+            Outcome::Answer(answer) => {
+                if reply(&mut tcp, &answer).await.is_err() {
+                    return;
                 }
             }
-            ("clear", None) | ("connect", None) => {
-                error("bad_command", &format!("'{cmd}' needs a VM name or uuid"))
+            Outcome::Close => return,
+            Outcome::Console(session, answer) => {
+                return hand_over(*session, &answer, tcp, buf).await;
             }
-            _ => error(
-                "bad_command",
-                &format!("unknown command '{cmd}' (try 'help')"),
-            ),
-        };
-        if reply(&mut tcp, &answer).await.is_err() {
-            return;
         }
     }
+}
+
+/// Answer `connect`, then serve the connection as the console (with what
+/// the client sent after the command line).
+async fn hand_over(
+    mut session: ConsoleSession,
+    answer: &Value,
+    mut tcp: TcpStream,
+    leftover: Vec<u8>,
+) {
+    if reply(&mut tcp, answer).await.is_err() {
+        session.on_close();
+        return;
+    }
+    run_console(session, tcp, leftover).await;
 }
 
 async fn connect(
@@ -240,5 +359,186 @@ async fn read_line(tcp: &mut TcpStream, buf: &mut Vec<u8>) -> Result<Option<Stri
             Ok(Ok(0)) | Ok(Err(_)) | Err(_) => return Ok(None),
             Ok(Ok(n)) => buf.extend_from_slice(&chunk[..n]),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cmd(line: &str) -> Command {
+        match parse(line) {
+            Ok(Some(c)) => c,
+            other => panic!("{line:?}: expected a command, got {other:?}"),
+        }
+    }
+
+    fn reject(line: &str) -> Reject {
+        match parse(line) {
+            Err(r) => r,
+            other => panic!("{line:?}: expected an error, got {other:?}"),
+        }
+    }
+
+    fn connect(vm: &str, mode: LockMode, protocol: ConsoleProtocol) -> Command {
+        Command::Connect {
+            vm: vm.into(),
+            mode: Ok(mode),
+            protocol,
+        }
+    }
+
+    #[test]
+    fn every_command() {
+        assert_eq!(cmd("list"), Command::List);
+        assert_eq!(cmd("stats"), Command::Stats);
+        assert_eq!(cmd("version"), Command::Version);
+        assert_eq!(cmd("help"), Command::Help);
+        assert_eq!(cmd("quit"), Command::Quit);
+        assert_eq!(cmd("exit"), Command::Quit);
+        assert_eq!(cmd("clear web-1"), Command::Clear { vm: "web-1".into() });
+        assert_eq!(
+            cmd("connect web-1"),
+            connect(
+                "web-1",
+                LockMode::FreeForAllOrReadOnly,
+                ConsoleProtocol::Telnet
+            )
+        );
+        assert_eq!(
+            cmd("connect web-1 write"),
+            connect("web-1", LockMode::Write, ConsoleProtocol::Telnet)
+        );
+        assert_eq!(
+            cmd("connect web-1 exclusive raw"),
+            connect("web-1", LockMode::Exclusive, ConsoleProtocol::Raw)
+        );
+        assert_eq!(
+            cmd("connect web-1 free-for-all telnet"),
+            connect("web-1", LockMode::FreeForAll, ConsoleProtocol::Telnet)
+        );
+        assert_eq!(
+            cmd("connect web-1 free_for_all_or_readonly"),
+            connect(
+                "web-1",
+                LockMode::FreeForAllOrReadOnly,
+                ConsoleProtocol::Telnet
+            )
+        );
+    }
+
+    #[test]
+    fn blank_lines_and_quoting() {
+        assert_eq!(parse(""), Ok(None));
+        assert_eq!(parse("   \t"), Ok(None));
+        assert_eq!(
+            cmd(r#"connect "my vm" write"#),
+            connect("my vm", LockMode::Write, ConsoleProtocol::Telnet)
+        );
+        assert_eq!(cmd("clear 'a b'"), Command::Clear { vm: "a b".into() });
+        assert_eq!(cmd("  list  "), Command::List);
+    }
+
+    #[test]
+    fn extra_words_are_ignored() {
+        assert_eq!(cmd("list everything"), Command::List);
+        assert_eq!(cmd("quit now"), Command::Quit);
+        assert_eq!(cmd("clear a b"), Command::Clear { vm: "a".into() });
+        assert_eq!(
+            cmd("connect a write raw more"),
+            connect("a", LockMode::Write, ConsoleProtocol::Raw)
+        );
+    }
+
+    #[test]
+    fn wrong_arity() {
+        let needs = |c: &str| Reject::new("bad_command", format!("'{c}' needs a VM name or uuid"));
+        assert_eq!(reject("clear"), needs("clear"));
+        assert_eq!(reject("connect"), needs("connect"));
+        assert_eq!(reject("CONNECT"), needs("connect"));
+    }
+
+    #[test]
+    fn unknown_commands() {
+        assert_eq!(
+            reject("frobnicate x"),
+            Reject::new(
+                "bad_command",
+                "unknown command 'frobnicate' (try 'help')".into()
+            )
+        );
+        // The command word is reported lowercased, as it is matched.
+        assert_eq!(
+            reject("LiSTS"),
+            Reject::new("bad_command", "unknown command 'lists' (try 'help')".into())
+        );
+    }
+
+    #[test]
+    fn unknown_lock_mode_waits_for_the_vm() {
+        let bad = Reject::new(
+            "lock_invalid",
+            "unknown lock mode 'Shared' (use exclusive, write, free-for-all or free-for-all-fallback)"
+                .into(),
+        );
+        assert_eq!(
+            cmd("connect web-1 Shared"),
+            Command::Connect {
+                vm: "web-1".into(),
+                mode: Err(bad.clone()),
+                protocol: ConsoleProtocol::Telnet,
+            }
+        );
+        assert_eq!(
+            cmd("connect web-1 Shared raw"),
+            Command::Connect {
+                vm: "web-1".into(),
+                mode: Err(bad.clone()),
+                protocol: ConsoleProtocol::Raw,
+            }
+        );
+        assert_eq!(
+            bad.answer(),
+            json!({
+                "ok": false,
+                "code": "lock_invalid",
+                "error": "unknown lock mode 'Shared' (use exclusive, write, free-for-all or free-for-all-fallback)",
+            })
+        );
+    }
+
+    #[test]
+    fn unknown_protocol_word() {
+        let bad = |w: &str| {
+            Reject::new(
+                "bad_command",
+                format!("unknown console protocol '{w}' (use telnet or raw)"),
+            )
+        };
+        assert_eq!(reject("connect web-1 write ssh"), bad("ssh"));
+        assert_eq!(reject("connect web-1 write SSH"), bad("SSH"));
+        // Checked before the lock mode (and before the VM is looked up).
+        assert_eq!(reject("connect web-1 bogus ssh"), bad("ssh"));
+        assert_eq!(reject("connect web-1 write ''"), bad(""));
+    }
+
+    #[test]
+    fn case_insensitivity() {
+        assert_eq!(cmd("LIST"), Command::List);
+        assert_eq!(cmd("Stats"), Command::Stats);
+        assert_eq!(cmd("VERSION"), Command::Version);
+        assert_eq!(cmd("Help"), Command::Help);
+        assert_eq!(cmd("QUIT"), Command::Quit);
+        assert_eq!(cmd("Exit"), Command::Quit);
+        // The VM name keeps its spelling (the hub matches it).
+        assert_eq!(cmd("CLEAR Web-1"), Command::Clear { vm: "Web-1".into() });
+        assert_eq!(
+            cmd("Connect Web-1 WRITE RAW"),
+            connect("Web-1", LockMode::Write, ConsoleProtocol::Raw)
+        );
+        assert_eq!(
+            cmd("connect w Free-For-All Telnet"),
+            connect("w", LockMode::FreeForAll, ConsoleProtocol::Telnet)
+        );
     }
 }
