@@ -133,6 +133,10 @@ pub trait BackendObj: Send {
     fn needs_every_byte(&self) -> bool {
         false
     }
+    /// See [`Backend::console_log`]; `max` in bytes.
+    fn console_log(&mut self, _vm: &FfiRecord, _max: u64) -> ROption<RVec<u8>> {
+        ROption::RNone
+    }
 }
 
 /// An owned backend behind the stable ABI.
@@ -397,6 +401,16 @@ impl<B: Backend> BackendObj for Guarded<B> {
     fn needs_every_byte(&self) -> bool {
         self.guard_ref("needs_every_byte", || false, |b| b.needs_every_byte())
     }
+
+    fn console_log(&mut self, vm: &FfiRecord, max: u64) -> ROption<RVec<u8>> {
+        let rec = VmRecord::from(vm);
+        let max = usize::try_from(max).unwrap_or(usize::MAX);
+        self.guard(
+            "console_log",
+            || ROption::RNone,
+            |b| b.console_log(&rec, max).map(RVec::from).into(),
+        )
+    }
 }
 
 /// Export a backend from a plugin crate (`crate-type = ["cdylib"]`):
@@ -489,6 +503,8 @@ mod tests {
         b.vm_connected(&rec("boom"));
         b.vm_connected(&rec("c"));
         assert_eq!(b.seed_data(&rec("a")).as_slice(), b"aboomc");
+        // A backend without transcripts answers console_log with nothing.
+        assert!(b.console_log(&rec("a"), 10).is_none());
     }
 
     #[test]

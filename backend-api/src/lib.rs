@@ -175,6 +175,14 @@ pub trait Backend: Send {
         Vec::new()
     }
 
+    /// The last `max` bytes (at most) of this VM's transcript, for the
+    /// HTTP API's `/console_log`; `None` if this backend keeps none for it.
+    /// The daemon never reads transcript files itself: a backend that
+    /// writes them answers (flushing what it holds first).
+    fn console_log(&mut self, _vm: &VmRecord, _max: usize) -> Option<Vec<u8>> {
+        None
+    }
+
     /// The rows the admin listing shows, given the daemon's own; a backend
     /// may add or hide VMs.
     fn list_rows(&mut self, rows: Vec<VmRecord>) -> Vec<VmRecord> {

@@ -27,10 +27,14 @@
 //!
 //! Write errors (disk full, directory removed) are logged once per file
 //! until a flush to that file succeeds again; they never stop the daemon.
+//!
+//! The HTTP API's `/console_log` asks [`Backend::console_log`]: the VM's
+//! buffer is written first, then the last bytes of its current transcript
+//! file are read back (a rotated `NAME.log.1` is not included).
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::fs::{self, DirBuilder, File, OpenOptions};
-use std::io::{self, Write};
+use std::io::{self, Read, Seek, SeekFrom, Write};
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
@@ -320,6 +324,17 @@ fn flush(out: &mut Option<Transcript>, errors: &mut Errors) {
             *out = None;
         }
     }
+}
+
+/// The last `max` bytes of the file at `path`.
+fn read_tail(path: &Path, max: usize) -> io::Result<Vec<u8>> {
+    let mut f = File::open(path)?;
+    let len = f.metadata()?.len();
+    let start = len.saturating_sub(max as u64);
+    f.seek(SeekFrom::Start(start))?;
+    let mut out = Vec::with_capacity((len - start) as usize);
+    f.take(max as u64).read_to_end(&mut out)?;
+    Ok(out)
 }
 
 /// Flush and close a transcript.
@@ -614,6 +629,31 @@ impl Backend for LoggingBackend {
             .unwrap_or_default()
     }
 
+    fn console_log(&mut self, vm: &VmRecord, max: usize) -> Option<Vec<u8>> {
+        // The name the transcript is written under: the one tracked (the
+        // last output's), else the VM's current one (a transcript from
+        // before a restart).
+        let name = match self.vms.get_mut(&vm.uuid) {
+            Some(entry) => {
+                flush(&mut entry.out, &mut self.errors);
+                entry.name.clone()
+            }
+            None => vm.name.clone(),
+        };
+        let path = self.config.path_for(&name);
+        match read_tail(&path, max) {
+            Ok(tail) => Some(tail),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => None,
+            Err(e) => {
+                log::warn(&format!(
+                    "Logging backend: cannot read {} for /console_log: {e}",
+                    path.display()
+                ));
+                None
+            }
+        }
+    }
+
     fn reopen(&mut self) {
         self.close_all();
         log::info("Logging backend: closed all console logs; they reopen on the next output");
@@ -685,6 +725,23 @@ mod tests {
         assert_eq!(find("max-log-size").value.as_deref(), Some("BYTES"));
         assert_eq!(o.len(), 5);
         assert!(crate::builtin("LOGGING").is_some());
+    }
+
+    #[test]
+    fn console_log_is_the_flushed_tail_of_the_transcript() {
+        let tmp = tempfile::tempdir().unwrap();
+        let mut b = backend(tmp.path(), &[]);
+        let vm = rec("u1", "vm1");
+        assert_eq!(b.console_log(&vm, 10), None, "no transcript yet");
+        b.console_data(&vm, b"0123456789");
+        // Still in the buffer: asking writes it first.
+        assert_eq!(b.console_log(&vm, 4).as_deref(), Some(&b"6789"[..]));
+        assert_eq!(b.console_log(&vm, 100).as_deref(), Some(&b"0123456789"[..]));
+        // A transcript left from before a restart is found by the VM's name.
+        b.shutdown();
+        let mut fresh = backend(tmp.path(), &[]);
+        assert_eq!(fresh.console_log(&vm, 3).as_deref(), Some(&b"789"[..]));
+        assert_eq!(fresh.console_log(&rec("u2", "other"), 3), None);
     }
 
     #[test]

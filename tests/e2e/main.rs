@@ -12,6 +12,7 @@
 //! | [`admin`] | the admin port's two protocols, locks, vSPC.py's own client |
 //! | [`client`] | `vspc-client` on a pseudo-terminal |
 //! | [`backends`] | File, Logging, plugins, and start-up errors |
+//! | [`http`] | the HTTP API and `/metrics`: endpoints, tokens, metrics that follow traffic, console logs |
 //! | [`certs`] | the checked-in test certificates |
 
 mod admin;
@@ -21,4 +22,5 @@ mod client;
 mod common;
 mod daemon;
 mod flow;
+mod http;
 mod real_clients;

@@ -15,9 +15,10 @@
 //!   budget, with a counter and a rate-limited warning.
 //!
 //! Mapping events (connect, rename, disconnect, expiry, console
-//! attach/detach) are never dropped. Queries (listing rows, seed data) get
-//! their answer through a oneshot channel. When a backend's queue runs empty
-//! it gets `idle()`, so it can write batched state.
+//! attach/detach) are never dropped. Queries (listing rows, seed data, the
+//! tail of a transcript for the HTTP API) get their answer through a
+//! oneshot channel. When a backend's queue runs empty it gets `idle()`, so
+//! it can write batched state.
 //!
 //! [`Backend::needs_every_byte`]: vspc_backend_api::Backend::needs_every_byte
 //!
@@ -47,6 +48,7 @@ enum Job {
     Data(Arc<FfiRecord>, Bytes),
     ListRows(Vec<VmRecord>, oneshot::Sender<Vec<VmRecord>>),
     Seed(FfiRecord, oneshot::Sender<Vec<u8>>),
+    ConsoleLog(FfiRecord, usize, oneshot::Sender<Option<Vec<u8>>>),
     Reopen,
     Shutdown(std::sync::mpsc::Sender<()>),
 }
@@ -322,6 +324,36 @@ impl Backends {
         Vec::new()
     }
 
+    /// The tail of the VM's transcript, at most `max` bytes: the first
+    /// backend that keeps one answers. Queued behind the events before it,
+    /// so output already read from the VM is in it.
+    pub async fn console_log(&self, vm: VmRecord, max: usize) -> Option<Vec<u8>> {
+        let rec = FfiRecord::from(&vm);
+        for h in &self.hosts {
+            let (tx, rx) = oneshot::channel();
+            h.send(Job::ConsoleLog(rec.clone(), max, tx));
+            if let Ok(Some(log)) = rx.await {
+                return Some(log);
+            }
+        }
+        None
+    }
+
+    /// Each backend's name, console output queued for it (bytes) and
+    /// console-data events dropped for it, for `/metrics`.
+    pub fn stats(&self) -> Vec<(String, u64, u64)> {
+        self.hosts
+            .iter()
+            .map(|h| {
+                (
+                    h.name.clone(),
+                    h.level.queued.load(Ordering::Relaxed) as u64,
+                    h.dropped.load(Ordering::Relaxed),
+                )
+            })
+            .collect()
+    }
+
     /// Ask every backend to flush and stop; wait up to `limit` in all.
     pub fn shutdown(&self, limit: Duration) {
         let deadline = std::time::Instant::now() + limit;
@@ -381,6 +413,10 @@ fn handle(b: &mut BackendBox, job: Job, level: &Level) {
         }
         Job::Seed(vm, reply) => {
             let _ = reply.send(b.seed_data(&vm).into_vec());
+        }
+        Job::ConsoleLog(vm, max, reply) => {
+            let log = b.console_log(&vm, max as u64).into_option();
+            let _ = reply.send(log.map(RVec::into_vec));
         }
         Job::Reopen => b.reopen(),
         Job::Shutdown(_) => {}

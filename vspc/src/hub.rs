@@ -15,14 +15,15 @@
 //! reader wait until it has caught up.
 
 use crate::backend_host::Backends;
+use crate::metrics::{Disconnect, Metrics, Vmotion};
 use crate::outbox::{Encoding, Outbox};
 use crate::session::WaitFuture;
 use bytes::Bytes;
 use std::collections::{BTreeSet, HashMap};
-use std::net::IpAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 use vspc_backend_api::ffi::FfiRecord;
 use vspc_backend_api::VmRecord;
 
@@ -41,6 +42,11 @@ pub trait PortOpener: Send + Sync {
     /// Listen on `port` and serve consoles of `vm`. The returned guard stops
     /// the listener (and frees the port) when dropped.
     fn open(&self, vm: Arc<Vm>, port: u16) -> std::io::Result<ListenerGuard>;
+
+    /// Failed accepts on the console ports so far.
+    fn accept_errors(&self) -> u64 {
+        0
+    }
 }
 
 /// Stops a console listener when dropped (whatever the opener put inside
@@ -122,7 +128,32 @@ pub struct Vm {
     pub uuid: String,
     /// The console port; fixed for the life of the entry.
     pub port: Option<u16>,
+    /// Serial output bytes read from the VM (for the HTTP API and the
+    /// metrics: one relaxed add per read, no lock).
+    bytes_out: AtomicU64,
+    /// Console input bytes accepted for the VM.
+    bytes_in: AtomicU64,
     state: Mutex<VmState>,
+}
+
+/// One VM as the HTTP API shows it.
+#[derive(Debug, Clone)]
+pub struct VmStatus {
+    /// Name, uuid and port, as the admin listing has them.
+    pub record: VmRecord,
+    /// An ESXi connection carries the VM now.
+    pub vm_connected: bool,
+    /// Since when the current ESXi connection carries the VM (kept across
+    /// a vMotion).
+    pub connected_since: Option<SystemTime>,
+    /// Where the VM's current connection comes from.
+    pub peer: Option<SocketAddr>,
+    /// Consoles attached now.
+    pub consoles: usize,
+    /// Serial output read from the VM since the entry was made.
+    pub bytes_from_vm: u64,
+    /// Console input accepted for the VM since the entry was made.
+    pub bytes_to_vm: u64,
 }
 
 struct VmState {
@@ -142,6 +173,11 @@ struct VmState {
     idle_since: Option<Instant>,
     /// The console listener; dropping it closes the port.
     listener: Option<ListenerGuard>,
+    /// When the VM's connection attached (`None` while not connected).
+    connected_since: Option<SystemTime>,
+    /// The address the VM's current connection comes from, as the network
+    /// layer saw it at accept.
+    peer_addr: Option<SocketAddr>,
     /// Removed from the registry (expired); late arrivals are turned away.
     gone: bool,
 }
@@ -183,6 +219,49 @@ impl Vm {
     pub fn vm_connected(&self) -> bool {
         self.lock().active.is_some()
     }
+
+    /// Serial output bytes read from this VM so far.
+    pub fn bytes_from_vm(&self) -> u64 {
+        self.bytes_out.load(Ordering::Relaxed)
+    }
+
+    /// Console input bytes accepted for this VM so far.
+    pub fn bytes_to_vm(&self) -> u64 {
+        self.bytes_in.load(Ordering::Relaxed)
+    }
+
+    /// Everything the HTTP API shows about this VM.
+    pub fn status(&self) -> VmStatus {
+        let st = self.lock();
+        VmStatus {
+            record: VmRecord {
+                uuid: self.uuid.clone(),
+                name: st.name.clone(),
+                port: self.port,
+            },
+            vm_connected: st.active.is_some(),
+            connected_since: st.connected_since,
+            peer: st.peer_addr,
+            consoles: st.consoles.len(),
+            bytes_from_vm: self.bytes_from_vm(),
+            bytes_to_vm: self.bytes_to_vm(),
+        }
+    }
+}
+
+/// Counts over every VM, read at scrape time.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Totals {
+    /// VM entries known (each holds its console port).
+    pub vms: u64,
+    /// VM entries an ESXi connection carries now.
+    pub vms_connected: u64,
+    /// Consoles attached now, over all VMs.
+    pub consoles: u64,
+    /// Output bytes read from VMs, expired ones included.
+    pub bytes_out: u64,
+    /// Console input bytes for VMs, expired ones included.
+    pub bytes_in: u64,
 }
 
 /// A console and what it may do.
@@ -296,6 +375,13 @@ pub struct Hub {
     vmotions: Mutex<HashMap<Vec<u8>, Pending>>,
     next_id: AtomicU64,
     opener: OnceLock<Box<dyn PortOpener>>,
+    /// Counters for `/metrics`, bumped where things happen.
+    metrics: Metrics,
+    /// Where each open VM-side connection comes from, noted by the network
+    /// layer at accept ([`Hub::note_addr`]) and copied into the VM's state
+    /// when the connection attaches; taken only then and at close, never
+    /// on the data path.
+    addrs: Mutex<HashMap<ConnId, SocketAddr>>,
 }
 
 impl Hub {
@@ -307,7 +393,33 @@ impl Hub {
             vmotions: Mutex::new(HashMap::new()),
             next_id: AtomicU64::new(1),
             opener: OnceLock::new(),
+            metrics: Metrics::default(),
+            addrs: Mutex::new(HashMap::new()),
         })
+    }
+
+    fn addrs(&self) -> MutexGuard<'_, HashMap<ConnId, SocketAddr>> {
+        self.addrs.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The VM-side connection `conn` comes from `addr` (until
+    /// [`Hub::forget_addr`]).
+    pub fn note_addr(&self, conn: ConnId, addr: SocketAddr) {
+        self.addrs().insert(conn, addr);
+    }
+
+    /// The connection `conn` closed.
+    pub fn forget_addr(&self, conn: ConnId) {
+        self.addrs().remove(&conn);
+    }
+
+    fn addr_of(&self, conn: ConnId) -> Option<SocketAddr> {
+        self.addrs().get(&conn).copied()
+    }
+
+    /// The counters `/metrics` shows.
+    pub fn metrics(&self) -> &Metrics {
+        &self.metrics
     }
 
     pub fn config(&self) -> &HubConfig {
@@ -440,6 +552,7 @@ impl Hub {
     /// before is closed: the newest one wins (a host restart leaves the old
     /// socket half-open).
     pub fn attach_vm(&self, id: &Identity, peer: Peer) -> Result<Arc<Vm>, AttachError> {
+        let addr = self.addr_of(peer.id);
         let mut reg = self.reg();
         let vm = match reg.vms.get(&id.key) {
             Some(vm) => vm.clone(),
@@ -459,6 +572,8 @@ impl Hub {
             tracing::info!(vm = %id.name, "VM reconnected; closing its previous connection");
             old.outbox.close(None);
         }
+        st.connected_since = Some(SystemTime::now());
+        st.peer_addr = addr;
         st.idle_since = None;
         drop(st);
         drop(reg);
@@ -478,6 +593,8 @@ impl Hub {
             return;
         }
         st.active = None;
+        st.connected_since = None;
+        st.peer_addr = None;
         if st.consoles.is_empty() && st.vmotion.is_none() {
             st.idle_since = Some(Instant::now());
         }
@@ -509,6 +626,7 @@ impl Hub {
         if st.active.as_ref().map(|p| p.id) != Some(conn) {
             return Fanout::Retired;
         }
+        vm.bytes_out.fetch_add(data.len() as u64, Ordering::Relaxed);
         let mut lagging = Vec::new();
         for c in &st.consoles {
             let outbox = &c.peer.outbox;
@@ -599,6 +717,7 @@ impl Hub {
         drop(st);
         for c in &gone {
             c.peer.outbox.close(Some(Bytes::copy_from_slice(msg)));
+            self.metrics.disconnect(Disconnect::Cleared);
             self.backend.console_detached(vm.record());
         }
         tracing::info!(vm = %name, consoles = gone.len(), "consoles cleared");
@@ -607,6 +726,12 @@ impl Hub {
 
     /// A console of `vm` went away.
     pub fn detach_console(&self, vm: &Vm, conn: ConnId) {
+        self.detach_console_for(vm, conn, Disconnect::Closed);
+    }
+
+    /// A console of `vm` went away, for `reason` (as the metrics count it;
+    /// a console already cleared is not counted again).
+    pub fn detach_console_for(&self, vm: &Vm, conn: ConnId, reason: Disconnect) {
         let mut st = vm.lock();
         let before = st.consoles.len();
         st.consoles.retain(|c| c.peer.id != conn);
@@ -616,6 +741,7 @@ impl Hub {
         }
         drop(st);
         if removed {
+            self.metrics.disconnect(reason);
             self.backend.console_detached(vm.record());
         }
     }
@@ -631,17 +757,29 @@ impl Hub {
                 tracing::warn!(vm = %st.name, "console input held during vMotion exceeds 1 MiB; dropping");
                 return None;
             }
+            vm.bytes_in.fetch_add(data.len() as u64, Ordering::Relaxed);
             st.held_bytes += escaped.len();
             st.held.push(escaped);
             return None;
         }
         let active = st.active.as_ref()?;
+        vm.bytes_in.fetch_add(data.len() as u64, Ordering::Relaxed);
         active.outbox.push_always(escaped);
         Some(active.outbox.clone())
     }
 
     /// VMOTION-BEGIN on the VM's connection `conn`.
     pub fn vmotion_begin(&self, vm: &Arc<Vm>, conn: ConnId, seq: &[u8]) -> Begin {
+        let started = Instant::now();
+        let answer = self.vmotion_answer(vm, conn, seq, started);
+        match &answer {
+            Begin::GoAhead(_) => self.metrics.goahead.observe(started.elapsed()),
+            Begin::NotNow(_) => self.metrics.vmotion(Vmotion::NotNow),
+        }
+        answer
+    }
+
+    fn vmotion_answer(&self, vm: &Arc<Vm>, conn: ConnId, seq: &[u8], started: Instant) -> Begin {
         let mut st = vm.lock();
         let Some(active) = st.active.clone().filter(|p| p.id == conn) else {
             return Begin::NotNow("the connection does not carry the VM");
@@ -668,7 +806,7 @@ impl Hub {
                 seq: seq.to_vec(),
                 source: conn,
                 dest: None,
-                started: Instant::now(),
+                started,
             },
         );
         Begin::GoAhead(cookie)
@@ -678,7 +816,11 @@ impl Hub {
     /// is pending.
     pub fn vmotion_peer(&self, cookie: &[u8], dest: Peer) -> Option<(Arc<Vm>, Vec<u8>)> {
         let mut table = self.vmotions();
-        let p = table.get_mut(cookie)?;
+        let Some(p) = table.get_mut(cookie) else {
+            drop(table);
+            self.metrics.vmotion(Vmotion::RefusedPeer);
+            return None;
+        };
         if let Some(old) = p.dest.replace(dest) {
             tracing::warn!("a second destination for one vMotion; dropping the first");
             old.outbox.close(None);
@@ -689,20 +831,28 @@ impl Hub {
     /// VMOTION-COMPLETE on the destination `dest`: it becomes the VM's
     /// connection, held input goes to it, and the source is closed.
     pub fn vmotion_complete(&self, vm: &Vm, cookie: &[u8], seq: &[u8], dest: &Peer) -> bool {
+        let addr = self.addr_of(dest.id);
         let mut st = vm.lock();
         if st.vmotion.as_deref() != Some(cookie) {
             return false;
         }
-        {
+        let started = {
             let mut table = self.vmotions();
-            match table.get(cookie) {
-                Some(p) if p.seq == seq && p.dest.as_ref().map(|d| d.id) == Some(dest.id) => {}
+            let started = match table.get(cookie) {
+                Some(p) if p.seq == seq && p.dest.as_ref().map(|d| d.id) == Some(dest.id) => {
+                    p.started
+                }
                 _ => return false,
-            }
+            };
             table.remove(cookie);
-        }
+            started
+        };
+        self.metrics.vmotion(Vmotion::Complete);
+        self.metrics.complete.observe(started.elapsed());
         st.vmotion = None;
         let old = st.active.replace(dest.clone());
+        st.connected_since.get_or_insert_with(SystemTime::now);
+        st.peer_addr = addr;
         st.idle_since = None;
         for chunk in st.held.drain(..) {
             dest.outbox.push_always(chunk);
@@ -732,6 +882,7 @@ impl Hub {
             }
         }
         flush_held(&mut st);
+        self.metrics.vmotion(Vmotion::Abort);
         tracing::info!(vm = %st.name, "vMotion aborted; the source keeps the VM");
         true
     }
@@ -756,6 +907,45 @@ impl Hub {
     /// The rows the admin listing shows (the backend may edit them).
     pub async fn listing(&self) -> Vec<VmRecord> {
         self.backend.list_rows(self.records()).await
+    }
+
+    /// Failed accepts on the console ports so far (counted by the network
+    /// layer's accepting thread).
+    pub fn console_accept_errors(&self) -> u64 {
+        self.opener.get().map_or(0, |o| o.accept_errors())
+    }
+
+    /// Every VM the hub knows, sorted by name.
+    pub fn vms(&self) -> Vec<Arc<Vm>> {
+        let mut vms: Vec<(String, Arc<Vm>)> = self
+            .reg()
+            .vms
+            .values()
+            .map(|v| (v.name(), v.clone()))
+            .collect();
+        vms.sort_by(|a, b| a.0.cmp(&b.0).then(a.1.uuid.cmp(&b.1.uuid)));
+        vms.into_iter().map(|(_, v)| v).collect()
+    }
+
+    /// Counts over every VM (for `/metrics`). Taken under the registry
+    /// lock, so an entry expiring meanwhile is counted exactly once.
+    pub fn totals(&self) -> Totals {
+        let reg = self.reg();
+        let mut t = Totals {
+            vms: reg.vms.len() as u64,
+            bytes_out: self.metrics.retired_out.load(Ordering::Relaxed),
+            bytes_in: self.metrics.retired_in.load(Ordering::Relaxed),
+            ..Totals::default()
+        };
+        for vm in reg.vms.values() {
+            let st = vm.lock();
+            t.vms_connected += u64::from(st.active.is_some());
+            t.consoles += st.consoles.len() as u64;
+            drop(st);
+            t.bytes_out += vm.bytes_from_vm();
+            t.bytes_in += vm.bytes_to_vm();
+        }
+        t
     }
 
     /// A VM by name, display uuid or any spelling of its uuid.
@@ -797,6 +987,7 @@ impl Hub {
             if st.vmotion.as_deref() == Some(&cookie[..]) {
                 st.vmotion = None;
                 flush_held(&mut st);
+                self.metrics.vmotion(Vmotion::Timeout);
                 if st.active.is_none() && st.consoles.is_empty() {
                     st.idle_since = Some(now);
                 }
@@ -823,6 +1014,11 @@ impl Hub {
             }
             for key in gone_keys {
                 if let Some(vm) = reg.vms.remove(&key) {
+                    // Still under the registry lock: see `totals`.
+                    let m = &self.metrics;
+                    m.retired_out
+                        .fetch_add(vm.bytes_from_vm(), Ordering::Relaxed);
+                    m.retired_in.fetch_add(vm.bytes_to_vm(), Ordering::Relaxed);
                     if let Some(port) = vm.port {
                         reg.ports.remove(&port);
                     }
@@ -897,6 +1093,8 @@ fn new_vm(
         key,
         uuid,
         port,
+        bytes_out: AtomicU64::new(0),
+        bytes_in: AtomicU64::new(0),
         state: Mutex::new(new_state(name, rec, idle_since)),
     })
 }
@@ -912,6 +1110,8 @@ fn new_state(name: String, rec: Arc<FfiRecord>, idle_since: Option<Instant>) -> 
         held_bytes: 0,
         idle_since,
         listener: None,
+        connected_since: None,
+        peer_addr: None,
         gone: false,
     }
 }
@@ -1013,6 +1213,71 @@ mod tests {
         assert!(vm.vm_connected());
         h.detach_vm(&vm, b.id);
         assert!(!vm.vm_connected());
+    }
+
+    #[test]
+    fn metrics_follow_traffic_vmotions_and_consoles_and_survive_expiry() {
+        let h = hub();
+        let (from, to): (SocketAddr, SocketAddr) = (
+            "192.0.2.5:4000".parse().expect("addr"),
+            "192.0.2.6:4001".parse().expect("addr"),
+        );
+        let p = peer(&h);
+        h.note_addr(p.id, from);
+        let vm = h.attach_vm(&id(10), p.clone()).expect("attach");
+        let s = vm.status();
+        assert_eq!(s.peer, Some(from));
+        assert!(s.vm_connected && s.connected_since.is_some());
+        output(&h, &vm, p.id, b"12345");
+        let c = peer(&h);
+        h.attach_console(&vm, c.clone(), LockMode::FreeForAll)
+            .expect("console");
+        h.console_input(&vm, b"ab");
+        let t = h.totals();
+        assert_eq!(
+            (t.vms, t.vms_connected, t.consoles, t.bytes_out, t.bytes_in),
+            (1, 1, 1, 5, 2)
+        );
+
+        let Begin::GoAhead(cookie) = h.vmotion_begin(&vm, p.id, b"q") else {
+            panic!("no GOAHEAD");
+        };
+        assert!(matches!(h.vmotion_begin(&vm, p.id, b"r"), Begin::NotNow(_)));
+        assert!(h.vmotion_peer(b"no such cookie", peer(&h)).is_none());
+        let dest = peer(&h);
+        h.note_addr(dest.id, to);
+        h.vmotion_peer(&cookie, dest.clone()).expect("PEER");
+        assert!(h.vmotion_complete(&vm, &cookie, b"q", &dest));
+        assert_eq!(vm.status().peer, Some(to), "the destination's address");
+        h.forget_addr(p.id);
+
+        assert_eq!(h.clear_consoles(&vm, b"bye"), 1);
+        h.detach_console(&vm, c.id);
+        let text = crate::metrics::render(&h);
+        for line in [
+            "vspc_vmotions_total{outcome=\"complete\"} 1",
+            "vspc_vmotions_total{outcome=\"notnow\"} 1",
+            "vspc_vmotions_total{outcome=\"refused_peer\"} 1",
+            "vspc_vmotions_total{outcome=\"abort\"} 0",
+            "vspc_vmotion_goahead_seconds_count 1",
+            "vspc_vmotion_complete_seconds_count 1",
+            "vspc_console_disconnects_total{reason=\"cleared\"} 1",
+            "vspc_console_disconnects_total{reason=\"closed\"} 0",
+            "vspc_vm_to_console_bytes_total 5",
+            "vspc_console_to_vm_bytes_total 2",
+            "vspc_vms 1",
+        ] {
+            assert!(text.lines().any(|l| l == line), "no {line:?} in\n{text}");
+        }
+
+        // Expiry forgets the VM but not what it sent.
+        h.detach_vm(&vm, dest.id);
+        h.forget_addr(dest.id);
+        h.sweep(Instant::now() + EXPIRE + Duration::from_secs(1));
+        assert_eq!(h.len(), 0);
+        let t = h.totals();
+        assert_eq!((t.vms, t.bytes_out, t.bytes_in), (0, 5, 2));
+        assert!(h.addrs().is_empty(), "addresses of closed connections kept");
     }
 
     #[test]

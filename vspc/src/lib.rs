@@ -3,6 +3,8 @@
 //! Data flows one way: socket -> [`wire`] -> [`session`] -> [`hub`] -> other
 //! sockets, with [`backend_host`] beside the hub receiving events. Nothing
 //! below [`net`] knows about sockets; nothing in [`wire`] knows about VMs.
+//! [`http`] serves the HTTP API and the [`metrics`] the hub and the network
+//! layer count.
 
 #![forbid(unsafe_code)]
 
@@ -11,9 +13,11 @@ pub mod argv;
 pub mod backend_host;
 pub mod backend_setup;
 pub mod config;
+pub mod http;
 pub mod hub;
 pub mod logging;
 pub mod memory;
+pub mod metrics;
 pub mod net;
 pub mod outbox;
 pub mod plugins;

@@ -80,6 +80,8 @@ fn start(cfg: Config) -> Result<(), String> {
         None
     };
 
+    let http = http_config(&cfg)?;
+
     match rlimit::increase_nofile_limit(u64::MAX) {
         Ok(n) => tracing::debug!(limit = n, "open-files limit raised"),
         Err(e) => tracing::warn!("cannot raise the open-files limit: {e}"),
@@ -120,6 +122,7 @@ fn start(cfg: Config) -> Result<(), String> {
             multi_console: cfg.multi_console,
         },
         vm_tx_rate: cfg.vm_tx_rate,
+        http,
     };
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -136,6 +139,34 @@ fn start(cfg: Config) -> Result<(), String> {
     }
     rt.shutdown_timeout(std::time::Duration::from_secs(1));
     result
+}
+
+/// The HTTP listener's settings, with everything that can fail checked
+/// before anything starts: the token file, the exposure rule, TLS files.
+fn http_config(cfg: &Config) -> Result<Option<vspc::http::HttpConfig>, String> {
+    if cfg.no_http {
+        return Ok(None);
+    }
+    let tokens = match &cfg.http_token_file {
+        Some(path) => Some(Arc::new(vspc::http::Tokens::load(path)?)),
+        None => None,
+    };
+    vspc::http::check_exposure(cfg.http_iface, tokens.is_some())?;
+    let tls = match &cfg.http_cert {
+        Some(cert) => Some(net::tls::acceptor(cert, cfg.http_key.as_deref())?),
+        None => None,
+    };
+    Ok(Some(vspc::http::HttpConfig {
+        addr: (
+            cfg.http_iface,
+            cfg.http_port.unwrap_or(vspc::http::DEFAULT_PORT),
+        )
+            .into(),
+        tokens,
+        tls,
+        handshake_timeout: cfg.handshake_timeout,
+        required: cfg.http_port.is_some(),
+    }))
 }
 
 /// Resolve, configure and load the backends; `None` after `--backend-help`.

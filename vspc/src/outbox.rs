@@ -112,6 +112,17 @@ pub enum Batch {
     End,
 }
 
+/// Data bytes skipped by every outbox of the process (consoles that fell
+/// a whole queue behind), for `/metrics`. A process-wide counter rather
+/// than a field, so an outbox stays as small as it is; bumped only when
+/// output is skipped, never on the ordinary path.
+static SKIPPED_TOTAL: AtomicU64 = AtomicU64::new(0);
+
+/// Data bytes skipped by every outbox so far.
+pub fn skipped_total() -> u64 {
+    SKIPPED_TOTAL.load(Ordering::Relaxed)
+}
+
 /// The most the writer takes at once when not pacing.
 pub const BATCH_BYTES: usize = 256 * 1024;
 
@@ -153,6 +164,7 @@ impl Outbox {
         if data.len() > self.limit {
             let cut = data.len() - self.limit;
             inner.skipped += cut as u64;
+            SKIPPED_TOTAL.fetch_add(cut as u64, Ordering::Relaxed);
             let _ = data.split_to(cut);
         }
         while inner.bytes + data.len() > self.limit {
@@ -161,6 +173,7 @@ impl Outbox {
             };
             inner.bytes -= old.len();
             inner.skipped += old.len() as u64;
+            SKIPPED_TOTAL.fetch_add(old.len() as u64, Ordering::Relaxed);
         }
         inner.bytes += data.len();
         inner.queue.push_back(data);

@@ -32,6 +32,8 @@ struct Shared<T> {
     on_conn: OnConn<T>,
     /// What the error log says the listeners are.
     what: &'static str,
+    /// Failed accepts so far (for `/metrics`).
+    errors: AtomicU64,
 }
 
 struct Port<T> {
@@ -80,12 +82,18 @@ impl<T: Send + Sync + 'static> Acceptor<T> {
             next_token: AtomicU64::new(0),
             on_conn: Box::new(on_conn),
             what,
+            errors: AtomicU64::new(0),
         });
         let weak = Arc::downgrade(&shared);
         std::thread::Builder::new()
             .name("vspc-accept".into())
             .spawn(move || run(weak))?;
         Ok(Acceptor { shared })
+    }
+
+    /// Failed accepts on every listener of the set so far.
+    pub fn errors(&self) -> u64 {
+        self.shared.errors.load(Ordering::Relaxed)
     }
 
     /// Accept on `listener` (made non-blocking here) until the returned
@@ -171,7 +179,10 @@ fn accept_batch<T>(
             },
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => return None,
             Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(e) => return Some(accept_failed(shared.what, &e, last_warn)),
+            Err(e) => {
+                shared.errors.fetch_add(1, Ordering::Relaxed);
+                return Some(accept_failed(shared.what, &e, last_warn));
+            }
         }
     }
     None

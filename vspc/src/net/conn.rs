@@ -461,6 +461,7 @@ impl<S: Session + Unpin> Future for Conn<S> {
                         "disconnecting a console that took no output"
                     );
                     this.outbox.abandon(stall_notice(limit));
+                    this.session.on_stall();
                     this.stalled_since = None;
                     this.stall_ms = 0;
                     this.give_up = Some(now + STALL_GRACE);

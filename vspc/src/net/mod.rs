@@ -1,14 +1,16 @@
-//! Listeners: the proxy port (TCP or TLS) and the admin port on the tokio
-//! runtime, the per-VM console ports on one accepting thread
-//! ([`acceptor`]); one task per connection ([`conn::Conn`]). Also the
-//! periodic sweep and the signals (SIGTERM/SIGINT stop, SIGHUP reopens
-//! backend files).
+//! Listeners: the proxy port (TCP or TLS), the admin port and the HTTP
+//! port ([`crate::http`]) on the tokio runtime, the per-VM console ports
+//! on one accepting thread ([`acceptor`]); one task per connection
+//! ([`conn::Conn`]). Also the periodic sweep and the signals (SIGTERM/SIGINT
+//! stop, SIGHUP reopens backend files). Accepts, accept errors and failed
+//! TLS handshakes are counted in the hub's [`crate::metrics::Metrics`].
 
 pub mod acceptor;
 pub mod conn;
 pub mod tls;
 
 use crate::hub::{Access, AttachError, Hub, ListenerGuard, LockMode, PortOpener, Vm};
+use crate::metrics::Listener;
 use crate::outbox::Encoding;
 use crate::session::console::ConsoleSession;
 use crate::session::vm::{VmSession, VmSessionConfig};
@@ -34,6 +36,8 @@ pub struct ServerConfig {
     pub tls: Option<TlsAcceptor>,
     pub vm: VmSessionConfig,
     pub vm_tx_rate: Option<u64>,
+    /// The HTTP API and `/metrics`; `None` with `--no-http`.
+    pub http: Option<crate::http::HttpConfig>,
 }
 
 /// Connections the kernel may queue for accept on each listener. The
@@ -63,6 +67,7 @@ impl ConsoleOpener {
         let rt = tokio::runtime::Handle::current();
         let acceptor = acceptor::Acceptor::start("console port", move |vm: &Arc<Vm>, tcp| {
             if let Some(hub) = hub.upgrade() {
+                hub.metrics().accepted(Listener::Console);
                 rt.spawn(serve_console(hub, vm.clone(), tcp));
             }
         })?;
@@ -77,6 +82,10 @@ impl PortOpener for ConsoleOpener {
     fn open(&self, vm: Arc<Vm>, port: u16) -> io::Result<ListenerGuard> {
         let listener = acceptor::listen_std(SocketAddr::new(self.interface, port), BACKLOG)?;
         Ok(ListenerGuard(Box::new(self.acceptor.add(listener, vm)?)))
+    }
+
+    fn accept_errors(&self) -> u64 {
+        self.acceptor.errors()
     }
 }
 
@@ -96,17 +105,45 @@ pub async fn run(
     }
     let proxy = bind(cfg.proxy, "proxy port")?;
     let admin = bind(cfg.admin, "admin port")?;
-    tracing::info!(proxy = %cfg.proxy, admin = %cfg.admin, tls = cfg.tls.is_some(), vms = hub.len(), "vspc listening");
+    let http = match &cfg.http {
+        None => None,
+        Some(h) => match bind(h.addr, "HTTP port") {
+            Ok(l) => Some((l, h.clone())),
+            Err(e) if h.required => return Err(e),
+            Err(e) => {
+                tracing::warn!(
+                    "{e}; serving no HTTP API (choose a port with --http-port, or --no-http)"
+                );
+                None
+            }
+        },
+    };
+    tracing::info!(proxy = %cfg.proxy, admin = %cfg.admin, http = ?http.as_ref().map(|(_, h)| h.addr), tls = cfg.tls.is_some(), vms = hub.len(), "vspc listening");
 
     let h = hub.clone();
     let c = cfg.clone();
-    tokio::spawn(accept_loop(proxy, "proxy port", move |tcp, addr| {
-        serve_vm(&h, &c, tcp, addr);
-    }));
+    tokio::spawn(accept_loop(
+        proxy,
+        "proxy port",
+        hub.clone(),
+        Listener::Proxy,
+        move |tcp, addr| {
+            serve_vm(&h, &c, tcp, addr);
+        },
+    ));
     let h = hub.clone();
-    tokio::spawn(accept_loop(admin, "admin port", move |tcp, _| {
-        tokio::spawn(crate::admin::serve_admin(h.clone(), tcp));
-    }));
+    tokio::spawn(accept_loop(
+        admin,
+        "admin port",
+        hub.clone(),
+        Listener::Admin,
+        move |tcp, _| {
+            tokio::spawn(crate::admin::serve_admin(h.clone(), tcp));
+        },
+    ));
+    if let Some((listener, http_cfg)) = http {
+        tokio::spawn(crate::http::serve(listener, hub.clone(), http_cfg));
+    }
     let h = hub.clone();
     tokio::spawn(async move {
         let mut tick = tokio::time::interval(SWEEP_EVERY);
@@ -140,15 +177,24 @@ async fn wait_for_signals(hub: &Hub) -> Result<(), String> {
 /// Accept connections forever. Accept errors back off; running out of file
 /// descriptors is logged (once a second at most) and existing connections
 /// go on.
-async fn accept_loop<F>(listener: TcpListener, what: &'static str, mut on_conn: F)
-where
+async fn accept_loop<F>(
+    listener: TcpListener,
+    what: &'static str,
+    hub: Arc<Hub>,
+    which: Listener,
+    mut on_conn: F,
+) where
     F: FnMut(TcpStream, SocketAddr) + Send + 'static,
 {
     let mut last_warn: Option<Instant> = None;
     loop {
         match listener.accept().await {
-            Ok((tcp, addr)) => on_conn(tcp, addr),
+            Ok((tcp, addr)) => {
+                hub.metrics().accepted(which);
+                on_conn(tcp, addr);
+            }
             Err(e) => {
+                hub.metrics().accept_error(which);
                 tokio::time::sleep(acceptor::accept_failed(what, &e, &mut last_warn)).await;
             }
         }
@@ -160,25 +206,34 @@ where
 fn serve_vm(hub: &Arc<Hub>, cfg: &ServerConfig, tcp: TcpStream, addr: SocketAddr) {
     tracing::debug!(%addr, "VM connection");
     let Some(acceptor) = cfg.tls.clone() else {
-        tokio::spawn(vm_conn(hub.clone(), cfg, Stream::Tcp(tcp)));
+        tokio::spawn(vm_conn(hub.clone(), cfg, Stream::Tcp(tcp), addr));
         return;
     };
     let (hub, cfg) = (hub.clone(), cfg.clone());
     tokio::spawn(async move {
         match tokio::time::timeout(cfg.vm.handshake_timeout, acceptor.accept(tcp)).await {
             Ok(Ok(tls)) => {
-                tokio::spawn(vm_conn(hub, &cfg, Stream::Tls(Box::new(tls))));
+                tokio::spawn(vm_conn(hub, &cfg, Stream::Tls(Box::new(tls)), addr));
             }
-            Ok(Err(e)) => tracing::warn!(%addr, "TLS handshake failed: {e}"),
-            Err(_) => tracing::warn!(%addr, "TLS handshake timed out"),
+            Ok(Err(e)) => {
+                hub.metrics().tls_failure(Listener::Proxy);
+                tracing::warn!(%addr, "TLS handshake failed: {e}");
+            }
+            Err(_) => {
+                hub.metrics().tls_failure(Listener::Proxy);
+                tracing::warn!(%addr, "TLS handshake timed out");
+            }
         }
     });
 }
 
-fn vm_conn(hub: Arc<Hub>, cfg: &ServerConfig, stream: Stream) -> Conn<VmSession> {
+fn vm_conn(hub: Arc<Hub>, cfg: &ServerConfig, stream: Stream, addr: SocketAddr) -> Conn<VmSession> {
     let peer = hub.new_peer(VM_OUTBOX_LIMIT, Encoding::Telnet);
     let outbox = peer.outbox.clone();
     let slice = vm_read_slice(hub.config().console_queue);
+    // Kept beside the hub until the connection closes (not in the session,
+    // whose size is most of an idle VM's memory).
+    hub.note_addr(peer.id, addr);
     let session = VmSession::new(hub, peer, cfg.vm.clone(), Instant::now());
     Conn::new(stream, session, outbox, cfg.vm_tx_rate).read_slice(slice)
 }
@@ -267,10 +322,11 @@ mod size_budget {
                 multi_console: false,
             },
             vm_tx_rate: None,
+            http: None,
         };
         // What stays allocated while a connection is idle: its task's
         // future. (Console listeners have no task: see `acceptor`.)
-        let f = vm_conn(hub.clone(), &cfg, Stream::Tcp(a));
+        let f = vm_conn(hub.clone(), &cfg, Stream::Tcp(a), l.local_addr().unwrap());
         let vm_task = std::mem::size_of_val(&f);
         eprintln!("VM connection future: {vm_task} bytes");
         assert!(vm_task <= 656, "VM connection task grew to {vm_task} bytes");

@@ -87,6 +87,9 @@ pub struct ConsoleSession {
     input: Vec<u8>,
     out: Vec<u8>,
     closing: bool,
+    /// Disconnected for taking no output (counted as a stall, not a
+    /// close, in the metrics).
+    stalled: bool,
 }
 
 impl ConsoleSession {
@@ -139,6 +142,7 @@ impl ConsoleSession {
             input: Vec::new(),
             out: Vec::new(),
             closing: false,
+            stalled: false,
         })
     }
 
@@ -320,7 +324,16 @@ impl Session for ConsoleSession {
     }
 
     fn on_close(&mut self) {
-        self.hub.detach_console(&self.vm, self.peer.id);
+        let reason = if self.stalled {
+            crate::metrics::Disconnect::Stall
+        } else {
+            crate::metrics::Disconnect::Closed
+        };
+        self.hub.detach_console_for(&self.vm, self.peer.id, reason);
         tracing::info!(vm = %self.vm.name(), "console disconnected");
+    }
+
+    fn on_stall(&mut self) {
+        self.stalled = true;
     }
 }

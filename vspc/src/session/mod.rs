@@ -32,4 +32,7 @@ pub trait Session: Send {
     fn on_deadline(&mut self, now: Instant) -> Flow;
     /// The connection is gone (either side closed it).
     fn on_close(&mut self);
+    /// The connection is being closed because its socket took no output
+    /// for the stall timeout (before [`Session::on_close`]).
+    fn on_stall(&mut self) {}
 }

@@ -561,6 +561,7 @@ impl Session for VmSession {
     }
 
     fn on_close(&mut self) {
+        self.hub.forget_addr(self.peer.id);
         match std::mem::replace(&mut self.link, Link::Retired) {
             Link::Active(vm) => self.hub.detach_vm(&vm, self.peer.id),
             Link::Destination { cookie, .. } => self.hub.vmotion_dest_closed(&cookie, self.peer.id),

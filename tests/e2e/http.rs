@@ -1,0 +1,634 @@
+//! The HTTP API and `/metrics`, end to end: the real daemon with
+//! `--http-port`, requests written by hand over TCP (HTTP/1.1,
+//! `Connection: close`), and the metrics text read by a real Prometheus
+//! text parser (the `prometheus-parse` crate).
+//!
+//! - every endpoint answers, with JSON errors and meaningful codes (404 for
+//!   an unknown VM, route or transcript);
+//! - the metrics follow traffic: bytes each way, consoles, accepts, and a
+//!   vMotion's outcome and timings;
+//! - `/console_log` returns the tail of a Logging transcript;
+//! - tokens: none, a wrong one and a read-only one on a write are refused;
+//! - start-up refuses a non-loopback HTTP address without a token file and
+//!   a malformed token file, naming the line.
+
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use crate::common::*;
+use prometheus_parse::{Scrape, Value};
+use serde_json::Value as Json;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use vspc_testkit::sim::{Identity, Role, SimVm, VmOptions, VmotionReply};
+
+/// An HTTP answer.
+struct Resp {
+    status: u16,
+    /// Header names lowercased.
+    headers: Vec<(String, String)>,
+    body: Vec<u8>,
+}
+
+impl Resp {
+    fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v.as_str())
+    }
+
+    fn json(&self) -> Json {
+        serde_json::from_slice(&self.body)
+            .unwrap_or_else(|e| panic!("not JSON ({e}): {:?}", String::from_utf8_lossy(&self.body)))
+    }
+
+    fn text(&self) -> String {
+        String::from_utf8_lossy(&self.body).into_owned()
+    }
+}
+
+/// Decode a chunked body.
+fn unchunk(mut raw: &[u8]) -> Vec<u8> {
+    let mut out = Vec::new();
+    loop {
+        let Some(eol) = raw.windows(2).position(|w| w == b"\r\n") else {
+            return out;
+        };
+        let size_text = String::from_utf8_lossy(&raw[..eol]);
+        let size_text = size_text.split(';').next().unwrap_or("").trim();
+        let size = usize::from_str_radix(size_text, 16).expect("chunk size");
+        if size == 0 {
+            return out;
+        }
+        let start = eol + 2;
+        out.extend_from_slice(&raw[start..start + size]);
+        raw = &raw[start + size + 2..];
+    }
+}
+
+/// One request, the answer read to the end.
+async fn request(addr: SocketAddr, method: &str, path: &str, token: Option<&str>) -> Resp {
+    let s = TcpStream::connect(addr)
+        .await
+        .unwrap_or_else(|e| panic!("connect to the HTTP port {addr}: {e}"));
+    exchange(s, addr, method, path, token).await
+}
+
+/// One request on a connected stream (TCP or TLS).
+async fn exchange<S>(
+    mut s: S,
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    token: Option<&str>,
+) -> Resp
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    let mut req = format!("{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n");
+    if let Some(t) = token {
+        req.push_str(&format!("Authorization: Bearer {t}\r\n"));
+    }
+    if method != "GET" {
+        req.push_str("Content-Length: 0\r\n");
+    }
+    req.push_str("\r\n");
+    s.write_all(req.as_bytes()).await.expect("send request");
+    let mut raw = Vec::new();
+    match tokio::time::timeout(T, s.read_to_end(&mut raw))
+        .await
+        .expect("the answer took too long")
+    {
+        Ok(_) => {}
+        // A TLS peer that closes without close_notify, after the answer.
+        Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof && !raw.is_empty() => {}
+        Err(e) => panic!("read answer: {e}"),
+    }
+    let split = raw
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .unwrap_or_else(|| panic!("no header end in {:?}", String::from_utf8_lossy(&raw)));
+    let head = String::from_utf8_lossy(&raw[..split]).into_owned();
+    let mut lines = head.split("\r\n");
+    let status: u16 = lines
+        .next()
+        .and_then(|l| l.split(' ').nth(1))
+        .and_then(|c| c.parse().ok())
+        .unwrap_or_else(|| panic!("bad status line in {head:?}"));
+    let headers: Vec<(String, String)> = lines
+        .filter_map(|l| l.split_once(':'))
+        .map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().to_string()))
+        .collect();
+    let mut body = raw[split + 4..].to_vec();
+    if headers
+        .iter()
+        .any(|(k, v)| k == "transfer-encoding" && v.contains("chunked"))
+    {
+        body = unchunk(&body);
+    }
+    Resp {
+        status,
+        headers,
+        body,
+    }
+}
+
+async fn get(addr: SocketAddr, path: &str) -> Resp {
+    request(addr, "GET", path, None).await
+}
+
+/// Start a daemon with an HTTP port; returns it and the HTTP address.
+fn daemon(extra: &[&str]) -> (Daemon, SocketAddr) {
+    let port = free_port();
+    let mut args = vec!["--http-port".to_string(), port.to_string()];
+    args.extend(extra.iter().map(|s| s.to_string()));
+    let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+    let d = Daemon::start(&refs);
+    let addr = SocketAddr::new("127.0.0.1".parse().expect("ip"), port);
+    (d, addr)
+}
+
+/// `/metrics`, parsed.
+async fn scrape(addr: SocketAddr) -> Scrape {
+    let r = get(addr, "/metrics").await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert!(
+        r.header("content-type")
+            .is_some_and(|c| c.starts_with("text/plain")),
+        "content type {:?}",
+        r.header("content-type")
+    );
+    Scrape::parse(r.text().lines().map(|l| Ok(l.to_string()))).expect("Prometheus text")
+}
+
+/// The value of the sample `name` with these labels (counter, gauge or
+/// untyped, e.g. a histogram's `_count`).
+fn value(s: &Scrape, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
+    s.samples
+        .iter()
+        .find(|x| x.metric == name && labels.iter().all(|(k, v)| x.labels.get(k) == Some(*v)))
+        .and_then(|x| match x.value {
+            Value::Counter(v) | Value::Gauge(v) | Value::Untyped(v) => Some(v),
+            _ => None,
+        })
+}
+
+fn must(s: &Scrape, name: &str, labels: &[(&str, &str)]) -> f64 {
+    value(s, name, labels).unwrap_or_else(|| panic!("no sample {name} {labels:?}"))
+}
+
+/// Scrape until `ok` holds (the daemon counts asynchronously).
+async fn scrape_until(addr: SocketAddr, what: &str, ok: impl Fn(&Scrape) -> bool) -> Scrape {
+    let deadline = Instant::now() + T;
+    loop {
+        let s = scrape(addr).await;
+        if ok(&s) {
+            return s;
+        }
+        if Instant::now() > deadline {
+            panic!("metrics never showed {what}");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+fn hex32(id: &Identity) -> String {
+    id.uuid.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+#[tokio::test]
+async fn endpoints_answer_and_metrics_follow_traffic() {
+    let (d, http) = daemon(&[]);
+
+    let h = get(http, "/healthz").await;
+    assert_eq!(h.status, 200);
+    assert_eq!(h.json()["status"], "ok");
+
+    let s = scrape(http).await;
+    assert_eq!(must(&s, "vspc_vms", &[]), 0.0);
+    assert_eq!(
+        must(
+            &s,
+            "vspc_build_info",
+            &[("version", env!("CARGO_PKG_VERSION"))]
+        ),
+        1.0
+    );
+    assert_eq!(
+        must(&s, "vspc_backend_queued_bytes", &[("backend", "Memory")]),
+        0.0
+    );
+    assert_eq!(
+        must(
+            &s,
+            "vspc_backend_dropped_events_total",
+            &[("backend", "Memory")]
+        ),
+        0.0
+    );
+    for sample in &s.samples {
+        assert!(sample.metric.starts_with("vspc_"), "{}", sample.metric);
+        for k in sample.labels.keys() {
+            assert!(
+                !["vm", "name", "uuid"].contains(&k.as_str()),
+                "per-VM label on {}",
+                sample.metric
+            );
+        }
+    }
+
+    let id = Identity::numbered(7100);
+    let (vm, port) = vm_up(&d, &id).await;
+    let console = console_synced(&vm, &d, port).await;
+    vm.send(b"hello from the VM\r\n").await.expect("VM output");
+    console.send(b"typed").await.expect("console input");
+    assert_eq!(
+        vm.read_exact_data(5, T)
+            .await
+            .expect("input reaches the VM"),
+        b"typed"
+    );
+
+    let s = scrape_until(http, "the VM's output", |s| {
+        value(s, "vspc_vm_to_console_bytes_total", &[]).unwrap_or(0.0) >= 19.0
+    })
+    .await;
+    assert_eq!(must(&s, "vspc_vms", &[]), 1.0);
+    assert_eq!(must(&s, "vspc_vms_connected", &[]), 1.0);
+    assert_eq!(must(&s, "vspc_consoles", &[]), 1.0);
+    assert!(must(&s, "vspc_console_to_vm_bytes_total", &[]) >= 5.0);
+    assert!(
+        must(
+            &s,
+            "vspc_connections_accepted_total",
+            &[("listener", "proxy")]
+        ) >= 1.0
+    );
+    assert!(
+        must(
+            &s,
+            "vspc_connections_accepted_total",
+            &[("listener", "console")]
+        ) >= 1.0
+    );
+    assert!(
+        must(
+            &s,
+            "vspc_connections_accepted_total",
+            &[("listener", "http")]
+        ) >= 2.0
+    );
+    assert!(
+        must(
+            &s,
+            "vspc_connections_accepted_total",
+            &[("listener", "admin")]
+        ) >= 1.0
+    );
+    assert_eq!(
+        must(&s, "vspc_accept_errors_total", &[("listener", "proxy")]),
+        0.0
+    );
+    assert_eq!(
+        must(
+            &s,
+            "vspc_tls_handshake_failures_total",
+            &[("listener", "proxy")]
+        ),
+        0.0
+    );
+    assert_eq!(must(&s, "vspc_console_skipped_bytes_total", &[]), 0.0);
+
+    // The listing and one VM, by name and by two spellings of its uuid.
+    let all = get(http, "/api/v1/vms").await;
+    assert_eq!(all.status, 200);
+    let list = all.json();
+    let rows = list["vms"].as_array().expect("vms array");
+    assert_eq!(rows.len(), 1);
+    let row = &rows[0];
+    assert_eq!(row["name"], id.name.as_str());
+    assert_eq!(row["uuid"], id.uuid_display().as_str());
+    assert_eq!(row["port"], port);
+    assert_eq!(row["vm_connected"], true);
+    assert_eq!(row["consoles"], 1);
+    assert!(row["bytes_from_vm"].as_u64().unwrap_or(0) >= 19, "{row}");
+    assert!(row["bytes_to_vm"].as_u64().unwrap_or(0) >= 5, "{row}");
+    assert!(
+        row["peer"].as_str().unwrap_or("").starts_with("127.0.0.1:"),
+        "{row}"
+    );
+    let since = row["connected_since"].as_str().unwrap_or("");
+    assert!(since.len() == 20 && since.ends_with('Z'), "{row}");
+    for key in [id.name.clone(), id.uuid_display(), hex32(&id)] {
+        let one = get(http, &format!("/api/v1/vms/{key}")).await;
+        assert_eq!(one.status, 200, "{key}: {}", one.text());
+        assert_eq!(one.json()["name"], id.name.as_str());
+    }
+
+    // The 404s, as JSON.
+    let none = get(http, "/api/v1/vms/no-such-vm").await;
+    assert_eq!(none.status, 404);
+    assert!(none.json()["error"]
+        .as_str()
+        .is_some_and(|e| e.contains("no-such-vm")));
+    let route = get(http, "/nowhere").await;
+    assert_eq!(route.status, 404);
+    assert!(route.json()["error"].is_string());
+    // The Memory backend keeps no transcript.
+    let log = get(http, &format!("/console_log/{}", hex32(&id))).await;
+    assert_eq!(log.status, 404, "{}", log.text());
+    assert!(log.json()["error"].is_string());
+
+    // Clearing (no token file: loopback is trusted) disconnects the console
+    // and counts it.
+    let cleared = request(
+        http,
+        "POST",
+        &format!("/api/v1/vms/{}/clear", id.name),
+        None,
+    )
+    .await;
+    assert_eq!(cleared.status, 200, "{}", cleared.text());
+    assert_eq!(cleared.json()["cleared"], 1);
+    let s = scrape_until(http, "the cleared console", |s| {
+        value(
+            s,
+            "vspc_console_disconnects_total",
+            &[("reason", "cleared")],
+        ) == Some(1.0)
+    })
+    .await;
+    assert_eq!(must(&s, "vspc_consoles", &[]), 0.0);
+    drop(console);
+}
+
+#[tokio::test]
+async fn a_vmotion_moves_the_outcome_counters_and_the_histograms() {
+    let (d, http) = daemon(&[]);
+    let id = Identity::numbered(7200);
+    let (src, _port) = vm_up(&d, &id).await;
+    let seq = [7u8, 2, 0, 0];
+    let cookie = match src.begin_vmotion(&seq).await.expect("BEGIN") {
+        VmotionReply::GoAhead { cookie } => cookie,
+        other => panic!("wanted GOAHEAD, got {other:?}"),
+    };
+    // A second BEGIN while one is pending: NOTNOW.
+    assert_eq!(
+        src.begin_vmotion(&[9, 9, 9, 9]).await.expect("BEGIN"),
+        VmotionReply::NotNow
+    );
+    // A PEER with a wrong cookie gets silence, and is counted.
+    let mut wrong = cookie.clone();
+    let last = wrong.len() - 1;
+    wrong[last] ^= 1;
+    let stray = SimVm::start(
+        TcpStream::connect(d.proxy).await.expect("connect"),
+        &Identity::numbered(7201),
+        Role::Destination { cookie: wrong },
+        &VmOptions {
+            timeout: Duration::from_millis(500),
+            ..VmOptions::default()
+        },
+    );
+    assert!(
+        stray.wait_ready().await.is_err(),
+        "a wrong cookie was answered"
+    );
+    let dest = SimVm::connect_destination(d.proxy, &id, &cookie)
+        .await
+        .expect("PEER");
+    dest.complete(&seq).await.expect("COMPLETE");
+    let s = scrape_until(http, "the completed vMotion", |s| {
+        value(s, "vspc_vmotions_total", &[("outcome", "complete")]) == Some(1.0)
+    })
+    .await;
+    assert_eq!(
+        must(&s, "vspc_vmotions_total", &[("outcome", "notnow")]),
+        1.0
+    );
+    assert_eq!(
+        must(&s, "vspc_vmotions_total", &[("outcome", "refused_peer")]),
+        1.0
+    );
+    assert_eq!(
+        must(&s, "vspc_vmotions_total", &[("outcome", "abort")]),
+        0.0
+    );
+    assert_eq!(
+        must(&s, "vspc_vmotions_total", &[("outcome", "timeout")]),
+        0.0
+    );
+    assert_eq!(must(&s, "vspc_vmotion_goahead_seconds_count", &[]), 1.0);
+    assert_eq!(must(&s, "vspc_vmotion_complete_seconds_count", &[]), 1.0);
+    let buckets = s
+        .samples
+        .iter()
+        .find(|x| x.metric == "vspc_vmotion_complete_seconds")
+        .map(|x| x.value.clone());
+    match buckets {
+        Some(Value::Histogram(b)) => {
+            let inf = b.iter().find(|c| c.less_than.is_infinite()).expect("+Inf");
+            assert_eq!(inf.count, 1.0);
+        }
+        other => panic!("no complete-time histogram: {other:?}"),
+    }
+
+    // An ABORT on the new carrier counts too.
+    let seq2 = [7u8, 2, 0, 1];
+    assert!(matches!(
+        dest.begin_vmotion(&seq2).await.expect("BEGIN"),
+        VmotionReply::GoAhead { .. }
+    ));
+    dest.abort().await.expect("ABORT");
+    let s = scrape_until(http, "the aborted vMotion", |s| {
+        value(s, "vspc_vmotions_total", &[("outcome", "abort")]) == Some(1.0)
+    })
+    .await;
+    assert_eq!(must(&s, "vspc_vmotion_goahead_seconds_count", &[]), 2.0);
+    assert_eq!(must(&s, "vspc_vms_connected", &[]), 1.0);
+    let one = get(http, &format!("/api/v1/vms/{}", id.name)).await;
+    assert_eq!(one.json()["vm_connected"], true);
+}
+
+#[tokio::test]
+async fn console_log_returns_the_tail_of_a_logging_transcript() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let logdir = dir.path().display().to_string();
+    let (d, http) = daemon(&["--backend", "Logging", "-l", &logdir]);
+    let id = Identity::numbered(7300);
+    let (vm, _port) = vm_up(&d, &id).await;
+    vm.send(b"first line\r\nsecond line\r\n")
+        .await
+        .expect("VM output");
+    let deadline = Instant::now() + T;
+    let whole = loop {
+        let r = get(http, &format!("/console_log/{}", hex32(&id))).await;
+        if r.status == 200 && r.body.ends_with(b"second line\r\n") {
+            break r;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no transcript: {} {}",
+            r.status,
+            r.text()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!(whole.body, b"first line\r\nsecond line\r\n");
+    assert_eq!(
+        whole.header("content-type"),
+        Some("application/octet-stream")
+    );
+    // The last N bytes, with the uuid in the listing's spelling.
+    let tail = get(
+        http,
+        &format!("/console_log/{}?bytes=13", id.uuid_display()),
+    )
+    .await;
+    assert_eq!(tail.status, 200);
+    assert_eq!(tail.body, b"second line\r\n");
+    let bad = get(http, &format!("/console_log/{}?bytes=x", hex32(&id))).await;
+    assert_eq!(bad.status, 400);
+    assert!(bad.json()["error"].is_string());
+    let unknown = get(http, "/console_log/00000000000000000000000000000000").await;
+    assert_eq!(unknown.status, 404);
+    assert!(unknown.json()["error"].is_string());
+}
+
+#[tokio::test]
+async fn tokens_are_required_and_read_only_ones_cannot_write() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let file = dir.path().join("tokens");
+    std::fs::write(
+        &file,
+        "# who may ask\nwrite-token-1234\nread-token-5678 ro  # dashboards\n",
+    )
+    .expect("write token file");
+    let file = file.display().to_string();
+    let (d, http) = daemon(&["--http-token-file", &file]);
+    let id = Identity::numbered(7400);
+    let (_vm, _port) = vm_up(&d, &id).await;
+
+    // Health needs no token.
+    assert_eq!(get(http, "/healthz").await.status, 200);
+    for path in ["/metrics", "/api/v1/vms", "/api/v1/vms/no-such-vm"] {
+        let r = request(http, "GET", path, None).await;
+        assert_eq!(r.status, 401, "{path} without a token");
+        assert!(r.json()["error"].is_string());
+        assert_eq!(r.header("www-authenticate"), Some("Bearer"));
+        let r = request(http, "GET", path, Some("wrong-token")).await;
+        assert_eq!(r.status, 401, "{path} with a wrong token");
+        assert!(r.json()["error"].is_string());
+    }
+    let r = request(http, "GET", "/api/v1/vms", Some("read-token-5678")).await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.json()["vms"][0]["name"], id.name.as_str());
+    let r = request(http, "GET", "/metrics", Some("write-token-1234")).await;
+    assert_eq!(r.status, 200);
+    // A known token still gets a 404 for an unknown VM.
+    let r = request(
+        http,
+        "GET",
+        "/api/v1/vms/no-such-vm",
+        Some("read-token-5678"),
+    )
+    .await;
+    assert_eq!(r.status, 404);
+
+    let clear = format!("/api/v1/vms/{}/clear", id.name);
+    let r = request(http, "POST", &clear, Some("read-token-5678")).await;
+    assert_eq!(r.status, 403, "{}", r.text());
+    assert!(r.json()["error"]
+        .as_str()
+        .is_some_and(|e| e.contains("read-only")));
+    let r = request(http, "POST", &clear, None).await;
+    assert_eq!(r.status, 401);
+    let r = request(http, "POST", &clear, Some("write-token-1234")).await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.json()["cleared"], 0);
+}
+
+#[tokio::test]
+async fn the_http_port_speaks_tls_with_http_cert() {
+    let crt = cert_path("server.crt").display().to_string();
+    let key = cert_path("server.key").display().to_string();
+    let (_d, http) = daemon(&["--http-cert", &crt, "--http-key", &key]);
+    let tls = tls_connect(http).await.expect("TLS handshake");
+    let r = exchange(tls, http, "GET", "/healthz", None).await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    // Plain HTTP on the TLS port fails its handshake, and is counted.
+    let mut plain = TcpStream::connect(http).await.expect("connect");
+    plain
+        .write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .expect("write");
+    let mut sink = Vec::new();
+    let _ = tokio::time::timeout(T, plain.read_to_end(&mut sink)).await;
+    let deadline = Instant::now() + T;
+    loop {
+        let tls = tls_connect(http).await.expect("TLS handshake");
+        let r = exchange(tls, http, "GET", "/metrics", None).await;
+        assert_eq!(r.status, 200);
+        let s = Scrape::parse(r.text().lines().map(|l| Ok(l.to_string()))).expect("parse");
+        if value(
+            &s,
+            "vspc_tls_handshake_failures_total",
+            &[("listener", "http")],
+        ) >= Some(1.0)
+        {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the failed handshake was not counted"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[test]
+fn start_up_refuses_an_open_http_port_and_a_malformed_token_file() {
+    let (proxy, admin, http) = (free_port(), free_port(), free_port());
+    let ports = |extra: &[&str]| {
+        let mut v: Vec<String> = [
+            "--proxy-iface",
+            "127.0.0.1",
+            "--proxy-port",
+            &proxy.to_string(),
+            "--admin-port",
+            &admin.to_string(),
+            "--http-port",
+            &http.to_string(),
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        v.extend(extra.iter().map(|s| s.to_string()));
+        v
+    };
+    let run = |args: Vec<String>| {
+        let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+        run_to_exit(&refs, Duration::from_secs(10))
+    };
+
+    let out = run(ports(&["--http-iface", "0.0.0.0"]));
+    assert_eq!(out.status.and_then(|s| s.code()), Some(1), "{}", out.stderr);
+    assert!(
+        out.stderr.contains("0.0.0.0") && out.stderr.contains("--http-token-file"),
+        "{}",
+        out.stderr
+    );
+
+    let dir = tempfile::tempdir().expect("tempdir");
+    let file = dir.path().join("tokens");
+    std::fs::write(&file, "good-token\n\ngood-token-2 admin\n").expect("write");
+    let path = file.display().to_string();
+    let out = run(ports(&["--http-token-file", &path]));
+    assert_eq!(out.status.and_then(|s| s.code()), Some(1), "{}", out.stderr);
+    assert!(
+        out.stderr.contains(&path) && out.stderr.contains("line 3"),
+        "{}",
+        out.stderr
+    );
+}

@@ -1,0 +1,667 @@
+//! The HTTP API and `/metrics`: one listener (`--http-port`, 13372, on
+//! `--http-iface`, 127.0.0.1) on the daemon's own tokio runtime, served by
+//! axum, optionally over TLS (`--http-cert`/`--http-key`, the same rustls
+//! ring provider as the proxy port).
+//!
+//! | route | what |
+//! | --- | --- |
+//! | `GET /healthz` | 200 while the daemon's listeners are up |
+//! | `GET /metrics` | Prometheus text ([`crate::metrics`]) |
+//! | `GET /api/v1/vms` | every VM, as the admin listing plus connection facts |
+//! | `GET /api/v1/vms/{vm}` | one VM, by name or uuid in any spelling |
+//! | `POST /api/v1/vms/{vm}/clear` | disconnect the VM's consoles (a write) |
+//! | `GET /console_log/{uuid}?bytes=N` | the tail of the VM's transcript, from the backends |
+//!
+//! With `--http-token-file`, every route but `/healthz` needs
+//! `Authorization: Bearer TOKEN`; a read-only (`ro`) token may only read.
+//! Errors are JSON `{"error": "..."}`: 401 for a missing or unknown token,
+//! 403 for a read-only token on a write, 404 for an unknown VM or route.
+//! Listening beyond loopback without a token file is refused at start-up
+//! ([`check_exposure`]). The HTTP code never opens files: transcripts come
+//! from the backends ([`crate::backend_host::Backends::console_log`]).
+
+use crate::hub::{Hub, VmStatus};
+use crate::metrics::Listener as Which;
+use axum::extract::{Path, Query, Request, State};
+use axum::http::{header, HeaderValue, Method, StatusCode};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use serde_json::{json, Value};
+use std::net::{IpAddr, SocketAddr};
+use std::path::Path as FsPath;
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
+use tokio::net::{TcpListener, TcpStream};
+use tokio_rustls::TlsAcceptor;
+
+/// The HTTP port when `--http-port` is not given.
+pub const DEFAULT_PORT: u16 = 13372;
+
+/// How many transcript bytes `/console_log` returns without `?bytes=`.
+pub const DEFAULT_LOG_BYTES: usize = 100 * 1024;
+
+/// The most `/console_log` returns at once (`?bytes=` is capped here), so
+/// a request cannot make the daemon read a whole large transcript into
+/// memory.
+pub const MAX_LOG_BYTES: usize = 16 << 20;
+
+/// What a token allows.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Right {
+    /// GET only.
+    ReadOnly,
+    /// Everything.
+    ReadWrite,
+}
+
+/// The bearer tokens of `--http-token-file`.
+#[derive(Clone)]
+pub struct Tokens {
+    /// Each token and what it allows, in file order.
+    list: Vec<(String, Right)>,
+}
+
+impl std::fmt::Debug for Tokens {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Never print the secrets themselves.
+        write!(f, "Tokens({} tokens)", self.list.len())
+    }
+}
+
+impl Tokens {
+    /// Read a token file: one token per line, `TOKEN`, `TOKEN rw` (the
+    /// same) or `TOKEN ro`; `#` starts a comment; blank lines are skipped.
+    pub fn load(path: &FsPath) -> Result<Tokens, String> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| format!("cannot read HTTP token file {}: {e}", path.display()))?;
+        Tokens::parse(&text, &path.display().to_string())
+    }
+
+    /// Parse a token file's text; errors name `file` and the line.
+    pub fn parse(text: &str, file: &str) -> Result<Tokens, String> {
+        let mut list = Vec::new();
+        for (i, raw) in text.lines().enumerate() {
+            let at = |why: String| format!("HTTP token file {file}, line {}: {why}", i + 1);
+            let line = raw.split('#').next().unwrap_or("").trim();
+            if line.is_empty() {
+                continue;
+            }
+            let words: Vec<&str> = line.split_whitespace().collect();
+            let (token, right) = match words.as_slice() {
+                [t] => (*t, Right::ReadWrite),
+                [t, "rw"] => (*t, Right::ReadWrite),
+                [t, "ro"] => (*t, Right::ReadOnly),
+                [_, other] => {
+                    return Err(at(format!(
+                        "unknown access {other:?} (write TOKEN, TOKEN ro or TOKEN rw)"
+                    )))
+                }
+                _ => {
+                    return Err(at(format!(
+                        "{} words; expected TOKEN, TOKEN ro or TOKEN rw",
+                        words.len()
+                    )))
+                }
+            };
+            if !token.bytes().all(|b| b.is_ascii_graphic()) {
+                return Err(at(
+                    "the token has characters an HTTP header cannot carry (use printable ASCII)"
+                        .into(),
+                ));
+            }
+            list.push((token.to_string(), right));
+        }
+        if list.is_empty() {
+            return Err(format!("HTTP token file {file} holds no token"));
+        }
+        Ok(Tokens { list })
+    }
+
+    /// What `presented` allows, if it is one of the tokens. Every token is
+    /// compared in full, whatever matches, so timing tells nothing.
+    pub fn check(&self, presented: &str) -> Option<Right> {
+        let mut found = None;
+        for (token, right) in &self.list {
+            if same_bytes(token.as_bytes(), presented.as_bytes()) && found.is_none() {
+                found = Some(*right);
+            }
+        }
+        found
+    }
+}
+
+/// Constant-time comparison for equal lengths.
+fn same_bytes(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+/// Refuse to serve beyond loopback without tokens: the API lists every VM
+/// and its consoles' traffic, and `clear` disconnects people.
+pub fn check_exposure(iface: IpAddr, tokens: bool) -> Result<(), String> {
+    if iface.is_loopback() || tokens {
+        return Ok(());
+    }
+    Err(format!(
+        "--http-iface {iface} is not a loopback address, and without --http-token-file FILE \
+         anyone who can reach it could read every VM's console log and clear its consoles; \
+         give a token file, listen on 127.0.0.1, or turn HTTP off with --no-http"
+    ))
+}
+
+/// Everything the HTTP listener needs.
+#[derive(Clone)]
+pub struct HttpConfig {
+    /// `--http-iface` and `--http-port`.
+    pub addr: SocketAddr,
+    /// `None`: no token needed (loopback only, see [`check_exposure`]).
+    pub tokens: Option<Arc<Tokens>>,
+    /// `--http-cert`/`--http-key`: serve HTTPS.
+    pub tls: Option<TlsAcceptor>,
+    /// Time a TLS client has to finish its handshake.
+    pub handshake_timeout: Duration,
+    /// The port was chosen (flag or config file): failing to bind it stops
+    /// start-up. The default port is best effort, so that several vspc
+    /// instances on one host (which never had an HTTP port) still start.
+    pub required: bool,
+}
+
+/// The routes' shared state.
+#[derive(Clone)]
+struct App {
+    /// Everything the API shows comes from here.
+    hub: Arc<Hub>,
+    /// `None`: no token needed.
+    tokens: Option<Arc<Tokens>>,
+}
+
+/// An error answer: `{"error": "..."}` with its status.
+fn error(status: StatusCode, msg: impl Into<String>) -> Response {
+    (status, Json(json!({ "error": msg.into() }))).into_response()
+}
+
+/// The routes, with the token check in front of them.
+pub fn router(hub: Arc<Hub>, tokens: Option<Arc<Tokens>>) -> Router {
+    let app = App { hub, tokens };
+    Router::new()
+        .route("/healthz", get(healthz))
+        .route("/metrics", get(metrics))
+        .route("/api/v1/vms", get(list_vms))
+        .route("/api/v1/vms/{vm}", get(one_vm))
+        .route("/api/v1/vms/{vm}/clear", post(clear_vm))
+        .route("/console_log/{uuid}", get(console_log))
+        .fallback(|| async { error(StatusCode::NOT_FOUND, "no such endpoint") })
+        .method_not_allowed_fallback(|| async {
+            error(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "method not allowed on this endpoint",
+            )
+        })
+        .layer(middleware::from_fn_with_state(app.clone(), authorize))
+        .with_state(app)
+}
+
+/// The token check: `/healthz` is open; every other route needs a token
+/// when a token file is configured, and a read-write one unless it reads.
+async fn authorize(State(app): State<App>, req: Request, next: Next) -> Response {
+    let Some(tokens) = &app.tokens else {
+        return next.run(req).await;
+    };
+    if req.uri().path() == "/healthz" {
+        return next.run(req).await;
+    }
+    let presented = req
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| {
+            let (scheme, token) = v.trim().split_once(' ')?;
+            scheme
+                .eq_ignore_ascii_case("bearer")
+                .then(|| token.trim().to_string())
+        });
+    let unauthorized = |msg: &str| {
+        let mut r = error(StatusCode::UNAUTHORIZED, msg);
+        r.headers_mut()
+            .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+        r
+    };
+    let Some(presented) = presented else {
+        return unauthorized("this endpoint needs a token: Authorization: Bearer TOKEN");
+    };
+    match tokens.check(&presented) {
+        None => unauthorized("the token is not valid"),
+        Some(Right::ReadOnly) if !matches!(*req.method(), Method::GET | Method::HEAD) => error(
+            StatusCode::FORBIDDEN,
+            "this token is read-only; this request needs a read-write token",
+        ),
+        Some(_) => next.run(req).await,
+    }
+}
+
+async fn healthz(State(app): State<App>) -> Response {
+    Json(json!({ "status": "ok", "vms": app.hub.len() })).into_response()
+}
+
+async fn metrics(State(app): State<App>) -> Response {
+    (
+        [(header::CONTENT_TYPE, crate::metrics::CONTENT_TYPE)],
+        crate::metrics::render(&app.hub),
+    )
+        .into_response()
+}
+
+/// One VM as JSON: the admin listing's fields and the connection's facts.
+fn vm_json(s: &VmStatus) -> Value {
+    json!({
+        "name": s.record.name,
+        "uuid": s.record.uuid,
+        "port": s.record.port,
+        "vm_connected": s.vm_connected,
+        "connected_since": s.connected_since.map(rfc3339),
+        "peer": s.peer.map(|a| a.to_string()),
+        "consoles": s.consoles,
+        "bytes_from_vm": s.bytes_from_vm,
+        "bytes_to_vm": s.bytes_to_vm,
+    })
+}
+
+async fn list_vms(State(app): State<App>) -> Response {
+    let vms: Vec<Value> = app.hub.vms().iter().map(|v| vm_json(&v.status())).collect();
+    Json(json!({ "vms": vms })).into_response()
+}
+
+fn unknown_vm(what: &str) -> Response {
+    error(
+        StatusCode::NOT_FOUND,
+        format!("no VM named or with uuid {what:?}"),
+    )
+}
+
+async fn one_vm(State(app): State<App>, Path(vm): Path<String>) -> Response {
+    match app.hub.find(&vm) {
+        Some(v) => Json(vm_json(&v.status())).into_response(),
+        None => unknown_vm(&vm),
+    }
+}
+
+async fn clear_vm(State(app): State<App>, Path(vm): Path<String>) -> Response {
+    let Some(v) = app.hub.find(&vm) else {
+        return unknown_vm(&vm);
+    };
+    let n = app.hub.clear_consoles(
+        &v,
+        b"\r\nvspc: this console was cleared through the HTTP API; disconnecting.\r\n",
+    );
+    Json(json!({ "cleared": n })).into_response()
+}
+
+/// `?bytes=N` of `/console_log`.
+#[derive(Debug, serde::Deserialize)]
+struct LogQuery {
+    /// Kept as text, so a bad value gets a JSON error rather than axum's.
+    bytes: Option<String>,
+}
+
+async fn console_log(
+    State(app): State<App>,
+    Path(uuid): Path<String>,
+    Query(q): Query<LogQuery>,
+) -> Response {
+    let max = match q.bytes.as_deref().map(str::parse::<usize>) {
+        None => DEFAULT_LOG_BYTES,
+        Some(Ok(n)) if n > 0 => n.min(MAX_LOG_BYTES),
+        Some(_) => {
+            return error(
+                StatusCode::BAD_REQUEST,
+                "bytes must be a positive whole number",
+            )
+        }
+    };
+    let Some(vm) = app.hub.find(&uuid) else {
+        return unknown_vm(&uuid);
+    };
+    match app.hub.backend().console_log(vm.record(), max).await {
+        Some(log) => ([(header::CONTENT_TYPE, "application/octet-stream")], log).into_response(),
+        None => error(
+            StatusCode::NOT_FOUND,
+            format!(
+                "no transcript of VM {:?} (the backends keep none: use --backend Logging)",
+                vm.name()
+            ),
+        ),
+    }
+}
+
+/// RFC 3339 in UTC, to the second (`2026-11-30T12:00:00Z`).
+pub fn rfc3339(t: SystemTime) -> String {
+    let secs = t
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
+    let (days, rem) = (secs / 86_400, secs % 86_400);
+    // Howard Hinnant's civil_from_days, for days since 1970-01-01.
+    let z = days as i64 + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    format!(
+        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z",
+        rem / 3600,
+        rem / 60 % 60,
+        rem % 60
+    )
+}
+
+/// The plain TCP listener, counting accepts and accept errors.
+struct Plain {
+    /// The bound HTTP port.
+    inner: TcpListener,
+    /// Whose metrics count the accepts.
+    hub: Arc<Hub>,
+    /// When an accept error was last logged (at most once a second).
+    last_warn: Option<Instant>,
+}
+
+impl axum::serve::Listener for Plain {
+    type Io = TcpStream;
+    type Addr = SocketAddr;
+
+    async fn accept(&mut self) -> (TcpStream, SocketAddr) {
+        loop {
+            match self.inner.accept().await {
+                Ok(conn) => {
+                    self.hub.metrics().accepted(Which::Http);
+                    return conn;
+                }
+                Err(e) => {
+                    self.hub.metrics().accept_error(Which::Http);
+                    let pause =
+                        crate::net::acceptor::accept_failed("HTTP port", &e, &mut self.last_warn);
+                    tokio::time::sleep(pause).await;
+                }
+            }
+        }
+    }
+
+    fn local_addr(&self) -> std::io::Result<SocketAddr> {
+        self.inner.local_addr()
+    }
+}
+
+/// The TLS listener: handshakes run in tasks of their own (a slow client
+/// never holds up the next), finished streams come through a channel.
+struct Tls {
+    /// Connections whose handshake finished, from the accepting task.
+    rx: tokio::sync::mpsc::Receiver<(tokio_rustls::server::TlsStream<TcpStream>, SocketAddr)>,
+    /// The listener's own address.
+    addr: SocketAddr,
+}
+
+impl Tls {
+    fn start(plain: Plain, acceptor: TlsAcceptor, limit: Duration) -> std::io::Result<Tls> {
+        let addr = plain.inner.local_addr()?;
+        let (tx, rx) = tokio::sync::mpsc::channel(64);
+        let hub = plain.hub.clone();
+        let mut plain = plain;
+        tokio::spawn(async move {
+            loop {
+                let (tcp, peer) = axum::serve::Listener::accept(&mut plain).await;
+                let (tx, acceptor, hub) = (tx.clone(), acceptor.clone(), hub.clone());
+                tokio::spawn(async move {
+                    match tokio::time::timeout(limit, acceptor.accept(tcp)).await {
+                        Ok(Ok(tls)) => {
+                            let _ = tx.send((tls, peer)).await;
+                        }
+                        Ok(Err(e)) => {
+                            hub.metrics().tls_failure(Which::Http);
+                            tracing::debug!(%peer, "HTTP TLS handshake failed: {e}");
+                        }
+                        Err(_) => {
+                            hub.metrics().tls_failure(Which::Http);
+                            tracing::debug!(%peer, "HTTP TLS handshake timed out");
+                        }
+                    }
+                });
+            }
+        });
+        Ok(Tls { rx, addr })
+    }
+}
+
+impl axum::serve::Listener for Tls {
+    type Io = tokio_rustls::server::TlsStream<TcpStream>;
+    type Addr = SocketAddr;
+
+    async fn accept(&mut self) -> (Self::Io, SocketAddr) {
+        match self.rx.recv().await {
+            Some(conn) => conn,
+            // The accepting task is gone (it never ends): accept nothing.
+            None => std::future::pending().await,
+        }
+    }
+
+    fn local_addr(&self) -> std::io::Result<SocketAddr> {
+        Ok(self.addr)
+    }
+}
+
+/// Serve the API on `listener` (bound by the caller) until the process
+/// stops.
+pub async fn serve(listener: TcpListener, hub: Arc<Hub>, cfg: HttpConfig) {
+    let app = router(hub.clone(), cfg.tokens.clone());
+    let plain = Plain {
+        inner: listener,
+        hub,
+        last_warn: None,
+    };
+    let result = match cfg.tls {
+        None => axum::serve(plain, app).await,
+        Some(acceptor) => match Tls::start(plain, acceptor, cfg.handshake_timeout) {
+            Ok(tls) => axum::serve(tls, app).await,
+            Err(e) => Err(e),
+        },
+    };
+    if let Err(e) = result {
+        tracing::error!("the HTTP listener stopped: {e}");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn token_files_parse_with_rights_and_comments() {
+        let t = Tokens::parse(
+            "# operators\nalpha\nbeta rw   # the CI\n\n  gamma ro\r\n",
+            "t.txt",
+        )
+        .expect("valid");
+        assert_eq!(t.check("alpha"), Some(Right::ReadWrite));
+        assert_eq!(t.check("beta"), Some(Right::ReadWrite));
+        assert_eq!(t.check("gamma"), Some(Right::ReadOnly));
+        assert_eq!(t.check("gamm"), None);
+        assert_eq!(t.check(""), None);
+        assert!(
+            !format!("{t:?}").contains("alpha"),
+            "tokens must not be printed"
+        );
+    }
+
+    #[test]
+    fn malformed_token_lines_name_the_file_and_line() {
+        let e = Tokens::parse("ok\n\nbad rx\n", "/etc/vspc/tokens").unwrap_err();
+        assert!(
+            e.contains("/etc/vspc/tokens, line 3") && e.contains("\"rx\""),
+            "{e}"
+        );
+        let e = Tokens::parse("a ro extra\n", "f").unwrap_err();
+        assert!(e.contains("f, line 1") && e.contains("3 words"), "{e}");
+        let e = Tokens::parse("# only a comment\n\n", "f").unwrap_err();
+        assert!(e.contains("holds no token"), "{e}");
+        let e = Tokens::parse("caf\u{e9}\n", "f").unwrap_err();
+        assert!(e.contains("line 1"), "{e}");
+    }
+
+    #[test]
+    fn only_loopback_goes_without_tokens() {
+        assert!(check_exposure("127.0.0.1".parse().expect("ip"), false).is_ok());
+        assert!(check_exposure("::1".parse().expect("ip"), false).is_ok());
+        assert!(check_exposure("0.0.0.0".parse().expect("ip"), true).is_ok());
+        let e = check_exposure("0.0.0.0".parse().expect("ip"), false).unwrap_err();
+        assert!(e.contains("--http-token-file"), "{e}");
+    }
+
+    /// One request over a fresh connection; (status, body).
+    async fn ask(addr: SocketAddr, head: &str) -> (u16, String) {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut s = TcpStream::connect(addr).await.expect("connect");
+        let req = format!("{head}\r\nHost: x\r\nConnection: close\r\nContent-Length: 0\r\n\r\n");
+        s.write_all(req.as_bytes()).await.expect("write");
+        let mut raw = String::new();
+        s.read_to_string(&mut raw).await.expect("read");
+        let status = raw
+            .split(' ')
+            .nth(1)
+            .and_then(|c| c.parse().ok())
+            .expect("status");
+        let body = raw.split_once("\r\n\r\n").map(|(_, b)| b).unwrap_or("");
+        (status, body.to_string())
+    }
+
+    #[tokio::test]
+    async fn routes_and_tokens_in_process() {
+        let hub = Hub::new(
+            crate::hub::HubConfig {
+                port_range_start: 1,
+                vm_ports: false,
+                interface: "127.0.0.1".parse().expect("ip"),
+                expire: Duration::from_secs(60),
+                vmotion_timeout: Duration::from_secs(60),
+                client_limit: None,
+                console_queue: 1 << 20,
+                console_protocol: crate::hub::ConsoleProtocol::Auto,
+                console_stall: None,
+            },
+            crate::backend_host::Backends::spawn(Vec::new(), 1 << 20).expect("backends"),
+        );
+        let id = crate::hub::Identity {
+            key: "0".repeat(32),
+            uuid: "0000000000000000-0000000000000000".into(),
+            name: "web-1".into(),
+        };
+        let peer = hub.new_peer(1 << 20, crate::outbox::Encoding::Raw);
+        hub.attach_vm(&id, peer).expect("attach");
+        let tokens = Tokens::parse("rw-token\nro-token ro\n", "t").expect("tokens");
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let cfg = HttpConfig {
+            addr,
+            tokens: Some(Arc::new(tokens)),
+            tls: None,
+            handshake_timeout: Duration::from_secs(1),
+            required: true,
+        };
+        tokio::spawn(serve(listener, hub.clone(), cfg));
+
+        assert_eq!(ask(addr, "GET /healthz HTTP/1.1").await.0, 200);
+        let (code, body) = ask(addr, "GET /api/v1/vms HTTP/1.1").await;
+        assert_eq!(code, 401, "{body}");
+        assert!(body.contains("\"error\""), "{body}");
+        let (code, body) = ask(
+            addr,
+            "GET /api/v1/vms HTTP/1.1\r\nAuthorization: Bearer ro-token",
+        )
+        .await;
+        assert_eq!(code, 200, "{body}");
+        assert!(body.contains("\"name\":\"web-1\""), "{body}");
+        let (code, _) = ask(
+            addr,
+            "GET /api/v1/vms HTTP/1.1\r\nAuthorization: Bearer nope",
+        )
+        .await;
+        assert_eq!(code, 401);
+        let (code, body) = ask(
+            addr,
+            "POST /api/v1/vms/web-1/clear HTTP/1.1\r\nAuthorization: Bearer ro-token",
+        )
+        .await;
+        assert_eq!(code, 403, "{body}");
+        let (code, body) = ask(
+            addr,
+            "POST /api/v1/vms/web-1/clear HTTP/1.1\r\nAuthorization: bearer rw-token",
+        )
+        .await;
+        assert_eq!((code, body.as_str()), (200, "{\"cleared\":0}"));
+        let (code, body) = ask(
+            addr,
+            "GET /api/v1/vms/nope HTTP/1.1\r\nAuthorization: Bearer rw-token",
+        )
+        .await;
+        assert_eq!(code, 404, "{body}");
+        let (code, body) = ask(
+            addr,
+            "GET /console_log/00000000-0000-0000-0000-000000000000 HTTP/1.1\r\nAuthorization: Bearer rw-token",
+        )
+        .await;
+        assert_eq!(code, 404, "no backend keeps transcripts: {body}");
+        let (code, body) = ask(
+            addr,
+            "GET /metrics HTTP/1.1\r\nAuthorization: Bearer ro-token",
+        )
+        .await;
+        assert_eq!(code, 200);
+        assert!(body.contains("vspc_vms 1\n"), "{body}");
+        assert!(
+            body.contains("vspc_connections_accepted_total{listener=\"http\"}"),
+            "{body}"
+        );
+    }
+
+    #[test]
+    fn flags_and_config_file_take_the_http_settings() {
+        use crate::config::Config;
+        let argv = |a: &[&str]| {
+            a.iter()
+                .map(|s| std::ffi::OsString::from(*s))
+                .collect::<Vec<_>>()
+        };
+        let c = Config::from_argv(argv(&["vspc"])).expect("defaults");
+        assert_eq!(c.http_port, None, "the default port is best effort");
+        assert_eq!(c.http_iface.to_string(), "127.0.0.1");
+        assert!(!c.no_http && c.http_token_file.is_none() && c.http_cert.is_none());
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("vspc.toml");
+        std::fs::write(
+            &path,
+            "http-port = 8080\nhttp-iface = \"::1\"\nhttp-token-file = \"/etc/vspc/tokens\"\n",
+        )
+        .expect("write");
+        let file = path.display().to_string();
+        let c = Config::from_argv(argv(&["vspc", "--config", &file])).expect("config file");
+        assert_eq!(c.http_port, Some(8080));
+        assert_eq!(c.http_iface.to_string(), "::1");
+        assert_eq!(
+            c.http_token_file.as_deref(),
+            Some(FsPath::new("/etc/vspc/tokens"))
+        );
+        let c = Config::from_argv(argv(&["vspc", "--no-http"])).expect("--no-http");
+        assert!(c.no_http);
+        assert!(Config::from_argv(argv(&["vspc", "--http-key", "k.pem"])).is_err());
+    }
+
+    #[test]
+    fn rfc3339_dates() {
+        let at = |s: u64| rfc3339(SystemTime::UNIX_EPOCH + Duration::from_secs(s));
+        assert_eq!(at(0), "1970-01-01T00:00:00Z");
+        assert_eq!(at(951_782_400), "2000-02-29T00:00:00Z");
+        assert_eq!(at(1_796_040_000), "2026-11-30T12:00:00Z");
+    }
+}
