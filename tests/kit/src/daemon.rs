@@ -2,22 +2,24 @@
 //! log, query its admin port, connect over TLS, and make test data. The
 //! end-to-end tests and the load tool both start daemons through it.
 //!
-//! Every daemon gets its own proxy and admin ports and its own console port
-//! range, picked at random in 20000..32000 and checked with a bind first, so
-//! test processes running side by side do not collide. The daemon is killed
-//! (SIGKILL) when its [`Daemon`] is dropped, and its log is printed when the
-//! test is failing (or always, with `VSPC_TEST_LOG=1`).
+//! By default every daemon gets its own proxy and admin ports and its own
+//! console port range, picked at random in 20000..32000 and checked with a
+//! bind first, so test processes running side by side do not collide; the
+//! load tool gives fixed ports, its own binary, a log file and a process
+//! group of the daemon's own instead (see [`DaemonBuilder`]). The daemon is
+//! killed (SIGKILL) when its [`Daemon`] is dropped, unless it was stopped
+//! before ([`Daemon::terminate`]), and its log is printed when the test is
+//! failing (or always, with `VSPC_TEST_LOG=1`).
 
 use std::collections::HashSet;
-use std::io::{BufRead, BufReader, Read};
 use std::net::{SocketAddr, TcpListener, TcpStream as StdTcpStream};
 use std::path::PathBuf;
-use std::process::{Child, Command, ExitStatus, Stdio};
+use std::process::{Command, ExitStatus, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
-use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
+use crate::process::{collect, LogTo, Process};
 use crate::sim::{Identity, Received, SimConsole, SimVm};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -102,7 +104,7 @@ pub fn free_range(len: u16) -> u16 {
 
 /// A running `vspc` process.
 pub struct Daemon {
-    child: Child,
+    process: Process,
     /// Where simulated VMs connect.
     pub proxy: SocketAddr,
     /// The admin (query) port.
@@ -111,8 +113,6 @@ pub struct Daemon {
     pub range_start: u16,
     /// Address of the admin and console listeners.
     pub local: std::net::IpAddr,
-    log: Arc<Mutex<String>>,
-    log_threads: Vec<JoinHandle<()>>,
 }
 
 /// Options for [`Daemon`]; ports are added by [`DaemonBuilder::start`].
@@ -129,6 +129,10 @@ pub struct DaemonBuilder {
     proxy_port: Option<u16>,
     admin_port: Option<u16>,
     range_start: Option<u16>,
+    /// The binary ([`bin`] when `None`).
+    binary: Option<PathBuf>,
+    log_to: LogTo,
+    own_group: bool,
 }
 
 impl DaemonBuilder {
@@ -184,6 +188,27 @@ impl DaemonBuilder {
         self
     }
 
+    /// Run this binary instead of [`bin`].
+    pub fn binary(mut self, path: impl Into<PathBuf>) -> Self {
+        self.binary = Some(path.into());
+        self
+    }
+
+    /// Write the daemon's log to a file in a new directory `PREFIX.*` in
+    /// the temporary directory, kept after a failure, instead of keeping
+    /// it in memory (see [`LogTo::TempDir`]).
+    pub fn log_to_temp_dir(mut self, prefix: &str) -> Self {
+        self.log_to = LogTo::TempDir(prefix.into());
+        self
+    }
+
+    /// Start the daemon in a process group of its own, so that a terminal's
+    /// Ctrl-C reaches only the caller (which then stops it).
+    pub fn own_process_group(mut self) -> Self {
+        self.own_group = true;
+        self
+    }
+
     /// The proxy port, admin port and console range of `d`: for starting
     /// the daemon again after [`Daemon::kill9`].
     pub fn same_ports_as(self, d: &Daemon) -> Self {
@@ -196,8 +221,22 @@ impl DaemonBuilder {
     /// if it does not come up. Retries with other ports if a port was taken
     /// by someone else in the meantime.
     pub fn start(self) -> Daemon {
-        let ip: std::net::IpAddr = self.proxy_iface.parse().expect("proxy iface is an IP");
-        let local: std::net::IpAddr = self.local_iface.parse().expect("local iface is an IP");
+        self.try_start().unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    /// [`DaemonBuilder::start`], with the failure as a value: what went
+    /// wrong, the daemon's exit status and last log line if it exited, and
+    /// its log (or where it is).
+    pub fn try_start(self) -> Result<Daemon, String> {
+        let ip: std::net::IpAddr = self
+            .proxy_iface
+            .parse()
+            .map_err(|e| format!("proxy iface {:?}: {e}", self.proxy_iface))?;
+        let local: std::net::IpAddr = self
+            .local_iface
+            .parse()
+            .map_err(|e| format!("local iface {:?}: {e}", self.local_iface))?;
+        let binary = self.binary.clone().unwrap_or_else(|| bin().into());
         for attempt in 0..3 {
             let proxy_port = self.proxy_port.unwrap_or_else(free_port);
             let admin_port = self.admin_port.unwrap_or_else(free_port);
@@ -205,10 +244,10 @@ impl DaemonBuilder {
             let mut cmd = match self.wrapper.split_first() {
                 Some((prog, rest)) => {
                     let mut c = Command::new(prog);
-                    c.args(rest).arg(bin());
+                    c.args(rest).arg(&binary);
                     c
                 }
-                None => Command::new(bin()),
+                None => Command::new(&binary),
             };
             cmd.args(["--proxy-iface", &self.proxy_iface])
                 .args(["--admin-iface", &self.local_iface])
@@ -220,62 +259,38 @@ impl DaemonBuilder {
                 .env_remove("SUPPORT_MULTI_CONSOLE")
                 .env_remove("VM_CLIENT_LIMIT")
                 .envs(self.envs.iter().map(|(k, v)| (k, v)))
-                .stdin(Stdio::null())
-                .stdout(Stdio::piped())
-                .stderr(Stdio::piped());
-            let mut child = cmd
-                .spawn()
-                .unwrap_or_else(|e| panic!("cannot run {}: {e}", bin()));
-            let log = Arc::new(Mutex::new(String::new()));
-            let log_threads = vec![
-                collect(child.stdout.take(), log.clone(), "stdout: "),
-                collect(child.stderr.take(), log.clone(), ""),
-            ];
+                .stdin(Stdio::null());
+            let process = Process::spawn(cmd, &self.log_to, self.own_group)?;
             let mut daemon = Daemon {
-                child,
+                process,
                 proxy: SocketAddr::new(ip, proxy_port),
                 admin: SocketAddr::new(local, admin_port),
                 local,
                 range_start,
-                log,
-                log_threads,
             };
             match daemon.wait_ready(Duration::from_secs(15)) {
-                Ok(()) => return daemon,
+                Ok(()) => return Ok(daemon),
                 Err(why) => {
                     let log = daemon.log();
                     let port_clash = log.contains("in use") || log.contains("AddrInUse");
                     if attempt < 2 && port_clash {
-                        daemon.kill();
+                        daemon.process.kill();
+                        daemon.process.discard_log();
                         // Fixed ports may still be held by a process that
                         // is going away: give it a moment.
                         std::thread::sleep(Duration::from_millis(200));
                         continue;
                     }
-                    daemon.kill();
-                    panic!("vspc did not start ({why}); args {:?}\n{log}", self.args);
+                    return Err(daemon.process.failed(&format!(
+                        "{} did not start ({why}); args {:?}",
+                        binary.display(),
+                        self.args
+                    )));
                 }
             }
         }
-        unreachable!("the last attempt returns or panics")
+        unreachable!("the last attempt returns")
     }
-}
-
-fn collect<R: Read + Send + 'static>(
-    pipe: Option<R>,
-    log: Arc<Mutex<String>>,
-    prefix: &'static str,
-) -> JoinHandle<()> {
-    std::thread::spawn(move || {
-        let Some(pipe) = pipe else { return };
-        for line in BufReader::new(pipe).split(b'\n') {
-            let Ok(line) = line else { return };
-            let mut log = log.lock().unwrap_or_else(|e| e.into_inner());
-            log.push_str(prefix);
-            log.push_str(&String::from_utf8_lossy(&line));
-            log.push('\n');
-        }
-    })
 }
 
 impl Daemon {
@@ -289,6 +304,9 @@ impl Daemon {
             proxy_port: None,
             admin_port: None,
             range_start: None,
+            binary: None,
+            log_to: LogTo::Memory,
+            own_group: false,
         }
     }
 
@@ -303,22 +321,26 @@ impl Daemon {
         let deadline = Instant::now() + limit;
         let probe = |a: SocketAddr| StdTcpStream::connect_timeout(&a, Duration::from_millis(200));
         loop {
-            if let Ok(Some(status)) = self.child.try_wait() {
-                return Err(format!("it exited with {status}"));
+            if self.process.exited().is_some() {
+                return Err("it stopped before its ports accepted connections".into());
             }
             if probe(self.admin).is_ok() && probe(self.proxy).is_ok() {
                 return Ok(());
             }
             if Instant::now() > deadline {
-                return Err(format!("no listener after {limit:?}"));
+                return Err(format!(
+                    "admin {} and proxy {} did not accept connections within {limit:?}",
+                    self.admin, self.proxy
+                ));
             }
             std::thread::sleep(Duration::from_millis(20));
         }
     }
 
-    /// Everything the daemon logged so far (stderr; stdout lines prefixed).
+    /// Everything the daemon logged so far (stderr; stdout lines prefixed,
+    /// unless the log goes to a file).
     pub fn log(&self) -> String {
-        self.log.lock().unwrap_or_else(|e| e.into_inner()).clone()
+        self.process.log()
     }
 
     /// Wait until the log contains `needle`.
@@ -340,32 +362,35 @@ impl Daemon {
 
     /// The daemon's process id.
     pub fn pid(&self) -> u32 {
-        self.child.id()
+        self.process.pid()
     }
 
     /// Whether the process is still running.
     pub fn running(&mut self) -> bool {
-        matches!(self.child.try_wait(), Ok(None))
+        self.process.running()
     }
 
     /// SIGKILL the daemon and wait for it to be gone; its log is kept (see
     /// [`Daemon::log`]).
     pub fn kill9(&mut self) {
-        self.kill();
+        self.process.kill();
     }
 
-    fn kill(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        for t in self.log_threads.drain(..) {
-            let _ = t.join();
-        }
+    /// Stop the daemon with SIGTERM, as an init system does, and wait up to
+    /// `limit` for it to exit (see [`Process::terminate`]).
+    pub async fn terminate(&mut self, limit: Duration) -> Result<(), String> {
+        self.process.terminate(limit).await
+    }
+
+    /// The daemon's process: its exit status, log file, last log line.
+    pub fn process(&mut self) -> &mut Process {
+        &mut self.process
     }
 }
 
 impl Drop for Daemon {
     fn drop(&mut self) {
-        self.kill();
+        self.process.kill();
         if std::thread::panicking() || std::env::var_os("VSPC_TEST_LOG").is_some() {
             eprintln!(
                 "----- vspc log (proxy {}, admin {}, -r {}) -----\n{}----- end of vspc log -----",

@@ -1470,10 +1470,7 @@ mod tests {
     const T: Duration = Duration::from_secs(5);
 
     fn fixture(n: u32) -> Vec<capture::Segment> {
-        let path = format!(
-            "{}/../captures/stream{n}.txt",
-            env!("CARGO_MANIFEST_DIR")
-        );
+        let path = format!("{}/../captures/stream{n}.txt", env!("CARGO_MANIFEST_DIR"));
         let text = std::fs::read_to_string(&path).expect("capture fixture");
         capture::parse(&text).expect("parse fixture")
     }

@@ -23,9 +23,9 @@ use std::time::Duration;
 use clap::Args;
 use serde::Serialize;
 
-use super::fanout::{all_fast, attach_raw, check_fds, conclude, on_relay, relay_attach};
+use super::fanout::{all_fast, attach_raw, check_fds, on_relay, relay_attach};
 use super::stream::{listing, stream_measured, ConsoleEnd, Pattern, Phase, Reading, Shape, PERIOD};
-use super::{round, runtime_with_signals, stopped, wait_ready, DaemonOpts, Failure};
+use super::{conclude, round, runtime_with_signals, stopped, DaemonOpts, Failure};
 
 /// Console negotiations in flight at once (a burst has few consoles).
 const IN_FLIGHT: usize = 64;
@@ -179,7 +179,6 @@ pub fn run(args: BurstArgs) -> Result<(), Failure> {
     let result = rt.block_on(async {
         tokio::select! {
             r = async {
-                wait_ready(target, Some(&mut daemon)).await?;
                 let (vms, consoles) = attach_raw(target, 1, all, IN_FLIGHT).await?;
                 let consoles = consoles.into_iter().map(|c| {
                     let r = reading(c.index);
@@ -191,7 +190,7 @@ pub fn run(args: BurstArgs) -> Result<(), Failure> {
             _ = stopped(stop.clone()) => Err(Failure::Interrupted),
         }
     });
-    let vspc = conclude(result, daemon)?;
+    let vspc = conclude(result, daemon.process())?;
 
     let relay = if args.no_relay {
         None

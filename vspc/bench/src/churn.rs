@@ -18,7 +18,7 @@ use tokio::sync::{watch, Mutex};
 use vspc_testkit::sim::{self, ConsoleOptions, Identity, Role, SimConsole, SimVm, VmOptions};
 
 use super::{
-    fd_count, pool, round, rss_kib, runtime_with_signals, stopped, wait_ready, DaemonOpts, Failure,
+    conclude, fd_count, pool, round, rss_kib, runtime_with_signals, stopped, DaemonOpts, Failure,
     Target, STEP_WAIT,
 };
 
@@ -105,26 +105,13 @@ where
     let (rt, stop) = runtime_with_signals()?;
     let (mut daemon, target) = opts.start(console_ports, extra, &rt)?;
     let result = rt.block_on(async {
-        wait_ready(target, Some(&mut daemon)).await?;
         tokio::select! {
             r = body(target, stop.clone()) => r,
             _ = stopped(stop.clone()) => Err(Failure::Interrupted),
         }
     });
     rt.shutdown_background();
-    match result {
-        Ok(()) => {
-            daemon.kill();
-            daemon.remove_dir();
-            Ok(())
-        }
-        Err(Failure::Error(msg)) => Err(daemon.fail(&msg).into()),
-        Err(Failure::Interrupted) => {
-            daemon.kill();
-            daemon.remove_dir();
-            Err(Failure::Interrupted)
-        }
-    }
+    conclude(result, daemon.process())
 }
 
 async fn churn(args: ChurnArgs, target: Target) -> Result<(), Failure> {

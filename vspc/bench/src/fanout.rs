@@ -1,6 +1,8 @@
 //! `vspc-bench fanout`: fan-out throughput. N VMs each send B bytes of their
 //! own deterministic pattern as fast as they can; each of their C consoles
-//! checks every byte against the regenerated pattern (see `stream.rs`).
+//! checks every byte against the regenerated pattern (see `stream.rs`;
+//! `--pattern all-bytes` puts 0xFF in it, so telnet escaping works on both
+//! legs).
 //! Measured from the first byte sent to the last byte verified, first
 //! through the daemon, then (with `--logging`) through a daemon writing a
 //! transcript per VM with the Logging backend, then through a bare TCP relay
@@ -31,11 +33,14 @@ use tokio::sync::watch;
 use tokio::task::JoinSet;
 use vspc_codec::wire::Decoder;
 use vspc_testkit::sim::{ConsoleOptions, RawConn, Role, SimConsole, SimVm, VmOptions};
+use vspc_testkit::{LogTo, Process};
 
-use super::stream::{listing, stream_measured, Pattern, Phase, RawConsole, Reading, Shape, PERIOD};
+use super::stream::{
+    listing, stream_measured, Pattern, PatternKind, Phase, RawConsole, Reading, Shape, PERIOD,
+};
 use super::{
-    identity, pool, round, runtime_with_signals, stopped, wait_listed, wait_ready, DaemonOpts,
-    Failure, Spawned, Target, FD_SLACK, STEP_WAIT,
+    conclude, identity, pool, round, runtime_with_signals, stopped, wait_listed, DaemonOpts,
+    Failure, Target, FD_SLACK, STEP_WAIT,
 };
 
 /// How long the Logging daemon may take to exit after SIGTERM (it writes
@@ -63,10 +68,17 @@ pub struct FanoutArgs {
     #[arg(long, value_name = "B", value_parser = clap::value_parser!(u64).range(1..))]
     bytes_per_vm: u64,
 
-    /// Size of each VM write.
+    /// Size of each VM write (of data; more on the wire with 0xFF doubled).
     #[arg(long, value_name = "BYTES", default_value_t = 64 * 1024,
           value_parser = clap::value_parser!(u64).range(1..=(PERIOD as u64)))]
     chunk: u64,
+
+    /// The bytes the VMs send: `no-ff`, values 0x00-0xFE (telnet escaping
+    /// is a no-op); `all-bytes`, every value 0x00-0xFF evenly, so about one
+    /// byte in 256 is 0xFF: the VMs double it, the daemon undoubles it and
+    /// doubles it again for each console, whose decoder undoubles it.
+    #[arg(long, value_enum, value_name = "KIND", default_value_t = PatternKind::NoFf)]
+    pattern: PatternKind,
 
     /// For experiments: a VM sends at most this many bytes ahead of its
     /// slowest console, in every phase (0: no limit, VMs write at full
@@ -179,7 +191,7 @@ pub fn run(args: FanoutArgs) -> Result<(), Failure> {
     let (n, c) = (u64::from(args.vms), u64::from(args.consoles));
     check_fds(n, c, u64::from(args.in_flight))?;
     let (rt, stop) = runtime_with_signals()?;
-    let pattern = Arc::new(Pattern::new());
+    let pattern = Arc::new(Pattern::of(args.pattern));
     // Failures found after a phase completed: reported after the JSON line.
     let mut failures = Vec::new();
 
@@ -187,11 +199,11 @@ pub fn run(args: FanoutArgs) -> Result<(), Failure> {
     let (mut daemon, target) = args.daemon.start(args.vms, &[], &rt)?;
     let result = rt.block_on(async {
         tokio::select! {
-            r = vspc_phase(&args, "vspc", target, &mut daemon, pattern.clone()) => r,
+            r = vspc_phase(&args, "vspc", target, pattern.clone()) => r,
             _ = stopped(stop.clone()) => Err(Failure::Interrupted),
         }
     });
-    let vspc = conclude(result, daemon)?;
+    let vspc = conclude(result, daemon.process())?;
     failures.extend(vspc.check_skips("vspc"));
 
     // Phase 2: the daemon writing transcripts.
@@ -230,7 +242,7 @@ pub fn run(args: FanoutArgs) -> Result<(), Failure> {
         consoles_per_vm: args.consoles,
         bytes_per_vm: args.bytes_per_vm,
         delivered_bytes: n * c * args.bytes_per_vm,
-        pattern: "0x00-0xFE (no 0xFF, telnet escaping is a no-op)",
+        pattern: pattern.describe(),
         window: args.window,
         vspc_s: round(vspc.secs, 3),
         vspc_mib_s: round(vspc.mib_s, 1),
@@ -281,25 +293,6 @@ pub(crate) fn check_fds(n: u64, c: u64, in_flight: u64) -> Result<(), String> {
         ));
     }
     Ok(())
-}
-
-/// Kill a child the bench started (daemon or relay) and pass the result
-/// on; a failure gets the child's exit status and last log line when it
-/// had died, and keeps its log.
-pub(crate) fn conclude<T>(result: Result<T, Failure>, mut child: Spawned) -> Result<T, Failure> {
-    match result {
-        Ok(v) => {
-            child.kill();
-            child.remove_dir();
-            Ok(v)
-        }
-        Err(Failure::Error(msg)) => Err(child.fail(&msg).into()),
-        Err(Failure::Interrupted) => {
-            child.kill();
-            child.remove_dir();
-            Err(Failure::Interrupted)
-        }
-    }
 }
 
 /// VmHWM (peak resident set) from /proc/PID/status, in KiB.
@@ -366,7 +359,7 @@ fn logging_phase(
     let result = rt.block_on(async {
         tokio::select! {
             r = async {
-                let phase = vspc_phase(args, "logging", target, &mut daemon, pattern.clone()).await?;
+                let phase = vspc_phase(args, "logging", target, pattern.clone()).await?;
                 let stopping = Instant::now();
                 daemon.terminate(STOP_WAIT).await?;
                 Ok((phase, stopping.elapsed().as_secs_f64()))
@@ -374,7 +367,7 @@ fn logging_phase(
             _ = stopped(stop.clone()) => Err(Failure::Interrupted),
         }
     });
-    let (phase, stop_s) = conclude(result, daemon)?;
+    let (phase, stop_s) = conclude(result, daemon.process())?;
     eprintln!("vspc-bench: logging: daemon stopped after {stop_s:.3} s; checking transcripts");
     let mut incomplete = Vec::new();
     for vm in 0..args.vms as usize {
@@ -527,10 +520,8 @@ async fn vspc_phase(
     args: &FanoutArgs,
     what: &str,
     target: Target,
-    daemon: &mut Spawned,
     pattern: Arc<Pattern>,
 ) -> Result<Phase, Failure> {
-    wait_ready(target, Some(daemon)).await?;
     let (n, c) = (args.vms as usize, args.consoles as usize);
     let (vms, consoles) = attach_raw(target, n, c, args.in_flight as usize).await?;
     let phase = stream_measured(
@@ -555,44 +546,25 @@ pub(crate) fn all_fast(consoles: Vec<RawConsole>) -> Vec<(RawConsole, Reading)> 
 // Through the bare relay.
 
 /// Start `relay-server` (this executable) on ports P (VMs) and P+1
-/// (consoles); it exits when we close its stdin, or on a kill.
-fn spawn_relay(base: u16) -> Result<Spawned, String> {
+/// (consoles), in its own process group, logging into a private temporary
+/// directory; it exits when we close its stdin, or on a kill.
+fn spawn_relay(base: u16) -> Result<Process, String> {
     let exe = std::env::current_exe()
         .map_err(|e| format!("cannot find this executable for the relay: {e}"))?;
-    let stamp = SystemTime::now()
-        .duration_since(SystemTime::UNIX_EPOCH)
-        .map_or(0, |d| d.as_nanos());
-    let dir =
-        std::env::temp_dir().join(format!("vspc-bench-relay.{}.{stamp:x}", std::process::id()));
-    std::fs::create_dir(&dir).map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
-    let log = dir.join("relay.log");
-    let log_file =
-        std::fs::File::create(&log).map_err(|e| format!("cannot create {}: {e}", log.display()))?;
-    let (vm_port, console_port) = (base.to_string(), (base + 1).to_string());
-    eprintln!(
-        "vspc-bench: starting the bare relay (VMs 127.0.0.1:{vm_port}, consoles {console_port}); log {}",
-        log.display()
-    );
-    let child = relay_command(&exe)
+    let (vm_port, console_port) = (base.to_string(), base.saturating_add(1).to_string());
+    let mut cmd = Command::new(&exe);
+    cmd.arg("relay-server")
         .args(["--vm-port", &vm_port, "--console-port", &console_port])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::null())
-        .stderr(log_file)
-        .spawn()
-        .map_err(|e| format!("cannot run {} relay-server: {e}", exe.display()))?;
-    Ok(Spawned {
-        child,
-        dir,
-        log,
-        reaped: false,
-    })
-}
-
-fn relay_command(exe: &Path) -> Command {
-    use std::os::unix::process::CommandExt;
-    let mut cmd = Command::new(exe);
-    cmd.arg("relay-server").process_group(0);
-    cmd
+        .stdin(Stdio::piped());
+    let relay = Process::spawn(cmd, &LogTo::TempDir("vspc-bench-relay".into()), true)?;
+    eprintln!(
+        "vspc-bench: started the bare relay (VMs 127.0.0.1:{vm_port}, consoles {console_port}); \
+         log {}",
+        relay
+            .log_path()
+            .map_or("-".into(), |p| p.display().to_string())
+    );
+    Ok(relay)
 }
 
 /// Start the bare relay on ports `base` and `base + 1`, wait until it
@@ -609,7 +581,7 @@ where
     Fut: std::future::Future<Output = Result<T, Failure>>,
 {
     let mut relay = spawn_relay(base)?;
-    let pid = relay.child.id();
+    let pid = relay.pid();
     let result = rt.block_on(async {
         tokio::select! {
             r = async {
@@ -619,11 +591,11 @@ where
             _ = stopped(stop.clone()) => Err(Failure::Interrupted),
         }
     });
-    conclude(result, relay)
+    conclude(result, &mut relay)
 }
 
 /// Wait until the relay accepts on both ports.
-async fn relay_ready(relay: &mut Spawned, base: u16) -> Result<(), String> {
+async fn relay_ready(relay: &mut Process, base: u16) -> Result<(), String> {
     let start = Instant::now();
     loop {
         if relay.exited().is_some() {

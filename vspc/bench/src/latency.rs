@@ -28,10 +28,10 @@ use tokio::net::TcpStream;
 use tokio::task::JoinSet;
 use vspc_codec::wire::{encode, Decoder, Event};
 
-use super::fanout::{attach_raw, check_fds, conclude, on_relay, peak_rss_kib, relay_attach};
+use super::fanout::{attach_raw, check_fds, on_relay, peak_rss_kib, relay_attach};
 use super::stream::{splitmix64, verify_console, Pattern, Progress, RawConsole, Verifier};
 use super::{
-    cpu_s, round, runtime_with_signals, stopped, wait_ready, DaemonOpts, Failure, STEP_WAIT,
+    conclude, cpu_s, round, runtime_with_signals, stopped, DaemonOpts, Failure, STEP_WAIT,
 };
 
 #[derive(Args)]
@@ -138,7 +138,6 @@ pub fn run(args: LatencyArgs) -> Result<(), Failure> {
     let result = rt.block_on(async {
         tokio::select! {
             r = async {
-                wait_ready(target, Some(&mut daemon)).await?;
                 let n = args.vms as usize;
                 let (vms, consoles) = attach_raw(target, n, 1, args.in_flight as usize).await?;
                 let probed = under_load(&args, vms, consoles, target.pid).await?;
@@ -147,7 +146,7 @@ pub fn run(args: LatencyArgs) -> Result<(), Failure> {
             _ = stopped(stop.clone()) => Err(Failure::Interrupted),
         }
     });
-    let (vspc, rss_peak_kib) = conclude(result, daemon)?;
+    let (vspc, rss_peak_kib) = conclude(result, daemon.process())?;
 
     // The same through the bare relay, same ports.
     let relay = if args.no_relay {

@@ -7,7 +7,8 @@
 //! measures how long that takes and what it costs the daemon (memory,
 //! descriptors, CPU).
 //!
-//! A daemon the bench started is killed (SIGKILL) on every way out: success,
+//! A daemon the bench started (through the test kit's launcher,
+//! [`vspc_testkit::Daemon`]) is killed (SIGKILL) on every way out: success,
 //! error, Ctrl-C or SIGTERM, and a panic. It runs in its own process group,
 //! so a Ctrl-C at the terminal reaches only the bench, which then tears down.
 
@@ -15,9 +16,8 @@
 
 use std::future::Future;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
-use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitCode, Stdio};
+use std::process::{Command, ExitCode};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
@@ -27,6 +27,7 @@ use serde::Serialize;
 use tokio::sync::watch;
 use tokio::task::JoinSet;
 use vspc_testkit::sim::{self, ConsoleOptions, Identity, Role, SimConsole, SimVm, VmOptions};
+use vspc_testkit::{Daemon, Process};
 
 mod burst;
 mod churn;
@@ -42,7 +43,8 @@ mod stream;
 const FD_SLACK: u64 = 64;
 /// Where the kernel's ephemeral ports start when /proc does not say.
 const DEFAULT_EPHEMERAL_START: u32 = 32768;
-/// How long the daemon may take to open its listeners.
+/// How long a daemon (--attach-to) or the relay may take to open its
+/// listeners.
 const READY_WAIT: Duration = Duration::from_secs(15);
 /// Limit for one VM handshake or one console negotiation under load.
 const STEP_WAIT: Duration = Duration::from_secs(30);
@@ -214,27 +216,18 @@ pub(crate) struct DaemonOpts {
 impl DaemonOpts {
     /// Check that `console_ports` ports from P+2 are free and below the
     /// ephemeral range, then start the daemon with `extra` flags and the
-    /// `--daemon-arg`s.
+    /// `--daemon-arg`s and wait until it accepts connections.
     pub(crate) fn start(
         &self,
         console_ports: u32,
         extra: &[&str],
         rt: &tokio::runtime::Runtime,
-    ) -> Result<(Spawned, Target), Failure> {
+    ) -> Result<(Daemon, Target), Failure> {
         check_ports(self.base_port, console_ports, rt)?;
-        let path = match &self.vspc {
-            Some(p) => p.clone(),
-            None => default_daemon()?,
-        };
         let mut flags: Vec<&str> = extra.to_vec();
         flags.extend(self.daemon_arg.iter().map(String::as_str));
-        let daemon = Spawned::start_with(&path, self.base_port, &flags)?;
-        let target = Target {
-            pid: daemon.child.id(),
-            proxy: SocketAddr::from((Ipv4Addr::LOCALHOST, self.base_port)),
-            admin: SocketAddr::from((Ipv4Addr::LOCALHOST, self.base_port + 1)),
-            console_ip: Ipv4Addr::LOCALHOST.into(),
-        };
+        let daemon = launch(self.vspc.as_deref(), self.base_port, &flags)?;
+        let target = Target::of(&daemon);
         Ok((daemon, target))
     }
 }
@@ -246,6 +239,18 @@ struct Target {
     proxy: SocketAddr,
     admin: SocketAddr,
     console_ip: IpAddr,
+}
+
+impl Target {
+    /// A daemon the bench started.
+    fn of(daemon: &Daemon) -> Target {
+        Target {
+            pid: daemon.pid(),
+            proxy: daemon.proxy,
+            admin: daemon.admin,
+            console_ip: daemon.local,
+        }
+    }
 }
 
 /// The JSON line of the attach mode (fields in this order).
@@ -311,19 +316,9 @@ fn attach(args: AttachArgs) -> Result<(), Failure> {
                 )
                 .into());
             }
-            let base = args.base_port;
-            check_ports(base, args.vms, &rt)?;
-            let path = match &args.vspc {
-                Some(p) => p.clone(),
-                None => default_daemon()?,
-            };
-            let daemon = Spawned::start(&path, base)?;
-            let target = Target {
-                pid: daemon.child.id(),
-                proxy: SocketAddr::from((Ipv4Addr::LOCALHOST, base)),
-                admin: SocketAddr::from((Ipv4Addr::LOCALHOST, base + 1)),
-                console_ip: Ipv4Addr::LOCALHOST.into(),
-            };
+            check_ports(args.base_port, args.vms, &rt)?;
+            let daemon = launch(args.vspc.as_deref(), args.base_port, &[])?;
+            let target = Target::of(&daemon);
             spawned = Some(daemon);
             target
         }
@@ -331,39 +326,27 @@ fn attach(args: AttachArgs) -> Result<(), Failure> {
 
     let result = rt.block_on(async {
         tokio::select! {
-            r = run_attach(&args, target, spawned.as_mut(), stop.clone()) => r,
+            r = run_attach(&args, target, stop.clone()) => r,
             _ = stopped(stop.clone()) => Err(Failure::Interrupted),
         }
     });
     // Every simulated peer is gone with the future; now the daemon.
     rt.shutdown_background();
-    match (result, spawned) {
-        (Ok(()), Some(mut daemon)) => {
-            daemon.kill();
-            daemon.remove_dir();
-            Ok(())
-        }
-        (Ok(()), None) => Ok(()),
-        (Err(Failure::Error(msg)), Some(mut daemon)) => Err(daemon.fail(&msg).into()),
-        (Err(Failure::Interrupted), Some(mut daemon)) => {
-            daemon.kill();
-            daemon.remove_dir();
-            Err(Failure::Interrupted)
-        }
-        (Err(e), None) => Err(e),
+    match spawned {
+        Some(mut daemon) => conclude(result, daemon.process()),
+        None => result,
     }
 }
 
 async fn run_attach(
     args: &AttachArgs,
     target: Target,
-    spawned: Option<&mut Spawned>,
     stop: watch::Receiver<bool>,
 ) -> Result<(), Failure> {
     let n = args.vms as usize;
     let c = args.consoles as usize;
     let width = args.in_flight as usize;
-    wait_ready(target, spawned).await?;
+    wait_ready(target).await?;
     let rss_start_kib = rss_kib(target.pid)?;
     eprintln!(
         "vspc-bench: daemon pid {} ready (proxy {}, admin {}); VmRSS {rss_start_kib} KiB",
@@ -667,8 +650,10 @@ where
         .collect()
 }
 
-/// Wait until the daemon's admin and proxy ports accept connections.
-async fn wait_ready(target: Target, mut spawned: Option<&mut Spawned>) -> Result<(), String> {
+/// Wait until the daemon's admin and proxy ports accept connections (a
+/// daemon the bench started is ready when [`launch`] returns it; this is for
+/// `--attach-to`).
+async fn wait_ready(target: Target) -> Result<(), String> {
     let start = Instant::now();
     let probe = |addr: SocketAddr| async move {
         matches!(
@@ -681,12 +666,7 @@ async fn wait_ready(target: Target, mut spawned: Option<&mut Spawned>) -> Result
         )
     };
     loop {
-        if let Some(daemon) = spawned.as_deref_mut() {
-            if daemon.exited().is_some() {
-                // The caller adds the exit status and the log's last line.
-                return Err("the daemon stopped before its ports accepted connections".into());
-            }
-        } else if !Path::new(&format!("/proc/{}", target.pid)).exists() {
+        if !Path::new(&format!("/proc/{}", target.pid)).exists() {
             return Err(format!("no process {} (--attach-to)", target.pid));
         }
         if probe(target.admin).await && probe(target.proxy).await {
@@ -794,157 +774,59 @@ fn check_daemon_fds(pid: u32, n: u64, c: u64) -> Result<(), String> {
 // ---------------------------------------------------------------------------
 // The daemon the bench started.
 
-struct Spawned {
-    child: Child,
-    /// Private directory holding the log.
-    dir: PathBuf,
-    log: PathBuf,
-    reaped: bool,
+/// Start the daemon at `vspc` (default: `vspc` next to this executable) on
+/// loopback, proxy port `base`, admin `base`+1, console ports from `base`+2,
+/// with `flags`, and wait until it accepts connections. It runs in a process
+/// group of its own and logs into a private temporary directory, which
+/// [`conclude`] removes unless the run failed.
+fn launch(vspc: Option<&Path>, base: u16, flags: &[&str]) -> Result<Daemon, String> {
+    let path = match vspc {
+        Some(p) => p.to_path_buf(),
+        None => default_daemon()?,
+    };
+    if !path.is_file() {
+        return Err(format!(
+            "no vspc daemon at {} (build it with `cargo build -p vspc --bins`, or pass --vspc PATH)",
+            path.display()
+        ));
+    }
+    let [proxy, admin, consoles] = [0, 1, 2].map(|k| base.saturating_add(k));
+    eprintln!(
+        "vspc-bench: starting {} (proxy 127.0.0.1:{proxy}, admin {admin}, consoles from \
+         {consoles})",
+        path.display()
+    );
+    let mut daemon = Daemon::builder()
+        .binary(&path)
+        .proxy_port(proxy)
+        .admin_port(admin)
+        .range_start(consoles)
+        .args(flags)
+        .log_to_temp_dir("vspc-bench")
+        .own_process_group()
+        .try_start()?;
+    if let Some(log) = daemon.process().log_path() {
+        eprintln!("vspc-bench: daemon log {}", log.display());
+    }
+    Ok(daemon)
 }
 
-impl Spawned {
-    fn start(path: &Path, base: u16) -> Result<Spawned, String> {
-        Spawned::start_with(path, base, &[])
-    }
-
-    /// [`Spawned::start`] with more daemon flags.
-    fn start_with(path: &Path, base: u16, extra: &[&str]) -> Result<Spawned, String> {
-        if !path.is_file() {
-            return Err(format!(
-                "no vspc daemon at {} (build it with `cargo build -p vspc --bins`, or pass --vspc PATH)",
-                path.display()
-            ));
+/// Kill a child the bench started (daemon or relay) and pass the result
+/// on; a failure gets the child's exit status and last log line when it
+/// had died, and keeps its log.
+pub(crate) fn conclude<T>(result: Result<T, Failure>, child: &mut Process) -> Result<T, Failure> {
+    match result {
+        Ok(v) => {
+            child.kill();
+            child.discard_log();
+            Ok(v)
         }
-        let stamp = SystemTime::now()
-            .duration_since(SystemTime::UNIX_EPOCH)
-            .map_or(0, |d| d.as_nanos());
-        let dir = std::env::temp_dir().join(format!("vspc-bench.{}.{stamp:x}", std::process::id()));
-        std::fs::create_dir(&dir).map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
-        let log = dir.join("vspc.log");
-        let log_file = std::fs::File::create(&log)
-            .map_err(|e| format!("cannot create {}: {e}", log.display()))?;
-        let ports = [base, base + 1, base + 2].map(|p| p.to_string());
-        eprintln!(
-            "vspc-bench: starting {} (proxy 127.0.0.1:{}, admin {}, consoles from {}); log {}",
-            path.display(),
-            ports[0],
-            ports[1],
-            ports[2],
-            log.display()
-        );
-        let child = Command::new(path)
-            .args(["--proxy-iface", "127.0.0.1", "--proxy-port", &ports[0]])
-            .args(["--admin-port", &ports[1], "-r", &ports[2]])
-            .args(extra)
-            // vSPC.py's environment settings would change what is measured.
-            .env_remove("SUPPORT_MULTI_CONSOLE")
-            .env_remove("VM_CLIENT_LIMIT")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(log_file)
-            // Its own process group: a terminal's Ctrl-C reaches only the
-            // bench, which then kills it.
-            .process_group(0)
-            .spawn()
-            .map_err(|e| format!("cannot run {}: {e}", path.display()))?;
-        Ok(Spawned {
-            child,
-            dir,
-            log,
-            reaped: false,
-        })
-    }
-
-    /// The exit status, if the daemon has exited.
-    /// Kill the process and turn `msg` into the bench's error, saying
-    /// whether the process had died and with what last log line.
-    pub(crate) fn fail(&mut self, msg: &str) -> String {
-        let exited = self.exited();
-        self.kill();
-        let why = match exited {
-            Some(status) => match self.last_log_line() {
-                Some(line) => format!("; it exited ({status}), its last words: {line}"),
-                None => format!("; it exited ({status})"),
-            },
-            None => String::new(),
-        };
-        format!("{msg}{why} (log: {})", self.log.display())
-    }
-
-    fn exited(&mut self) -> Option<String> {
-        match self.child.try_wait() {
-            Ok(Some(status)) => Some(status.to_string()),
-            _ => None,
+        Err(Failure::Error(msg)) => Err(child.failed(&msg).into()),
+        Err(Failure::Interrupted) => {
+            child.kill();
+            child.discard_log();
+            Err(Failure::Interrupted)
         }
-    }
-
-    /// Stop the process as an init system does, with SIGTERM (the daemon
-    /// then flushes its backends), and wait up to `wait` for it to exit.
-    /// The signal is sent with kill(1): std can only SIGKILL a child, and
-    /// the bench has no signal-sending dependency of its own.
-    async fn terminate(&mut self, wait: Duration) -> Result<(), String> {
-        let pid = self.child.id().to_string();
-        let sent = Command::new("kill")
-            .args(["-s", "TERM", &pid])
-            .stdin(Stdio::null())
-            .status()
-            .map_err(|e| format!("cannot run kill(1) to stop the daemon: {e}"))?;
-        if !sent.success() {
-            return Err(format!("kill -s TERM {pid} failed ({sent})"));
-        }
-        let start = Instant::now();
-        loop {
-            match self.child.try_wait() {
-                Ok(Some(status)) => {
-                    self.reaped = true;
-                    return if status.success() {
-                        Ok(())
-                    } else {
-                        Err(format!("the daemon exited with {status} after SIGTERM"))
-                    };
-                }
-                Ok(None) if start.elapsed() < wait => {
-                    tokio::time::sleep(Duration::from_millis(10)).await;
-                }
-                Ok(None) => {
-                    return Err(format!(
-                        "the daemon had not exited {} s after SIGTERM",
-                        wait.as_secs()
-                    ))
-                }
-                Err(e) => return Err(format!("cannot wait for the daemon: {e}")),
-            }
-        }
-    }
-
-    fn kill(&mut self) {
-        if !self.reaped {
-            let _ = self.child.kill();
-            let _ = self.child.wait();
-            self.reaped = true;
-        }
-    }
-
-    /// The log's last line naming an error (clap's `error: ...`, the
-    /// daemon's `vspc: ...`), else its last non-empty line.
-    fn last_log_line(&self) -> Option<String> {
-        let log = std::fs::read_to_string(&self.log).ok()?;
-        let lines = || log.lines().rev().map(str::trim).filter(|l| !l.is_empty());
-        let line = lines()
-            .find(|l| l.starts_with("vspc:") || l.to_ascii_lowercase().contains("error"))
-            .or_else(|| lines().next())?;
-        Some(line.to_string())
-    }
-
-    /// Remove the log directory (after a successful run).
-    fn remove_dir(&self) {
-        let _ = std::fs::remove_dir_all(&self.dir);
-    }
-}
-
-impl Drop for Spawned {
-    fn drop(&mut self) {
-        self.kill();
     }
 }
 

@@ -3,10 +3,14 @@
 //! against the regenerated pattern, and the phase is timed from the first
 //! byte sent to the last byte the measured consoles verified.
 //!
-//! The pattern uses the byte values 0x00..=0xFE only: no 0xFF, so telnet
-//! escaping is a no-op and the daemon moves exactly the bytes the bare relay
-//! moves (it still scans for IAC in both directions, which is part of what
-//! is measured).
+//! The pattern uses the byte values 0x00..=0xFE only by default: no 0xFF,
+//! so telnet escaping is a no-op and the daemon moves exactly the bytes the
+//! bare relay moves (it still scans for IAC in both directions, which is
+//! part of what is measured). With [`PatternKind::AllBytes`] it uses every
+//! byte value: a VM doubles each 0xFF on the wire as ESXi does, the daemon
+//! undoubles it and doubles it again for each telnet console, and the
+//! console's telnet decoder undoubles it before the check (the bare relay
+//! passes the VM's doubled bytes through, so its consoles decode the same).
 //!
 //! The daemon never drops a console that reads. A console more than
 //! `--console-queue` behind loses the oldest output instead and is told so
@@ -28,7 +32,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::sync::watch;
 use tokio::task::JoinSet;
-use vspc_codec::wire::Event;
+use vspc_codec::wire::{encode, Event};
 use vspc_testkit::sim::RawConn;
 
 use super::fanout::peak_rss_kib;
@@ -57,28 +61,81 @@ const LOOKBACK: usize = NOTICE_HEAD.len() - 1;
 // ---------------------------------------------------------------------------
 // The pattern.
 
-/// Every VM's stream is the same pseudo-random table of bytes 0x00..=0xFE
-/// with period [`PERIOD`], read from a VM-specific starting point. The table
-/// is stored twice over, so any piece up to a period long is one slice:
-/// sending and checking are slice writes and slice compares.
+/// Which byte values a [`Pattern`] uses (`fanout --pattern`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
+pub(crate) enum PatternKind {
+    /// 0x00..=0xFE: no 0xFF, so telnet escaping is a no-op.
+    #[default]
+    NoFf,
+    /// Every value 0x00..=0xFF, evenly (0xFF is 1 byte in 256): escaped by
+    /// the VMs, unescaped and escaped again by the daemon, unescaped by the
+    /// consoles.
+    AllBytes,
+}
+
+/// Every VM's stream is the same pseudo-random table of bytes (of the
+/// values its [`PatternKind`] allows) with period [`PERIOD`], read from a
+/// VM-specific starting point. The table is stored twice over, so any piece
+/// up to a period long is one slice: sending and checking are slice writes
+/// (after escaping, for 0xFF) and slice compares.
 pub(crate) struct Pattern {
     table: Vec<u8>,
+    kind: PatternKind,
 }
 
 impl Pattern {
+    /// The default pattern, 0x00..=0xFE.
     pub(crate) fn new() -> Pattern {
+        Pattern::of(PatternKind::default())
+    }
+
+    pub(crate) fn of(kind: PatternKind) -> Pattern {
         let mut table = Vec::with_capacity(2 * PERIOD);
         let mut x = 0x5eed_u64;
         while table.len() < PERIOD {
             x = splitmix64(x);
             for b in x.to_le_bytes() {
                 if table.len() < PERIOD {
-                    table.push((u32::from(b) * 255 / 256) as u8);
+                    table.push(match kind {
+                        PatternKind::NoFf => (u32::from(b) * 255 / 256) as u8,
+                        PatternKind::AllBytes => b,
+                    });
                 }
             }
         }
         table.extend_from_within(..PERIOD);
-        Pattern { table }
+        Pattern { table, kind }
+    }
+
+    /// What the report's `pattern` field says.
+    pub(crate) fn describe(&self) -> &'static str {
+        match self.kind {
+            PatternKind::NoFf => "0x00-0xFE (no 0xFF, telnet escaping is a no-op)",
+            PatternKind::AllBytes => {
+                "0x00-0xFF (every byte value; 0xFF escaped by the VMs and for the consoles)"
+            }
+        }
+    }
+
+    /// [`Pattern::piece`] as a VM writes it on its telnet connection: with
+    /// every 0xFF doubled (into `scratch`), or the piece itself when it
+    /// has no 0xFF.
+    pub(crate) fn wire<'a>(
+        &'a self,
+        vm: usize,
+        offset: u64,
+        len: usize,
+        scratch: &'a mut Vec<u8>,
+    ) -> &'a [u8] {
+        let piece = self.piece(vm, offset, len);
+        match self.kind {
+            PatternKind::NoFf => piece,
+            PatternKind::AllBytes => {
+                scratch.clear();
+                encode::data(piece, scratch);
+                scratch
+            }
+        }
     }
 
     /// Bytes `offset .. offset + len` of VM `vm`'s stream; `len` ≤ PERIOD.
@@ -519,6 +576,7 @@ async fn send_pattern(
     }
     let (total, window) = (shape.total, shape.window);
     let mut sent = 0u64;
+    let mut scratch = Vec::new();
     while sent < total {
         let mut room = total - sent;
         if window > 0 {
@@ -534,7 +592,7 @@ async fn send_pattern(
         }
         let len = shape.chunk.min(usize::try_from(room).unwrap_or(usize::MAX));
         stream
-            .write_all(pattern.piece(vm, sent, len))
+            .write_all(pattern.wire(vm, sent, len, &mut scratch))
             .await
             .map_err(|e| format!("VM {vm} writing at byte {sent}: {e}"))?;
         sent += len as u64;
@@ -1012,6 +1070,43 @@ mod tests {
     /// Feed `bytes` in runs of `run` bytes.
     fn feed(v: &mut Verifier, bytes: &[u8], run: usize) -> Result<(), String> {
         bytes.chunks(run).try_for_each(|c| v.data(c))
+    }
+
+    #[test]
+    fn all_bytes_go_escaped_and_verify_after_decoding() {
+        let p = Arc::new(Pattern::of(PatternKind::AllBytes));
+        let plain = p.piece(3, 1000, 64 * 1024);
+        let iacs = plain.iter().filter(|&&b| b == 0xff).count();
+        // About one in 256, and every value is there.
+        assert!((128..=384).contains(&iacs), "{iacs} 0xFF bytes in 64 KiB");
+        assert!((0..=255u8).all(|b| plain.contains(&b)));
+        let mut scratch = Vec::new();
+        let wire = p.wire(3, 1000, 64 * 1024, &mut scratch).to_vec();
+        assert_eq!(wire.len(), plain.len() + iacs);
+        // Decoded as a console decodes it, split anywhere.
+        for run in [1, 2, 255, 4096] {
+            let mut v = Verifier::new(3, Some(1000 + plain.len() as u64), p.clone());
+            v.got = 1000;
+            let mut decoder = vspc_codec::wire::Decoder::default();
+            for piece in wire.chunks(run) {
+                let mut bad = Ok(());
+                decoder
+                    .decode(piece, |ev| {
+                        if let (Event::Data(d), Ok(())) = (ev, &bad) {
+                            bad = v.data(d);
+                        }
+                    })
+                    .expect("decodes");
+                bad.unwrap_or_else(|e| panic!("run {run}: {e}"));
+            }
+            assert!(v.done(), "run {run}");
+            assert_eq!(v.received, plain.len() as u64);
+        }
+        // The default pattern has no 0xFF and goes out as it is.
+        let p = Pattern::new();
+        assert!(!p.piece(0, 0, PERIOD).contains(&0xff));
+        let mut scratch = Vec::new();
+        assert_eq!(p.wire(0, 5, 100, &mut scratch), p.piece(0, 5, 100));
     }
 
     #[test]
