@@ -23,27 +23,27 @@ use tokio::net::TcpStream;
 use vspc_testkit::sim::{Identity, Role, SimVm, VmOptions, VmotionReply};
 
 /// An HTTP answer.
-struct Resp {
-    status: u16,
+pub(crate) struct Resp {
+    pub(crate) status: u16,
     /// Header names lowercased.
     headers: Vec<(String, String)>,
     body: Vec<u8>,
 }
 
 impl Resp {
-    fn header(&self, name: &str) -> Option<&str> {
+    pub(crate) fn header(&self, name: &str) -> Option<&str> {
         self.headers
             .iter()
             .find(|(k, _)| k == name)
             .map(|(_, v)| v.as_str())
     }
 
-    fn json(&self) -> Json {
+    pub(crate) fn json(&self) -> Json {
         serde_json::from_slice(&self.body)
             .unwrap_or_else(|e| panic!("not JSON ({e}): {:?}", String::from_utf8_lossy(&self.body)))
     }
 
-    fn text(&self) -> String {
+    pub(crate) fn text(&self) -> String {
         String::from_utf8_lossy(&self.body).into_owned()
     }
 }
@@ -68,7 +68,12 @@ fn unchunk(mut raw: &[u8]) -> Vec<u8> {
 }
 
 /// One request, the answer read to the end.
-async fn request(addr: SocketAddr, method: &str, path: &str, token: Option<&str>) -> Resp {
+pub(crate) async fn request(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    token: Option<&str>,
+) -> Resp {
     let s = TcpStream::connect(addr)
         .await
         .unwrap_or_else(|e| panic!("connect to the HTTP port {addr}: {e}"));
@@ -139,7 +144,7 @@ async fn get(addr: SocketAddr, path: &str) -> Resp {
 }
 
 /// Start a daemon with an HTTP port; returns it and the HTTP address.
-fn daemon(extra: &[&str]) -> (Daemon, SocketAddr) {
+pub(crate) fn daemon(extra: &[&str]) -> (Daemon, SocketAddr) {
     let port = free_port();
     let mut args = vec!["--http-port".to_string(), port.to_string()];
     args.extend(extra.iter().map(|s| s.to_string()));

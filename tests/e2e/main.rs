@@ -13,6 +13,7 @@
 //! | [`client`] | `vspc-client` on a pseudo-terminal |
 //! | [`backends`] | File, Logging, plugins, and start-up errors |
 //! | [`http`] | the HTTP API and `/metrics`: endpoints, tokens, metrics that follow traffic, console logs |
+//! | [`web`] | the browser console: its WebSocket byte-exact both ways, tokens and locks, the pages, and headless Chromium typing into it |
 //! | [`certs`] | the checked-in test certificates |
 
 mod admin;
@@ -24,3 +25,4 @@ mod daemon;
 mod flow;
 mod http;
 mod real_clients;
+mod web;

@@ -11,9 +11,13 @@
 //! | `GET /api/v1/vms/{vm}` | one VM, by name or uuid in any spelling |
 //! | `POST /api/v1/vms/{vm}/clear` | disconnect the VM's consoles (a write) |
 //! | `GET /console_log/{uuid}?bytes=N` | the tail of the VM's transcript, from the backends |
+//! | `GET /api/v1/vms/{vm}/console` | the VM's console as a WebSocket ([`crate::web`]) |
+//! | `GET /`, `GET /vms/{vm}`, `GET /static/{file}` | the browser pages ([`crate::web`]) |
 //!
-//! With `--http-token-file`, every route but `/healthz` needs
-//! `Authorization: Bearer TOKEN`; a read-only (`ro`) token may only read.
+//! With `--http-token-file`, every route but `/healthz` and `/static/`
+//! needs `Authorization: Bearer TOKEN`, or `?token=TOKEN` in the address
+//! (browsers can set no header on a link or a WebSocket); a read-only
+//! (`ro`) token may only read, and gets read-only browser consoles.
 //! Errors are JSON `{"error": "..."}`: 401 for a missing or unknown token,
 //! 403 for a read-only token on a write, 404 for an unknown VM or route.
 //! Listening beyond loopback without a token file is refused at start-up
@@ -22,8 +26,10 @@
 
 use crate::hub::{Hub, VmStatus};
 use crate::metrics::Listener as Which;
-use axum::extract::{Path, Query, Request, State};
-use axum::http::{header, HeaderValue, Method, StatusCode};
+use axum::extract::ws::rejection::WebSocketUpgradeRejection;
+use axum::extract::ws::WebSocketUpgrade;
+use axum::extract::{Extension, Path, Query, Request, State};
+use axum::http::{header, HeaderMap, HeaderValue, Method, StatusCode};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -191,6 +197,10 @@ pub fn router(hub: Arc<Hub>, tokens: Option<Arc<Tokens>>) -> Router {
         .route("/api/v1/vms/{vm}", get(one_vm))
         .route("/api/v1/vms/{vm}/clear", post(clear_vm))
         .route("/console_log/{uuid}", get(console_log))
+        .route("/api/v1/vms/{vm}/console", get(console_ws))
+        .route("/", get(index_page))
+        .route("/vms/{vm}", get(console_page))
+        .route("/static/{file}", get(asset))
         .fallback(|| async { error(StatusCode::NOT_FOUND, "no such endpoint") })
         .method_not_allowed_fallback(|| async {
             error(
@@ -202,16 +212,16 @@ pub fn router(hub: Arc<Hub>, tokens: Option<Arc<Tokens>>) -> Router {
         .with_state(app)
 }
 
-/// The token check: `/healthz` is open; every other route needs a token
-/// when a token file is configured, and a read-write one unless it reads.
-async fn authorize(State(app): State<App>, req: Request, next: Next) -> Response {
-    let Some(tokens) = &app.tokens else {
-        return next.run(req).await;
-    };
-    if req.uri().path() == "/healthz" {
-        return next.run(req).await;
-    }
-    let presented = req
+/// `?token=` in an address.
+#[derive(Debug, serde::Deserialize)]
+struct TokenQuery {
+    token: Option<String>,
+}
+
+/// The token a request presents: `Authorization: Bearer TOKEN`, else
+/// `?token=TOKEN`.
+fn presented_token(req: &Request) -> Option<String> {
+    let from_header = req
         .headers()
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
@@ -221,14 +231,46 @@ async fn authorize(State(app): State<App>, req: Request, next: Next) -> Response
                 .eq_ignore_ascii_case("bearer")
                 .then(|| token.trim().to_string())
         });
+    from_header.or_else(|| {
+        Query::<TokenQuery>::try_from_uri(req.uri())
+            .ok()
+            .and_then(|q| q.0.token)
+    })
+}
+
+/// A browser page rather than the API (its 401 is a page too).
+fn is_page(path: &str) -> bool {
+    path == "/" || path.starts_with("/vms/")
+}
+
+/// The token check: `/healthz` and `/static/` are open; every other route
+/// needs a token when a token file is configured, and a read-write one
+/// unless it reads. The token's [`Right`] goes to the routes as a request
+/// extension (read-write when no token file is configured).
+async fn authorize(State(app): State<App>, mut req: Request, next: Next) -> Response {
+    let Some(tokens) = &app.tokens else {
+        req.extensions_mut().insert(Right::ReadWrite);
+        return next.run(req).await;
+    };
+    let path = req.uri().path();
+    if path == "/healthz" || path.starts_with("/static/") {
+        return next.run(req).await;
+    }
+    let page = is_page(path);
     let unauthorized = |msg: &str| {
-        let mut r = error(StatusCode::UNAUTHORIZED, msg);
+        let mut r = if page {
+            crate::web::unauthorized_page(msg)
+        } else {
+            error(StatusCode::UNAUTHORIZED, msg)
+        };
         r.headers_mut()
             .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
         r
     };
-    let Some(presented) = presented else {
-        return unauthorized("this endpoint needs a token: Authorization: Bearer TOKEN");
+    let Some(presented) = presented_token(&req) else {
+        return unauthorized(
+            "this endpoint needs a token: Authorization: Bearer TOKEN, or ?token=TOKEN",
+        );
     };
     match tokens.check(&presented) {
         None => unauthorized("the token is not valid"),
@@ -236,7 +278,10 @@ async fn authorize(State(app): State<App>, req: Request, next: Next) -> Response
             StatusCode::FORBIDDEN,
             "this token is read-only; this request needs a read-write token",
         ),
-        Some(_) => next.run(req).await,
+        Some(right) => {
+            req.extensions_mut().insert(right);
+            next.run(req).await
+        }
     }
 }
 
@@ -332,6 +377,37 @@ async fn console_log(
             ),
         ),
     }
+}
+
+/// `?mode=` of the console WebSocket.
+#[derive(Debug, serde::Deserialize)]
+struct ConsoleQuery {
+    mode: Option<String>,
+}
+
+async fn console_ws(
+    State(app): State<App>,
+    Path(vm): Path<String>,
+    Query(q): Query<ConsoleQuery>,
+    right: Option<Extension<Right>>,
+    headers: HeaderMap,
+    upgrade: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
+) -> Response {
+    // No extension only on an open route, which this is not: least right.
+    let right = right.map_or(Right::ReadOnly, |Extension(r)| r);
+    crate::web::console(app.hub, &vm, q.mode.as_deref(), right, &headers, upgrade)
+}
+
+async fn index_page(State(app): State<App>, Query(q): Query<TokenQuery>) -> Response {
+    crate::web::index(&app.hub, q.token.as_deref())
+}
+
+async fn console_page(State(app): State<App>, Path(vm): Path<String>) -> Response {
+    crate::web::console_page(&app.hub, &vm)
+}
+
+async fn asset(Path(file): Path<String>) -> Response {
+    crate::web::asset(&file)
 }
 
 /// RFC 3339 in UTC, to the second (`2026-11-30T12:00:00Z`).

@@ -281,6 +281,10 @@ pub enum LockMode {
     FreeForAll,
     /// Free-for-all, or read-only while someone holds a write lock.
     FreeForAllOrReadOnly,
+    /// Watch only, whoever writes: what a read-only HTTP token's browser
+    /// console gets. No lock name parses to it ([`LockMode::parse`]): the
+    /// admin port's clients never ask for it.
+    ReadOnly,
 }
 
 impl LockMode {
@@ -697,6 +701,7 @@ impl Hub {
             LockMode::FreeForAll => Access::FreeForAll,
             LockMode::FreeForAllOrReadOnly if held(Access::Write) => Access::ReadOnly,
             LockMode::FreeForAllOrReadOnly => Access::FreeForAll,
+            LockMode::ReadOnly => Access::ReadOnly,
         };
         st.consoles.push(Console { peer, access });
         st.idle_since = None;
@@ -1408,10 +1413,13 @@ mod tests {
         assert_eq!(attach(FreeForAllOrReadOnly), Ok(Access::ReadOnly));
         assert!(attach(Write).is_err());
         assert!(attach(Exclusive).is_err());
+        // Watching takes no lock, and is refused only beside exclusive.
+        assert_eq!(attach(ReadOnly), Ok(Access::ReadOnly));
+        assert_eq!(LockMode::parse("read-only"), None);
         let vm2 = h.attach_vm(&id(8), peer(&h)).expect("attach");
         let attach2 = |m| h.attach_console(&vm2, peer(&h), m);
         assert_eq!(attach2(Exclusive), Ok(Access::Exclusive));
-        for m in [Exclusive, Write, FreeForAll, FreeForAllOrReadOnly] {
+        for m in [Exclusive, Write, FreeForAll, FreeForAllOrReadOnly, ReadOnly] {
             assert!(attach2(m).is_err(), "{m:?} beside an exclusive lock");
         }
     }

@@ -4,7 +4,7 @@
 //! sockets, with [`backend_host`] beside the hub receiving events. Nothing
 //! below [`net`] knows about sockets; nothing in [`wire`] knows about VMs.
 //! [`http`] serves the HTTP API and the [`metrics`] the hub and the network
-//! layer count.
+//! layer count; [`web`] the browser console and its pages.
 
 #![forbid(unsafe_code)]
 
@@ -22,5 +22,6 @@ pub mod net;
 pub mod outbox;
 pub mod plugins;
 pub mod session;
+pub mod web;
 
 pub use vspc_codec::{vmware, wire};

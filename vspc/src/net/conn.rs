@@ -33,7 +33,7 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{ready, Context, Poll};
 use std::time::Duration;
-use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, DuplexStream, ReadBuf};
 use tokio::net::TcpStream;
 use tokio::time::{sleep_until, Instant, Sleep};
 use tokio_rustls::server::TlsStream;
@@ -64,11 +64,17 @@ thread_local! {
 pub enum Stream {
     Tcp(TcpStream),
     Tls(Box<TlsStream<TcpStream>>),
+    /// One end of an in-process pipe whose other end an adapter serves
+    /// (the browser console: [`crate::web`] moves bytes between the pipe
+    /// and a WebSocket). The pipe's buffer is the socket buffer: a pipe the
+    /// adapter does not empty fills, and the console stalls as on TCP.
+    Pipe(DuplexStream),
 }
 
 enum Io {
     Tcp(TcpStream),
     Tls(Box<(TlsStream<TcpStream>, [u8; TLS_READ_BUF])>),
+    Pipe(DuplexStream),
 }
 
 /// What a read gave.
@@ -114,6 +120,20 @@ impl Io {
                     Got::Input(session.on_input(data))
                 }))
             }
+            // A pipe read copies what is buffered at once, so the shared
+            // per-thread buffer serves it as it serves TCP.
+            Io::Pipe(pipe) => BUF.with(|cell| {
+                let mut buf = cell.borrow_mut();
+                let slice = max.clamp(1, buf.len());
+                let mut rb = ReadBuf::new(&mut buf[..slice]);
+                ready!(Pin::new(pipe).poll_read(cx, &mut rb))?;
+                let data = rb.filled();
+                Poll::Ready(Ok(if data.is_empty() {
+                    Got::Eof
+                } else {
+                    Got::Input(session.on_input(data))
+                }))
+            }),
         }
     }
 
@@ -125,12 +145,13 @@ impl Io {
         match self {
             Io::Tcp(t) => Pin::new(t).poll_write_vectored(cx, bufs),
             Io::Tls(t) => Pin::new(&mut t.0).poll_write_vectored(cx, bufs),
+            Io::Pipe(p) => Pin::new(p).poll_write_vectored(cx, bufs),
         }
     }
 
     fn poll_flush(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         match self {
-            Io::Tcp(_) => Poll::Ready(Ok(())),
+            Io::Tcp(_) | Io::Pipe(_) => Poll::Ready(Ok(())),
             Io::Tls(t) => Pin::new(&mut t.0).poll_flush(cx),
         }
     }
@@ -139,6 +160,7 @@ impl Io {
         match self {
             Io::Tcp(t) => Pin::new(t).poll_shutdown(cx),
             Io::Tls(t) => Pin::new(&mut t.0).poll_shutdown(cx),
+            Io::Pipe(p) => Pin::new(p).poll_shutdown(cx),
         }
     }
 }
@@ -212,6 +234,7 @@ impl<S: Session + Unpin> Conn<S> {
                 Io::Tcp(tcp)
             }
             Stream::Tls(tls) => Io::Tls(Box::new((*tls, [0; TLS_READ_BUF]))),
+            Stream::Pipe(pipe) => Io::Pipe(pipe),
         };
         let max_batch = match pace {
             Some(rate) => (rate / 20).clamp(1, BATCH_BYTES as u64) as u32,
@@ -501,6 +524,9 @@ impl<S: Session + ?Sized> Session for &mut S {
     }
     fn on_close(&mut self) {
         (**self).on_close()
+    }
+    fn on_stall(&mut self) {
+        (**self).on_stall()
     }
 }
 

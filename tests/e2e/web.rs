@@ -1,0 +1,727 @@
+//! The browser console, end to end: the real daemon with `--http-port`, a
+//! simulated VM, and
+//!
+//! - a WebSocket client in Rust (tokio-tungstenite, the client of the crate
+//!   axum's `ws` feature is built on) on `GET /api/v1/vms/{vm}/console`:
+//!   all 256 byte values each way, text frames as UTF-8, the JSON status
+//!   frames across a VM reconnect, a read-only token's typing never
+//!   reaching the VM, `mode=exclusive` refused beside another console, 404
+//!   for an unknown VM, 401 without a token, `?token=` as well as the
+//!   header, 403 for a page of another site, a clear through the API, and
+//!   bulk both ways through the flow control;
+//! - the pages (`/`, `/vms/{vm}`, `/static/...`) over plain HTTP;
+//! - a real browser: headless Chromium (Debian's `chromium`, driven by
+//!   `playwright-core` from `tests/web/`, installed by `.ci/run`) opens
+//!   `/vms/{vm}`, shows the VM's output in the terminal, and its typed keys
+//!   reach the VM byte-exact. A missing browser fails the test, naming the
+//!   package.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use crate::common::*;
+use crate::http::{daemon, request};
+use futures_util::{SinkExt, StreamExt};
+use serde_json::Value as Json;
+use tokio::net::TcpStream;
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+use tokio_tungstenite::tungstenite::http::HeaderValue;
+use tokio_tungstenite::tungstenite::{Error as WsError, Message};
+use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
+use vspc_testkit::sim::{Identity, SimVm};
+
+type Ws = WebSocketStream<MaybeTlsStream<TcpStream>>;
+
+/// The token file of the tests that need one.
+const TOKENS: &str = "rw-secret\nro-secret ro\n";
+
+/// A daemon with an HTTP port and the token file [`TOKENS`]; the file's
+/// directory lives as long as the daemon is needed.
+fn daemon_with_tokens() -> (Daemon, SocketAddr, tempfile::TempDir) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("tokens");
+    std::fs::write(&path, TOKENS).expect("write the token file");
+    let file = path.display().to_string();
+    let (d, http) = daemon(&["--http-token-file", &file]);
+    (d, http, dir)
+}
+
+/// Open the console WebSocket at `path` (with its query), with `token` as
+/// a bearer header if given; the handshake's error if it is refused.
+async fn ws_connect(http: SocketAddr, path: &str, token: Option<&str>) -> Result<Ws, WsError> {
+    let mut req = format!("ws://{http}{path}")
+        .into_client_request()
+        .expect("a valid request");
+    if let Some(t) = token {
+        req.headers_mut().insert(
+            "authorization",
+            HeaderValue::from_str(&format!("Bearer {t}")).expect("header"),
+        );
+    }
+    match tokio::time::timeout(T, tokio_tungstenite::connect_async(req)).await {
+        Ok(r) => r.map(|(ws, _)| ws),
+        Err(_) => panic!("the WebSocket handshake on {path} took more than {T:?}"),
+    }
+}
+
+/// The HTTP status a refused handshake got.
+fn refused_with(r: Result<Ws, WsError>) -> u16 {
+    match r {
+        Err(WsError::Http(resp)) => resp.status().as_u16(),
+        Err(e) => panic!("the handshake failed, but not with an HTTP answer: {e}"),
+        Ok(_) => panic!("the handshake was accepted"),
+    }
+}
+
+/// The next frame, within [`T`]; `None` once the socket ended.
+async fn next(ws: &mut Ws) -> Option<Message> {
+    match tokio::time::timeout(T, ws.next()).await {
+        Ok(Some(Ok(m))) => Some(m),
+        Ok(Some(Err(_))) | Ok(None) => None,
+        Err(_) => panic!("no WebSocket frame within {T:?}"),
+    }
+}
+
+/// The next text frame as JSON (binary frames before it are skipped).
+async fn next_json(ws: &mut Ws) -> Json {
+    loop {
+        match next(ws).await {
+            Some(Message::Text(t)) => {
+                return serde_json::from_str(t.as_str())
+                    .unwrap_or_else(|e| panic!("a text frame that is not JSON ({e}): {t}"))
+            }
+            Some(Message::Binary(_) | Message::Ping(_) | Message::Pong(_)) => {}
+            other => panic!("the WebSocket ended while a JSON frame was awaited: {other:?}"),
+        }
+    }
+}
+
+/// Binary frames until `n` bytes came (text frames are skipped).
+async fn read_bytes(ws: &mut Ws, n: usize) -> Vec<u8> {
+    let mut got = Vec::new();
+    while got.len() < n {
+        match next(ws).await {
+            Some(Message::Binary(b)) => got.extend_from_slice(&b),
+            Some(Message::Text(_) | Message::Ping(_) | Message::Pong(_)) => {}
+            other => panic!(
+                "the WebSocket ended after {} of {n} bytes: {other:?}",
+                got.len()
+            ),
+        }
+    }
+    got
+}
+
+async fn send(ws: &mut Ws, m: Message) {
+    tokio::time::timeout(T, ws.send(m))
+        .await
+        .expect("the send took too long")
+        .expect("send on the WebSocket");
+}
+
+/// The console path of `id`'s VM, by name.
+fn console_path(id: &Identity, query: &str) -> String {
+    format!("/api/v1/vms/{}/console{query}", id.name)
+}
+
+#[tokio::test]
+async fn websocket_console_is_byte_exact_both_ways_and_survives_a_reconnect() {
+    // Logging keeps the recent output a new console is shown first.
+    let logs = tempfile::tempdir().expect("tempdir");
+    let (d, http) = daemon(&[
+        "--backend",
+        "Logging",
+        "-l",
+        &logs.path().display().to_string(),
+    ]);
+    let id = Identity::numbered(7300);
+    let (vm, _) = vm_up(&d, &id).await;
+    vm.send(b"before the console\r\n").await.expect("VM output");
+    let transcript = logs.path().join(format!("{}.log", id.name));
+    let deadline = std::time::Instant::now() + T;
+    while !std::fs::read(&transcript).is_ok_and(|t| t.ends_with(b"before the console\r\n")) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the transcript never held the VM's output"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+
+    let mut ws = ws_connect(http, &console_path(&id, ""), None)
+        .await
+        .expect("the console opens");
+    let hello = next_json(&mut ws).await;
+    assert_eq!(hello["vm"], id.name.as_str(), "{hello}");
+    assert_eq!(hello["uuid"], id.uuid_display().as_str(), "{hello}");
+    assert_eq!(hello["access"], "free-for-all", "{hello}");
+    assert_eq!(hello["vm_connected"], true, "{hello}");
+    // The recent output comes first.
+    let seed = read_bytes(&mut ws, 20).await;
+    assert_eq!(seed, b"before the console\r\n");
+
+    // VM -> browser: every byte value, as it is (no telnet escaping).
+    let out = all_bytes(8);
+    vm.send(&out).await.expect("VM output");
+    assert_eq!(read_bytes(&mut ws, out.len()).await, out);
+
+    // Browser -> VM: binary frames as they are, text frames as UTF-8.
+    let typed = all_bytes(4);
+    send(&mut ws, Message::binary(typed.clone())).await;
+    assert_eq!(
+        vm.read_exact_data(typed.len(), T).await.expect("input"),
+        typed
+    );
+    send(&mut ws, Message::text("grüße ✓\r")).await;
+    let utf8 = "grüße ✓\r".as_bytes();
+    assert_eq!(
+        vm.read_exact_data(utf8.len(), T).await.expect("input"),
+        utf8
+    );
+
+    // The VM goes and comes back: the session stays and says so.
+    vm.hang_up(T)
+        .await
+        .expect("the daemon closes the VM's side");
+    assert_eq!(
+        next_json(&mut ws).await,
+        serde_json::json!({ "vm_connected": false })
+    );
+    let vm = SimVm::connect(d.proxy, &id).await.expect("VM reconnects");
+    assert_eq!(
+        next_json(&mut ws).await,
+        serde_json::json!({ "vm_connected": true })
+    );
+    vm.send(b"after the reconnect").await.expect("VM output");
+    assert_eq!(read_bytes(&mut ws, 19).await, b"after the reconnect");
+    send(&mut ws, Message::binary(b"still typing".to_vec())).await;
+    assert_eq!(
+        vm.read_exact_data(12, T).await.expect("input"),
+        b"still typing"
+    );
+
+    // The listing counts the browser console; closing it detaches it.
+    let row = request(http, "GET", &format!("/api/v1/vms/{}", id.name), None)
+        .await
+        .json();
+    assert_eq!(row["consoles"], 1, "{row}");
+    send(&mut ws, Message::Close(None)).await;
+    let deadline = std::time::Instant::now() + T;
+    loop {
+        let row = request(http, "GET", &format!("/api/v1/vms/{}", id.name), None)
+            .await
+            .json();
+        if row["consoles"] == 0 {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the closed browser console is still attached: {row}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Bulk both ways through the pipe and its flow control: 6 MiB of output
+/// (more than a console's queue would hold at once if nothing pushed back)
+/// and a 1 MiB paste in frames of 48 KiB, every byte in order.
+#[tokio::test]
+async fn bulk_both_ways_arrives_whole() {
+    let (d, http) = daemon(&[]);
+    let id = Identity::numbered(7304);
+    let (vm, _) = vm_up(&d, &id).await;
+    let mut ws = ws_connect(http, &console_path(&id, ""), None)
+        .await
+        .expect("the console opens");
+    assert_eq!(next_json(&mut ws).await["access"], "free-for-all");
+
+    let out = XorShift::new(7304).bytes(6 << 20);
+    let ((), got) = tokio::join!(
+        async {
+            for chunk in out.chunks(256 * 1024) {
+                vm.send(chunk).await.expect("VM output");
+            }
+        },
+        read_bytes(&mut ws, out.len())
+    );
+    assert!(got == out, "the output arrived changed");
+
+    let paste = XorShift::new(7305).bytes(1 << 20);
+    let (_, typed) = tokio::join!(
+        async {
+            for chunk in paste.chunks(48 * 1024) {
+                send(&mut ws, Message::binary(chunk.to_vec())).await;
+            }
+        },
+        vm.read_exact_data(paste.len(), T)
+    );
+    assert!(
+        typed.expect("the paste reaches the VM") == paste,
+        "the paste arrived changed"
+    );
+}
+
+/// A browser that reads nothing is a stuck console like any other: given
+/// up on after `--console-stall-timeout`, counted as a stall, and its
+/// socket closed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_browser_that_reads_nothing_is_dropped_as_a_stall() {
+    let (d, http) = daemon(&["--console-stall-timeout", "1"]);
+    let id = Identity::numbered(7306);
+    let (vm, _) = vm_up(&d, &id).await;
+    // A small receive buffer, so that the daemon's side fills quickly.
+    let socket = tokio::net::TcpSocket::new_v4().expect("socket");
+    socket.set_recv_buffer_size(4096).expect("SO_RCVBUF");
+    let tcp = socket.connect(http).await.expect("connect");
+    let req = format!("ws://{http}{}", console_path(&id, ""))
+        .into_client_request()
+        .expect("request");
+    let (mut stuck, _) = tokio::time::timeout(
+        T,
+        tokio_tungstenite::client_async(req, MaybeTlsStream::Plain(tcp)),
+    )
+    .await
+    .expect("the handshake took too long")
+    .expect("the console opens");
+    assert_eq!(next_json(&mut stuck).await["access"], "free-for-all");
+
+    let out = XorShift::new(7306).bytes(16 << 20);
+    for chunk in out.chunks(256 * 1024) {
+        vm.send(chunk).await.expect("VM output");
+    }
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let metrics = request(http, "GET", "/metrics", None).await.text();
+        let stalls = metrics
+            .lines()
+            .any(|l| l == "vspc_console_disconnects_total{reason=\"stall\"} 1");
+        let row = request(http, "GET", &format!("/api/v1/vms/{}", id.name), None)
+            .await
+            .json();
+        if stalls && row["consoles"] == 0 {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the stuck browser console was not dropped as a stall: {row}\n{metrics}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // Reading now, it gets what its socket held, then the end.
+    let ended = tokio::time::timeout(Duration::from_secs(20), async {
+        while let Some(Ok(_)) = stuck.next().await {}
+    })
+    .await;
+    assert!(ended.is_ok(), "the stuck browser's socket was never closed");
+}
+
+#[tokio::test]
+async fn tokens_locks_and_unknown_vms() {
+    let (d, http, _dir) = daemon_with_tokens();
+    let id = Identity::numbered(7301);
+    let (vm, port) = vm_up(&d, &id).await;
+    let path = console_path(&id, "");
+
+    // 401 without a token or with a wrong one; 404 for an unknown VM.
+    assert_eq!(refused_with(ws_connect(http, &path, None).await), 401);
+    assert_eq!(
+        refused_with(ws_connect(http, &path, Some("wrong")).await),
+        401
+    );
+    assert_eq!(
+        refused_with(ws_connect(http, &console_path(&id, "?token=wrong"), None).await),
+        401
+    );
+    assert_eq!(
+        refused_with(ws_connect(http, "/api/v1/vms/no-such-vm/console", Some("rw-secret")).await),
+        404
+    );
+    assert_eq!(
+        refused_with(ws_connect(http, &console_path(&id, "?mode=shared"), Some("rw-secret")).await),
+        400
+    );
+    // A page of another site may not open a console, even with a token.
+    let mut req = format!("ws://{http}{path}")
+        .into_client_request()
+        .expect("request");
+    req.headers_mut()
+        .insert("origin", HeaderValue::from_static("https://evil.example"));
+    req.headers_mut().insert(
+        "authorization",
+        HeaderValue::from_static("Bearer rw-secret"),
+    );
+    let r = tokio::time::timeout(T, tokio_tungstenite::connect_async(req))
+        .await
+        .expect("the handshake took too long");
+    assert_eq!(refused_with(r.map(|(ws, _)| ws)), 403);
+    // A read-only token may not take a lock that writes.
+    assert_eq!(
+        refused_with(
+            ws_connect(
+                http,
+                &console_path(&id, "?mode=write&token=ro-secret"),
+                None
+            )
+            .await
+        ),
+        403
+    );
+
+    // A read-only token (here in the address, as a browser gives it) gets a
+    // read-only session: it sees output, its typing never reaches the VM.
+    let mut ro = ws_connect(http, &console_path(&id, "?token=ro-secret"), None)
+        .await
+        .expect("the read-only console opens");
+    assert_eq!(next_json(&mut ro).await["access"], "read-only");
+    send(&mut ro, Message::binary(b"LEAK".to_vec())).await;
+    send(&mut ro, Message::text("leak")).await;
+    let mut rw = ws_connect(http, &path, Some("rw-secret"))
+        .await
+        .expect("the read-write console opens");
+    assert_eq!(next_json(&mut rw).await["access"], "free-for-all");
+    send(&mut rw, Message::binary(b"MARK".to_vec())).await;
+    assert_eq!(vm.read_exact_data(4, T).await.expect("input"), b"MARK");
+    assert!(
+        vm.recv_data(Duration::from_millis(300)).await.is_empty(),
+        "the read-only console's typing reached the VM"
+    );
+    vm.send(b"to both").await.expect("VM output");
+    assert_eq!(read_bytes(&mut ro, 7).await, b"to both");
+    assert_eq!(read_bytes(&mut rw, 7).await, b"to both");
+
+    // Exclusive is refused while another console is attached (here two
+    // browsers and a telnet user): the browser is told why, then closed.
+    let telnet = console_synced(&vm, &d, port).await;
+    let mut ex = ws_connect(
+        http,
+        &console_path(&id, "?mode=exclusive"),
+        Some("rw-secret"),
+    )
+    .await
+    .expect("the handshake itself succeeds");
+    let refusal = next_json(&mut ex).await;
+    assert_eq!(refusal["code"], "lock_failed", "{refusal}");
+    assert!(
+        refusal["error"]
+            .as_str()
+            .unwrap_or("")
+            .contains("exclusive"),
+        "{refusal}"
+    );
+    match next(&mut ex).await {
+        Some(Message::Close(Some(f))) => assert_eq!(u16::from(f.code), 4409, "{f:?}"),
+        other => panic!("expected a close frame after the refusal, got {other:?}"),
+    }
+    telnet.close().await;
+    drop(ro);
+    drop(rw);
+
+    // Alone, exclusive is granted, and then a telnet console is refused.
+    let deadline = std::time::Instant::now() + T;
+    let mut ex = loop {
+        let mut ex = ws_connect(
+            http,
+            &console_path(&id, "?mode=exclusive"),
+            Some("rw-secret"),
+        )
+        .await
+        .expect("handshake");
+        let first = next_json(&mut ex).await;
+        if first["access"] == "exclusive" {
+            break ex;
+        }
+        // The closed consoles may still be detaching.
+        assert!(
+            std::time::Instant::now() < deadline,
+            "exclusive never granted: {first}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let late = vspc_testkit::sim::SimConsole::connect(d.console(port))
+        .await
+        .expect("connect");
+    let (said, closed) = late.read_to_end(T).await;
+    assert!(closed, "the telnet console was not closed");
+    assert!(
+        String::from_utf8_lossy(&said).contains("exclusive"),
+        "{:?}",
+        String::from_utf8_lossy(&said)
+    );
+    send(&mut ex, Message::binary(b"mine".to_vec())).await;
+    assert_eq!(vm.read_exact_data(4, T).await.expect("input"), b"mine");
+
+    // Cleared through the API: told why, then closed.
+    let r = request(
+        http,
+        "POST",
+        &format!("/api/v1/vms/{}/clear", id.name),
+        Some("rw-secret"),
+    )
+    .await;
+    assert_eq!(r.json()["cleared"], 1, "{}", r.text());
+    let mut told = Vec::new();
+    loop {
+        match next(&mut ex).await {
+            Some(Message::Binary(b)) => told.extend_from_slice(&b),
+            Some(Message::Close(Some(f))) => {
+                assert_eq!(u16::from(f.code), 1000, "{f:?}");
+                break;
+            }
+            other => panic!("expected the notice and a close, got {other:?}"),
+        }
+    }
+    assert!(
+        String::from_utf8_lossy(&told).contains("cleared"),
+        "{:?}",
+        String::from_utf8_lossy(&told)
+    );
+}
+
+#[tokio::test]
+async fn pages_list_the_vms_and_carry_the_token() {
+    let (d, http, _dir) = daemon_with_tokens();
+    let id = Identity::numbered(7302);
+    let (_vm, _) = vm_up(&d, &id).await;
+
+    // Pages need the token too; their 401 says how to give it.
+    let r = request(http, "GET", "/", None).await;
+    assert_eq!(r.status, 401);
+    assert!(r.text().contains("?token="), "{}", r.text());
+    let r = request(http, "GET", "/?token=ro-secret", None).await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert!(r
+        .header("content-type")
+        .is_some_and(|c| c.starts_with("text/html")));
+    let html = r.text();
+    assert!(html.contains(&id.name), "{html}");
+    assert!(html.contains("connected"), "{html}");
+    let link = format!("/vms/{}?token=ro-secret", id.uuid_display());
+    assert!(html.contains(&link), "no link {link} in {html}");
+
+    let r = request(http, "GET", &link, None).await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    let html = r.text();
+    for needle in [
+        "/static/xterm.js",
+        "/static/addon-fit.js",
+        "/static/console.js",
+    ] {
+        assert!(html.contains(needle), "{needle} missing from {html}");
+    }
+    let r = request(http, "GET", "/vms/no-such-vm", Some("ro-secret")).await;
+    assert_eq!(r.status, 404);
+
+    // The scripts need no token (a script tag cannot send one) and come
+    // from the binary.
+    let r = request(http, "GET", "/static/xterm.js", None).await;
+    assert_eq!(r.status, 200);
+    assert!(r.text().contains("xterm"));
+    assert!(r
+        .header("content-type")
+        .is_some_and(|c| c.starts_with("text/javascript")));
+    assert_eq!(
+        request(http, "GET", "/static/nope.js", None).await.status,
+        404
+    );
+}
+
+// ---------------------------------------------------------------------------
+// The real browser.
+
+/// Where Chromium is: `$CHROMIUM`, else Debian's `/usr/bin/chromium`.
+fn chromium() -> PathBuf {
+    std::env::var_os("CHROMIUM").map_or_else(|| PathBuf::from("/usr/bin/chromium"), PathBuf::from)
+}
+
+/// The browser driver's folder (`tests/web/`).
+fn web_dir() -> PathBuf {
+    repo_root().join("tests/web")
+}
+
+/// A process group the test started (node, and the Chromium it launches),
+/// stopped when dropped: SIGTERM first (Playwright then closes the
+/// browser), SIGKILL to the group after a grace period.
+struct Driver {
+    child: Child,
+}
+
+impl Driver {
+    fn signal(&self, sig: &str) {
+        let group = format!("-{}", self.child.id());
+        let _ = Command::new("kill")
+            .args(["-s", sig, "--", &group])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status();
+    }
+
+    /// Wait up to `limit` for the process to exit; true if it did.
+    fn wait_exit(&mut self, limit: Duration) -> bool {
+        let deadline = std::time::Instant::now() + limit;
+        loop {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return true;
+            }
+            if std::time::Instant::now() > deadline {
+                return false;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Driver {
+    fn drop(&mut self) {
+        if !self.wait_exit(Duration::ZERO) {
+            self.signal("TERM");
+            self.wait_exit(Duration::from_secs(5));
+        }
+        // Whatever is left of the group (a browser whose driver died).
+        self.signal("KILL");
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// What the browser driver printed, line by line.
+struct Said {
+    lines: tokio::sync::mpsc::UnboundedReceiver<String>,
+    /// Every line so far, for failure messages.
+    seen: Vec<String>,
+    /// The longest wait for one step.
+    step: Duration,
+}
+
+impl Said {
+    /// Wait for the line starting with `what`; a `FAIL` line, the end of
+    /// the output or a silent step fails the test with everything said.
+    async fn wait_for(&mut self, what: &str) -> String {
+        loop {
+            match tokio::time::timeout(self.step, self.lines.recv()).await {
+                Ok(Some(line)) => {
+                    self.seen.push(line.clone());
+                    if line.starts_with(what) {
+                        return line;
+                    }
+                    assert!(
+                        !line.starts_with("FAIL"),
+                        "the browser step before {what} failed:\n{}",
+                        self.seen.join("\n")
+                    );
+                }
+                Ok(None) => panic!(
+                    "the browser driver ended before {what}:\n{}",
+                    self.seen.join("\n")
+                ),
+                Err(_) => panic!(
+                    "the browser driver said nothing for {:?} while {what} was awaited:\n{}",
+                    self.step,
+                    self.seen.join("\n")
+                ),
+            }
+        }
+    }
+}
+
+#[tokio::test]
+async fn chromium_shows_the_output_and_types_to_the_vm() {
+    let browser = chromium();
+    assert!(
+        browser.is_file(),
+        "{} is missing: install the Debian packages `chromium` and `chromium-driver` \
+         (apt-get install chromium chromium-driver; .ci/run does), or set CHROMIUM",
+        browser.display()
+    );
+    let node_ok = Command::new("node")
+        .arg("--version")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    assert!(
+        node_ok,
+        "node is missing: install the Debian package `nodejs` (and `npm`)"
+    );
+    assert!(
+        web_dir().join("node_modules/playwright-core").is_dir(),
+        "tests/web/node_modules/playwright-core is missing: run `npm ci` in tests/web (.ci/run does)"
+    );
+
+    let (d, http, _dir) = daemon_with_tokens();
+    let id = Identity::numbered(7303);
+    let (vm, _) = vm_up(&d, &id).await;
+    let profile = tempfile::tempdir().expect("a browser profile directory");
+    let marker = "hello from the VM, in the browser";
+    let url = format!("http://{http}/vms/{}?token=rw-secret", id.name);
+    let mut cmd = Command::new("node");
+    cmd.current_dir(web_dir())
+        .arg("console_test.mjs")
+        .arg(&url)
+        .arg(marker)
+        .arg(profile.path())
+        .env("CHROMIUM", &browser)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    if let Some(shot) = std::env::var_os("VSPC_WEB_SCREENSHOT") {
+        cmd.arg(shot);
+    }
+    std::os::unix::process::CommandExt::process_group(&mut cmd, 0);
+    let mut child = cmd.spawn().expect("run node");
+    let (tx, lines) = tokio::sync::mpsc::unbounded_channel::<String>();
+    let stdout = child.stdout.take().expect("stdout");
+    let stderr = child.stderr.take().expect("stderr");
+    let mut driver = Driver { child };
+    for pipe in [
+        Box::new(stdout) as Box<dyn std::io::Read + Send>,
+        Box::new(stderr),
+    ] {
+        let tx = tx.clone();
+        std::thread::spawn(move || {
+            use std::io::BufRead;
+            for line in std::io::BufReader::new(pipe).lines().map_while(Result::ok) {
+                if tx.send(line).is_err() {
+                    return;
+                }
+            }
+        });
+    }
+    drop(tx);
+    // Browsers start slowly on a busy 2-core machine: a step may take 30 s.
+    let mut said = Said {
+        lines,
+        seen: Vec::new(),
+        step: Duration::from_secs(30),
+    };
+
+    let ready = said.wait_for("READY").await;
+    assert_eq!(ready, "READY free-for-all");
+    vm.send(format!("{marker}\r\n").as_bytes())
+        .await
+        .expect("VM output");
+    said.wait_for("SAW").await;
+    said.wait_for("TYPED").await;
+    // Keys as a terminal sends them: Enter is CR, Ctrl-C is ETX, the arrow
+    // is CSI A, Backspace is DEL.
+    let expected = b"typed in the browser\r\x03\x1b[A\t\x7f\x1b";
+    let got = vm
+        .read_exact_data(expected.len(), T)
+        .await
+        .expect("the typed keys reach the VM");
+    assert_eq!(got, expected, "{:?}", String::from_utf8_lossy(&got));
+    assert!(
+        vm.recv_data(Duration::from_millis(200)).await.is_empty(),
+        "more than the keys reached the VM"
+    );
+    vm.hang_up(T).await.expect("the VM hangs up");
+    said.wait_for("VMDOWN").await;
+    let _vm = SimVm::connect(d.proxy, &id).await.expect("VM reconnects");
+    said.wait_for("VMUP").await;
+    said.wait_for("DONE").await;
+    assert!(
+        driver.wait_exit(T),
+        "the browser driver did not exit after DONE"
+    );
+}
