@@ -16,7 +16,7 @@
 // non_local_definitions lint flags; the expansion is abi_stable's, not ours.
 #![allow(non_local_definitions)]
 
-use crate::{log, Backend, OptionSpec, VmRecord};
+use crate::{log, Backend, OptionSpec, SessionEvent, VmRecord};
 use abi_stable::{
     declare_root_module_statics,
     library::RootModule,
@@ -53,6 +53,53 @@ impl From<&FfiRecord> for VmRecord {
             uuid: r.uuid.to_string(),
             name: r.name.to_string(),
             port: r.port.into_option(),
+        }
+    }
+}
+
+/// [`SessionEvent`] in FFI-safe form.
+#[repr(C)]
+#[derive(StableAbi, Debug, Clone, PartialEq, Eq, Default)]
+pub struct FfiSessionEvent {
+    pub id: u64,
+    pub kind: RString,
+    pub peer: RString,
+    pub user: RString,
+    pub vm: FfiRecord,
+    pub access: RString,
+    pub duration_ms: u64,
+    pub bytes_to_vm: u64,
+    pub bytes_from_vm: u64,
+}
+
+impl From<&SessionEvent> for FfiSessionEvent {
+    fn from(e: &SessionEvent) -> FfiSessionEvent {
+        FfiSessionEvent {
+            id: e.id,
+            kind: e.kind.as_str().into(),
+            peer: e.peer.as_str().into(),
+            user: e.user.as_str().into(),
+            vm: FfiRecord::from(&e.vm),
+            access: e.access.as_str().into(),
+            duration_ms: e.duration_ms,
+            bytes_to_vm: e.bytes_to_vm,
+            bytes_from_vm: e.bytes_from_vm,
+        }
+    }
+}
+
+impl From<&FfiSessionEvent> for SessionEvent {
+    fn from(e: &FfiSessionEvent) -> SessionEvent {
+        SessionEvent {
+            id: e.id,
+            kind: e.kind.to_string(),
+            peer: e.peer.to_string(),
+            user: e.user.to_string(),
+            vm: VmRecord::from(&e.vm),
+            access: e.access.to_string(),
+            duration_ms: e.duration_ms,
+            bytes_to_vm: e.bytes_to_vm,
+            bytes_from_vm: e.bytes_from_vm,
         }
     }
 }
@@ -137,6 +184,10 @@ pub trait BackendObj: Send {
     fn console_log(&mut self, _vm: &FfiRecord, _max: u64) -> ROption<RVec<u8>> {
         ROption::RNone
     }
+    /// See [`Backend::session_started`].
+    fn session_started(&mut self, _ev: &FfiSessionEvent) {}
+    /// See [`Backend::session_ended`].
+    fn session_ended(&mut self, _ev: &FfiSessionEvent) {}
 }
 
 /// An owned backend behind the stable ABI.
@@ -411,6 +462,16 @@ impl<B: Backend> BackendObj for Guarded<B> {
             |b| b.console_log(&rec, max).map(RVec::from).into(),
         )
     }
+
+    fn session_started(&mut self, ev: &FfiSessionEvent) {
+        let ev = SessionEvent::from(ev);
+        self.guard("session_started", || (), |b| b.session_started(&ev))
+    }
+
+    fn session_ended(&mut self, ev: &FfiSessionEvent) {
+        let ev = SessionEvent::from(ev);
+        self.guard("session_ended", || (), |b| b.session_ended(&ev))
+    }
 }
 
 /// Export a backend from a plugin crate (`crate-type = ["cdylib"]`):
@@ -525,5 +586,17 @@ mod tests {
             port: None,
         };
         assert_eq!(VmRecord::from(&FfiRecord::from(&r)), r);
+        let e = SessionEvent {
+            id: 7,
+            kind: "web".into(),
+            peer: "127.0.0.1:5".into(),
+            user: "token#1".into(),
+            vm: r,
+            access: "read-only".into(),
+            duration_ms: 3,
+            bytes_to_vm: 4,
+            bytes_from_vm: 5,
+        };
+        assert_eq!(SessionEvent::from(&FfiSessionEvent::from(&e)), e);
     }
 }

@@ -31,6 +31,36 @@ pub struct VmRecord {
     pub port: Option<u16>,
 }
 
+/// A console session starting or ending: who attached to which VM, how,
+/// from where, and (at the end) for how long and how many bytes each way.
+/// The daemon logs the same events as its `audit:` lines.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct SessionEvent {
+    /// The session's number, the same in its start and end events (and in
+    /// the daemon's audit lines), so the two can be paired.
+    pub id: u64,
+    /// How the console was reached: `console-port`, `admin-native`,
+    /// `admin-vspc`, `web` or `ssh`.
+    pub kind: String,
+    /// The client's address (`ip:port`), or empty when it has none.
+    pub peer: String,
+    /// Who the client proved to be beyond its address: an HTTP token's
+    /// name (`token#2`, or its `name=`), an SSH key's comment and
+    /// fingerprint; empty when nothing more is known.
+    pub user: String,
+    /// The VM the console is attached to.
+    pub vm: VmRecord,
+    /// What the session was granted (`exclusive`, `write`, `free-for-all`,
+    /// `read-only`).
+    pub access: String,
+    /// Milliseconds the session lasted (0 in the start event).
+    pub duration_ms: u64,
+    /// Bytes the client sent towards the VM (0 in the start event).
+    pub bytes_to_vm: u64,
+    /// Bytes written to the client (0 in the start event).
+    pub bytes_from_vm: u64,
+}
+
 /// An error a backend reports; the message names the problem and the fix.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct BackendError(pub String);
@@ -198,4 +228,11 @@ pub trait Backend: Send {
 
     /// The daemon is stopping: flush and close.
     fn shutdown(&mut self) {}
+
+    /// A console session started (an audit event; never dropped).
+    fn session_started(&mut self, _ev: &SessionEvent) {}
+
+    /// A console session ended, with its duration and byte counts (an
+    /// audit event; never dropped).
+    fn session_ended(&mut self, _ev: &SessionEvent) {}
 }

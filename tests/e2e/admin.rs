@@ -305,7 +305,7 @@ impl PickleConn {
 }
 
 /// How a query-protocol request for a console went.
-enum PickleAnswer {
+pub(crate) enum PickleAnswer {
     /// `vm_found`, the applied mode, the seed, and the console session.
     Found {
         mode: String,
@@ -324,7 +324,7 @@ async fn next_str(c: &mut PickleConn) -> String {
 }
 
 /// Ask for a console on `vm` with lock `mode`, as vSPCClient does.
-async fn pickle_session(d: &Daemon, vm: &str, mode: &str) -> PickleAnswer {
+pub(crate) async fn pickle_session(d: &Daemon, vm: &str, mode: &str) -> PickleAnswer {
     let mut c = PickleConn::connect(d).await;
     let mut ask = PICKLE_VERSION_3.to_vec();
     ask.extend(pickle_str(vm));

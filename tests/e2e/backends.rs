@@ -25,15 +25,15 @@ const RANGE: u16 = 16;
 // Plugins.
 
 /// The `.so` files of the workspace's plugins.
-struct Plugins {
-    jsonl: PathBuf,
+pub(crate) struct Plugins {
+    pub(crate) jsonl: PathBuf,
     panicky: PathBuf,
     legacy: PathBuf,
 }
 
 /// Build the plugins once per test process and return their paths. Cargo
 /// does not hold its build lock while tests run, so this may call it.
-fn plugins() -> &'static Plugins {
+pub(crate) fn plugins() -> &'static Plugins {
     static PLUGINS: OnceLock<Plugins> = OnceLock::new();
     PLUGINS.get_or_init(build_plugins)
 }

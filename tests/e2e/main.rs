@@ -14,8 +14,11 @@
 //! | [`backends`] | File, Logging, plugins, and start-up errors |
 //! | [`http`] | the HTTP API and `/metrics`: endpoints, tokens, metrics that follow traffic, console logs |
 //! | [`web`] | the browser console: its WebSocket byte-exact both ways, tokens and locks, the pages, and headless Chromium typing into it |
+//! | [`access`] | `--proxy-allow` (refused VMs, a hijack, takeover warnings, bad ranges) and the audit lines and backend events of every console session |
 //! | [`certs`] | the checked-in test certificates |
+//! | [`ssh`] | the SSH front door with OpenSSH's client: byte-exact consoles, `~.`, key patterns and modes, `list@`, refused keys and passwords, SIGHUP reload, audit lines, a pty, bulk both ways, a stopped client dropped as a stall |
 
+mod access;
 mod admin;
 mod backends;
 mod certs;
@@ -25,4 +28,5 @@ mod daemon;
 mod flow;
 mod http;
 mod real_clients;
+mod ssh;
 mod web;

@@ -15,7 +15,8 @@
 //!   budget, with a counter and a rate-limited warning.
 //!
 //! Mapping events (connect, rename, disconnect, expiry, console
-//! attach/detach) are never dropped. Queries (listing rows, seed data, the
+//! attach/detach) and audit events (console sessions starting and ending)
+//! are never dropped. Queries (listing rows, seed data, the
 //! tail of a transcript for the HTTP API) get their answer through a
 //! oneshot channel. When a backend's queue runs empty it gets `idle()`, so
 //! it can write batched state.
@@ -32,8 +33,8 @@ use std::sync::{mpsc, Arc};
 use std::time::Duration;
 use tokio::sync::{oneshot, Notify};
 use vspc_backend_api::abi_stable::std_types::{RSlice, RStr, RVec};
-use vspc_backend_api::ffi::{BackendBox, FfiRecord};
-use vspc_backend_api::VmRecord;
+use vspc_backend_api::ffi::{BackendBox, FfiRecord, FfiSessionEvent};
+use vspc_backend_api::{SessionEvent, VmRecord};
 
 /// Default byte budget of console data queued for one backend.
 pub const DEFAULT_QUEUE_BYTES: usize = 32 << 20;
@@ -45,6 +46,8 @@ enum Job {
     Expired(FfiRecord),
     ConsoleAttached(FfiRecord),
     ConsoleDetached(FfiRecord),
+    SessionStarted(FfiSessionEvent),
+    SessionEnded(FfiSessionEvent),
     Data(Arc<FfiRecord>, Bytes),
     ListRows(Vec<VmRecord>, oneshot::Sender<Vec<VmRecord>>),
     Seed(FfiRecord, oneshot::Sender<Vec<u8>>),
@@ -238,6 +241,20 @@ impl Backends {
     pub fn console_detached(&self, vm: VmRecord) {
         self.each(Job::ConsoleDetached, &vm);
     }
+    /// A console session started (the audit event, for every backend).
+    pub fn session_started(&self, ev: &SessionEvent) {
+        let ev = FfiSessionEvent::from(ev);
+        for h in &self.hosts {
+            h.send(Job::SessionStarted(ev.clone()));
+        }
+    }
+    /// A console session ended.
+    pub fn session_ended(&self, ev: &SessionEvent) {
+        let ev = FfiSessionEvent::from(ev);
+        for h in &self.hosts {
+            h.send(Job::SessionEnded(ev.clone()));
+        }
+    }
     pub fn reopen(&self) {
         for h in &self.hosts {
             h.send(Job::Reopen);
@@ -402,6 +419,8 @@ fn handle(b: &mut BackendBox, job: Job, level: &Level) {
         Job::Expired(vm) => b.vm_expired(&vm),
         Job::ConsoleAttached(vm) => b.console_attached(&vm),
         Job::ConsoleDetached(vm) => b.console_detached(&vm),
+        Job::SessionStarted(ev) => b.session_started(&ev),
+        Job::SessionEnded(ev) => b.session_ended(&ev),
         Job::Data(vm, data) => {
             b.console_data(&vm, RSlice::from_slice(&data));
             level.handled(data.len());

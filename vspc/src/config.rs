@@ -41,6 +41,12 @@ pub struct Config {
     #[arg(long, default_value = "0.0.0.0", value_name = "ADDR")]
     pub proxy_iface: IpAddr,
 
+    /// Accept VM connections on the proxy port only from these networks
+    /// (the ESXi hosts'), in CIDR notation (10.0.0.0/8, 2001:db8::/32, or
+    /// one address); repeatable and comma-separated. Anyone when not given.
+    #[arg(long, value_name = "CIDR", value_delimiter = ',', action = clap::ArgAction::Append, value_parser = parse_cidr)]
+    pub proxy_allow: Vec<crate::cidr::Cidr>,
+
     /// First console port; each VM gets the lowest free port from here.
     #[arg(short = 'r', long, default_value_t = 50000, value_name = "PORT")]
     pub port_range_start: u16,
@@ -203,6 +209,30 @@ pub struct Config {
     /// PEM private key for --http-cert (default: read it from --http-cert).
     #[arg(long, value_name = "FILE", requires = "http_cert")]
     pub http_key: Option<PathBuf>,
+
+    /// Port of the SSH front door (`ssh -p PORT VM@host`); off unless
+    /// given.
+    #[arg(long, value_name = "PORT")]
+    pub ssh_port: Option<u16>,
+
+    /// Address the SSH port listens on.
+    #[arg(long, default_value = "0.0.0.0", value_name = "ADDR")]
+    pub ssh_iface: IpAddr,
+
+    /// The SSH host key (OpenSSH format); an ed25519 key is made there,
+    /// mode 0600, if the file does not exist.
+    #[arg(
+        long,
+        default_value = "/var/lib/vspc/ssh_host_ed25519_key",
+        value_name = "FILE"
+    )]
+    pub ssh_host_key: PathBuf,
+
+    /// Public keys allowed in over SSH, in OpenSSH's authorized_keys
+    /// format with vspc's options vms="GLOBS" and mode="MODE"; read again
+    /// on SIGHUP. Needed with --ssh-port.
+    #[arg(long, value_name = "FILE")]
+    pub ssh_authorized_keys: Option<PathBuf>,
 }
 
 /// Separate vspc's own flags (and their values) from everything else, which
@@ -282,6 +312,21 @@ fn file_args(path: &std::path::Path) -> Result<Vec<String>, String> {
             toml::Value::String(s) => out.push(format!("--{key}={s}")),
             toml::Value::Integer(i) => out.push(format!("--{key}={i}")),
             toml::Value::Float(f) => out.push(format!("--{key}={f}")),
+            // A list is the flag repeated (`proxy-allow = ["10.0.0.0/8"]`).
+            toml::Value::Array(items) => {
+                for item in items {
+                    match item {
+                        toml::Value::String(s) => out.push(format!("--{key}={s}")),
+                        other => {
+                            return Err(format!(
+                                "config file {}: setting '{key}' lists a {} value; list strings",
+                                path.display(),
+                                other.type_str()
+                            ))
+                        }
+                    }
+                }
+            }
             other => {
                 return Err(format!(
                 "config file {}: setting '{key}' has a {} value; use a string, number or boolean",
@@ -292,6 +337,11 @@ fn file_args(path: &std::path::Path) -> Result<Vec<String>, String> {
         }
     }
     Ok(out)
+}
+
+/// A `--proxy-allow` range; the error names it and says what is wrong.
+fn parse_cidr(s: &str) -> Result<crate::cidr::Cidr, String> {
+    s.parse()
 }
 
 /// Seconds, where 0 means "never" (a zero duration).
@@ -543,6 +593,39 @@ mod tests {
         let (ours, theirs) = split_backend_options(args.clone());
         assert_eq!(ours, args);
         assert!(theirs.is_empty());
+    }
+
+    #[test]
+    fn proxy_allow_from_flags_and_the_config_file() {
+        let c = Config::try_parse_from([
+            "vspc",
+            "--proxy-allow",
+            "10.0.0.0/8,192.168.1.0/24",
+            "--proxy-allow=2001:db8::/32",
+        ])
+        .unwrap();
+        let shown: Vec<String> = c.proxy_allow.iter().map(|r| r.to_string()).collect();
+        assert_eq!(shown, ["10.0.0.0/8", "192.168.1.0/24", "2001:db8::/32"]);
+        let e = Config::try_parse_from(["vspc", "--proxy-allow", "10.0.0.0/40"])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("10.0.0.0/40") && e.contains("--proxy-allow"),
+            "{e}"
+        );
+
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("vspc.toml");
+        std::fs::write(&path, "proxy-allow = [\"10.0.0.0/8\", \"::1\"]\n").unwrap();
+        let argv = vec!["vspc".into(), "--config".into(), path.clone().into()];
+        let c = Config::from_argv(argv).unwrap();
+        assert_eq!(c.proxy_allow.len(), 2);
+        std::fs::write(&path, "proxy-allow = \"127.0.0.1/32,10.0.0.0/8\"\n").unwrap();
+        let argv = vec!["vspc".into(), "--config".into(), path.clone().into()];
+        assert_eq!(Config::from_argv(argv).unwrap().proxy_allow.len(), 2);
+        std::fs::write(&path, "proxy-allow = [1]\n").unwrap();
+        let argv = vec!["vspc".into(), "--config".into(), path.into()];
+        assert!(Config::from_argv(argv).is_err());
     }
 
     #[test]

@@ -28,7 +28,7 @@ use crate::hub::{Hub, VmStatus};
 use crate::metrics::Listener as Which;
 use axum::extract::ws::rejection::WebSocketUpgradeRejection;
 use axum::extract::ws::WebSocketUpgrade;
-use axum::extract::{Extension, Path, Query, Request, State};
+use axum::extract::{ConnectInfo, Extension, Path, Query, Request, State};
 use axum::http::{header, HeaderMap, HeaderValue, Method, StatusCode};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
@@ -65,8 +65,9 @@ pub enum Right {
 /// The bearer tokens of `--http-token-file`.
 #[derive(Clone)]
 pub struct Tokens {
-    /// Each token and what it allows, in file order.
-    list: Vec<(String, Right)>,
+    /// Each token, what it allows and its name for the audit lines (its
+    /// `name=` or `token#N`, N its position in the file), in file order.
+    list: Vec<(String, Right, String)>,
 }
 
 impl std::fmt::Debug for Tokens {
@@ -94,7 +95,16 @@ impl Tokens {
             if line.is_empty() {
                 continue;
             }
-            let words: Vec<&str> = line.split_whitespace().collect();
+            // `name=NAME` anywhere after the token names it in audit lines.
+            let mut name = None;
+            let mut words: Vec<&str> = Vec::new();
+            for (k, w) in line.split_whitespace().enumerate() {
+                match w.strip_prefix("name=") {
+                    Some(n) if k > 0 && !n.is_empty() => name = Some(n.to_string()),
+                    Some(_) if k > 0 => return Err(at("name= needs a name".into())),
+                    _ => words.push(w),
+                }
+            }
             let (token, right) = match words.as_slice() {
                 [t] => (*t, Right::ReadWrite),
                 [t, "rw"] => (*t, Right::ReadWrite),
@@ -117,7 +127,8 @@ impl Tokens {
                         .into(),
                 ));
             }
-            list.push((token.to_string(), right));
+            let name = name.unwrap_or_else(|| format!("token#{}", list.len() + 1));
+            list.push((token.to_string(), right, name));
         }
         if list.is_empty() {
             return Err(format!("HTTP token file {file} holds no token"));
@@ -128,10 +139,15 @@ impl Tokens {
     /// What `presented` allows, if it is one of the tokens. Every token is
     /// compared in full, whatever matches, so timing tells nothing.
     pub fn check(&self, presented: &str) -> Option<Right> {
+        self.check_named(presented).map(|(right, _)| right)
+    }
+
+    /// What `presented` allows and the token's name (for audit lines).
+    pub fn check_named(&self, presented: &str) -> Option<(Right, &str)> {
         let mut found = None;
-        for (token, right) in &self.list {
+        for (token, right, name) in &self.list {
             if same_bytes(token.as_bytes(), presented.as_bytes()) && found.is_none() {
-                found = Some(*right);
+                found = Some((*right, name.as_str()));
             }
         }
         found
@@ -238,6 +254,33 @@ fn presented_token(req: &Request) -> Option<String> {
     })
 }
 
+/// The client's address as the listeners ([`Plain`], [`Tls`]) report
+/// it, handed to the routes as connection info.
+#[derive(Debug, Clone, Copy)]
+struct PeerAddr(SocketAddr);
+
+impl axum::extract::connect_info::Connected<axum::serve::IncomingStream<'_, Plain>> for PeerAddr {
+    fn connect_info(stream: axum::serve::IncomingStream<'_, Plain>) -> PeerAddr {
+        PeerAddr(*stream.remote_addr())
+    }
+}
+
+impl axum::extract::connect_info::Connected<axum::serve::IncomingStream<'_, Tls>> for PeerAddr {
+    fn connect_info(stream: axum::serve::IncomingStream<'_, Tls>) -> PeerAddr {
+        PeerAddr(*stream.remote_addr())
+    }
+}
+
+/// Who made a request, for the audit lines of browser consoles.
+#[derive(Debug, Clone, Default)]
+pub struct Caller {
+    /// The client's address (absent only when the router is served
+    /// without connection info, as in unit tests).
+    pub peer: Option<SocketAddr>,
+    /// The name of the token it presented (`token#N` or its `name=`).
+    pub token: Option<String>,
+}
+
 /// A browser page rather than the API (its 401 is a page too).
 fn is_page(path: &str) -> bool {
     path == "/" || path.starts_with("/vms/")
@@ -248,7 +291,12 @@ fn is_page(path: &str) -> bool {
 /// unless it reads. The token's [`Right`] goes to the routes as a request
 /// extension (read-write when no token file is configured).
 async fn authorize(State(app): State<App>, mut req: Request, next: Next) -> Response {
+    let peer = req
+        .extensions()
+        .get::<ConnectInfo<PeerAddr>>()
+        .map(|ConnectInfo(PeerAddr(a))| *a);
     let Some(tokens) = &app.tokens else {
+        req.extensions_mut().insert(Caller { peer, token: None });
         req.extensions_mut().insert(Right::ReadWrite);
         return next.run(req).await;
     };
@@ -272,13 +320,17 @@ async fn authorize(State(app): State<App>, mut req: Request, next: Next) -> Resp
             "this endpoint needs a token: Authorization: Bearer TOKEN, or ?token=TOKEN",
         );
     };
-    match tokens.check(&presented) {
+    match tokens.check_named(&presented) {
         None => unauthorized("the token is not valid"),
-        Some(Right::ReadOnly) if !matches!(*req.method(), Method::GET | Method::HEAD) => error(
-            StatusCode::FORBIDDEN,
-            "this token is read-only; this request needs a read-write token",
-        ),
-        Some(right) => {
+        Some((Right::ReadOnly, _)) if !matches!(*req.method(), Method::GET | Method::HEAD) => {
+            error(
+                StatusCode::FORBIDDEN,
+                "this token is read-only; this request needs a read-write token",
+            )
+        }
+        Some((right, name)) => {
+            let token = Some(name.to_string());
+            req.extensions_mut().insert(Caller { peer, token });
             req.extensions_mut().insert(right);
             next.run(req).await
         }
@@ -390,12 +442,21 @@ async fn console_ws(
     Path(vm): Path<String>,
     Query(q): Query<ConsoleQuery>,
     right: Option<Extension<Right>>,
+    caller: Option<Extension<Caller>>,
     headers: HeaderMap,
     upgrade: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
 ) -> Response {
     // No extension only on an open route, which this is not: least right.
     let right = right.map_or(Right::ReadOnly, |Extension(r)| r);
-    crate::web::console(app.hub, &vm, q.mode.as_deref(), right, &headers, upgrade)
+    let caller = caller.map(|Extension(c)| c).unwrap_or_default();
+    crate::web::console(
+        app.hub,
+        &vm,
+        q.mode.as_deref(),
+        (right, caller),
+        &headers,
+        upgrade,
+    )
 }
 
 async fn index_page(State(app): State<App>, Query(q): Query<TokenQuery>) -> Response {
@@ -537,6 +598,8 @@ pub async fn serve(listener: TcpListener, hub: Arc<Hub>, cfg: HttpConfig) {
         hub,
         last_warn: None,
     };
+    // The client's address reaches the handlers (for audit lines).
+    let app = app.into_make_service_with_connect_info::<PeerAddr>();
     let result = match cfg.tls {
         None => axum::serve(plain, app).await,
         Some(acceptor) => match Tls::start(plain, acceptor, cfg.handshake_timeout) {
@@ -569,6 +632,16 @@ mod tests {
             !format!("{t:?}").contains("alpha"),
             "tokens must not be printed"
         );
+    }
+
+    #[test]
+    fn tokens_are_named_for_the_audit_lines() {
+        let t = Tokens::parse("alpha name=ops\nbeta ro\ngamma name=ci rw\n", "t").expect("valid");
+        assert_eq!(t.check_named("alpha"), Some((Right::ReadWrite, "ops")));
+        assert_eq!(t.check_named("beta"), Some((Right::ReadOnly, "token#2")));
+        assert_eq!(t.check_named("gamma"), Some((Right::ReadWrite, "ci")));
+        let e = Tokens::parse("alpha name=\n", "t").unwrap_err();
+        assert!(e.contains("line 1") && e.contains("name="), "{e}");
     }
 
     #[test]

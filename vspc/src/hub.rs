@@ -573,7 +573,19 @@ impl Hub {
             vm.set_name(&mut st, id.name.clone())
         };
         if let Some(old) = st.active.replace(peer) {
-            tracing::info!(vm = %id.name, "VM reconnected; closing its previous connection");
+            match (st.peer_addr, addr) {
+                // A live connection taken over from another address: a
+                // host restart on a new address, or someone claiming the
+                // VM's uuid (see --proxy-allow).
+                (Some(was), Some(now)) if was.ip() != now.ip() => tracing::warn!(
+                    vm = %id.name,
+                    uuid = %id.uuid,
+                    "VM connection from {now} replaces its live connection from {was}; closing the old one"
+                ),
+                _ => {
+                    tracing::info!(vm = %id.name, "VM reconnected; closing its previous connection")
+                }
+            }
             old.outbox.close(None);
         }
         st.connected_since = Some(SystemTime::now());

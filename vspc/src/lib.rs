@@ -10,8 +10,10 @@
 
 pub mod admin;
 pub mod argv;
+pub mod audit;
 pub mod backend_host;
 pub mod backend_setup;
+pub mod cidr;
 pub mod config;
 pub mod http;
 pub mod hub;
@@ -22,6 +24,7 @@ pub mod net;
 pub mod outbox;
 pub mod plugins;
 pub mod session;
+pub mod ssh;
 pub mod web;
 
 pub use vspc_codec::{vmware, wire};

@@ -81,6 +81,7 @@ fn start(cfg: Config) -> Result<(), String> {
     };
 
     let http = http_config(&cfg)?;
+    let ssh = ssh_config(&cfg)?;
 
     match rlimit::increase_nofile_limit(u64::MAX) {
         Ok(n) => tracing::debug!(limit = n, "open-files limit raised"),
@@ -123,6 +124,8 @@ fn start(cfg: Config) -> Result<(), String> {
         },
         vm_tx_rate: cfg.vm_tx_rate,
         http,
+        proxy_allow: vspc::cidr::AllowList::new(cfg.proxy_allow.clone()),
+        ssh,
     };
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -166,6 +169,23 @@ fn http_config(cfg: &Config) -> Result<Option<vspc::http::HttpConfig>, String> {
         tls,
         handshake_timeout: cfg.handshake_timeout,
         required: cfg.http_port.is_some(),
+    }))
+}
+
+/// The SSH front door's settings, with its files read (and the host key
+/// made if missing) before anything starts; `None` without `--ssh-port`.
+fn ssh_config(cfg: &Config) -> Result<Option<vspc::ssh::SshConfig>, String> {
+    let Some(port) = cfg.ssh_port else {
+        return Ok(None);
+    };
+    let keys = cfg
+        .ssh_authorized_keys
+        .as_deref()
+        .ok_or("--ssh-port needs --ssh-authorized-keys FILE (the public keys allowed in)")?;
+    let state = vspc::ssh::SshState::new(&cfg.ssh_host_key, keys)?;
+    Ok(Some(vspc::ssh::SshConfig {
+        addr: (cfg.ssh_iface, port).into(),
+        state: Arc::new(state),
     }))
 }
 

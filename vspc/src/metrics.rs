@@ -192,6 +192,9 @@ pub struct Metrics {
     pub(crate) retired_out: AtomicU64,
     /// Console input bytes of VM entries that expired.
     pub(crate) retired_in: AtomicU64,
+    /// Proxy-port connections closed at accept because their address is
+    /// not in `--proxy-allow`: someone else trying to be a VM.
+    proxy_refused: AtomicU64,
 }
 
 impl Default for Metrics {
@@ -206,6 +209,7 @@ impl Default for Metrics {
             disconnects: Default::default(),
             retired_out: AtomicU64::new(0),
             retired_in: AtomicU64::new(0),
+            proxy_refused: AtomicU64::new(0),
         }
     }
 }
@@ -234,6 +238,11 @@ impl Metrics {
     /// A console went away for this reason.
     pub fn disconnect(&self, reason: Disconnect) {
         self.disconnects[reason as usize].fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// A proxy-port connection from outside `--proxy-allow` was closed.
+    pub fn proxy_refused(&self) {
+        self.proxy_refused.fetch_add(1, Ordering::Relaxed);
     }
 
     /// Connections accepted on `l` so far.
@@ -272,6 +281,8 @@ struct Snapshot {
     disconnects: Vec<(&'static str, u64)>,
     /// (backend, queued bytes, dropped events).
     backends: Vec<(String, u64, u64)>,
+    /// Proxy connections refused by `--proxy-allow`.
+    proxy_refused: u64,
 }
 
 fn load_all<const N: usize>(
@@ -312,6 +323,7 @@ impl Snapshot {
             complete: m.complete.snapshot(),
             disconnects: load_all(&m.disconnects, Disconnect::ALL.iter().map(|r| r.label())),
             backends: hub.backend().stats(),
+            proxy_refused: m.proxy_refused.load(Ordering::Relaxed),
         }
     }
 }
@@ -394,6 +406,13 @@ impl prometheus_client::collector::Collector for Snapshot {
             "Connections accepted, by listener.",
             "listener",
             &self.accepted,
+        )?;
+        counter(
+            e,
+            "proxy_refused",
+            "Proxy-port connections closed at accept: their address is not in --proxy-allow.",
+            None,
+            self.proxy_refused,
         )?;
         labelled_counters(
             e,

@@ -33,8 +33,10 @@
 //! `?mode=` says (its input is discarded by the session); it may not ask
 //! for `exclusive` or `write` (403). A browser's request from a page of
 //! another site (its `Origin` is not this server) is refused (403).
+//! Every session is audited ([`crate::audit`]) with the browser's address
+//! and the name of the token it came with.
 
-use crate::http::Right;
+use crate::http::{Caller, Right};
 use crate::hub::{Access, AttachError, ConsoleProtocol, Hub, LockMode, Vm};
 use crate::net::conn::{serve as serve_stream, Stream};
 use crate::session::console::ConsoleSession;
@@ -227,7 +229,7 @@ pub fn console(
     hub: Arc<Hub>,
     what: &str,
     mode: Option<&str>,
-    right: Right,
+    (right, caller): (Right, Caller),
     headers: &HeaderMap,
     upgrade: Result<WebSocketUpgrade, axum::extract::ws::rejection::WebSocketUpgradeRejection>,
 ) -> Response {
@@ -274,7 +276,7 @@ pub fn console(
     upgrade
         .max_message_size(MAX_MESSAGE)
         .max_frame_size(MAX_MESSAGE)
-        .on_upgrade(move |ws| run(ws, hub, vm, mode))
+        .on_upgrade(move |ws| run(ws, hub, vm, mode, caller))
 }
 
 /// Browsers let any page open a WebSocket to any address, and send its
@@ -295,7 +297,7 @@ fn same_origin(headers: &HeaderMap) -> bool {
 }
 
 /// Join the console and serve it until either side ends.
-async fn run(mut ws: WebSocket, hub: Arc<Hub>, vm: Arc<Vm>, mode: LockMode) {
+async fn run(mut ws: WebSocket, hub: Arc<Hub>, vm: Arc<Vm>, mode: LockMode, caller: Caller) {
     let seed = hub.backend().seed_data(vm.record()).await;
     let mut session = match ConsoleSession::join(&hub, &vm, mode, Some(&seed), ConsoleProtocol::Raw)
     {
@@ -320,6 +322,7 @@ async fn run(mut ws: WebSocket, hub: Arc<Hub>, vm: Arc<Vm>, mode: LockMode) {
     };
     let access = session.access();
     tracing::info!(vm = %vm.name(), access = access.as_str(), "browser console session");
+    session.audit(crate::audit::Kind::Web, caller.peer, caller.token);
     let hello = json!({
         "vm": vm.name(),
         "uuid": vm.uuid,

@@ -8,7 +8,10 @@
 //!
 //! Lines look like
 //! `{"ts_ms":1763700000000,"event":"vm_connected","uuid":"…","name":"web-1","port":50000}`.
-//! With `--jsonl-data` console output is recorded too (`"data"` holds the
+//! Console sessions (the daemon's audit events) are
+//! `{"event":"session_started","session":7,"kind":"console-port","peer":"10.1.2.3:51234","user":"","access":"free-for-all",…}`
+//! and `session_ended` with `duration_ms`, `bytes_to_vm` and
+//! `bytes_from_vm` besides. With `--jsonl-data` console output is recorded too (`"data"` holds the
 //! bytes as text, with invalid UTF-8 replaced).
 
 use serde_json::json;
@@ -16,7 +19,7 @@ use std::fs::{File, OpenOptions};
 use std::io::Write;
 use std::path::PathBuf;
 use std::time::{SystemTime, UNIX_EPOCH};
-use vspc_backend_api::{log, Backend, BackendError, OptionSpec, Options, VmRecord};
+use vspc_backend_api::{log, Backend, BackendError, OptionSpec, Options, SessionEvent, VmRecord};
 
 vspc_backend_api::export_backend!(JsonLines::default());
 
@@ -48,7 +51,7 @@ impl JsonLines {
         self.file.as_mut()
     }
 
-    fn emit(&mut self, event: &str, vm: &VmRecord, extra: Option<(&str, serde_json::Value)>) {
+    fn emit(&mut self, event: &str, vm: &VmRecord, extra: &[(&str, serde_json::Value)]) {
         let ts_ms = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .map(|d| d.as_millis() as u64)
@@ -60,8 +63,10 @@ impl JsonLines {
             "name": vm.name,
             "port": vm.port,
         });
-        if let (Some((k, v)), Some(obj)) = (extra, line.as_object_mut()) {
-            obj.insert(k.to_string(), v);
+        if let Some(obj) = line.as_object_mut() {
+            for (k, v) in extra {
+                obj.insert(k.to_string(), v.clone());
+            }
         }
         let mut text = line.to_string();
         text.push('\n');
@@ -79,6 +84,24 @@ impl JsonLines {
             }
         }
     }
+}
+
+/// An audit event's fields beyond the VM's; `ended` adds the duration and
+/// the bytes each way.
+fn session_fields(ev: &SessionEvent, ended: bool) -> Vec<(&'static str, serde_json::Value)> {
+    let mut f = vec![
+        ("session", json!(ev.id)),
+        ("kind", json!(ev.kind)),
+        ("peer", json!(ev.peer)),
+        ("user", json!(ev.user)),
+        ("access", json!(ev.access)),
+    ];
+    if ended {
+        f.push(("duration_ms", json!(ev.duration_ms)));
+        f.push(("bytes_to_vm", json!(ev.bytes_to_vm)));
+        f.push(("bytes_from_vm", json!(ev.bytes_from_vm)));
+    }
+    f
 }
 
 impl Backend for JsonLines {
@@ -139,32 +162,40 @@ impl Backend for JsonLines {
     }
 
     fn vm_connected(&mut self, vm: &VmRecord) {
-        self.emit("vm_connected", vm, None);
+        self.emit("vm_connected", vm, &[]);
     }
 
     fn vm_renamed(&mut self, vm: &VmRecord, old_name: &str) {
-        self.emit("vm_renamed", vm, Some(("old_name", json!(old_name))));
+        self.emit("vm_renamed", vm, &[("old_name", json!(old_name))]);
     }
 
     fn vm_disconnected(&mut self, vm: &VmRecord) {
-        self.emit("vm_disconnected", vm, None);
+        self.emit("vm_disconnected", vm, &[]);
     }
 
     fn vm_expired(&mut self, vm: &VmRecord) {
-        self.emit("vm_expired", vm, None);
+        self.emit("vm_expired", vm, &[]);
     }
 
     fn console_attached(&mut self, vm: &VmRecord) {
-        self.emit("console_attached", vm, None);
+        self.emit("console_attached", vm, &[]);
     }
 
     fn console_detached(&mut self, vm: &VmRecord) {
-        self.emit("console_detached", vm, None);
+        self.emit("console_detached", vm, &[]);
     }
 
     fn console_data(&mut self, vm: &VmRecord, data: &[u8]) {
         let text = String::from_utf8_lossy(data).into_owned();
-        self.emit("console_data", vm, Some(("data", json!(text))));
+        self.emit("console_data", vm, &[("data", json!(text))]);
+    }
+
+    fn session_started(&mut self, ev: &SessionEvent) {
+        self.emit("session_started", &ev.vm, &session_fields(ev, false));
+    }
+
+    fn session_ended(&mut self, ev: &SessionEvent) {
+        self.emit("session_ended", &ev.vm, &session_fields(ev, true));
     }
 
     fn reopen(&mut self) {
@@ -194,12 +225,27 @@ mod tests {
         b.vm_connected(&vm);
         b.vm_renamed(&vm, "old");
         b.vm_expired(&vm);
+        b.session_ended(&SessionEvent {
+            id: 9,
+            kind: "web".into(),
+            peer: "127.0.0.1:4000".into(),
+            user: "token#2".into(),
+            vm: vm.clone(),
+            access: "read-only".into(),
+            duration_ms: 1500,
+            bytes_to_vm: 0,
+            bytes_from_vm: 77,
+        });
         let text = std::fs::read_to_string(&path).unwrap();
         let lines: Vec<serde_json::Value> = text
             .lines()
             .map(|l| serde_json::from_str(l).unwrap())
             .collect();
-        assert_eq!(lines.len(), 3);
+        assert_eq!(lines.len(), 4);
+        assert_eq!(lines[3]["event"], "session_ended");
+        assert_eq!(lines[3]["user"], "token#2");
+        assert_eq!(lines[3]["bytes_from_vm"], 77);
+        assert_eq!(lines[3]["name"], "web \"1\"");
         assert_eq!(lines[0]["event"], "vm_connected");
         assert_eq!(lines[0]["name"], "web \"1\"");
         assert_eq!(lines[0]["port"], 50000);

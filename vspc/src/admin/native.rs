@@ -254,6 +254,7 @@ async fn hand_over(
     mut tcp: TcpStream,
     leftover: Vec<u8>,
 ) {
+    session.audit(crate::audit::Kind::AdminNative, tcp.peer_addr().ok(), None);
     if reply(&mut tcp, answer).await.is_err() {
         session.on_close();
         return;

@@ -187,6 +187,7 @@ async fn console_session(
             return c.send(&Value::Str("vm_not_found".into())).await;
         }
     };
+    session.audit(crate::audit::Kind::AdminVspc, c.tcp.peer_addr().ok(), None);
     let answers = [
         Value::Str("vm_found".into()),
         Value::Str(granted_name(session.access()).into()),

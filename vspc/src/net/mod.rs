@@ -38,6 +38,35 @@ pub struct ServerConfig {
     pub vm_tx_rate: Option<u64>,
     /// The HTTP API and `/metrics`; `None` with `--no-http`.
     pub http: Option<crate::http::HttpConfig>,
+    /// Who may connect to the proxy port (`--proxy-allow`): anyone else
+    /// is closed at accept, so only the ESXi hosts' networks can claim to
+    /// be a VM.
+    pub proxy_allow: crate::cidr::AllowList,
+    /// The SSH front door (`--ssh-port`); `None` when off.
+    pub ssh: Option<crate::ssh::SshConfig>,
+}
+
+/// TCP keepalive on VM connections, as ESXi sets it on its side: probes
+/// after 300 s of silence, then every [`KEEPALIVE_INTERVAL`], so a host
+/// that died without closing (power loss, a cut link) is noticed and its
+/// VMs show as disconnected rather than stay attached to a dead socket.
+pub const KEEPALIVE_IDLE: Duration = Duration::from_secs(300);
+
+/// Time between unanswered keepalive probes.
+pub const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(30);
+
+/// Unanswered probes before the connection counts as dead (about 7
+/// minutes after the last sign of life, in all).
+pub const KEEPALIVE_PROBES: u32 = 4;
+
+/// Turn on [`KEEPALIVE_IDLE`]-style keepalive on a VM connection.
+fn keepalive(tcp: &TcpStream) -> io::Result<()> {
+    use rustix::net::sockopt;
+    sockopt::set_socket_keepalive(tcp, true)?;
+    sockopt::set_tcp_keepidle(tcp, KEEPALIVE_IDLE)?;
+    sockopt::set_tcp_keepintvl(tcp, KEEPALIVE_INTERVAL)?;
+    sockopt::set_tcp_keepcnt(tcp, KEEPALIVE_PROBES)?;
+    Ok(())
 }
 
 /// Connections the kernel may queue for accept on each listener. The
@@ -118,6 +147,16 @@ pub async fn run(
             }
         },
     };
+    let ssh = match &cfg.ssh {
+        None => None,
+        Some(s) => {
+            tracing::info!(ssh = %s.addr, "SSH front door listening");
+            Some((bind(s.addr, "SSH port")?, s.state.clone()))
+        }
+    };
+    if !cfg.proxy_allow.is_open() {
+        tracing::info!(allow = %cfg.proxy_allow, "the proxy port accepts VMs only from these networks");
+    }
     tracing::info!(proxy = %cfg.proxy, admin = %cfg.admin, http = ?http.as_ref().map(|(_, h)| h.addr), tls = cfg.tls.is_some(), vms = hub.len(), "vspc listening");
 
     let h = hub.clone();
@@ -144,6 +183,10 @@ pub async fn run(
     if let Some((listener, http_cfg)) = http {
         tokio::spawn(crate::http::serve(listener, hub.clone(), http_cfg));
     }
+    let ssh_state = ssh.as_ref().map(|(_, state)| state.clone());
+    if let Some((listener, state)) = ssh {
+        tokio::spawn(crate::ssh::serve(listener, hub.clone(), state));
+    }
     let h = hub.clone();
     tokio::spawn(async move {
         let mut tick = tokio::time::interval(SWEEP_EVERY);
@@ -153,10 +196,10 @@ pub async fn run(
             h.sweep(Instant::now());
         }
     });
-    wait_for_signals(&hub).await
+    wait_for_signals(&hub, ssh_state.as_deref()).await
 }
 
-async fn wait_for_signals(hub: &Hub) -> Result<(), String> {
+async fn wait_for_signals(hub: &Hub, ssh: Option<&crate::ssh::SshState>) -> Result<(), String> {
     use tokio::signal::unix::{signal, SignalKind};
     let sig = |k: SignalKind| signal(k).map_err(|e| format!("cannot install signal handler: {e}"));
     let mut term = sig(SignalKind::terminate())?;
@@ -169,6 +212,9 @@ async fn wait_for_signals(hub: &Hub) -> Result<(), String> {
             _ = hup.recv() => {
                 tracing::info!("SIGHUP: reopening backend files");
                 hub.backend().reopen();
+                if let Some(ssh) = ssh {
+                    ssh.reload();
+                }
             }
         }
     }
@@ -204,7 +250,20 @@ async fn accept_loop<F>(
 /// Serve a VM connection: after the TLS handshake, if any, the connection
 /// gets a task of its own that holds nothing else.
 fn serve_vm(hub: &Arc<Hub>, cfg: &ServerConfig, tcp: TcpStream, addr: SocketAddr) {
+    if !cfg.proxy_allow.allows(addr.ip()) {
+        hub.metrics().proxy_refused();
+        tracing::warn!(
+            %addr,
+            "proxy port: refused a connection from {}: not in --proxy-allow",
+            addr.ip()
+        );
+        // Dropping the socket closes it.
+        return;
+    }
     tracing::debug!(%addr, "VM connection");
+    if let Err(e) = keepalive(&tcp) {
+        tracing::debug!(%addr, "cannot turn on TCP keepalive: {e}");
+    }
     let Some(acceptor) = cfg.tls.clone() else {
         tokio::spawn(vm_conn(hub.clone(), cfg, Stream::Tcp(tcp), addr));
         return;
@@ -260,7 +319,7 @@ async fn serve_console(hub: Arc<Hub>, vm: Arc<Vm>, tcp: std::net::TcpStream) {
     // fan-out, so live output always follows it.
     let seed = hub.backend().seed_data(vm.record()).await;
     let protocol = hub.config().console_protocol;
-    let session = match ConsoleSession::join(
+    let mut session = match ConsoleSession::join(
         &hub,
         &vm,
         LockMode::FreeForAllOrReadOnly,
@@ -284,6 +343,7 @@ async fn serve_console(hub: Arc<Hub>, vm: Arc<Vm>, tcp: std::net::TcpStream) {
         session.tell("vspc: someone holds a write lock on this VM; this console is read-only.\r\n");
     }
     tracing::info!(vm = %vm.name(), consoles = vm.console_count(), access = session.access().as_str(), "console connected");
+    session.audit(crate::audit::Kind::ConsolePort, tcp.peer_addr().ok(), None);
     let outbox = session.outbox();
     let stall = hub.config().console_stall;
     tokio::spawn(Conn::new(Stream::Tcp(tcp), session, outbox, None).stall_timeout(stall));
@@ -323,6 +383,8 @@ mod size_budget {
             },
             vm_tx_rate: None,
             http: None,
+            proxy_allow: Default::default(),
+            ssh: None,
         };
         // What stays allocated while a connection is idle: its task's
         // future. (Console listeners have no task: see `acceptor`.)
@@ -356,5 +418,29 @@ mod size_budget {
             console_task <= 416,
             "console task grew to {console_task} bytes"
         );
+    }
+}
+
+#[cfg(test)]
+mod keepalive_tests {
+    //! VM connections get ESXi's keepalive settings.
+    use super::*;
+
+    #[tokio::test]
+    async fn vm_connections_probe_after_300_idle_seconds() {
+        use rustix::net::sockopt;
+        let l = TcpListener::bind("127.0.0.1:0").await.expect("listen");
+        let _client = TcpStream::connect(l.local_addr().expect("addr"))
+            .await
+            .expect("connect");
+        let (tcp, _) = l.accept().await.expect("accept");
+        keepalive(&tcp).expect("keepalive");
+        assert!(sockopt::socket_keepalive(&tcp).expect("SO_KEEPALIVE"));
+        assert_eq!(sockopt::tcp_keepidle(&tcp).expect("idle"), KEEPALIVE_IDLE);
+        assert_eq!(
+            sockopt::tcp_keepintvl(&tcp).expect("interval"),
+            KEEPALIVE_INTERVAL
+        );
+        assert_eq!(sockopt::tcp_keepcnt(&tcp).expect("count"), KEEPALIVE_PROBES);
     }
 }

@@ -90,6 +90,10 @@ pub struct ConsoleSession {
     /// Disconnected for taking no output (counted as a stall, not a
     /// close, in the metrics).
     stalled: bool,
+    /// The session's audit record: its end line is logged (with the bytes
+    /// each way) when the session closes. `None` until the caller, which
+    /// knows who the client is, starts it.
+    audit: Option<crate::audit::Guard>,
 }
 
 impl ConsoleSession {
@@ -143,6 +147,7 @@ impl ConsoleSession {
             out: Vec::new(),
             closing: false,
             stalled: false,
+            audit: None,
         })
     }
 
@@ -150,6 +155,30 @@ impl ConsoleSession {
     /// (the hub's `--console-stall-timeout`).
     pub fn stall_timeout(&self) -> Option<Duration> {
         self.hub.config().console_stall
+    }
+
+    /// Start the session's audit record (see [`crate::audit`]): the start
+    /// line now, the end line with the bytes each way when it closes.
+    /// Bytes to the VM are the input handed to it (after telnet decoding);
+    /// bytes from it are what went out on the client's connection.
+    pub fn audit(
+        &mut self,
+        kind: crate::audit::Kind,
+        peer: Option<std::net::SocketAddr>,
+        user: Option<String>,
+    ) {
+        let mut guard = crate::audit::start(
+            &self.hub,
+            crate::audit::Start {
+                kind,
+                peer,
+                user,
+                vm: &self.vm,
+                access: self.access,
+            },
+        );
+        guard.count_output(self.peer.outbox.clone());
+        self.audit = Some(guard);
     }
 
     /// What the console was granted.
@@ -234,6 +263,9 @@ impl ConsoleSession {
         let input = data.unwrap_or(&self.input);
         let mut flow = Flow::Continue;
         if !input.is_empty() {
+            if let Some(a) = self.audit.as_mut() {
+                a.to_vm(input.len());
+            }
             if let Some(vm_outbox) = self.hub.console_input(&self.vm, input) {
                 if vm_outbox.queued() > INPUT_HIGH_WATER {
                     flow = Flow::Wait(Box::pin(
@@ -331,6 +363,8 @@ impl Session for ConsoleSession {
         };
         self.hub.detach_console_for(&self.vm, self.peer.id, reason);
         tracing::info!(vm = %self.vm.name(), "console disconnected");
+        // Logs the audit end line.
+        self.audit.take();
     }
 
     fn on_stall(&mut self) {

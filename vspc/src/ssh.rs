@@ -1,0 +1,929 @@
+//! The SSH front door: `ssh -p P VM@host` opens that VM's console, `ssh -p
+//! P list@host` lists the VMs the key may see (`name:uuid:port` lines, as
+//! vSPC.py's client prints them). Off unless `--ssh-port` is given.
+//!
+//! # Who gets in
+//!
+//! Public keys only, from `--ssh-authorized-keys` in OpenSSH's format, with
+//! two options of vspc's own per key ([`parse_authorized_keys`]):
+//! `vms="web-*,db-1"` (globs on the VM's name or uuid; none: every VM) and
+//! `mode="read-only|write|free-for-all|exclusive"` (the lock the key's
+//! sessions take; none: `free-for-all-fallback`, as on the admin port). A
+//! malformed line is logged with its file and line number and skipped,
+//! never read as "any key, any VM". The file is read at start (unreadable:
+//! start-up stops) and again on SIGHUP ([`SshState::reload`]); a reload
+//! applies to new sessions. Passwords and keyboard-interactive are not
+//! offered at all.
+//!
+//! # The console
+//!
+//! A session is an ordinary console of the VM: a [`ConsoleSession`] with
+//! [`ConsoleProtocol::Raw`], shown the backend's recent output first, and
+//! served by the same connection driver as every console
+//! ([`crate::net::conn`]) over an in-process pipe ([`Stream::Pipe`]), as the
+//! browser console is ([`crate::web`]). The adapter here ([`pump`]) moves
+//! bytes between the pipe and the SSH channel: the channel's window holds
+//! the adapter back, the pipe then fills, and the driver sees a console
+//! that does not keep up (the VM waits, then skip-and-tell and stalls as
+//! for any console). Bytes pass untouched both ways except the escape:
+//! `~.` at the start of a line (after CR or LF, or first) closes the
+//! session and `~~` sends one `~`, as OpenSSH's client does; it is done here,
+//! on the server, so it works with `ssh -e none` and non-OpenSSH clients.
+//!
+//! Window-change requests are accepted and ignored (a serial line has no
+//! size); `break` and other unknown channel requests are answered "not
+//! supported" by russh; exec and subsystem requests are refused.
+
+use crate::hub::{Access, ConsoleProtocol, Hub, LockMode, Vm};
+use crate::net::conn::{serve as serve_stream, Stream};
+use crate::session::console::ConsoleSession;
+use bytes::{Buf, Bytes};
+use russh::keys::{HashAlg, PrivateKey, PublicKey};
+use russh::server::{Auth, ChannelOpenHandle, Msg, PublicKeyOffer, Session, VerifiedPublicKey};
+use russh::{Channel, ChannelId, ChannelMsg, MethodKind, MethodSet};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+use tokio::io::{AsyncReadExt, AsyncWriteExt, DuplexStream};
+use tokio::net::TcpListener;
+
+/// The pipe between the connection driver and the channel holds this much
+/// each way (a socket buffer's worth, as the browser console's).
+const PIPE_BYTES: usize = 64 * 1024;
+
+/// How long the adapter may take to pass on a closed console's last bytes.
+const CLOSE_GRACE: Duration = Duration::from_secs(5);
+
+/// The user name that lists VMs instead of opening a console.
+pub const LIST_USER: &str = "list";
+
+/// One usable line of the authorized keys file.
+#[derive(Debug, Clone)]
+pub struct KeyEntry {
+    /// The key itself; an offered key matches on its key data.
+    pub key: PublicKey,
+    /// The line's comment (usually `user@host`), for the audit lines.
+    pub comment: String,
+    /// `SHA256:…`, as `ssh-keygen -l` prints it: names the key in logs
+    /// whatever its comment says.
+    pub fingerprint: String,
+    /// `vms="…"` globs; `None`: every VM.
+    pub vms: Option<Vec<String>>,
+    /// The lock the key's sessions take (`mode="…"`).
+    pub mode: LockMode,
+}
+
+impl KeyEntry {
+    /// May this key see `vm`? A pattern matches the name or the uuid.
+    pub fn may_see(&self, vm: &Vm) -> bool {
+        match &self.vms {
+            None => true,
+            Some(globs) => {
+                let name = vm.name();
+                globs
+                    .iter()
+                    .any(|g| glob(g, &name) || glob(g, &vm.uuid) || glob(g, &vm.key))
+            }
+        }
+    }
+
+    /// Who the key is, for the audit lines: comment and fingerprint.
+    fn who(&self) -> String {
+        format!("{} {}", self.comment, self.fingerprint)
+    }
+}
+
+/// The keys the front door accepts now.
+#[derive(Debug, Default)]
+pub struct AuthorizedKeys {
+    /// Every well-formed line, in file order (the first match wins).
+    pub entries: Vec<Arc<KeyEntry>>,
+}
+
+impl AuthorizedKeys {
+    /// The entry for `key`, if the file has one.
+    pub fn find(&self, key: &PublicKey) -> Option<Arc<KeyEntry>> {
+        self.entries
+            .iter()
+            .find(|e| e.key.key_data() == key.key_data())
+            .cloned()
+    }
+}
+
+/// A problem with one line of the authorized keys file.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LineError {
+    /// 1-based line number.
+    pub line: usize,
+    /// What is wrong with it.
+    pub error: String,
+}
+
+/// `*` matches any run of characters, `?` any one; everything else itself.
+pub fn glob(pattern: &str, text: &str) -> bool {
+    let p: Vec<char> = pattern.chars().collect();
+    let t: Vec<char> = text.chars().collect();
+    let (mut pi, mut ti) = (0, 0);
+    // Where the last `*` was, and where in the text it matched up to.
+    let mut star: Option<(usize, usize)> = None;
+    while ti < t.len() {
+        match p.get(pi) {
+            Some('*') => {
+                star = Some((pi, ti));
+                pi += 1;
+            }
+            Some(&c) if c == '?' || c == t[ti] => {
+                pi += 1;
+                ti += 1;
+            }
+            _ => match star {
+                Some((sp, st)) => {
+                    pi = sp + 1;
+                    ti = st + 1;
+                    star = Some((sp, st + 1));
+                }
+                None => return false,
+            },
+        }
+    }
+    p[pi..].iter().all(|&c| c == '*')
+}
+
+/// OpenSSH's options that grant nothing here (vspc forwards nothing and
+/// runs no commands), so a line copied from a shell account's file keeps
+/// working. Any other OpenSSH option (`from=`, `command=`, …) would limit
+/// the key in a way vspc does not enforce: such a line is refused.
+const HARMLESS: &[&str] = &[
+    "restrict",
+    "no-port-forwarding",
+    "no-agent-forwarding",
+    "no-x11-forwarding",
+    "no-user-rc",
+    "no-pty",
+];
+
+/// Split at the first unquoted whitespace: (options, rest).
+fn split_options(line: &str) -> Result<(&str, &str), String> {
+    let mut quoted = false;
+    let mut escaped = false;
+    for (i, c) in line.char_indices() {
+        if escaped {
+            escaped = false;
+        } else if c == '\\' && quoted {
+            escaped = true;
+        } else if c == '"' {
+            quoted = !quoted;
+        } else if c.is_whitespace() && !quoted {
+            return Ok((&line[..i], line[i..].trim_start()));
+        }
+    }
+    if quoted {
+        Err("unterminated quote in the options".into())
+    } else {
+        Err("options but no key".into())
+    }
+}
+
+/// `a,b="x,y",c` into (name, value) pairs; quotes removed, `\"` unescaped.
+fn parse_options(opts: &str) -> Result<Vec<(String, Option<String>)>, String> {
+    let mut out = Vec::new();
+    let mut chars = opts.chars().peekable();
+    loop {
+        let mut name = String::new();
+        while let Some(&c) = chars.peek() {
+            if c == '=' || c == ',' {
+                break;
+            }
+            name.push(c);
+            chars.next();
+        }
+        if name.is_empty() {
+            return Err("an empty option".into());
+        }
+        let value = if chars.peek() == Some(&'=') {
+            chars.next();
+            if chars.next() != Some('"') {
+                return Err(format!("option {name}= needs a quoted value"));
+            }
+            let mut v = String::new();
+            let mut closed = false;
+            while let Some(c) = chars.next() {
+                match c {
+                    '\\' if chars.peek() == Some(&'"') => {
+                        v.push('"');
+                        chars.next();
+                    }
+                    '"' => {
+                        closed = true;
+                        break;
+                    }
+                    c => v.push(c),
+                }
+            }
+            if !closed {
+                return Err(format!("option {name}= has an unterminated quote"));
+            }
+            Some(v)
+        } else {
+            None
+        };
+        out.push((name, value));
+        match chars.next() {
+            None => return Ok(out),
+            Some(',') => {}
+            Some(c) => return Err(format!("unexpected {c:?} after an option")),
+        }
+    }
+}
+
+/// The lock a `mode="…"` names.
+fn parse_mode(s: &str) -> Option<LockMode> {
+    match s.to_ascii_lowercase().as_str() {
+        "read-only" | "readonly" => Some(LockMode::ReadOnly),
+        other => LockMode::parse(other),
+    }
+}
+
+/// Does `token` look like the key type that starts a line without options?
+fn is_key_type(token: &str) -> bool {
+    token.starts_with("ssh-")
+        || token.starts_with("ecdsa-")
+        || token.starts_with("sk-")
+        || token.starts_with("rsa-")
+}
+
+/// One line (not blank, not a comment).
+fn parse_line(line: &str) -> Result<KeyEntry, String> {
+    let first = line.split_whitespace().next().unwrap_or_default();
+    let (opts, key_text) = if is_key_type(first) {
+        ("", line)
+    } else {
+        split_options(line)?
+    };
+    let mut vms = None;
+    let mut mode = LockMode::FreeForAllOrReadOnly;
+    if !opts.is_empty() {
+        for (name, value) in parse_options(opts)? {
+            match (name.to_ascii_lowercase().as_str(), value) {
+                ("vms", Some(v)) => {
+                    let globs: Vec<String> = v
+                        .split(',')
+                        .map(|g| g.trim().to_string())
+                        .filter(|g| !g.is_empty())
+                        .collect();
+                    if globs.is_empty() {
+                        return Err("vms=\"\" names no VM".into());
+                    }
+                    vms = Some(globs);
+                }
+                ("mode", Some(v)) => {
+                    mode = parse_mode(&v).ok_or_else(|| {
+                        format!(
+                            "unknown mode {v:?} (use read-only, write, free-for-all, exclusive or free-for-all-fallback)"
+                        )
+                    })?;
+                }
+                (n, None) if HARMLESS.contains(&n) => {}
+                (n, _) => {
+                    return Err(format!(
+                        "option {n:?} is not supported here (vspc knows vms=\"…\" and mode=\"…\")"
+                    ))
+                }
+            }
+        }
+    }
+    let key =
+        PublicKey::from_openssh(key_text.trim()).map_err(|e| format!("not a public key ({e})"))?;
+    let mut words = key_text.split_whitespace();
+    let _ = (words.next(), words.next());
+    let comment = words.collect::<Vec<_>>().join(" ");
+    let fingerprint = key.fingerprint(HashAlg::Sha256).to_string();
+    Ok(KeyEntry {
+        key,
+        comment,
+        fingerprint,
+        vms,
+        mode,
+    })
+}
+
+/// Parse an authorized keys file's text: the usable entries, and an error
+/// for every line that is not (those lines are left out).
+pub fn parse_authorized_keys(text: &str) -> (AuthorizedKeys, Vec<LineError>) {
+    let mut keys = AuthorizedKeys::default();
+    let mut errors = Vec::new();
+    for (i, line) in text.lines().enumerate() {
+        let line = line.trim();
+        if line.is_empty() || line.starts_with('#') {
+            continue;
+        }
+        match parse_line(line) {
+            Ok(e) => keys.entries.push(Arc::new(e)),
+            Err(error) => errors.push(LineError { line: i + 1, error }),
+        }
+    }
+    (keys, errors)
+}
+
+/// Read and parse `path`, logging each bad line with the file and line
+/// number. An unreadable file is an error.
+pub fn load_authorized_keys(path: &Path) -> Result<AuthorizedKeys, String> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| format!("cannot read SSH authorized keys {}: {e}", path.display()))?;
+    let (keys, errors) = parse_authorized_keys(&text);
+    for e in &errors {
+        tracing::warn!(
+            "{}:{}: skipping this authorized key line: {}",
+            path.display(),
+            e.line,
+            e.error
+        );
+    }
+    tracing::info!(file = %path.display(), keys = keys.entries.len(), skipped = errors.len(), "SSH authorized keys loaded");
+    Ok(keys)
+}
+
+/// Read the host key from `path`, or make a new ed25519 key there (mode
+/// 0600, its folder 0700 if it has to be made) when there is no file. A
+/// file that is there but cannot be read or parsed is an error naming it.
+pub fn load_or_create_host_key(path: &Path) -> Result<PrivateKey, String> {
+    match std::fs::read_to_string(path) {
+        Ok(text) => PrivateKey::from_openssh(text.as_bytes()).map_err(|e| {
+            format!(
+                "SSH host key {} is not an OpenSSH private key: {e}",
+                path.display()
+            )
+        }),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => create_host_key(path),
+        Err(e) => Err(format!("cannot read SSH host key {}: {e}", path.display())),
+    }
+}
+
+fn create_host_key(path: &Path) -> Result<PrivateKey, String> {
+    use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+    let fail = |what: &str, e: &dyn std::fmt::Display| {
+        format!("cannot {what} SSH host key {}: {e}", path.display())
+    };
+    let mut seed = [0u8; 32];
+    getrandom::fill(&mut seed).map_err(|e| fail("make a random", &e))?;
+    let pair = russh::keys::ssh_key::private::Ed25519Keypair::from_seed(&seed);
+    let mut key = PrivateKey::from(pair);
+    key.set_comment("vspc host key");
+    let text = key
+        .to_openssh(russh::keys::ssh_key::LineEnding::LF)
+        .map_err(|e| fail("encode the", &e))?;
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        if !dir.exists() {
+            std::fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o700)
+                .create(dir)
+                .map_err(|e| fail("make the folder of the", &e))?;
+        }
+    }
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)
+        .map_err(|e| fail("create the", &e))?;
+    std::io::Write::write_all(&mut file, text.as_bytes()).map_err(|e| fail("write the", &e))?;
+    tracing::info!(file = %path.display(), fingerprint = %key.fingerprint(HashAlg::Sha256), "made a new SSH host key");
+    Ok(key)
+}
+
+/// The front door's settings, checked before the daemon starts.
+#[derive(Clone)]
+pub struct SshConfig {
+    /// Where to listen (`--ssh-iface`, `--ssh-port`).
+    pub addr: SocketAddr,
+    /// The shared state: host key, authorized keys.
+    pub state: Arc<SshState>,
+}
+
+/// What every SSH connection shares.
+pub struct SshState {
+    /// russh's settings, with the host key.
+    server: Arc<russh::server::Config>,
+    /// The authorized keys file, read again on SIGHUP.
+    keys_path: PathBuf,
+    /// The keys now; a reload swaps the whole set, so a session sees one
+    /// version of the file.
+    keys: RwLock<Arc<AuthorizedKeys>>,
+}
+
+impl SshState {
+    /// Load the host key (making it if missing) and the authorized keys.
+    pub fn new(host_key: &Path, authorized_keys: &Path) -> Result<SshState, String> {
+        // The keys first: a start that fails on them leaves no host key.
+        let keys = load_authorized_keys(authorized_keys)?;
+        let key = load_or_create_host_key(host_key)?;
+        let server = russh::server::Config {
+            server_id: russh::SshId::Standard(
+                concat!("SSH-2.0-vspc_", env!("CARGO_PKG_VERSION")).into(),
+            ),
+            methods: MethodSet::from(&[MethodKind::PublicKey][..]),
+            // The client's opening "none" attempt is answered at once; a
+            // refused key still waits the full second.
+            auth_rejection_time: Duration::from_secs(1),
+            auth_rejection_time_initial: Some(Duration::ZERO),
+            keys: vec![key],
+            // A console may be quiet for days: no inactivity limit, but a
+            // dead peer is found by keepalives (3 × 30 s unanswered).
+            inactivity_timeout: None,
+            keepalive_interval: Some(Duration::from_secs(30)),
+            keepalive_max: 3,
+            nodelay: true,
+            ..Default::default()
+        };
+        Ok(SshState {
+            server: Arc::new(server),
+            keys_path: authorized_keys.to_path_buf(),
+            keys: RwLock::new(Arc::new(keys)),
+        })
+    }
+
+    /// The keys in force now.
+    pub fn keys(&self) -> Arc<AuthorizedKeys> {
+        self.keys.read().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// Read the authorized keys file again (SIGHUP). If it cannot be read,
+    /// no key is accepted until it can: a revoked key must not stay valid
+    /// because the file was being replaced.
+    pub fn reload(&self) {
+        let keys = match load_authorized_keys(&self.keys_path) {
+            Ok(k) => k,
+            Err(e) => {
+                tracing::error!("{e}; no SSH key is accepted until it can be read");
+                AuthorizedKeys::default()
+            }
+        };
+        *self.keys.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(keys);
+    }
+}
+
+/// Accept SSH connections on `listener` forever.
+pub async fn serve(listener: TcpListener, hub: Arc<Hub>, state: Arc<SshState>) {
+    let mut last_warn = None;
+    loop {
+        match listener.accept().await {
+            Ok((tcp, peer)) => {
+                let handler = Handler {
+                    hub: hub.clone(),
+                    state: state.clone(),
+                    peer,
+                    user: String::new(),
+                    key: None,
+                    channel: None,
+                    started: false,
+                };
+                let config = state.server.clone();
+                tokio::spawn(async move {
+                    match russh::server::run_stream(config, tcp, handler).await {
+                        Ok(session) => {
+                            if let Err(e) = session.await {
+                                tracing::debug!(%peer, "SSH connection ended: {e}");
+                            }
+                        }
+                        Err(e) => tracing::debug!(%peer, "SSH handshake failed: {e}"),
+                    }
+                });
+            }
+            Err(e) => {
+                let wait = crate::net::acceptor::accept_failed("SSH port", &e, &mut last_warn);
+                tokio::time::sleep(wait).await;
+            }
+        }
+    }
+}
+
+/// One SSH connection's state, as russh calls it.
+struct Handler {
+    /// The VMs, to list and to join.
+    hub: Arc<Hub>,
+    /// The keys in force (read at each login, so a reload applies to the
+    /// next one).
+    state: Arc<SshState>,
+    /// Where the client connects from (for the logs and the audit).
+    peer: SocketAddr,
+    /// The user name the key logged in as: a VM, or [`LIST_USER`].
+    user: String,
+    /// The key that logged in.
+    key: Option<Arc<KeyEntry>>,
+    /// The session channel, until a shell request starts it.
+    channel: Option<Channel<Msg>>,
+    /// One session per connection: set when it starts.
+    started: bool,
+}
+
+impl Handler {
+    /// Start the session on the channel (shell request).
+    fn start(&mut self) {
+        let (Some(channel), Some(key)) = (self.channel.take(), self.key.clone()) else {
+            return;
+        };
+        self.started = true;
+        let hub = self.hub.clone();
+        let user = self.user.clone();
+        let peer = self.peer;
+        tokio::spawn(async move {
+            if user == LIST_USER {
+                list(&hub, &key, channel).await;
+            } else {
+                console(hub, key, &user, peer, channel).await;
+            }
+        });
+    }
+}
+
+impl russh::server::Handler for Handler {
+    type Error = russh::Error;
+
+    async fn auth_publickey_offered(
+        &mut self,
+        user: &str,
+        offer: PublicKeyOffer<'_>,
+    ) -> Result<Auth, Self::Error> {
+        if self.state.keys().find(offer.public_key).is_some() {
+            return Ok(Auth::Accept);
+        }
+        tracing::info!(
+            peer = %self.peer,
+            user,
+            fingerprint = %offer.public_key.fingerprint(HashAlg::Sha256),
+            "SSH key refused: not in the authorized keys"
+        );
+        Ok(Auth::reject())
+    }
+
+    async fn auth_publickey(
+        &mut self,
+        user: &str,
+        key: VerifiedPublicKey<'_>,
+    ) -> Result<Auth, Self::Error> {
+        match self.state.keys().find(key.public_key) {
+            Some(entry) => {
+                tracing::debug!(peer = %self.peer, user, key = %entry.fingerprint, "SSH key accepted");
+                self.user = user.to_string();
+                self.key = Some(entry);
+                Ok(Auth::Accept)
+            }
+            None => {
+                tracing::info!(
+                    peer = %self.peer,
+                    user,
+                    fingerprint = %key.public_key.fingerprint(HashAlg::Sha256),
+                    "SSH key refused: not in the authorized keys"
+                );
+                Ok(Auth::reject())
+            }
+        }
+    }
+
+    async fn channel_open_session(
+        &mut self,
+        channel: Channel<Msg>,
+        reply: ChannelOpenHandle,
+        _session: &mut Session,
+    ) -> Result<(), Self::Error> {
+        if self.started || self.channel.is_some() {
+            reply
+                .reject(russh::ChannelOpenFailure::AdministrativelyProhibited)
+                .await;
+            return Ok(());
+        }
+        self.channel = Some(channel);
+        reply.accept().await;
+        Ok(())
+    }
+
+    async fn pty_request(
+        &mut self,
+        channel: ChannelId,
+        _term: &str,
+        _col_width: u32,
+        _row_height: u32,
+        _pix_width: u32,
+        _pix_height: u32,
+        _modes: &[(russh::Pty, u32)],
+        session: &mut Session,
+    ) -> Result<(), Self::Error> {
+        // Accepted so that the client puts its terminal in raw mode; the
+        // size means nothing to a serial line.
+        session.channel_success(channel)
+    }
+
+    async fn env_request(
+        &mut self,
+        channel: ChannelId,
+        _name: &str,
+        _value: &str,
+        session: &mut Session,
+    ) -> Result<(), Self::Error> {
+        session.channel_failure(channel)
+    }
+
+    async fn shell_request(
+        &mut self,
+        channel: ChannelId,
+        session: &mut Session,
+    ) -> Result<(), Self::Error> {
+        session.channel_success(channel)?;
+        self.start();
+        Ok(())
+    }
+
+    async fn exec_request(
+        &mut self,
+        channel: ChannelId,
+        _data: &[u8],
+        session: &mut Session,
+    ) -> Result<(), Self::Error> {
+        session.channel_success(channel)?;
+        if let Some(ch) = self.channel.take() {
+            self.started = true;
+            tokio::spawn(refuse(
+                ch,
+                "vspc: commands are not run here; use ssh VM@host for a console or list@host for the list\r\n".into(),
+            ));
+        }
+        Ok(())
+    }
+
+    async fn subsystem_request(
+        &mut self,
+        channel: ChannelId,
+        _name: &str,
+        session: &mut Session,
+    ) -> Result<(), Self::Error> {
+        session.channel_failure(channel)
+    }
+}
+
+/// Say `msg` on the client's stderr, exit status 1, close.
+async fn refuse(channel: Channel<Msg>, msg: String) {
+    let _ = channel.extended_data_bytes(1, Bytes::from(msg)).await;
+    let _ = channel.exit_status(1).await;
+    let _ = channel.eof().await;
+    let _ = channel.close().await;
+}
+
+/// `list@`: the VMs the key may see, `name:uuid:port` per line.
+async fn list(hub: &Hub, key: &KeyEntry, channel: Channel<Msg>) {
+    let mut out = String::new();
+    for vm in hub.vms() {
+        if key.may_see(&vm) {
+            let port = vm.port.map_or(String::new(), |p| p.to_string());
+            out.push_str(&format!("{}:{}:{}\n", vm.name(), vm.uuid, port));
+        }
+    }
+    let _ = channel.data_bytes(Bytes::from(out)).await;
+    let _ = channel.exit_status(0).await;
+    let _ = channel.eof().await;
+    let _ = channel.close().await;
+}
+
+/// `VM@`: join the console under the key's mode and serve it until either
+/// side ends.
+async fn console(
+    hub: Arc<Hub>,
+    key: Arc<KeyEntry>,
+    what: &str,
+    peer: SocketAddr,
+    channel: Channel<Msg>,
+) {
+    // An unknown VM and one the key may not see get the same answer, so a
+    // key learns nothing about VMs outside its patterns.
+    let Some(vm) = hub.find(what).filter(|vm| key.may_see(vm)) else {
+        tracing::info!(%peer, vm = ?what, key = %key.fingerprint, "SSH console refused: no such VM for this key");
+        let msg = format!("vspc: no VM named {what:?} for this key (ssh list@host shows them)\r\n");
+        return refuse(channel, msg).await;
+    };
+    let seed = hub.backend().seed_data(vm.record()).await;
+    let mut session =
+        match ConsoleSession::join(&hub, &vm, key.mode, Some(&seed), ConsoleProtocol::Raw) {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::info!(%peer, vm = ?vm.name(), "SSH console refused: {e}");
+                return refuse(channel, format!("vspc: {e}\r\n")).await;
+            }
+        };
+    let access = session.access();
+    session.audit(crate::audit::Kind::Ssh, Some(peer), Some(key.who()));
+    if access == Access::ReadOnly {
+        let _ = channel
+            .extended_data_bytes(
+                1,
+                Bytes::from_static(
+                    b"vspc: this console is read-only; what you type is discarded.\r\n",
+                ),
+            )
+            .await;
+    }
+    let (ours, theirs) = tokio::io::duplex(PIPE_BYTES);
+    let outbox = session.outbox();
+    let stall = session.stall_timeout();
+    let conn = serve_stream(Stream::Pipe(ours), &mut session, outbox, None, stall);
+    let pump = pump(channel, theirs);
+    tokio::pin!(conn, pump);
+    tokio::select! {
+        // The client went (or typed ~.): the pipe's end is dropped, and
+        // the driver ends when it reads that.
+        _ = &mut pump => conn.await,
+        // The console ended (cleared, stalled): the adapter gets a moment
+        // to pass on the last bytes, then the channel closes.
+        _ = &mut conn => {
+            let _ = tokio::time::timeout(CLOSE_GRACE, pump).await;
+        }
+    }
+}
+
+/// OpenSSH's escape, done on the server: `~.` at the start of a line ends
+/// the session, `~~` sends one `~`, `~` followed by anything else sends
+/// both.
+#[derive(Debug, Default)]
+pub struct Escape {
+    /// The last byte did not end a line (false before anything is typed:
+    /// the session starts at a line's start).
+    mid_line: bool,
+    /// A `~` at the start of a line is held, waiting for the next byte.
+    tilde: bool,
+}
+
+impl Escape {
+    /// Pass `data` through; `Err(before)` when `~.` was typed, with the
+    /// bytes before it.
+    pub fn filter(&mut self, data: &[u8]) -> Result<Vec<u8>, Vec<u8>> {
+        let mut out = Vec::with_capacity(data.len() + 1);
+        for &b in data {
+            if self.tilde {
+                self.tilde = false;
+                match b {
+                    b'.' => return Err(out),
+                    b'~' => {
+                        out.push(b'~');
+                        self.mid_line = true;
+                        continue;
+                    }
+                    _ => out.push(b'~'),
+                }
+            } else if b == b'~' && !self.mid_line {
+                self.tilde = true;
+                continue;
+            }
+            out.push(b);
+            self.mid_line = !(b == b'\r' || b == b'\n');
+        }
+        Ok(out)
+    }
+}
+
+/// The adapter: bytes from the pipe (the console's output) go out on the
+/// channel, as fast as its window lets them; data from the client goes
+/// into the pipe (through [`Escape`]). The client is not read while the
+/// pipe takes no more input. Dropping the pipe's end tells the driver the
+/// console is gone.
+async fn pump(channel: Channel<Msg>, pipe: DuplexStream) {
+    let (mut from_client, to_client) = channel.split();
+    let mut writer = to_client.make_writer();
+    let (mut from_console, mut to_console) = tokio::io::split(pipe);
+    let mut buf = vec![0u8; PIPE_BYTES];
+    let mut input = Bytes::new();
+    let mut escape = Escape::default();
+    // After the client's EOF output still flows (`ssh VM@host </dev/null`
+    // watches a console) until it closes the channel.
+    let mut eof = false;
+    // Whether the session ended with `~.`.
+    let mut escaped = false;
+    // Output taken from the console, not yet on the channel. Written in
+    // the loop (not awaited whole), so that the client's input is still
+    // read while its window is shut: otherwise a paste during a burst
+    // could fill russh's queue for this channel and stall the connection.
+    // A write the window holds back is retried with the same bytes first,
+    // as russh's writer expects.
+    let mut output = Bytes::new();
+    let console_ended = loop {
+        tokio::select! {
+            got = from_console.read(&mut buf), if output.is_empty() => match got {
+                Ok(0) | Err(_) => break true,
+                Ok(n) => output = Bytes::copy_from_slice(&buf[..n]),
+            },
+            sent = writer.write(&output), if !output.is_empty() => match sent {
+                Ok(n) if n > 0 => output.advance(n),
+                _ => break false,
+            },
+            put = to_console.write(&input), if !input.is_empty() => match put {
+                Ok(n) if n > 0 => input.advance(n),
+                _ => break true,
+            },
+            msg = from_client.wait(), if input.is_empty() && !eof => match msg {
+                Some(ChannelMsg::Data { data }) => match escape.filter(&data) {
+                    Ok(bytes) => input = Bytes::from(bytes),
+                    Err(before) => {
+                        let _ = to_console.write_all(&before).await;
+                        escaped = true;
+                        break false;
+                    }
+                },
+                Some(ChannelMsg::Eof) => eof = true,
+                Some(ChannelMsg::Close) | None => break false,
+                Some(_) => {}
+            },
+        }
+    };
+    if escaped {
+        let _ = to_client
+            .extended_data_bytes(1, Bytes::from_static(b"\r\nvspc: closed (~.)\r\n"))
+            .await;
+    }
+    if console_ended && !output.is_empty() {
+        let _ = writer.write_all(&output).await;
+    }
+    let _ = writer.flush().await;
+    if console_ended || escaped {
+        let _ = to_client.exit_status(0).await;
+    }
+    let _ = to_client.eof().await;
+    let _ = to_client.close().await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const KEY: &str =
+        "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAICn/tGpRDUntUDULlimghiOKF5HzrA3kHHQa43nYHVwx";
+
+    #[test]
+    fn globs() {
+        assert!(glob("web-*", "web-1"));
+        assert!(glob("*", ""));
+        assert!(glob("w?b-*1", "web-xx1"));
+        assert!(!glob("web-*", "db-1"));
+        assert!(glob("db-1", "db-1"));
+        assert!(!glob("db-1", "db-10"));
+        assert!(glob("*-1*", "a-b-1c"));
+    }
+
+    #[test]
+    fn authorized_keys_lines() {
+        let text = format!(
+            "# comment\n\n{KEY} alice@example\n\
+             vms=\"web-*,db-1\",mode=\"read-only\" {KEY} bob\n\
+             mode=\"sideways\" {KEY} carol\n\
+             from=\"10.0.0.0/8\" {KEY} dave\n\
+             vms=\"x {KEY}\n\
+             ssh-ed25519 AAAAnot-base64 eve\n\
+             restrict,no-pty,mode=\"exclusive\" {KEY}\n"
+        );
+        let (keys, errors) = parse_authorized_keys(&text);
+        assert_eq!(keys.entries.len(), 3, "{errors:?}");
+        let lines: Vec<usize> = errors.iter().map(|e| e.line).collect();
+        assert_eq!(lines, [5, 6, 7, 8]);
+        let a = &keys.entries[0];
+        assert_eq!(a.comment, "alice@example");
+        assert!(a.vms.is_none());
+        assert_eq!(a.mode, LockMode::FreeForAllOrReadOnly);
+        assert!(a.fingerprint.starts_with("SHA256:"));
+        let b = &keys.entries[1];
+        assert_eq!(
+            b.vms.as_deref(),
+            Some(&["web-*".to_string(), "db-1".to_string()][..])
+        );
+        assert_eq!(b.mode, LockMode::ReadOnly);
+        assert_eq!(keys.entries[2].mode, LockMode::Exclusive);
+    }
+
+    #[test]
+    fn escape_at_line_start_only() {
+        let mut e = Escape::default();
+        assert_eq!(e.filter(b"a~.b\n"), Ok(b"a~.b\n".to_vec()));
+        assert_eq!(e.filter(b"~~x\r"), Ok(b"~x\r".to_vec()));
+        assert_eq!(e.filter(b"~"), Ok(vec![]));
+        assert_eq!(e.filter(b"q"), Ok(b"~q".to_vec()));
+        let mut e = Escape::default();
+        assert_eq!(e.filter(b"~"), Ok(vec![]));
+        assert_eq!(e.filter(b"."), Err(vec![]));
+        let mut e = Escape::default();
+        assert_eq!(e.filter(b"ls\n~."), Err(b"ls\n".to_vec()));
+    }
+
+    #[test]
+    fn host_key_is_made_once_with_mode_0600() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("sub/key");
+        let a = load_or_create_host_key(&path).expect("made");
+        let mode = std::fs::metadata(&path).expect("meta").permissions().mode();
+        assert_eq!(mode & 0o777, 0o600);
+        let b = load_or_create_host_key(&path).expect("read back");
+        assert_eq!(a.public_key().key_data(), b.public_key().key_data());
+        std::fs::write(&path, "garbage").expect("write");
+        let Err(e) = load_or_create_host_key(&path) else {
+            panic!("a garbage host key was taken");
+        };
+        assert!(e.contains(&path.display().to_string()), "{e}");
+    }
+}
