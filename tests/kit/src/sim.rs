@@ -266,6 +266,8 @@ struct Inbox {
     data: BytesMut,
     /// Every command received, in order; never trimmed.
     events: Vec<Received>,
+    /// When the read that carried each of `events` returned (timing hooks).
+    event_at: Vec<Instant>,
     /// Why the reader stopped (peer closed, read error, decode error).
     end: Option<String>,
     /// Whether we currently send in BINARY mode (consoles only).
@@ -419,6 +421,7 @@ async fn read_loop<R: AsyncRead + Unpin + Send + 'static, B: Brain>(
                 Err(_) => Wake::NoDetach,
             },
         };
+        let read_at = Instant::now();
         let n = match wake {
             Wake::Deadline => {
                 brain.on_deadline(&mut out);
@@ -454,6 +457,8 @@ async fn read_loop<R: AsyncRead + Unpin + Send + 'static, B: Brain>(
         {
             let mut inbox = shared.lock();
             inbox.data.extend_from_slice(&data);
+            let read = inbox.event_at.len() + events.len();
+            inbox.event_at.resize(read, read_at);
             inbox.events.append(&mut events);
             inbox.local_binary = brain.local_binary();
         }
@@ -542,7 +547,10 @@ impl Link {
             stream: rd.unsplit(wr),
             data: inbox.data.split().to_vec(),
             decoder,
-            events: std::mem::take(&mut inbox.events),
+            events: {
+                inbox.event_at.clear();
+                std::mem::take(&mut inbox.events)
+            },
             binary: inbox.local_binary,
         })
     }
@@ -615,6 +623,10 @@ impl Link {
 
     fn events(&self) -> Vec<Received> {
         self.shared.lock().events.clone()
+    }
+
+    fn event_at(&self, index: usize) -> Option<Instant> {
+        self.shared.lock().event_at.get(index).copied()
     }
 
     /// The first event at index `since` or later that matches `pred`.
@@ -775,6 +787,8 @@ struct VmBrain {
     ks1_sent: bool,
     ks1_deadline: Option<Instant>,
     com_port_offered: bool,
+    /// When VMOTION-PEER was queued (a destination), for [`SimVm::peer_round_trip`].
+    peer_sent: Arc<std::sync::OnceLock<Instant>>,
 }
 
 impl VmBrain {
@@ -796,6 +810,7 @@ impl VmBrain {
             ks1_sent: false,
             ks1_deadline: None,
             com_port_offered: false,
+            peer_sent: Arc::default(),
         }
     }
 
@@ -840,6 +855,7 @@ impl VmBrain {
             .encode(out),
             Role::Destination { cookie } => {
                 Msg::VmotionPeer(cookie).encode(out);
+                let _ = self.peer_sent.set(Instant::now());
                 self.offer_com_port(out);
             }
         }
@@ -911,6 +927,7 @@ pub struct SimVm {
     link: Link,
     role: Role,
     timeout: Duration,
+    peer_sent: Arc<std::sync::OnceLock<Instant>>,
 }
 
 impl SimVm {
@@ -956,10 +973,12 @@ impl SimVm {
         S: AsyncRead + AsyncWrite + Send + 'static,
     {
         let brain = VmBrain::new(id.clone(), role.clone(), opts.answer_name);
+        let peer_sent = brain.peer_sent.clone();
         SimVm {
             link: Link::start(stream, brain),
             role,
             timeout: opts.timeout,
+            peer_sent,
         }
     }
 
@@ -1028,9 +1047,17 @@ impl SimVm {
     /// Send VMOTION-BEGIN and wait for GOAHEAD (whose payload must start
     /// with `seq`) or NOTNOW (whose payload must be `seq`).
     pub async fn begin_vmotion(&self, seq: &[u8]) -> Result<VmotionReply> {
+        self.begin_vmotion_timed(seq).await.map(|(reply, _)| reply)
+    }
+
+    /// [`SimVm::begin_vmotion`], and the time from just before BEGIN was
+    /// handed to the writer to the return of the read that carried the
+    /// answer (not counting the wake-up of the caller).
+    pub async fn begin_vmotion_timed(&self, seq: &[u8]) -> Result<(VmotionReply, Duration)> {
         let since = self.link.event_count();
+        let sent = Instant::now();
         self.send_msg(&Msg::VmotionBegin(seq)).await?;
-        let (_, ev) = self
+        let (index, ev) = self
             .link
             .wait_event(since, self.timeout, "VMOTION-GOAHEAD or NOTNOW", |e| {
                 matches!(
@@ -1039,16 +1066,32 @@ impl SimVm {
                 )
             })
             .await?;
+        let took = self
+            .link
+            .event_at(index)
+            .unwrap_or_else(Instant::now)
+            .saturating_duration_since(sent);
         match ev.msg() {
             Some(Msg::VmotionGoahead(c)) if c.len() > seq.len() && c.starts_with(seq) => {
-                Ok(VmotionReply::GoAhead { cookie: c.to_vec() })
+                Ok((VmotionReply::GoAhead { cookie: c.to_vec() }, took))
             }
-            Some(Msg::VmotionNotNow(s)) if s == seq => Ok(VmotionReply::NotNow),
+            Some(Msg::VmotionNotNow(s)) if s == seq => Ok((VmotionReply::NotNow, took)),
             other => Err(SimError::Unexpected(format!(
                 "{other:?} in answer to VMOTION-BEGIN {}",
                 hex(seq)
             ))),
         }
+    }
+
+    /// On a destination that received PEER-OK: the time from queueing
+    /// VMOTION-PEER to the return of the read that carried PEER-OK.
+    pub fn peer_round_trip(&self) -> Option<Duration> {
+        let sent = *self.peer_sent.get()?;
+        let events = self.link.events();
+        let index = events
+            .iter()
+            .position(|e| matches!(e.msg(), Some(Msg::VmotionPeerOk(_))))?;
+        Some(self.link.event_at(index)?.saturating_duration_since(sent))
     }
 
     /// Send VMOTION-COMPLETE (on a destination).

@@ -5,7 +5,8 @@
 //!
 //! Modes are subcommands. `attach` connects N VMs and C consoles per VM and
 //! measures how long that takes and what it costs the daemon (memory,
-//! descriptors, CPU).
+//! descriptors, CPU), and with `--scrape K` how long `GET /metrics` takes
+//! with all of them attached.
 //!
 //! A daemon the bench started (through the test kit's launcher,
 //! [`vspc_testkit::Daemon`]) is killed (SIGKILL) on every way out: success,
@@ -34,9 +35,11 @@ mod churn;
 mod fanout;
 mod latency;
 mod relay;
+mod scrape;
 mod simulate;
 mod soak;
 mod stream;
+mod vmotion;
 
 /// Descriptors a process needs besides the per-VM ones (runtime, listeners,
 /// log file, admin queries, slack).
@@ -96,6 +99,9 @@ enum Mode {
     /// Console round trip through an echoing VM while other VMs stream at
     /// serial-port rate.
     Latency(latency::LatencyArgs),
+    /// VMs streaming to verifying consoles while the fleet does R full
+    /// vMotions per second; BEGIN→GOAHEAD and PEER→PEER-OK times.
+    Vmotion(vmotion::VmotionArgs),
     /// The bare TCP relay `fanout` compares against (a child process).
     #[command(hide = true)]
     RelayServer(relay::RelayArgs),
@@ -148,6 +154,16 @@ struct AttachArgs {
     /// --attach-to) [default: 127.0.0.1].
     #[arg(long, value_name = "ADDR", requires = "attach_to")]
     console_iface: Option<IpAddr>,
+
+    /// Once everything is attached, fetch GET /metrics K times from the
+    /// daemon's HTTP port (a started daemon gets --http-port P+2+N, just
+    /// past its console ports) and report p50/max and the size.
+    #[arg(long, value_name = "K", default_value_t = 0)]
+    scrape: u32,
+
+    /// The running daemon's HTTP address (with --attach-to and --scrape).
+    #[arg(long, value_name = "ADDR", requires_all = ["attach_to", "scrape"])]
+    http: Option<SocketAddr>,
 }
 
 /// How a run ends badly.
@@ -174,6 +190,7 @@ fn main() -> ExitCode {
         Mode::Fanout(args) => fanout::run(args),
         Mode::Burst(args) => burst::run(args),
         Mode::Latency(args) => latency::run(args),
+        Mode::Vmotion(args) => vmotion::run(args),
         Mode::RelayServer(args) => relay::serve(args),
     };
     match result {
@@ -239,6 +256,8 @@ struct Target {
     proxy: SocketAddr,
     admin: SocketAddr,
     console_ip: IpAddr,
+    /// The HTTP listener, where the mode asked for one.
+    http: Option<SocketAddr>,
 }
 
 impl Target {
@@ -249,6 +268,7 @@ impl Target {
             proxy: daemon.proxy,
             admin: daemon.admin,
             console_ip: daemon.local,
+            http: None,
         }
     }
 }
@@ -268,6 +288,9 @@ struct AttachReport {
     rss_per_vm_kib: f64,
     daemon_fds: u64,
     daemon_cpu_s: f64,
+    /// With --scrape.
+    #[serde(flatten)]
+    scrape: Option<scrape::Scrapes>,
 }
 
 fn attach(args: AttachArgs) -> Result<(), Failure> {
@@ -302,6 +325,7 @@ fn attach(args: AttachArgs) -> Result<(), Failure> {
                 proxy,
                 admin,
                 console_ip: args.console_iface.unwrap_or(Ipv4Addr::LOCALHOST.into()),
+                http: args.http,
             }
         }
         None => {
@@ -316,9 +340,19 @@ fn attach(args: AttachArgs) -> Result<(), Failure> {
                 )
                 .into());
             }
-            check_ports(args.base_port, args.vms, &rt)?;
-            let daemon = launch(args.vspc.as_deref(), args.base_port, &[])?;
-            let target = Target::of(&daemon);
+            // With --scrape, the HTTP port follows the console ports.
+            let http_port = u32::from(args.base_port) + 2 + args.vms;
+            let scraping = args.scrape > 0;
+            check_ports(args.base_port, args.vms + u32::from(scraping), &rt)?;
+            let http_flag = format!("--http-port={http_port}");
+            let flags: &[&str] = if scraping { &[&http_flag] } else { &[] };
+            let daemon = launch(args.vspc.as_deref(), args.base_port, flags)?;
+            let mut target = Target::of(&daemon);
+            if scraping {
+                // Below the ephemeral range, so it fits.
+                let port = u16::try_from(http_port).map_err(|e| e.to_string())?;
+                target.http = Some(SocketAddr::from((Ipv4Addr::LOCALHOST, port)));
+            }
             spawned = Some(daemon);
             target
         }
@@ -454,6 +488,19 @@ async fn run_attach(
 
     tokio::time::sleep(SETTLE).await;
     let rss = rss_kib(target.pid)?;
+    let (daemon_fds, daemon_cpu_s) = (fd_count(target.pid)?, cpu_s(target.pid)?);
+    let scrape = match (args.scrape, target.http) {
+        (0, _) => None,
+        (k, Some(http)) => {
+            eprintln!("vspc-bench: GET http://{http}/metrics {k} times");
+            Some(scrape::scrape(http, k).await?)
+        }
+        (_, None) => {
+            return Err("--scrape with --attach-to needs --http ADDR"
+                .to_string()
+                .into())
+        }
+    };
     let report = AttachReport {
         mode: "attach",
         vms: args.vms,
@@ -463,8 +510,9 @@ async fn run_attach(
         rss_start_kib,
         rss_kib: rss,
         rss_per_vm_kib: round((rss as f64 - rss_start_kib as f64) / n as f64, 2),
-        daemon_fds: fd_count(target.pid)?,
-        daemon_cpu_s: round(cpu_s(target.pid)?, 2),
+        daemon_fds,
+        daemon_cpu_s: round(daemon_cpu_s, 2),
+        scrape,
     };
     if let Ok(own) = rss_kib(std::process::id()) {
         eprintln!("vspc-bench: the bench's own VmRSS is {own} KiB");

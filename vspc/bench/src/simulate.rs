@@ -437,6 +437,10 @@ pub(crate) struct Moved {
     /// success; it precedes whatever the destination receives).
     pub leftover: Vec<u8>,
     pub result: Result<(), String>,
+    /// BEGIN written to GOAHEAD (or NOTNOW) read, at the source.
+    pub goahead: Option<Duration>,
+    /// PEER written to PEER-OK read, at the destination.
+    pub peer_ok: Option<Duration>,
 }
 
 /// vMotion `source` as ESXi does: VMOTION-BEGIN on the source, GOAHEAD,
@@ -452,15 +456,19 @@ pub(crate) async fn vmotion(
     seq: u32,
 ) -> Moved {
     let seq = seq.to_be_bytes();
-    let failed = |vm: SimVm, e: String| Moved {
+    let failed = |vm: SimVm, e: String, goahead: Option<Duration>| Moved {
         vm,
         leftover: Vec::new(),
         result: Err(e),
+        goahead,
+        peer_ok: None,
     };
-    let cookie = match source.begin_vmotion(&seq).await {
-        Ok(VmotionReply::GoAhead { cookie }) => cookie,
-        Ok(VmotionReply::NotNow) => return failed(source, "VMOTION-NOTNOW".into()),
-        Err(e) => return failed(source, format!("VMOTION-BEGIN: {e}")),
+    let (cookie, goahead) = match source.begin_vmotion_timed(&seq).await {
+        Ok((VmotionReply::GoAhead { cookie }, took)) => (cookie, Some(took)),
+        Ok((VmotionReply::NotNow, took)) => {
+            return failed(source, "VMOTION-NOTNOW".into(), Some(took))
+        }
+        Err(e) => return failed(source, format!("VMOTION-BEGIN: {e}"), None),
     };
     let opts = VmOptions {
         timeout,
@@ -470,19 +478,22 @@ pub(crate) async fn vmotion(
         Ok(dest) => dest,
         Err(e) => {
             let _ = source.abort().await;
-            return failed(source, format!("destination connection: {e}"));
+            return failed(source, format!("destination connection: {e}"), goahead);
         }
     };
     if let Err(e) = dest.complete(&seq).await {
         let _ = source.abort().await;
-        return failed(source, format!("VMOTION-COMPLETE: {e}"));
+        return failed(source, format!("VMOTION-COMPLETE: {e}"), goahead);
     }
+    let peer_ok = dest.peer_round_trip();
     let leftover = source.recv_data(Duration::ZERO).await;
     source.close().await;
     Moved {
         vm: dest,
         leftover,
         result: Ok(()),
+        goahead,
+        peer_ok,
     }
 }
 

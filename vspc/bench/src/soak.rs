@@ -121,15 +121,20 @@ struct Ctx {
     input_verified: AtomicU64,
     vmotions: AtomicU64,
     reconnects: AtomicU64,
-    errors: AtomicU64,
+    errors: Errors,
     /// VMs that stopped output and actions (end phase 1).
     quiet: AtomicUsize,
     seed: u64,
 }
 
-impl Ctx {
-    fn error(&self, msg: String) {
-        let n = self.errors.fetch_add(1, Ordering::Relaxed);
+/// A run's error count; the first [`MAX_REPORTED`] errors are printed.
+#[derive(Default)]
+pub(crate) struct Errors(AtomicU64);
+
+impl Errors {
+    /// Count an error and print it, unless many were printed already.
+    pub(crate) fn report(&self, msg: &str) {
+        let n = self.0.fetch_add(1, Ordering::Relaxed);
         if n < MAX_REPORTED {
             eprintln!("vspc-bench: ERROR: {msg}");
         } else if n == MAX_REPORTED {
@@ -137,33 +142,18 @@ impl Ctx {
         }
     }
 
-    fn count(a: &AtomicU64, n: u64) {
-        a.fetch_add(n, Ordering::Relaxed);
-    }
-
-    fn get(a: &AtomicU64) -> u64 {
-        a.load(Ordering::Relaxed)
+    pub(crate) fn count(&self) -> u64 {
+        self.0.load(Ordering::Relaxed)
     }
 }
 
-/// Phases of the run.
-const RUN: u8 = 0;
-/// VMs stop output and actions; consoles stop typing.
-const QUIESCE: u8 = 1;
-/// Final records; everyone drains and checks the tail.
-const FINAL: u8 = 2;
-
-pub(crate) fn run(args: SoakArgs) -> Result<(), Failure> {
-    let (opts, vms) = (args.daemon.clone(), args.vms);
-    with_daemon(&opts, vms, &[], move |target, stop| {
-        soak(args, target, stop)
-    })
-}
-
-async fn soak(args: SoakArgs, target: Target, stop: watch::Receiver<bool>) -> Result<(), Failure> {
-    let n = args.vms as usize;
-    let c = args.consoles as usize;
-    let pid = target.pid;
+/// Connect N VMs (sources), wait until the admin listing shows them all,
+/// then attach C consoles to each; the consoles in VM order (VM `k / c`).
+pub(crate) async fn connect_fleet(
+    target: Target,
+    n: usize,
+    c: usize,
+) -> Result<(Vec<SimVm>, Vec<SimConsole>), Failure> {
     let opts = VmOptions {
         timeout: STEP_WAIT,
         ..VmOptions::default()
@@ -200,8 +190,44 @@ async fn soak(args: SoakArgs, target: Target, stop: watch::Receiver<bool>) -> Re
         }
     })
     .await?;
+    Ok((vms, consoles))
+}
+
+impl Ctx {
+    fn error(&self, msg: String) {
+        self.errors.report(&msg);
+    }
+
+    fn count(a: &AtomicU64, n: u64) {
+        a.fetch_add(n, Ordering::Relaxed);
+    }
+
+    fn get(a: &AtomicU64) -> u64 {
+        a.load(Ordering::Relaxed)
+    }
+}
+
+/// Phases of the run.
+const RUN: u8 = 0;
+/// VMs stop output and actions; consoles stop typing.
+const QUIESCE: u8 = 1;
+/// Final records; everyone drains and checks the tail.
+const FINAL: u8 = 2;
+
+pub(crate) fn run(args: SoakArgs) -> Result<(), Failure> {
+    let (opts, vms) = (args.daemon.clone(), args.vms);
+    with_daemon(&opts, vms, &[], move |target, stop| {
+        soak(args, target, stop)
+    })
+}
+
+async fn soak(args: SoakArgs, target: Target, stop: watch::Receiver<bool>) -> Result<(), Failure> {
+    let n = args.vms as usize;
+    let c = args.consoles as usize;
+    let pid = target.pid;
+    let (vms, consoles) = connect_fleet(target, n, c).await?;
     let ctx = Arc::new(Ctx {
-        proxy,
+        proxy: target.proxy,
         rate: args.rate,
         action_every: Duration::from_secs(args.action_every),
         vms: (0..n)
@@ -214,7 +240,7 @@ async fn soak(args: SoakArgs, target: Target, stop: watch::Receiver<bool>) -> Re
         input_verified: AtomicU64::new(0),
         vmotions: AtomicU64::new(0),
         reconnects: AtomicU64::new(0),
-        errors: AtomicU64::new(0),
+        errors: Errors::default(),
         quiet: AtomicUsize::new(0),
         seed: Rng::seed(),
     });
@@ -255,7 +281,7 @@ async fn soak(args: SoakArgs, target: Target, stop: watch::Receiver<bool>) -> Re
                     Ctx::get(&ctx.input_verified),
                     Ctx::get(&ctx.vmotions),
                     Ctx::get(&ctx.reconnects),
-                    Ctx::get(&ctx.errors),
+                    ctx.errors.count(),
                 );
             }
             _ = tokio::time::sleep_until(end) => break,
@@ -302,7 +328,7 @@ async fn soak(args: SoakArgs, target: Target, stop: watch::Receiver<bool>) -> Re
         input_bytes_verified: input,
         vmotions: Ctx::get(&ctx.vmotions),
         reconnects: Ctx::get(&ctx.reconnects),
-        errors: Ctx::get(&ctx.errors),
+        errors: ctx.errors.count(),
         rss_samples: rss.len(),
         rss_min_kib: rss.iter().copied().min().unwrap_or(0),
         rss_max_kib: rss.iter().copied().max().unwrap_or(0),

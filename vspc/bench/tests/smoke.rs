@@ -1,6 +1,8 @@
 //! Smoke tests of the load tool: `vspc-bench attach` starts the real
-//! daemon, attaches 20 simulated VMs with 2 consoles each and prints one
-//! JSON line; `vspc-bench latency` times round trips through the daemon
+//! daemon, attaches 20 simulated VMs with 2 consoles each, times three
+//! scrapes of /metrics and prints one JSON line; `vspc-bench vmotion`
+//! vMotions 5 streaming VMs 20 times a second with every byte checked;
+//! `vspc-bench latency` times round trips through the daemon
 //! and through the bare relay, both ways of probing; `vspc-bench burst`
 //! sends 8 MiB at full speed to two reading consoles and one that does not
 //! read; `vspc-bench fanout --logging` checks the Logging backend's
@@ -44,7 +46,11 @@ fn bench(ports: u16, args: &[&str]) -> serde_json::Value {
 
 #[test]
 fn attach_20_vms_with_2_consoles_each() {
-    let v = bench(2 + 20, &["attach", "--vms", "20", "--consoles", "2"]);
+    // Proxy, admin, 20 console ports and the HTTP port.
+    let v = bench(
+        2 + 20 + 1,
+        &["attach", "--vms", "20", "--consoles", "2", "--scrape", "3"],
+    );
     assert_eq!(v["mode"], "attach", "{v}");
     assert_eq!(v["vms"], 20, "{v}");
     assert_eq!(v["consoles_per_vm"], 2, "{v}");
@@ -57,6 +63,48 @@ fn attach_20_vms_with_2_consoles_each() {
     // listeners and 40 console sockets.
     let fds = v["daemon_fds"].as_u64().expect("daemon_fds is an integer");
     assert!(fds >= 80, "{v}");
+    assert_eq!(v["scrapes"], 3, "{v}");
+    let p50 = v["scrape_p50_ms"].as_f64().expect("scrape_p50_ms");
+    let max = v["scrape_max_ms"].as_f64().expect("scrape_max_ms");
+    assert!(p50 > 0.0 && p50 <= max, "{v}");
+    assert!(v["scrape_bytes"].as_u64().is_some_and(|b| b > 100), "{v}");
+}
+
+#[test]
+fn vmotions_at_a_rate_with_every_byte_checked() {
+    // Proxy, admin, 5 console ports and the HTTP port.
+    let v = bench(
+        2 + 5 + 1,
+        &["vmotion", "--vms", "5", "--rate", "20", "--duration", "2"],
+    );
+    assert_eq!(v["mode"], "vmotion", "{v}");
+    assert_eq!(v["vms"], 5, "{v}");
+    // 20 a second for 2 s, every one a whole hand-over.
+    assert_eq!(v["vmotions_attempted"], 40, "{v}");
+    assert_eq!(v["vmotions_completed"], 40, "{v}");
+    assert_eq!(v["vmotions_failed"], 0, "{v}");
+    // The daemon counted them too.
+    assert_eq!(v["daemon_vmotions_completed"], 40, "{v}");
+    assert_eq!(v["errors"], 0, "{v}");
+    assert!(v["vmotions_per_s"].as_f64().is_some_and(|r| r > 0.0), "{v}");
+    // 5 VMs at 10 KiB/s for about 2 s, checked on their consoles.
+    let verified = v["bytes_verified"].as_u64().expect("bytes_verified");
+    assert!(verified >= 50_000, "{v}");
+    for what in ["goahead", "peer_ok"] {
+        let ms = |q: &str| {
+            let key = format!("{what}_{q}_ms");
+            v[&key].as_f64().unwrap_or_else(|| panic!("{key}: {v}"))
+        };
+        assert!(ms("p50") > 0.0, "{what}: {v}");
+        assert!(
+            ms("p50") <= ms("p99") && ms("p99") <= ms("max"),
+            "{what}: {v}"
+        );
+    }
+    assert!(
+        v["daemon_rss_peak_kib"].as_u64().is_some_and(|k| k > 0),
+        "{v}"
+    );
 }
 
 #[test]
