@@ -1192,6 +1192,13 @@ pub struct ConsoleOptions {
     pub binary: bool,
     /// Limit for the negotiation wait in [`SimConsole::connect`].
     pub timeout: Duration,
+    /// Send our own requests as soon as the connection exists, as PuTTY
+    /// does (DO ECHO, DO SGA, and with `binary` WILL and DO BINARY), so
+    /// the daemon knows at once that this is a telnet client. With false
+    /// the user says nothing until the daemon negotiates, as inetutils
+    /// telnet given a port number does (the daemon then waits its
+    /// detection window before offering telnet).
+    pub speak_first: bool,
 }
 
 impl Default for ConsoleOptions {
@@ -1199,16 +1206,29 @@ impl Default for ConsoleOptions {
         ConsoleOptions {
             binary: true,
             timeout: DEFAULT_TIMEOUT,
+            speak_first: true,
         }
     }
 }
 
 struct ConsoleBrain {
     neg: Negotiator,
+    /// See [`ConsoleOptions::speak_first`]; with `binary` as well.
+    first_words: Option<bool>,
 }
 
 impl Brain for ConsoleBrain {
-    fn start(&mut self, _out: &mut Vec<u8>) {}
+    fn start(&mut self, out: &mut Vec<u8>) {
+        let Some(binary) = self.first_words else {
+            return;
+        };
+        if binary {
+            self.neg.enable_local(opt::BINARY, out);
+            self.neg.enable_remote(opt::BINARY, out);
+        }
+        self.neg.enable_remote(opt::ECHO, out);
+        self.neg.enable_remote(opt::SGA, out);
+    }
 
     fn on_event(&mut self, ev: &Event<'_>, out: &mut Vec<u8>) {
         if let Event::Negotiate(verb, option) = *ev {
@@ -1264,7 +1284,13 @@ impl SimConsole {
             Negotiator::new(OptionSet::of(&[SGA]), OptionSet::of(&[SGA, ECHO]))
         };
         SimConsole {
-            link: Link::start(stream, ConsoleBrain { neg }),
+            link: Link::start(
+                stream,
+                ConsoleBrain {
+                    neg,
+                    first_words: opts.speak_first.then_some(opts.binary),
+                },
+            ),
         }
     }
 
