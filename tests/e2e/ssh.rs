@@ -20,9 +20,10 @@
 //!   `~.` typed there closes it;
 //! - flow control: 6 MiB out while a 1 MiB paste goes in, every byte; a
 //!   stopped ssh (SIGSTOP) does not hold the VM up and is dropped as a
-//!   stall;
-//! - (ignored, by hand) the set-up time and a 64 MiB burst, for README's
-//!   Measured table.
+//!   stall.
+//!
+//! The set-up time and the burst rate through the SSH front door are
+//! measured by the load tool: `vspc-bench burst --via ssh`.
 //!
 //! Every ssh process a test starts is killed when the test ends (a guard),
 //! and every wait is bounded.
@@ -672,54 +673,4 @@ fn bad_ssh_files_stop_start_up_naming_them() {
 /// Quote `s` for `sh -c`.
 fn shell_words(s: &str) -> String {
     format!("'{}'", s.replace('\'', "'\\''"))
-}
-
-/// The figures in README's Measured table: SSH session set-up (`list@`,
-/// best and median of 10) and a 64 MiB burst from a VM to one SSH console,
-/// every byte checked. Run against a release daemon:
-/// `cargo build --release -p vspc && VSPC_BIN=target/release/vspc cargo
-/// test -p vspc --test e2e ssh::measure -- --ignored --nocapture`.
-#[tokio::test]
-#[ignore = "a measurement, not a check: run by hand (see the doc comment)"]
-async fn measure_setup_and_a_64_mib_burst() {
-    const BURST: usize = 64 << 20;
-    let dir = tempfile::tempdir().expect("tempdir");
-    let (key, public) = keygen(dir.path(), "bench");
-    std::fs::write(dir.path().join("authorized_keys"), format!("{public}\n")).expect("write");
-    let (d, port) = daemon(dir.path(), &[]).await;
-    let id = Identity::numbered(8400);
-    let (vm, _) = vm_up(&d, &id).await;
-
-    let mut setup = Vec::new();
-    for _ in 0..10 {
-        let started = Instant::now();
-        let (status, out, err) = run(ssh_command(port, &key, "list", &[])).await;
-        setup.push(started.elapsed().as_secs_f64() * 1000.0);
-        assert!(status.success() && out.contains(&id.name), "{err}");
-    }
-    setup.sort_by(f64::total_cmp);
-    eprintln!(
-        "ssh list@ set-up: best {:.1} ms, median {:.1} ms",
-        setup[0], setup[5]
-    );
-
-    let ssh = Ssh::spawn(ssh_command(port, &key, &id.name, &[]));
-    assert!(
-        d.wait_log("audit: console session started", T * 2).await,
-        "the console did not start: {}",
-        ssh.err()
-    );
-    // A pattern without 0xFF, so the VM side sends it as it is.
-    let data: Vec<u8> = (0..BURST).map(|i| (i % 251) as u8).collect();
-    let started = Instant::now();
-    for chunk in data.chunks(64 * 1024) {
-        vm.send(chunk).await.expect("VM output");
-    }
-    let got = ssh.read_out(BURST, Duration::from_secs(120)).await;
-    let took = started.elapsed().as_secs_f64();
-    assert!(got == data, "the burst arrived changed");
-    eprintln!(
-        "64 MiB burst VM -> SSH console: {took:.2} s = {:.0} MiB/s",
-        64.0 / took
-    );
 }

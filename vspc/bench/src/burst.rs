@@ -16,6 +16,9 @@
 //! Then the same burst to C fast consoles through the bare relay (without
 //! stuck or slow consoles: it writes to its consoles in turn, so one that
 //! does not read would stop it).
+//!
+//! With `--via ssh` the consoles are the real OpenSSH client logged in
+//! through the daemon's SSH front door instead (see [`ssh`]).
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -26,6 +29,8 @@ use serde::Serialize;
 use super::fanout::{all_fast, attach_raw, check_fds, on_relay, relay_attach};
 use super::stream::{listing, stream_measured, ConsoleEnd, Pattern, Phase, Reading, Shape, PERIOD};
 use super::{conclude, round, runtime_with_signals, stopped, DaemonOpts, Failure};
+
+mod ssh;
 
 /// Console negotiations in flight at once (a burst has few consoles).
 const IN_FLIGHT: usize = 64;
@@ -78,6 +83,27 @@ pub struct BurstArgs {
     /// Measure the daemon only.
     #[arg(long)]
     no_relay: bool,
+
+    /// How the consoles reach the daemon: its telnet console port, or the
+    /// SSH front door with the real OpenSSH client (`ssh`, with keys made by
+    /// `ssh-keygen`; Debian's openssh-client), its stdout piped as the
+    /// console, on port P+3.
+    #[arg(long, value_enum, default_value_t = Via::Telnet)]
+    via: Via,
+
+    /// With --via ssh: `list@` logins timed before the burst.
+    #[arg(long, value_name = "N", default_value_t = 10,
+          value_parser = clap::value_parser!(u32).range(1..=1000))]
+    logins: u32,
+}
+
+/// How the consoles connect (`--via`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+enum Via {
+    /// The VM's telnet console port.
+    Telnet,
+    /// The SSH front door, through OpenSSH's `ssh`.
+    Ssh,
 }
 
 /// A slow or stuck console in the report.
@@ -149,6 +175,9 @@ struct BurstReport {
 }
 
 pub fn run(args: BurstArgs) -> Result<(), Failure> {
+    if args.via == Via::Ssh {
+        return ssh::run(args);
+    }
     let (fast, stuck, slow) = (
         args.consoles as usize,
         args.stuck as usize,
@@ -192,18 +221,7 @@ pub fn run(args: BurstArgs) -> Result<(), Failure> {
     });
     let vspc = conclude(result, daemon.process())?;
 
-    let relay = if args.no_relay {
-        None
-    } else {
-        let (pattern, base) = (pattern.clone(), args.daemon.base_port);
-        Some(on_relay(&rt, &stop, base, |pid| async move {
-            let (vms, consoles) = relay_attach(base, 1, fast, IN_FLIGHT).await?;
-            let phase =
-                stream_measured("relay", pid, vms, all_fast(consoles), shape, pattern).await?;
-            phase.check_errors("relay")?;
-            Ok(phase)
-        })?)
-    };
+    let relay = relay_phase(&args, &rt, &stop, shape, pattern.clone())?;
     rt.shutdown_background();
 
     let of = |r: Reading| vspc.consoles.iter().filter(move |c| c.reading == r);
@@ -240,6 +258,27 @@ pub fn run(args: BurstArgs) -> Result<(), Failure> {
         serde_json::to_string(&report).map_err(|e| format!("cannot format the report: {e}"))?;
     println!("{line}");
     failures(&vspc, args.bytes)
+}
+
+/// The same burst to the fast consoles through the bare relay, unless
+/// --no-relay.
+fn relay_phase(
+    args: &BurstArgs,
+    rt: &tokio::runtime::Runtime,
+    stop: &tokio::sync::watch::Receiver<bool>,
+    shape: Shape,
+    pattern: Arc<Pattern>,
+) -> Result<Option<Phase>, Failure> {
+    if args.no_relay {
+        return Ok(None);
+    }
+    let (fast, base) = (args.consoles as usize, args.daemon.base_port);
+    Ok(Some(on_relay(rt, stop, base, |pid| async move {
+        let (vms, consoles) = relay_attach(base, 1, fast, IN_FLIGHT).await?;
+        let phase = stream_measured("relay", pid, vms, all_fast(consoles), shape, pattern).await?;
+        phase.check_errors("relay")?;
+        Ok(phase)
+    })?))
 }
 
 /// A fast console that missed, or got a wrong, byte fails the run; so does

@@ -95,6 +95,8 @@ enum Mode {
     /// One VM writes B bytes at full speed to C consoles reading as fast as
     /// they can, while stuck consoles never read and slow ones read at a
     /// limited rate; every fast console must get every byte, undelayed.
+    /// With `--via ssh` the consoles are OpenSSH clients logged in through
+    /// the SSH front door.
     Burst(burst::BurstArgs),
     /// Console round trip through an echoing VM while other VMs stream at
     /// serial-port rate.

@@ -5,7 +5,9 @@
 //! `vspc-bench latency` times round trips through the daemon
 //! and through the bare relay, both ways of probing; `vspc-bench burst`
 //! sends 8 MiB at full speed to two reading consoles and one that does not
-//! read; `vspc-bench fanout --logging` checks the Logging backend's
+//! read; `vspc-bench burst --via ssh` sends 4 MiB to one real OpenSSH
+//! client (Debian's openssh-client) through the SSH front door and times
+//! three `list@` logins; `vspc-bench fanout --logging` checks the Logging backend's
 //! transcripts byte for byte.
 
 use std::process::Command;
@@ -171,6 +173,39 @@ fn burst_to_two_consoles_past_a_stuck_one() {
     assert_eq!(stuck["connected"], true, "{v}");
     let (got, skipped) = (stuck["received"].as_u64(), stuck["skipped"].as_u64());
     assert_eq!(got.zip(skipped).map(|(g, s)| g + s), Some(8_388_608), "{v}");
+}
+
+#[test]
+fn burst_via_ssh_to_one_openssh_client() {
+    // Proxy, admin, one console port and the SSH port (P+3).
+    let v = bench(
+        2 + 1 + 1,
+        &[
+            "burst",
+            "--via",
+            "ssh",
+            "--bytes",
+            "4194304",
+            "--consoles",
+            "1",
+            "--logins",
+            "3",
+        ],
+    );
+    assert_eq!(v["mode"], "burst", "{v}");
+    assert_eq!(v["via"], "ssh", "{v}");
+    assert_eq!(v["bytes"], 4_194_304, "{v}");
+    assert_eq!(v["consoles"], 1, "{v}");
+    assert_eq!(v["verified"], serde_json::json!([true]), "{v}");
+    assert_eq!(v["every_byte"], true, "{v}");
+    assert_eq!(v["logins"], 3, "{v}");
+    let min = v["login_min_ms"].as_f64().expect("login_min_ms");
+    let median = v["login_median_ms"].as_f64().expect("login_median_ms");
+    assert!(min > 0.0 && min <= median, "{v}");
+    for key in ["mib_s", "relay_mib_s", "ratio"] {
+        let x = v[key].as_f64().unwrap_or_else(|| panic!("{key}: {v}"));
+        assert!(x > 0.0, "{key}: {v}");
+    }
 }
 
 #[test]
