@@ -1151,27 +1151,13 @@ mod tests {
     //! The hub's rules with synthetic time: [`Hub::sweep`] takes the time,
     //! so expiry and vMotion timeouts need no sleeping.
     use super::*;
-    use crate::outbox::{Batch, Encoding};
-    use std::task::{Context, Poll, Wake, Waker};
+    use crate::outbox::Encoding;
 
     const EXPIRE: Duration = Duration::from_secs(60);
     const VMOTION: Duration = Duration::from_secs(30);
 
     fn hub() -> Arc<Hub> {
-        Hub::new(
-            HubConfig {
-                port_range_start: 1,
-                vm_ports: false,
-                interface: "127.0.0.1".parse().expect("address"),
-                expire: EXPIRE,
-                vmotion_timeout: VMOTION,
-                client_limit: None,
-                console_queue: 4096,
-                console_protocol: ConsoleProtocol::Auto,
-                console_stall: None,
-            },
-            Backends::spawn(Vec::new(), 1 << 20).expect("backend threads"),
-        )
+        crate::testing::hub(EXPIRE, VMOTION, 4096)
     }
 
     fn id(n: u32) -> Identity {
@@ -1186,24 +1172,7 @@ mod tests {
         h.new_peer(1 << 20, Encoding::Raw)
     }
 
-    struct NoWake;
-    impl Wake for NoWake {
-        fn wake(self: Arc<Self>) {}
-    }
-
-    /// Everything the outbox would write now, and whether it has ended.
-    fn written(o: &Outbox) -> (Vec<u8>, bool) {
-        let waker = Waker::from(Arc::new(NoWake));
-        let mut cx = Context::from_waker(&waker);
-        let mut out = Vec::new();
-        loop {
-            match o.poll_batch(&mut cx, usize::MAX) {
-                Poll::Ready(Batch::Data(t)) => out.extend(t.into_wire(&mut false).concat()),
-                Poll::Ready(Batch::End) => return (out, true),
-                Poll::Pending => return (out, false),
-            }
-        }
-    }
+    use crate::testing::written;
 
     fn output(h: &Hub, vm: &Vm, conn: ConnId, data: &'static [u8]) {
         match h.vm_output(vm, conn, Bytes::from_static(data)) {

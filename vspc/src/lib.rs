@@ -25,6 +25,8 @@ pub mod outbox;
 pub mod plugins;
 pub mod session;
 pub mod ssh;
+#[cfg(test)]
+mod testing;
 pub mod web;
 
 pub use vspc_codec::{vmware, wire};

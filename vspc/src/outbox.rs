@@ -511,15 +511,8 @@ mod tests {
         assert_eq!(next_wire(&o, 100).await.unwrap(), b"data");
     }
 
-    struct NoWake;
-    impl std::task::Wake for NoWake {
-        fn wake(self: std::sync::Arc<Self>) {}
-    }
-
     fn futures_poll(o: &Outbox) -> Poll<Batch> {
-        let waker = Waker::from(std::sync::Arc::new(NoWake));
-        let mut cx = Context::from_waker(&waker);
-        o.poll_batch(&mut cx, 100)
+        crate::testing::poll_once(o, 100)
     }
 
     #[tokio::test]

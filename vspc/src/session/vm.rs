@@ -576,30 +576,14 @@ mod tests {
     //! driven through [`Session::on_deadline`] with a made-up `now`, and the
     //! capture's ESXi bytes are fed straight in.
     use super::*;
-    use crate::backend_host::Backends;
-    use crate::hub::{ConsoleProtocol, HubConfig};
-    use crate::outbox::{Batch, Encoding, Outbox};
+    use crate::outbox::{Encoding, Outbox};
     use crate::wire::OwnedEvent;
-    use std::task::{Context, Poll, Wake, Waker};
 
     const HANDSHAKE: Duration = Duration::from_secs(5);
     const IDENTIFY: Duration = Duration::from_secs(60);
 
     fn hub() -> Arc<Hub> {
-        Hub::new(
-            HubConfig {
-                port_range_start: 1,
-                vm_ports: false,
-                interface: "127.0.0.1".parse().expect("address"),
-                expire: Duration::from_secs(60),
-                vmotion_timeout: Duration::from_secs(30),
-                client_limit: None,
-                console_queue: 1 << 20,
-                console_protocol: ConsoleProtocol::Auto,
-                console_stall: None,
-            },
-            Backends::spawn(Vec::new(), 1 << 20).expect("backend threads"),
-        )
+        crate::testing::hub(Duration::from_secs(60), Duration::from_secs(30), 1 << 20)
     }
 
     fn session(h: &Arc<Hub>, now: Instant) -> (VmSession, Arc<Outbox>) {
@@ -613,19 +597,9 @@ mod tests {
         (VmSession::new(h.clone(), peer, cfg, now), outbox)
     }
 
-    struct NoWake;
-    impl Wake for NoWake {
-        fn wake(self: Arc<Self>) {}
-    }
-
     /// What the session wrote so far, decoded.
     fn replies(o: &Outbox) -> Vec<OwnedEvent> {
-        let waker = Waker::from(Arc::new(NoWake));
-        let mut cx = Context::from_waker(&waker);
-        let mut bytes = Vec::new();
-        while let Poll::Ready(Batch::Data(t)) = o.poll_batch(&mut cx, usize::MAX) {
-            bytes.extend(t.into_wire(&mut false).concat());
-        }
+        let (bytes, _) = crate::testing::written(o);
         let mut events = Vec::new();
         crate::wire::Decoder::default()
             .decode(&bytes, |ev| OwnedEvent::push_merged(&mut events, ev))
