@@ -1722,7 +1722,7 @@ mod tests {
 
     #[tokio::test]
     async fn console_answers_and_escapes() {
-        for binary in [true, false] {
+        for (binary, speak_first) in [(true, false), (false, false), (true, true)] {
             let (l, addr) = listen().await;
             let server = tokio::spawn(async move {
                 let (mut s, _) = l.accept().await.unwrap();
@@ -1736,6 +1736,7 @@ mod tests {
             });
             let opts = ConsoleOptions {
                 binary,
+                speak_first,
                 ..ConsoleOptions::default()
             };
             let c = SimConsole::connect_with(addr, &opts).await.unwrap();
@@ -1746,17 +1747,24 @@ mod tests {
             c.send_raw(b"\xff\xf1").await.unwrap();
             c.close().await;
             let got = server.await.unwrap();
-            let answers: &[u8] = if binary {
-                b"\xff\xfd\x01\xff\xfd\x03\xff\xfd\x00\xff\xfb\x00\xff\xfb\x03"
-            } else {
-                b"\xff\xfd\x01\xff\xfd\x03\xff\xfe\x00\xff\xfc\x00\xff\xfb\x03"
+            let answers: &[u8] = match (binary, speak_first) {
+                (true, false) => b"\xff\xfd\x01\xff\xfd\x03\xff\xfd\x00\xff\xfb\x00\xff\xfb\x03",
+                (false, _) => b"\xff\xfd\x01\xff\xfd\x03\xff\xfe\x00\xff\xfc\x00\xff\xfb\x03",
+                // Our own requests first (WILL BINARY, DO BINARY, DO ECHO,
+                // DO SGA); the server's offers then only need DO SGA
+                // answered: nothing is answered twice.
+                (true, true) => b"\xff\xfb\x00\xff\xfd\x00\xff\xfd\x01\xff\xfd\x03\xff\xfb\x03",
             };
             let typed: &[u8] = if binary {
                 b"x\xff\xff\ry\r\n\xff\xf1"
             } else {
                 b"x\xff\xff\r\0y\r\n\xff\xf1"
             };
-            assert_eq!(got, [answers, typed].concat(), "binary={binary}");
+            assert_eq!(
+                got,
+                [answers, typed].concat(),
+                "binary={binary} speak_first={speak_first}"
+            );
         }
     }
 
@@ -1797,7 +1805,11 @@ mod tests {
             s.read_exact(&mut typed).await.unwrap();
             typed
         });
-        let c = SimConsole::connect(addr).await.unwrap();
+        let silent = ConsoleOptions {
+            speak_first: false,
+            ..ConsoleOptions::default()
+        };
+        let c = SimConsole::connect_with(addr, &silent).await.unwrap();
         c.link
             .wait_until(T, "early data", |inbox| {
                 (inbox.data.len() >= 5).then_some(Ok(()))
