@@ -33,20 +33,12 @@ struct Client {
     status: Option<ExitStatus>,
 }
 
+/// A child's pipe, collected into `into` (nothing when the pipe is absent).
 fn pump<R: Read + Send + 'static>(pipe: Option<R>, into: Arc<Mutex<Vec<u8>>>) -> JoinHandle<()> {
-    std::thread::spawn(move || {
-        let Some(mut pipe) = pipe else { return };
-        let mut buf = [0u8; 8192];
-        loop {
-            match pipe.read(&mut buf) {
-                Ok(0) | Err(_) => return,
-                Ok(n) => into
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .extend_from_slice(&buf[..n]),
-            }
-        }
-    })
+    match pipe {
+        Some(pipe) => collect_bytes(pipe, into),
+        None => std::thread::spawn(|| {}),
+    }
 }
 
 impl Client {

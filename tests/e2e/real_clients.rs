@@ -168,24 +168,6 @@ struct Proc {
     started: Instant,
 }
 
-fn collect_bytes<R: Read + Send + 'static>(
-    mut pipe: R,
-    into: Arc<Mutex<Vec<u8>>>,
-) -> JoinHandle<()> {
-    std::thread::spawn(move || {
-        let mut buf = [0u8; 16 * 1024];
-        loop {
-            match pipe.read(&mut buf) {
-                Ok(0) | Err(_) => return,
-                Ok(n) => into
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .extend_from_slice(&buf[..n]),
-            }
-        }
-    })
-}
-
 impl Proc {
     /// Start `cmd` with piped stdio, collecting stdout and stderr.
     fn start(what: &str, cmd: &mut Command) -> Proc {

@@ -18,4 +18,4 @@ mod process;
 pub mod sim;
 
 pub use daemon::*;
-pub use process::{LogTo, Process};
+pub use process::{collect_bytes, LogTo, Process};

@@ -267,3 +267,24 @@ pub(crate) fn collect<R: Read + Send + 'static>(
         }
     })
 }
+
+/// Copy everything `pipe` yields into `into` on a thread of its own, until
+/// the pipe ends (a child's stdout or stderr, read while a test watches
+/// it grow).
+pub fn collect_bytes<R: std::io::Read + Send + 'static>(
+    mut pipe: R,
+    into: std::sync::Arc<std::sync::Mutex<Vec<u8>>>,
+) -> std::thread::JoinHandle<()> {
+    std::thread::spawn(move || {
+        let mut buf = [0u8; 16 * 1024];
+        loop {
+            match pipe.read(&mut buf) {
+                Ok(0) | Err(_) => return,
+                Ok(n) => into
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .extend_from_slice(&buf[..n]),
+            }
+        }
+    })
+}
