@@ -7,7 +7,7 @@
 //!
 //! - a backend that needs every byte ([`Backend::needs_every_byte`], a
 //!   transcript) never loses any: over its budget, the VMs whose output
-//!   waits for it stop being read ([`Backends::console_data`] hands them a
+//!   waits for it stop being read ([`Backends::over_budget`] hands them a
 //!   wait) until it is back under half its budget, so TCP pushes back to
 //!   ESXi, which holds the data. Queued memory stays within the budget plus
 //!   one read per VM.
@@ -148,11 +148,11 @@ impl Host {
         true
     }
 
-    /// Queue console data; a wait for the producer if this backend needs
-    /// every byte and is over its budget.
-    fn data(&self, vm: &Arc<FfiRecord>, data: &Bytes) -> Option<WaitFuture> {
+    /// Queue console data (dropped and counted for a lossy backend over
+    /// its budget; a lossless one takes it all, see [`Host::over_budget`]).
+    fn data(&self, vm: &Arc<FfiRecord>, data: &Bytes) {
         if !self.wants_data {
-            return None;
+            return;
         }
         let n = data.len();
         if !self.lossless && self.level.queued.load(Ordering::Relaxed) + n > self.budget {
@@ -164,13 +164,18 @@ impl Host {
                     "backend is over its --backend-queue budget: console data for it is being dropped"
                 );
             }
-            return None;
+            return;
         }
-        let queued = self.level.queued.fetch_add(n, Ordering::SeqCst) + n;
+        self.level.queued.fetch_add(n, Ordering::SeqCst);
         if !self.send(Job::Data(vm.clone(), data.clone())) {
             self.level.handled(n);
-            return None;
         }
+    }
+
+    /// A wait until this backend is back under half its budget, if it needs
+    /// every byte and is over its budget now.
+    fn over_budget(&self) -> Option<WaitFuture> {
+        let queued = self.level.queued.load(Ordering::SeqCst);
         if self.lossless && queued > self.budget {
             let w = self.waits.fetch_add(1, Ordering::Relaxed) + 1;
             if w.is_power_of_two() {
@@ -267,27 +272,22 @@ impl Backends {
     }
 
     /// Console output for the backends that want it: dropped (and counted)
-    /// for a lossy backend over its budget; for a lossless one over its
-    /// budget, the returned wait is what the VM's reader must wait for.
-    pub fn console_data(&self, vm: &Arc<FfiRecord>, data: Bytes) -> Option<WaitFuture> {
+    /// for a lossy backend over its budget; a lossless one takes it all,
+    /// and the caller asks [`Backends::over_budget`] before handing it more.
+    pub fn console_data(&self, vm: &Arc<FfiRecord>, data: Bytes) {
         if !self.wants_data {
-            return None;
+            return;
         }
-        let mut waits: Vec<WaitFuture> = Vec::new();
         for h in &self.hosts {
-            if let Some(w) = h.data(vm, &data) {
-                waits.push(w);
-            }
+            h.data(vm, &data);
         }
-        match waits.len() {
-            0 => None,
-            1 => waits.pop(),
-            _ => Some(Box::pin(async move {
-                for w in waits {
-                    w.await;
-                }
-            })),
-        }
+    }
+
+    /// A wait until every backend that needs every byte is back under half
+    /// its budget, if one is over its budget now: the VMs that write must
+    /// not hand it more until then.
+    pub fn over_budget(&self) -> Option<WaitFuture> {
+        self.hosts.iter().find_map(Host::over_budget)
     }
 
     /// Bytes of console data queued over all backends.
@@ -506,10 +506,8 @@ mod tests {
         let rec = Arc::new(FfiRecord::from(&vm("a")));
         let data = Bytes::from_static(b"x");
         for i in 0..EVENTS {
-            assert!(
-                b.console_data(&rec, data.clone()).is_none(),
-                "a lossy backend made a VM wait"
-            );
+            b.console_data(&rec, data.clone());
+            assert!(b.over_budget().is_none(), "a lossy backend made a VM wait");
             if i % 1000 == 0 {
                 b.vm_connected(vm(&format!("vm{i}")));
             }
@@ -554,7 +552,8 @@ mod tests {
         let mut waited = 0;
         let mut most = 0;
         for _ in 0..EVENTS / 10 {
-            if let Some(w) = b.console_data(&rec, chunk.clone()) {
+            b.console_data(&rec, chunk.clone());
+            if let Some(w) = b.over_budget() {
                 waited += 1;
                 // Past the budget: the writer waits until half of it is left.
                 tokio::time::timeout(Duration::from_secs(10), w)

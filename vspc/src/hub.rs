@@ -7,23 +7,28 @@
 //! are [`Peer`]s (an id and an [`Outbox`]), and console listeners are opened
 //! through the [`PortOpener`] the network layer installs.
 //!
-//! Fan-out is where the flow-control rules are decided ([`Hub::vm_output`]):
-//! every console gets every chunk; a console past an eighth of its queue
-//! makes the VM's reader wait for it while it reads at least
-//! [`LAG_PROGRESS`] per [`LAG_WAIT`] (or, if only the daemon is behind, up
-//! to [`BUSY_WAIT`]); a lossless backend over its byte budget makes the
-//! reader wait until it has caught up.
+//! Fan-out is where the flow-control rule lives ([`Hub::vm_output`]): a
+//! VM's output goes to every console and backend, as fast as its
+//! **fastest** reading console (and any lossless backend) takes it. Output
+//! read while they are full waits in the VM's backlog; a console whose
+//! queue fills while the fastest one still has room skips the oldest
+//! output and is told. A console not yet told apart (raw or telnet) is
+//! never skipped: the VM waits for it. Consoles are compared with each
+//! other, never with a clock: a console that takes nothing at all is the
+//! network layer's business (its stall timeout), and once dropped it no
+//! longer paces anyone.
 
 use crate::backend_host::Backends;
 use crate::metrics::{Disconnect, Metrics, Vmotion};
 use crate::outbox::{Encoding, Outbox};
 use crate::session::WaitFuture;
 use bytes::Bytes;
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeSet, HashMap, VecDeque};
 use std::net::{IpAddr, SocketAddr};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::time::{Duration, Instant, SystemTime};
+use tokio::sync::Notify;
 use vspc_backend_api::ffi::FfiRecord;
 use vspc_backend_api::VmRecord;
 
@@ -83,37 +88,37 @@ pub enum ConsoleProtocol {
     Raw,
 }
 
-/// How long a VM's reader waits for a lagging console before it looks at
-/// how that console is doing, and so the longest it waits for one that
-/// cannot keep up. A second is long enough that a client sharing a busy
-/// machine (thousands of sockets, every core taken) shows its real rate
-/// rather than a scheduling hiccup, and short enough that a guest printing
-/// to its serial port barely notices.
-pub const LAG_WAIT: Duration = Duration::from_secs(1);
+/// Output a VM's reader may hold beyond what its consoles have room for
+/// before it stops reading: while it holds less, it goes on reading and
+/// decoding, so the VM's control messages (VMOTION-BEGIN, with VMware's
+/// 5 s limit) are answered even while its consoles hold its output back.
+pub const VM_HOLD: usize = 1 << 20;
 
-/// A lagging console that takes at least this much output from its socket
-/// per [`LAG_WAIT`] (320 KiB/s) is reading, and the VM keeps waiting for it;
-/// one that takes less, while its socket is full, cannot keep up and is
-/// given up on. So no console slows a VM below 320 KiB/s, some 28 times
-/// what a 115,200-baud serial line carries, and a console that reads at
-/// least that fast never loses a byte, however busy the daemon or the
-/// machine the client runs on.
-pub const LAG_PROGRESS: u64 = 320 * 1024;
+/// The longest a VM waits, each time, for a console whose queue is full and
+/// whose client is behind although it kept up before, or is behind for the
+/// first time (see [`Outbox::keeps_up`]): a reader descheduled for a
+/// moment. One that has not drained by then is behind: it skips, and is
+/// told, and is not waited for again until it has caught up. A limit on one
+/// wait, not a rate: a reader that runs at all within it loses nothing, and
+/// a console that never reads costs its VM this once.
+pub const PATIENCE: Duration = Duration::from_secs(1);
 
-/// The longest a VM's reader waits for lagging consoles whose sockets take
-/// everything the daemon writes: then the lag is the daemon's own (every
-/// core busy), not the client's. Past this the console is given up on all
-/// the same.
-pub const BUSY_WAIT: Duration = Duration::from_secs(5);
+/// Largest piece of output handed to the consoles at once (the VM's read
+/// slice at most; larger pieces, such as output held before the VM was
+/// identified, are cut to this).
+const PIECE: usize = 64 * 1024;
 
 /// What became of a VM's output.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Fanout {
     /// The connection no longer carries the VM: nothing was sent.
     Retired,
-    /// Sent; read on.
+    /// Sent to every console and backend; read on.
     Sent,
-    /// Sent; wait for this before reading more.
-    Wait(WaitFuture),
+    /// Some of it waits in the VM's backlog for the consoles (or a lossless
+    /// backend) to take it: drive [`Hub::pace`] until it is out, and read
+    /// more only while [`Vm::holds_too_much`] says no.
+    Held,
 }
 
 /// Console input held during a vMotion, at most.
@@ -133,6 +138,13 @@ pub struct Vm {
     bytes_out: AtomicU64,
     /// Console input bytes accepted for the VM.
     bytes_in: AtomicU64,
+    /// Bytes in the backlog (kept beside it so a reader can look without
+    /// the lock).
+    held: AtomicUsize,
+    /// Told when a console may have stopped holding this VM's output back
+    /// (see [`Outbox::pace_with`]), and when output was delivered from the
+    /// backlog, so every task waiting for room looks again.
+    pace: Arc<Notify>,
     state: Mutex<VmState>,
 }
 
@@ -169,6 +181,10 @@ struct VmState {
     /// Console input held while a vMotion is pending (escaped).
     held: Vec<Bytes>,
     held_bytes: usize,
+    /// Output read from the VM that no console or backend has yet (they had
+    /// no room), oldest first; [`Vm::held`] bytes, about [`VM_HOLD`] at
+    /// most.
+    backlog: VecDeque<Bytes>,
     /// Since when nothing is connected; `None` while anything is.
     idle_since: Option<Instant>,
     /// The console listener; dropping it closes the port.
@@ -228,6 +244,16 @@ impl Vm {
     /// Console input bytes accepted for this VM so far.
     pub fn bytes_to_vm(&self) -> u64 {
         self.bytes_in.load(Ordering::Relaxed)
+    }
+
+    /// Output bytes read from the VM that wait for room in its consoles.
+    pub fn held(&self) -> usize {
+        self.held.load(Ordering::SeqCst)
+    }
+
+    /// The reader should stop reading until the backlog shrinks.
+    pub fn holds_too_much(&self) -> bool {
+        self.held() >= VM_HOLD
     }
 
     /// Everything the HTTP API shows about this VM.
@@ -633,41 +659,141 @@ impl Hub {
     }
 
     /// Serial output from the VM on connection `conn` (one call per read):
-    /// to every console and the backends. Says whether the VM's reader
-    /// should wait before reading more: for consoles past an eighth of
-    /// their queue that it has not given up on ([`wait_for_lagging`]), and
-    /// for a lossless backend over its budget (until it catches up).
+    /// to every console and the backends, as far as they have room (see
+    /// [`Hub::deliver`]); the rest waits in the VM's backlog, in order.
     pub fn vm_output(&self, vm: &Vm, conn: ConnId, data: Bytes) -> Fanout {
-        let st = vm.lock();
+        let mut st = vm.lock();
         if st.active.as_ref().map(|p| p.id) != Some(conn) {
             return Fanout::Retired;
         }
         vm.bytes_out.fetch_add(data.len() as u64, Ordering::Relaxed);
-        let mut lagging = Vec::new();
-        for c in &st.consoles {
-            let outbox = &c.peer.outbox;
-            if let Some(queued) = outbox.push(data.clone()) {
-                if outbox.lags_at(queued) {
-                    lagging.push(outbox.clone());
+        let mut data = data;
+        while !data.is_empty() {
+            let piece = data.split_to(data.len().min(PIECE));
+            st.backlog.push_back(piece);
+        }
+        match self.deliver(vm, &mut st) {
+            None => Fanout::Sent,
+            Some(_) => Fanout::Held,
+        }
+    }
+
+    /// Hand the backlog's pieces, oldest first, to every console and
+    /// backend while there is room: while no lossless backend is over its
+    /// budget, no console still being told apart has more than its
+    /// high-water mark queued, and the fastest decided console (the one
+    /// with the least queued) has at most its high-water mark queued. A
+    /// slower console's queue fills meanwhile, and past its limit it skips
+    /// the oldest output and is told; so a console skips only when it is
+    /// about a whole queue behind the fastest one, and a VM whose consoles
+    /// all lag waits for them. Returns what still holds the rest back, if
+    /// anything is left.
+    fn deliver(&self, vm: &Vm, st: &mut VmState) -> Option<Blocker> {
+        let had = vm.held();
+        // A few pieces at most (about VM_HOLD / PIECE).
+        let mut left: usize = st.backlog.iter().map(Bytes::len).sum();
+        let blocker = loop {
+            if st.backlog.is_empty() {
+                break None;
+            }
+            if let Some(w) = self.backend.over_budget() {
+                break Some(Blocker::Backend(w));
+            }
+            let next = st.backlog.front().map_or(0, Bytes::len);
+            match consoles_have_room(&st.consoles, next) {
+                Room::Yes => {}
+                Room::No => break Some(Blocker::Consoles(Vec::new())),
+                Room::Laggers(l) => break Some(Blocker::Consoles(l)),
+            }
+            let Some(piece) = st.backlog.pop_front() else {
+                break None;
+            };
+            left -= piece.len();
+            for c in &st.consoles {
+                c.peer.outbox.push(piece.clone());
+            }
+            if self.backend.wants_data() {
+                self.backend.console_data(&st.rec, piece);
+            }
+        };
+        vm.held.store(left, Ordering::SeqCst);
+        if left < had {
+            // Another task may be waiting for the backlog to shrink.
+            vm.pace.notify_waiters();
+        }
+        blocker
+    }
+
+    /// Deliver `vm`'s backlog as its consoles and backends make room; ready
+    /// when the backlog is empty. Any number of tasks may drive this for
+    /// the same VM at once (an old and a new connection, a vMotion's source
+    /// and destination): whichever is woken first delivers, under the VM's
+    /// lock, in order. Every wait here has its wake-up: a console's outbox
+    /// tells `vm.pace` when it drains to its high-water mark, is decided or
+    /// closes; attaching a console tells it; a lossless backend's level
+    /// wakes its waiters when it drains.
+    pub fn pace(self: &Arc<Self>, vm: &Arc<Vm>) -> WaitFuture {
+        let (hub, vm) = (self.clone(), vm.clone());
+        Box::pin(async move {
+            let pace = vm.pace.clone();
+            // Since when these laggers (the same ones) hold the VM back.
+            let mut lagging_since: Option<tokio::time::Instant> = None;
+            let mut lagging: Vec<usize> = Vec::new();
+            loop {
+                let notified = pace.notified();
+                tokio::pin!(notified);
+                notified.as_mut().enable();
+                let blocker = {
+                    let mut st = vm.lock();
+                    hub.deliver(&vm, &mut st)
+                };
+                match blocker {
+                    None => return,
+                    // Another task may deliver meanwhile: look again then.
+                    Some(Blocker::Backend(w)) => {
+                        lagging_since = None;
+                        tokio::select! {
+                            _ = w => {}
+                            _ = notified => {}
+                        }
+                    }
+                    Some(Blocker::Consoles(laggers)) if laggers.is_empty() => {
+                        lagging_since = None;
+                        notified.await;
+                    }
+                    Some(Blocker::Consoles(laggers)) => {
+                        let who: Vec<usize> =
+                            laggers.iter().map(|l| Arc::as_ptr(l) as usize).collect();
+                        if who != lagging {
+                            // Others lag now: their own patience starts.
+                            lagging = who;
+                            lagging_since = None;
+                        }
+                        let since = *lagging_since.get_or_insert_with(tokio::time::Instant::now);
+                        tokio::select! {
+                            _ = notified => {}
+                            _ = tokio::time::sleep_until(since + PATIENCE) => {
+                                tracing::debug!(
+                                    vm = %vm.name(),
+                                    consoles = laggers.len(),
+                                    "consoles took no output for the patience time; the VM goes on without them"
+                                );
+                                for l in &laggers {
+                                    l.set_behind();
+                                }
+                                lagging_since = None;
+                            }
+                        }
+                    }
                 }
             }
-        }
-        let backend_wait = if self.backend.wants_data() {
-            let rec = st.rec.clone();
-            drop(st);
-            self.backend.console_data(&rec, data)
-        } else {
-            None
-        };
-        if lagging.is_empty() && backend_wait.is_none() {
-            return Fanout::Sent;
-        }
-        Fanout::Wait(Box::pin(async move {
-            if let Some(w) = backend_wait {
-                w.await;
-            }
-            wait_for_lagging(lagging).await;
-        }))
+        })
+    }
+
+    /// A [`Hub::pace`] for `vm` if output waits in its backlog (for a
+    /// connection that now carries the VM and must see it delivered).
+    pub fn pace_if_held(self: &Arc<Self>, vm: &Arc<Vm>) -> Option<WaitFuture> {
+        (vm.held() > 0).then(|| self.pace(vm))
     }
 
     /// Attach a console to `vm` with the lock it asks for, unless the VM is
@@ -715,9 +841,12 @@ impl Hub {
             LockMode::FreeForAllOrReadOnly => Access::FreeForAll,
             LockMode::ReadOnly => Access::ReadOnly,
         };
+        peer.outbox.pace_with(vm.pace.clone());
         st.consoles.push(Console { peer, access });
         st.idle_since = None;
         drop(st);
+        // An empty console is the fastest one: output held back may flow.
+        vm.pace.notify_waiters();
         self.backend.console_attached(vm.record());
         Ok(access)
     }
@@ -1051,47 +1180,73 @@ impl Hub {
     }
 }
 
-/// Wait until every console in `lagging` has drained to its low-water
-/// mark, looking at each every [`LAG_WAIT`]: one that took less than
-/// [`LAG_PROGRESS`] from its full socket in that time is given up on (it
-/// skips output once its queue is full, and is not waited for again until
-/// it has caught up); one that is reading is waited for; one whose socket
-/// takes everything is only behind because the daemon is, and is waited
-/// for up to [`BUSY_WAIT`].
-async fn wait_for_lagging(lagging: Vec<Arc<Outbox>>) {
-    let start = tokio::time::Instant::now();
-    let mut lagging: Vec<(Arc<Outbox>, u64)> =
-        lagging.into_iter().map(|o| (o.clone(), o.sent())).collect();
-    while !lagging.is_empty() {
-        let deadline = tokio::time::Instant::now() + LAG_WAIT;
-        for (o, _) in &lagging {
-            if tokio::time::timeout_at(deadline, o.drained(o.low_water()))
-                .await
-                .is_err()
-            {
-                break;
+/// What keeps a VM's backlog from its consoles.
+pub enum Blocker {
+    /// The fastest console (or one still being told apart) is full; or,
+    /// with these in it, consoles that kept up before are full and their
+    /// clients behind: the VM waits [`PATIENCE`] for them at most.
+    Consoles(Vec<Arc<Outbox>>),
+    /// A lossless backend is over its budget: this completes when it is
+    /// back under.
+    Backend(WaitFuture),
+}
+
+/// Whether the consoles can take another piece of output (of `piece`
+/// bytes): no console still being told apart is past its high-water mark;
+/// the fastest decided console (the one with the least queued) is not past
+/// its own; and no console whose queue is full would have output skipped
+/// while it keeps up. A full console is waited for if its socket takes more
+/// (it is behind only because the daemon has not written to it yet), or if
+/// it took at least half of the VM's recent output ([`Outbox::keeps_up`]:
+/// a reader as fast as the others on average, descheduled for a moment);
+/// otherwise it skips the oldest output and is told, and is not waited for
+/// again until it has caught up to its high-water mark.
+fn consoles_have_room(consoles: &[Console], piece: usize) -> Room {
+    let mut fastest: Option<usize> = None;
+    let mut room = true;
+    let mut laggers = Vec::new();
+    for c in consoles {
+        let o = &c.peer.outbox;
+        let lvl = o.level();
+        if lvl.closed {
+            continue;
+        }
+        let past = lvl.queued > o.high_water();
+        if lvl.undecided {
+            if past {
+                return Room::No;
+            }
+            continue;
+        }
+        if lvl.queued + piece > lvl.limit && !lvl.behind {
+            if !o.client_behind() {
+                return Room::No;
+            }
+            if o.keeps_up() {
+                laggers.push(o.clone());
             }
         }
-        let busy_too_long = start.elapsed() >= BUSY_WAIT;
-        lagging.retain_mut(|(o, mark)| {
-            if o.queued() <= o.low_water() || o.is_closed() {
-                return false;
-            }
-            let sent = o.sent();
-            let reading = sent - *mark >= LAG_PROGRESS;
-            *mark = sent;
-            if reading || (!o.is_full() && !busy_too_long) {
-                return true;
-            }
-            tracing::debug!(
-                queued = o.queued(),
-                socket_full = o.is_full(),
-                "a console cannot keep up; the VM goes on without waiting for it"
-            );
-            o.set_behind();
-            false
-        });
+        if fastest.is_none_or(|f| lvl.queued < f) {
+            fastest = Some(lvl.queued);
+            room = !past;
+        }
     }
+    match (room, laggers.is_empty()) {
+        (false, _) => Room::No,
+        (true, true) => Room::Yes,
+        (true, false) => Room::Laggers(laggers),
+    }
+}
+
+/// Whether the consoles can take another piece.
+enum Room {
+    Yes,
+    /// The fastest console, one still being told apart, or one the daemon
+    /// has not written to yet, is full.
+    No,
+    /// Only these hold the VM back: full, their clients behind, but they
+    /// kept up before.
+    Laggers(Vec<Arc<Outbox>>),
 }
 
 fn new_vm(
@@ -1112,6 +1267,8 @@ fn new_vm(
         port,
         bytes_out: AtomicU64::new(0),
         bytes_in: AtomicU64::new(0),
+        held: AtomicUsize::new(0),
+        pace: Arc::new(Notify::new()),
         state: Mutex::new(new_state(name, rec, idle_since)),
     })
 }
@@ -1125,6 +1282,7 @@ fn new_state(name: String, rec: Arc<FfiRecord>, idle_since: Option<Instant>) -> 
         vmotion: None,
         held: Vec::new(),
         held_bytes: 0,
+        backlog: VecDeque::new(),
         idle_since,
         listener: None,
         connected_since: None,
@@ -1177,7 +1335,7 @@ mod tests {
     fn output(h: &Hub, vm: &Vm, conn: ConnId, data: &'static [u8]) {
         match h.vm_output(vm, conn, Bytes::from_static(data)) {
             Fanout::Sent => {}
-            Fanout::Wait(_) => panic!("waited with nothing lagging"),
+            Fanout::Held => panic!("held with room in every console"),
             Fanout::Retired => panic!("the connection lost its VM"),
         }
     }
@@ -1405,43 +1563,295 @@ mod tests {
         }
     }
 
+    /// A console with the test hub's queue (4096 bytes: high-water mark
+    /// 512).
+    fn console(h: &Hub, vm: &Vm, encoding: Encoding) -> Peer {
+        let c = h.new_peer(h.config().console_queue, encoding);
+        h.attach_console(vm, c.clone(), LockMode::FreeForAll)
+            .expect("console");
+        c
+    }
+
+    fn skip_notices(bytes: &[u8]) -> usize {
+        bytes
+            .windows(b"[vspc: skipped ".len())
+            .filter(|w| w == b"[vspc: skipped ")
+            .count()
+    }
+
     #[test]
-    fn fanout_reaches_every_console_and_waits_only_for_one_that_lags() {
+    fn a_lone_console_that_does_not_read_holds_the_vm_and_loses_nothing() {
         let h = hub();
         let p = peer(&h);
         let vm = h.attach_vm(&id(9), p.clone()).expect("attach");
-        let small = |h: &Hub| h.new_peer(h.config().console_queue, Encoding::Raw);
-        let (a, b) = (small(&h), small(&h));
-        h.attach_console(&vm, a.clone(), LockMode::FreeForAll)
-            .expect("a");
-        h.attach_console(&vm, b.clone(), LockMode::FreeForAll)
-            .expect("b");
-        output(&h, &vm, p.id, b"hello");
-        assert_eq!(written(&a.outbox).0, b"hello");
-        // b does not read: past an eighth of its queue the VM is told to
-        // wait.
-        assert_eq!(written(&b.outbox).0, b"hello");
-        let half = vec![1u8; 513];
-        match h.vm_output(&vm, p.id, Bytes::from(half)) {
-            Fanout::Wait(_) => {}
-            _ => panic!("no wait for a console past an eighth of its queue"),
+        let c = console(&h, &vm, Encoding::Raw);
+        let piece = vec![1u8; 300];
+        let mut held = false;
+        let mut sent = 0;
+        for _ in 0..20 {
+            sent += piece.len();
+            if h.vm_output(&vm, p.id, Bytes::from(piece.clone())) == Fanout::Held {
+                held = true;
+            }
         }
-        // Given up on, it is not waited for again until it caught up.
+        assert!(held, "a console past its high-water mark never held the VM");
+        assert!(
+            c.outbox.queued() <= 512 + 300,
+            "queued {}",
+            c.outbox.queued()
+        );
+        assert_eq!(c.outbox.queued() + vm.held(), sent);
+        let (got, _) = written(&c.outbox);
+        assert_eq!(skip_notices(&got), 0, "a lone console skipped output");
+    }
+
+    #[test]
+    fn the_fastest_console_sets_the_pace_and_one_a_queue_behind_skips() {
+        let h = hub();
+        let p = peer(&h);
+        let vm = h.attach_vm(&id(10), p.clone()).expect("attach");
+        let fast = console(&h, &vm, Encoding::Raw);
+        let slow = console(&h, &vm, Encoding::Raw);
+        // The slow console's client has read before, but is not reading
+        // now: its socket is full.
+        slow.outbox.set_full(true);
+        slow.outbox.set_full(false);
+        slow.outbox.set_full(true);
+        let mut fast_got = Vec::new();
+        for i in 0..100u8 {
+            // The fast console reads everything after every piece; the slow
+            // one never does: the VM is never held for it.
+            output_owned(&h, &vm, p.id, vec![i; 200]);
+            fast_got.extend(written(&fast.outbox).0);
+        }
+        assert_eq!(fast_got.len(), 100 * 200, "the fast console lost bytes");
+        assert_eq!(vm.held(), 0);
+        // The slow one kept a whole queue, the newest, and is told.
+        assert_eq!(slow.outbox.queued(), 4000);
+        let (got, _) = written(&slow.outbox);
+        assert_eq!(skip_notices(&got), 1);
+        assert!(got.ends_with(&[99u8; 200]));
+    }
+
+    #[test]
+    fn a_console_behind_only_because_the_daemon_is_is_waited_for() {
+        let h = hub();
+        let p = peer(&h);
+        let vm = h.attach_vm(&id(14), p.clone()).expect("attach");
+        let fast = console(&h, &vm, Encoding::Raw);
+        // Its writer has not run yet, but its socket takes more.
+        let lagging = console(&h, &vm, Encoding::Raw);
+        let mut held = false;
+        for i in 0..100u8 {
+            if h.vm_output(&vm, p.id, Bytes::from(vec![i; 200])) == Fanout::Held {
+                held = true;
+            }
+            written(&fast.outbox);
+        }
+        assert!(held, "the VM never waited for the lagging console");
+        assert!(lagging.outbox.queued() <= 4096);
+        let (got, _) = written(&lagging.outbox);
+        assert_eq!(
+            skip_notices(&got),
+            0,
+            "skipped a console whose client keeps up"
+        );
+        // It read everything (so it kept up); once its client is behind and
+        // the VM waited its patience for it, it is not waited for.
+        lagging.outbox.set_full(true);
+        lagging.outbox.set_full(false);
+        lagging.outbox.set_full(true);
+        assert!(lagging.outbox.keeps_up());
+        lagging.outbox.set_behind();
+        let mut rounds = 0;
+        while vm.held() > 0 {
+            written(&fast.outbox);
+            let mut st = vm.lock();
+            h.deliver(&vm, &mut st);
+            rounds += 1;
+            assert!(rounds < 1000, "the VM still waits for a console behind");
+        }
+        written(&fast.outbox);
+        for i in 0..100u8 {
+            output_owned(&h, &vm, p.id, vec![i; 200]);
+            written(&fast.outbox);
+        }
+        let (got, _) = written(&lagging.outbox);
+        assert_eq!(skip_notices(&got), 1);
+    }
+
+    /// Consoles that read equally fast on average, taking turns (as readers
+    /// on a busy machine do), are waited for: none is skipped, even when
+    /// the one that lags has its socket full; one that stopped (its driver
+    /// saw it take nothing for a while) is not waited for any longer.
+    #[test]
+    fn consoles_that_keep_up_on_average_are_waited_for() {
+        let h = hub();
+        let p = peer(&h);
+        let vm = h.attach_vm(&id(15), p.clone()).expect("attach");
+        let a = console(&h, &vm, Encoding::Raw);
+        let b = console(&h, &vm, Encoding::Raw);
+        // Both have read from a full socket before, and are full now.
+        for c in [&a, &b] {
+            c.outbox.set_full(true);
+            c.outbox.set_full(false);
+            c.outbox.set_full(true);
+        }
+        let (mut got_a, mut got_b) = (Vec::new(), Vec::new());
+        let mut sent = 0;
+        for round in 0..200u32 {
+            h.vm_output(&vm, p.id, Bytes::from(vec![round as u8; 300]));
+            sent += 300;
+            // Each reads only every other stretch of ten rounds.
+            if (round / 10) % 2 == 0 {
+                got_a.extend(written(&a.outbox).0);
+            } else {
+                got_b.extend(written(&b.outbox).0);
+            }
+            let mut st = vm.lock();
+            h.deliver(&vm, &mut st);
+        }
+        while vm.held() > 0 {
+            got_a.extend(written(&a.outbox).0);
+            got_b.extend(written(&b.outbox).0);
+            let mut st = vm.lock();
+            h.deliver(&vm, &mut st);
+        }
+        got_a.extend(written(&a.outbox).0);
+        got_b.extend(written(&b.outbox).0);
+        assert_eq!(skip_notices(&got_a) + skip_notices(&got_b), 0);
+        assert_eq!((got_a.len(), got_b.len()), (sent, sent));
+        // b stops; its driver says so: the VM goes on without it.
         b.outbox.set_behind();
-        a.outbox.take_data();
-        output(&h, &vm, p.id, b"more");
-        assert_eq!(written(&a.outbox).0, b"more");
-        // A console still being told apart never holds the VM up.
-        let held = h.new_peer(256, Encoding::Hold);
-        h.attach_console(&vm, held.clone(), LockMode::FreeForAll)
-            .expect("held");
-        let big: &'static [u8] = &[2u8; 200];
-        b.outbox.take_data();
-        a.outbox.take_data();
-        match h.vm_output(&vm, p.id, Bytes::from_static(big)) {
-            Fanout::Sent => {}
-            _ => panic!("waited for a console that is not being written"),
+        for i in 0..100u8 {
+            output_owned(&h, &vm, p.id, vec![i; 300]);
+            written(&a.outbox);
         }
-        assert_eq!(held.outbox.queued(), 200);
+        assert_eq!(skip_notices(&written(&b.outbox).0), 1);
+    }
+
+    fn output_owned(h: &Hub, vm: &Vm, conn: ConnId, data: Vec<u8>) {
+        assert_eq!(h.vm_output(vm, conn, Bytes::from(data)), Fanout::Sent);
+    }
+
+    #[test]
+    fn a_console_still_being_told_apart_holds_the_vm_and_never_skips() {
+        let h = hub();
+        let p = peer(&h);
+        let vm = h.attach_vm(&id(11), p.clone()).expect("attach");
+        let fast = console(&h, &vm, Encoding::Raw);
+        let undecided = console(&h, &vm, Encoding::Hold);
+        let mut outcome = Fanout::Sent;
+        let mut sent = 0;
+        while outcome == Fanout::Sent {
+            outcome = h.vm_output(&vm, p.id, Bytes::from(vec![5u8; 100]));
+            sent += 100;
+            written(&fast.outbox);
+            assert!(sent < 10_000, "never held for the undecided console");
+        }
+        assert_eq!(outcome, Fanout::Held);
+        assert!(undecided.outbox.queued() <= 512 + 100);
+        // Told apart: it is a console like any other, and the fast one
+        // sets the pace again.
+        undecided.outbox.set_encoding(Encoding::Raw);
+        let mut st = vm.lock();
+        assert!(h.deliver(&vm, &mut st).is_none(), "backlog not delivered");
+        drop(st);
+        assert_eq!(vm.held(), 0);
+        let (got, _) = written(&undecided.outbox);
+        assert_eq!(got.len(), sent, "the undecided console lost output");
+        assert_eq!(skip_notices(&got), 0);
+    }
+
+    #[test]
+    fn the_vm_reader_holds_a_bounded_backlog_then_stops() {
+        let h = hub();
+        let p = peer(&h);
+        let vm = h.attach_vm(&id(12), p.clone()).expect("attach");
+        let _stuck = console(&h, &vm, Encoding::Raw);
+        let mut n = 0;
+        while !vm.holds_too_much() {
+            h.vm_output(&vm, p.id, Bytes::from(vec![0u8; 60_000]));
+            n += 1;
+            assert!(n < 100, "the backlog never filled");
+        }
+        assert!(vm.held() < VM_HOLD + 60_000);
+    }
+
+    /// A console behind for the first time, or one that kept up, is waited
+    /// for PATIENCE at most; then the VM goes on without it.
+    #[tokio::test(start_paused = true)]
+    async fn a_lagger_is_waited_for_its_patience_at_most() {
+        let h = hub();
+        let p = peer(&h);
+        let vm = h.attach_vm(&id(16), p.clone()).expect("attach");
+        let fast = console(&h, &vm, Encoding::Raw);
+        let stuck = console(&h, &vm, Encoding::Raw);
+        stuck.outbox.set_full(true);
+        let mut held = false;
+        for i in 0..100u8 {
+            held |= h.vm_output(&vm, p.id, Bytes::from(vec![i; 300])) == Fanout::Held;
+            written(&fast.outbox);
+        }
+        assert!(held, "never waited for a console behind for the first time");
+        let t0 = tokio::time::Instant::now();
+        let mut w = h.pace(&vm);
+        let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+        assert!(w.as_mut().poll(&mut cx).is_pending());
+        tokio::time::sleep(PATIENCE - Duration::from_millis(10)).await;
+        written(&fast.outbox);
+        assert!(w.as_mut().poll(&mut cx).is_pending(), "gave up early");
+        // Past the patience: the VM goes on, and the stuck one skips.
+        let mut rounds = 0;
+        while w.as_mut().poll(&mut cx).is_pending() {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+            written(&fast.outbox);
+            rounds += 1;
+            assert!(rounds < 100, "waited past its patience");
+        }
+        assert!(t0.elapsed() >= PATIENCE);
+        assert_eq!(skip_notices(&written(&stuck.outbox).0), 1);
+    }
+
+    #[tokio::test]
+    async fn pacing_resumes_when_a_console_drains_attaches_or_closes() {
+        let h = hub();
+        let p = peer(&h);
+        let vm = h.attach_vm(&id(13), p.clone()).expect("attach");
+        let c = console(&h, &vm, Encoding::Raw);
+        let fill = |h: &Hub| {
+            while h.vm_output(&vm, p.id, Bytes::from(vec![3u8; 300])) == Fanout::Sent {}
+        };
+        let done = |w: &mut WaitFuture| {
+            let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+            w.as_mut().poll(&mut cx).is_ready()
+        };
+        // Draining the console.
+        fill(&h);
+        let mut w = h.pace(&vm);
+        assert!(!done(&mut w));
+        written(&c.outbox);
+        tokio::time::timeout(Duration::from_secs(5), &mut w)
+            .await
+            .expect("draining the console never resumed the VM");
+        // A new console arriving: it is the fastest.
+        fill(&h);
+        let mut w = h.pace(&vm);
+        assert!(!done(&mut w));
+        let _fresh = console(&h, &vm, Encoding::Raw);
+        tokio::time::timeout(Duration::from_secs(5), &mut w)
+            .await
+            .expect("a new console never resumed the VM");
+        assert_eq!(vm.held(), 0);
+        // Every console closing.
+        fill(&h);
+        let mut w = h.pace(&vm);
+        assert!(!done(&mut w));
+        for con in vm.lock().consoles.iter() {
+            con.peer.outbox.close(None);
+        }
+        tokio::time::timeout(Duration::from_secs(5), &mut w)
+            .await
+            .expect("closing the consoles never resumed the VM");
     }
 }

@@ -19,15 +19,17 @@
 //! its limit, the oldest queued data is dropped and counted, and the next
 //! batch starts with a line telling the console how many bytes it missed
 //! ([`skip_notice`]). Whether a VM should wait for a console before that
-//! happens is the caller's decision; the outbox only says how full it is
-//! ([`Outbox::lagging`]) and remembers when the VM gave up waiting for it
-//! ([`Outbox::set_behind`]).
+//! happens is the hub's decision; the outbox only says how full it is
+//! ([`Outbox::level`]) and tells the VM's pacer ([`Outbox::pace_with`])
+//! when that may have changed the decision: its queue drained to its
+//! high-water mark, its encoding was decided, or it closed.
 
 use bytes::Bytes;
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex, OnceLock, Weak};
 use std::task::{Context, Poll, Waker};
+use tokio::net::TcpStream;
 use tokio::sync::Notify;
 
 /// How queued data is put on the wire.
@@ -65,10 +67,25 @@ struct Inner {
     bytes: usize,
     /// Data bytes dropped from the front since the last notice was queued.
     skipped: u64,
+    /// Output was skipped since the queue was last at or below its
+    /// high-water mark: the console is behind, and does not hold its VM
+    /// back until it has caught up that far.
+    behind: bool,
     /// No more data is accepted; the writer flushes what is queued, then ends.
     closed: bool,
     /// The writer, waiting for data or the end.
     writer: Option<Waker>,
+    /// The client's socket, asked whether it takes more right now
+    /// ([`Outbox::client_behind`]).
+    probe: Option<Weak<TcpStream>>,
+    /// Data bytes offered by [`Outbox::push`] so far (skipped ones too),
+    /// and taken by the writer: how much of its VM's output this console
+    /// kept up with ([`Outbox::keeps_up`]).
+    pushed: u64,
+    taken: u64,
+    /// `(pushed, taken)` at the start of the older and the newer half of
+    /// the window [`Outbox::keeps_up`] looks at.
+    marks: [(u64, u64); 2],
 }
 
 /// One connection's outbound queue.
@@ -81,19 +98,34 @@ pub struct Outbox {
     limit: usize,
     /// An [`Encoding`], as u8.
     encoding: AtomicU8,
-    /// The writer is blocked on a socket that takes nothing more: the peer
-    /// is not reading as fast as output comes (rather than the daemon
-    /// being slow to write).
-    full: AtomicBool,
-    /// Bytes the writer has put on the socket so far: how fast the peer
-    /// really takes output.
+    /// Bytes the writer has put on the socket so far (the audit record's
+    /// count of output).
     sent: AtomicU64,
-    /// The VM gave up waiting for this console: it is not waited for again
-    /// until it has caught up (its writer found nothing left to write).
-    /// Merely draining below a mark is not enough: a console that reads
-    /// slower than the VM writes would otherwise make the VM wait again at
-    /// every batch.
-    behind: AtomicBool,
+    /// The socket took nothing the last time the writer tried: the client
+    /// is behind (rather than the daemon being slow to write to it).
+    full: AtomicBool,
+    /// The socket has taken more after being full: the client has shown
+    /// that it reads (one that never does only ever fills its buffers).
+    recovered: AtomicBool,
+    /// The VM this console paces: notified whenever this queue may have
+    /// stopped holding the VM back (see [`Outbox::pace_with`]).
+    pacer: OnceLock<Arc<Notify>>,
+}
+
+/// How full an outbox is, as the VM's pacing sees it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Level {
+    /// Data bytes waiting.
+    pub queued: usize,
+    /// The encoding is still [`Encoding::Hold`]: nothing has been written,
+    /// so nothing may be skipped either.
+    pub undecided: bool,
+    /// No more data is accepted.
+    pub closed: bool,
+    /// Output was skipped and the console has not caught up since.
+    pub behind: bool,
+    /// The most data that may wait before the oldest is skipped.
+    pub limit: usize,
 }
 
 /// What the writer took: `control` encoded messages first, then data
@@ -126,6 +158,10 @@ pub fn skipped_total() -> u64 {
 /// The most the writer takes at once when not pacing.
 pub const BATCH_BYTES: usize = 256 * 1024;
 
+/// How many queues' worth of its VM's recent output a console is judged
+/// by ([`Outbox::keeps_up`]).
+pub const WINDOW_QUEUES: u64 = 8;
+
 /// The line a console gets where output was skipped because it fell more
 /// than its queue behind.
 pub fn skip_notice(skipped: u64) -> Bytes {
@@ -141,9 +177,50 @@ impl Outbox {
             room: Notify::new(),
             limit: limit.max(1),
             encoding: AtomicU8::new(encoding as u8),
-            full: AtomicBool::new(false),
             sent: AtomicU64::new(0),
-            behind: AtomicBool::new(false),
+            full: AtomicBool::new(false),
+            recovered: AtomicBool::new(false),
+            pacer: OnceLock::new(),
+        }
+    }
+
+    /// Let [`Outbox::client_behind`] ask `socket` itself.
+    pub fn probe_with(&self, socket: Weak<TcpStream>) {
+        self.lock().probe = Some(socket);
+    }
+
+    /// Is the client behind, right now: does its socket take no more? Asked
+    /// of the socket when there is one (a zero-timeout poll), so a console
+    /// the daemon has not written to for a while, whose client has read
+    /// everything meanwhile, is not mistaken for one whose client stopped;
+    /// otherwise what the writer last found.
+    pub fn client_behind(&self) -> bool {
+        let socket = self.lock().probe.as_ref().and_then(Weak::upgrade);
+        if let Some(tcp) = socket {
+            use rustix::event::{poll, PollFd, PollFlags};
+            let mut fds = [PollFd::new(&*tcp, PollFlags::OUT)];
+            let zero = rustix::event::Timespec {
+                tv_sec: 0,
+                tv_nsec: 0,
+            };
+            if let Ok(n) = poll(&mut fds, Some(&zero)) {
+                return n == 0 || !fds[0].revents().contains(PollFlags::OUT);
+            }
+        }
+        self.full.load(Ordering::SeqCst)
+    }
+
+    /// Tell `pacer` (the VM's) whenever this queue may have stopped holding
+    /// the VM back: the writer took it from above [`Outbox::high_water`] to
+    /// or below it, or took a batch from a nearly full queue; its encoding
+    /// was decided; it closed. Set once, when the console joins a VM.
+    pub fn pace_with(&self, pacer: Arc<Notify>) {
+        let _ = self.pacer.set(pacer);
+    }
+
+    fn wake_pacer(&self) {
+        if let Some(p) = self.pacer.get() {
+            p.notify_waiters();
         }
     }
 
@@ -161,9 +238,11 @@ impl Outbox {
         if inner.closed {
             return None;
         }
+        let offered = data.len() as u64;
         if data.len() > self.limit {
             let cut = data.len() - self.limit;
             inner.skipped += cut as u64;
+            inner.behind = true;
             SKIPPED_TOTAL.fetch_add(cut as u64, Ordering::Relaxed);
             let _ = data.split_to(cut);
         }
@@ -173,13 +252,45 @@ impl Outbox {
             };
             inner.bytes -= old.len();
             inner.skipped += old.len() as u64;
+            inner.behind = true;
             SKIPPED_TOTAL.fetch_add(old.len() as u64, Ordering::Relaxed);
         }
         inner.bytes += data.len();
+        inner.pushed += offered;
+        let half = self.limit as u64 * WINDOW_QUEUES / 2;
+        if inner.pushed - inner.marks[1].0 >= half {
+            inner.marks[0] = inner.marks[1];
+            inner.marks[1] = (inner.pushed, inner.taken);
+        }
         inner.queue.push_back(data);
         let n = inner.bytes;
         unlock_and_wake(inner);
         Some(n)
+    }
+
+    /// Does this console get the benefit of the doubt when its queue is
+    /// full and its client behind? Yes if its client has never yet been
+    /// seen reading from a full socket (this is its first time behind:
+    /// nothing is known of it yet), or if of the output offered to it over
+    /// the last [`WINDOW_QUEUES`] queues (between half that and all of it;
+    /// all of it for a younger console) it took at least half. So a console
+    /// that reads as fast as the others on average, but was descheduled for
+    /// a moment, keeps up; one that reads at a fraction of its VM's pace
+    /// does not.
+    pub fn keeps_up(&self) -> bool {
+        if !self.recovered.load(Ordering::Relaxed) {
+            return true;
+        }
+        let inner = self.lock();
+        let (p0, t0) = inner.marks[0];
+        inner.taken - t0 >= (inner.pushed - p0) / 2
+    }
+
+    /// The VM stops waiting for this console until it has caught up to its
+    /// high-water mark (its VM waited [`crate::hub::PATIENCE`] for it).
+    pub fn set_behind(&self) {
+        self.lock().behind = true;
+        self.wake_pacer();
     }
 
     /// Queue `data` regardless of the limit (recent output for a new
@@ -230,6 +341,7 @@ impl Outbox {
         inner.closed = true;
         unlock_and_wake(inner);
         self.room.notify_waiters();
+        self.wake_pacer();
     }
 
     /// Drop every queued data byte, queue `last` alone and close: for a
@@ -244,6 +356,7 @@ impl Outbox {
         inner.closed = true;
         unlock_and_wake(inner);
         self.room.notify_waiters();
+        self.wake_pacer();
     }
 
     /// Data bytes waiting to be written.
@@ -263,47 +376,47 @@ impl Outbox {
     /// Change the encoding from the next batch on (a held outbox starts
     /// writing its data).
     pub fn set_encoding(&self, e: Encoding) {
-        if self.encoding.swap(e as u8, Ordering::Relaxed) != e as u8 {
+        let was = self.encoding.swap(e as u8, Ordering::SeqCst);
+        if was != e as u8 {
             unlock_and_wake(self.lock());
+            if was == Encoding::Hold as u8 {
+                self.wake_pacer();
+            }
         }
     }
 
-    /// The level past which a VM should wait for this console: an eighth
-    /// of the queue (two reads of the VM with the default queue), so that
-    /// thousands of busy consoles each hold 128 KiB, not a whole queue.
+    /// How full the queue is, for the VM's pacing, in one look.
+    pub fn level(&self) -> Level {
+        let inner = self.lock();
+        Level {
+            queued: inner.bytes,
+            undecided: self.encoding() == Encoding::Hold,
+            closed: inner.closed,
+            behind: inner.behind,
+            limit: self.limit,
+        }
+    }
+
+    /// The writer found the client's socket full (true) or wrote to it
+    /// (false). Becoming full is news for the VM's pacer: a console behind
+    /// only because the daemon had not written to it yet is waited for,
+    /// one whose client is behind is not.
+    pub fn set_full(&self, full: bool) {
+        if self.full.swap(full, Ordering::SeqCst) != full {
+            if full {
+                self.wake_pacer();
+            } else {
+                self.recovered.store(true, Ordering::Relaxed);
+            }
+        }
+    }
+
+    /// The level past which this console, if it is the fastest of its VM
+    /// (or not yet decided), holds the VM back: an eighth of the queue (two
+    /// reads of the VM with the default queue), so that thousands of busy
+    /// consoles each hold 128 KiB, not a whole queue.
     pub fn high_water(&self) -> usize {
         self.limit / 8
-    }
-
-    /// The level a lagging console must drain to before the VM goes on.
-    pub fn low_water(&self) -> usize {
-        self.limit / 16
-    }
-
-    /// With `queued` bytes waiting, should a VM wait for this console
-    /// (briefly) before sending more? Yes past the high-water mark, unless
-    /// it was given up on or is not being written yet (a console still
-    /// being told apart must not hold the VM up).
-    pub fn lags_at(&self, queued: usize) -> bool {
-        queued > self.high_water()
-            && !self.behind.load(Ordering::Relaxed)
-            && self.encoding() != Encoding::Hold
-    }
-
-    /// [`Outbox::lags_at`] its current level.
-    pub fn lagging(&self) -> bool {
-        self.lags_at(self.queued())
-    }
-
-    /// The writer found the peer's socket full (true) or wrote to it again
-    /// (false).
-    pub fn set_full(&self, full: bool) {
-        self.full.store(full, Ordering::Relaxed);
-    }
-
-    /// Whether the peer's socket is full right now.
-    pub fn is_full(&self) -> bool {
-        self.full.load(Ordering::Relaxed)
     }
 
     /// The writer put `n` more bytes on the socket.
@@ -314,16 +427,6 @@ impl Outbox {
     /// Bytes put on the socket so far.
     pub fn sent(&self) -> u64 {
         self.sent.load(Ordering::Relaxed)
-    }
-
-    /// The VM stops waiting for this console until it has caught up.
-    pub fn set_behind(&self) {
-        self.behind.store(true, Ordering::Relaxed);
-    }
-
-    /// Whether the VM has given up waiting for this console for now.
-    pub fn is_behind(&self) -> bool {
-        self.behind.load(Ordering::Relaxed)
     }
 
     /// Wait until at most `level` bytes are queued (or the outbox closes).
@@ -371,12 +474,25 @@ impl Outbox {
             }
         }
         if !chunks.is_empty() {
+            let before = inner.bytes;
             inner.bytes = inner.bytes.saturating_sub(taken);
+            inner.taken += taken as u64;
+            let high = self.high_water();
+            // Past its high-water mark, a console may hold its VM back as
+            // the fastest; within an eighth of full, as a lagger that kept
+            // up: either way the VM looks again.
+            let drained = (before > high && inner.bytes <= high) || before > self.limit - high;
+            if inner.bytes <= high {
+                inner.behind = false;
+            }
             if inner.queue.is_empty() {
                 inner.queue = VecDeque::new();
             }
             drop(inner);
             self.room.notify_waiters();
+            if drained {
+                self.wake_pacer();
+            }
             return Poll::Ready(Batch::Data(Taken {
                 chunks,
                 control,
@@ -385,11 +501,6 @@ impl Outbox {
         }
         if inner.closed && (encoding != Encoding::Hold || inner.queue.is_empty()) {
             return Poll::Ready(Batch::End);
-        }
-        if encoding != Encoding::Hold {
-            // Everything queued is out and the writer asks for more: the
-            // console has caught up, and a VM waits for it again.
-            self.behind.store(false, Ordering::Relaxed);
         }
         match &mut inner.writer {
             Some(w) if w.will_wake(cx.waker()) => {}
@@ -528,22 +639,45 @@ mod tests {
         assert_eq!(next_wire(&o, BATCH_BYTES).await.unwrap(), b"bye");
     }
 
-    #[test]
-    fn lag_marks() {
-        let o = Outbox::new(100, Encoding::Raw);
-        o.push(Bytes::from(vec![0; 13]));
-        assert!(o.lagging());
-        o.set_behind();
-        assert!(!o.lagging());
-        // Taking a batch is not catching up: the VM may still be ahead.
-        assert!(futures_poll(&o).is_ready());
-        assert!(o.is_behind());
-        // Asking for more with nothing left is.
-        assert!(futures_poll(&o).is_pending());
-        assert!(!o.is_behind());
-        // A held console is never waited for.
-        let held = Outbox::new(100, Encoding::Hold);
-        held.push(Bytes::from(vec![0; 90]));
-        assert!(!held.lagging());
+    #[tokio::test]
+    async fn the_pacer_hears_of_draining_deciding_and_closing() {
+        let pacer = Arc::new(Notify::new());
+        let heard = |o: &Outbox, act: &dyn Fn(&Outbox)| {
+            let n = pacer.notified();
+            tokio::pin!(n);
+            n.as_mut().enable();
+            act(o);
+            futures_ready(n)
+        };
+        let o = Outbox::new(160, Encoding::Hold);
+        o.pace_with(pacer.clone());
+        o.push(Bytes::from(vec![0; 30]));
+        let lvl = o.level();
+        assert_eq!((lvl.queued, lvl.undecided, lvl.closed), (30, true, false));
+        assert!(heard(&o, &|o| o.set_encoding(Encoding::Raw)), "decided");
+        assert!(
+            !heard(&o, &|o| o.set_encoding(Encoding::Telnet)),
+            "not news"
+        );
+        // Draining from above the high-water mark (20) to it is news; a
+        // batch that leaves it above is not.
+        let mut small = Outbox::new(160, Encoding::Raw);
+        small.pace_with(pacer.clone());
+        small.push(Bytes::from(vec![0; 30]));
+        assert!(!heard(&small, &|o| drop(crate::testing::poll_once(o, 5))));
+        assert!(heard(&small, &|o| drop(crate::testing::poll_once(o, 20))));
+        assert!(!heard(&small, &|o| drop(crate::testing::poll_once(o, 20))));
+        assert!(heard(&small, &|o| o.close(None)));
+        small = Outbox::new(160, Encoding::Raw);
+        small.pace_with(pacer.clone());
+        assert!(heard(&small, &|o| o.abandon(Bytes::from_static(b"bye"))));
+        assert!(o.level().undecided.eq(&false));
+    }
+
+    /// Whether a notification future is already complete.
+    fn futures_ready<F: std::future::Future>(f: std::pin::Pin<&mut F>) -> bool {
+        let waker = std::task::Waker::noop();
+        let mut cx = Context::from_waker(waker);
+        f.poll(&mut cx).is_ready()
     }
 }

@@ -14,14 +14,22 @@
 //! chunks shared with other consoles are never copied together; with pacing
 //! (`--vm-tx-rate`) the batches are small and spaced out.
 //!
-//! Flow control lives in the session's answers ([`Flow::Wait`]): after each
-//! read the session may say to stop reading until something drains (the
-//! VM's consoles, a lossless backend, the VM's own queue for console
-//! input). Reads are capped at a slice ([`Conn::read_slice`]) well below a
-//! console's queue, so one read can never overflow a queue by itself. A
-//! console whose socket takes no byte for the stall timeout while output
-//! waits for it is told why, if it can still take that, and closed
-//! ([`Conn::stall_timeout`]).
+//! Flow control lives in the session ([`Session::poll_ready`]), asked
+//! before every read: it drives its own waits (the VM's consoles and
+//! lossless backends, the VM's own queue for console input) with this
+//! connection's waker, and says whether to read on. Reads are capped at a
+//! slice ([`Conn::read_slice`]) well below a console's queue, so one read
+//! can never overflow a queue by itself.
+//!
+//! A console that stops taking output is given up on by its own progress,
+//! never by a rate over a short interval: once its socket is full while
+//! output waits, it has the stall timeout to take at least
+//! [`STALL_FLOOR`] bytes per second on average (a reader that takes
+//! nothing, or trickles a byte a second, cannot hold its VM back for
+//! ever), or until it catches up; otherwise it is told why, if it can
+//! still take that, and closed ([`Conn::stall_timeout`]). A reader that a
+//! busy machine deschedules for a second or two is far above the floor
+//! over the whole timeout.
 
 use crate::outbox::{Batch, Outbox, BATCH_BYTES};
 use crate::session::{Flow, Session};
@@ -50,6 +58,12 @@ const CLOSE_GRACE: Duration = Duration::from_secs(5);
 /// How long a stalled console gets to take the notice of why it goes.
 const STALL_GRACE: Duration = Duration::from_secs(2);
 
+/// A console that is behind must take at least this many bytes per second,
+/// on average over the whole stall timeout, to stay: far below any real
+/// client (a 9,600-baud terminal takes 960), far above a reader that has
+/// stopped.
+pub const STALL_FLOOR: u64 = 1024;
+
 /// Chunks handed to one vectored write.
 const MAX_IOV: usize = 64;
 
@@ -72,7 +86,9 @@ pub enum Stream {
 }
 
 enum Io {
-    Tcp(TcpStream),
+    /// Shared with the outbox, which asks the socket itself whether the
+    /// client is behind ([`Outbox::probe_with`]).
+    Tcp(Arc<TcpStream>),
     Tls(Box<(TlsStream<TcpStream>, [u8; TLS_READ_BUF])>),
     Pipe(DuplexStream),
 }
@@ -143,7 +159,13 @@ impl Io {
         bufs: &[IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
         match self {
-            Io::Tcp(t) => Pin::new(t).poll_write_vectored(cx, bufs),
+            Io::Tcp(t) => loop {
+                ready!(t.poll_write_ready(cx))?;
+                match t.try_write_vectored(bufs) {
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+                    r => return Poll::Ready(r),
+                }
+            },
             Io::Tls(t) => Pin::new(&mut t.0).poll_write_vectored(cx, bufs),
             Io::Pipe(p) => Pin::new(p).poll_write_vectored(cx, bufs),
         }
@@ -158,7 +180,12 @@ impl Io {
 
     fn poll_shutdown(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         match self {
-            Io::Tcp(t) => Pin::new(t).poll_shutdown(cx),
+            Io::Tcp(t) => Poll::Ready(
+                rustix::net::shutdown(&**t, rustix::net::Shutdown::Write).or_else(|e| match e {
+                    rustix::io::Errno::NOTCONN => Ok(()),
+                    e => Err(e.into()),
+                }),
+            ),
             Io::Tls(t) => Pin::new(&mut t.0).poll_shutdown(cx),
             Io::Pipe(p) => Pin::new(p).poll_shutdown(cx),
         }
@@ -194,14 +221,15 @@ pub struct Conn<S: Session + Unpin> {
     unflushed: usize,
     /// The session's deadline or the close grace, whichever is first.
     timer: Option<Pin<Box<Sleep>>>,
-    /// Input is not read until this completes (see [`Flow::Wait`]).
-    wait: Option<Pin<Box<dyn Future<Output = ()> + Send>>>,
     pace: Option<Box<Pace>>,
     /// Closing: input is no longer read, and flushing the farewell is given
     /// up at this time.
     give_up: Option<Instant>,
-    /// Since when output has waited for a socket that takes nothing.
+    /// Since when output has waited for a full socket without the peer
+    /// catching up (the start of the current stall window).
     stalled_since: Option<Instant>,
+    /// Bytes the socket took since `stalled_since` (saturating).
+    stalled_sent: u32,
     /// Close the connection once it has been stalled this many
     /// milliseconds; 0 waits forever (VM connections: ESXi's own flow
     /// control applies).
@@ -216,7 +244,7 @@ pub struct Conn<S: Session + Unpin> {
     done: bool,
 }
 
-/// Told to a console that took no output for the stall timeout.
+/// Told to a console that took (almost) no output for the stall timeout.
 pub fn stall_notice(limit: Duration) -> Bytes {
     Bytes::from(format!(
         "\r\nvspc: this console took no output for {} s while output waited; disconnecting it.\r\n",
@@ -231,6 +259,8 @@ impl<S: Session + Unpin> Conn<S> {
         let io = match stream {
             Stream::Tcp(tcp) => {
                 let _ = tcp.set_nodelay(true);
+                let tcp = Arc::new(tcp);
+                outbox.probe_with(Arc::downgrade(&tcp));
                 Io::Tcp(tcp)
             }
             Stream::Tls(tls) => Io::Tls(Box::new((*tls, [0; TLS_READ_BUF]))),
@@ -248,7 +278,6 @@ impl<S: Session + Unpin> Conn<S> {
             written: 0,
             unflushed: 0,
             timer: None,
-            wait: None,
             pace: pace.map(|rate| {
                 Box::new(Pace {
                     rate,
@@ -258,6 +287,7 @@ impl<S: Session + Unpin> Conn<S> {
             }),
             give_up: None,
             stalled_since: None,
+            stalled_sent: 0,
             stall_ms: 0,
             max_batch,
             read_max: READ_BUF as u32,
@@ -273,8 +303,9 @@ impl<S: Session + Unpin> Conn<S> {
         self
     }
 
-    /// Give up on a peer whose socket takes no byte for `limit` while
-    /// output waits for it (consoles).
+    /// Give up on a peer that, once behind, takes less than
+    /// [`STALL_FLOOR`] bytes per second over `limit` while output waits for
+    /// it (consoles).
     pub fn stall_timeout(mut self, limit: Option<Duration>) -> Self {
         self.stall_ms = limit.map_or(0, |l| l.as_millis().clamp(1, u32::MAX as u128) as u32);
         self
@@ -287,7 +318,6 @@ impl<S: Session + Unpin> Conn<S> {
     fn apply(&mut self, flow: Flow) {
         match flow {
             Flow::Continue => {}
-            Flow::Wait(w) => self.wait = Some(w),
             Flow::Close => {
                 self.outbox.close(None);
                 self.give_up
@@ -299,10 +329,7 @@ impl<S: Session + Unpin> Conn<S> {
     /// Read while there is input; `Ready` when the connection is over.
     fn poll_reading(&mut self, cx: &mut Context<'_>) -> Poll<()> {
         for _ in 0..ROUNDS {
-            if let Some(w) = self.wait.as_mut() {
-                ready!(w.as_mut().poll(cx));
-                self.wait = None;
-            }
+            ready!(self.session.poll_ready(cx));
             if self.give_up.is_some() {
                 return Poll::Pending;
             }
@@ -381,9 +408,10 @@ impl<S: Session + Unpin> Conn<S> {
                 let n = match self.io.poll_write_vectored(cx, &slices[..k]) {
                     Poll::Ready(r) => r?,
                     Poll::Pending => {
+                        self.outbox.set_full(true);
                         if self.stalled_since.is_none() {
                             self.stalled_since = Some(Instant::now());
-                            self.outbox.set_full(true);
+                            self.stalled_sent = 0;
                         }
                         return Poll::Pending;
                     }
@@ -391,9 +419,10 @@ impl<S: Session + Unpin> Conn<S> {
                 if n == 0 {
                     return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
                 }
-                if self.stalled_since.take().is_some() {
-                    self.outbox.set_full(false);
-                }
+                self.outbox.set_full(false);
+                self.stalled_sent = self
+                    .stalled_sent
+                    .saturating_add(u32::try_from(n).unwrap_or(u32::MAX));
                 self.outbox.count_sent(n);
                 self.unflushed += n;
                 self.advance(n);
@@ -419,7 +448,15 @@ impl<S: Session + Unpin> Conn<S> {
                     p.sleep = None;
                 }
             }
-            match ready!(self.outbox.poll_batch(cx, self.max_batch as usize)) {
+            let batch = match self.outbox.poll_batch(cx, self.max_batch as usize) {
+                Poll::Ready(b) => b,
+                Poll::Pending => {
+                    // Everything queued is out: the peer has caught up.
+                    self.stalled_since = None;
+                    return Poll::Pending;
+                }
+            };
+            match batch {
                 Batch::Data(taken) => {
                     self.batch = taken.into_wire(&mut self.cr_pending);
                 }
@@ -477,11 +514,19 @@ impl<S: Session + Unpin> Future for Conn<S> {
             }
             if let Some(limit) = this.stall_limit() {
                 if this.stalled_since.is_some_and(|s| now >= s + limit) {
+                    let floor = STALL_FLOOR.saturating_mul(limit.as_secs().max(1));
+                    if u64::from(this.stalled_sent) >= floor {
+                        // Behind, but taking output: a new window.
+                        this.stalled_since = Some(now);
+                        this.stalled_sent = 0;
+                        continue;
+                    }
                     // Only the reason waits now; if the socket takes even
                     // that within the grace, the peer learns why.
                     tracing::info!(
                         stalled_s = limit.as_secs_f64(),
-                        "disconnecting a console that took no output"
+                        took = this.stalled_sent,
+                        "disconnecting a console that took no output, or less than the stall floor, for the stall timeout"
                     );
                     this.outbox.abandon(stall_notice(limit));
                     this.session.on_stall();
@@ -515,6 +560,9 @@ impl<S: Session + Unpin> Future for Conn<S> {
 impl<S: Session + ?Sized> Session for &mut S {
     fn on_input(&mut self, data: &[u8]) -> Flow {
         (**self).on_input(data)
+    }
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<()> {
+        (**self).poll_ready(cx)
     }
     fn deadline(&self) -> Option<std::time::Instant> {
         (**self).deadline()
@@ -589,6 +637,8 @@ mod size_budget {
         );
         let size = std::mem::size_of_val(&f);
         assert!(size <= 192, "connection driver future grew to {size} bytes");
-        assert!(std::mem::size_of::<Outbox>() <= 192);
+        let outbox = std::mem::size_of::<Outbox>();
+        // 48 bytes of it are the keep-up window (Outbox::keeps_up).
+        assert!(outbox <= 240, "outbox grew to {outbox} bytes");
     }
 }

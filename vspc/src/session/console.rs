@@ -29,12 +29,13 @@
 //! Bytes pass untouched both ways: no 0xFF doubling, no IAC parsing, NUL
 //! and CR as they are, and the first bytes go to the VM at once.
 
-use super::{Flow, Session};
+use super::{Flow, Session, WaitFuture};
 use crate::hub::{Access, AttachError, ConsoleProtocol, Hub, LockMode, Peer, Vm};
 use crate::outbox::Encoding;
 use crate::wire::{encode, opt, Change, Decoder, Event, Negotiator, OptionSet, IAC};
 use bytes::Bytes;
 use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 const LOCAL_OK: OptionSet = OptionSet::of(&[opt::BINARY, opt::SGA, opt::ECHO]);
@@ -90,6 +91,8 @@ pub struct ConsoleSession {
     /// Disconnected for taking no output (counted as a stall, not a
     /// close, in the metrics).
     stalled: bool,
+    /// Input is not read until the VM's queue for console input drains.
+    wait: Option<WaitFuture>,
     /// The session's audit record: its end line is logged (with the bytes
     /// each way) when the session closes. `None` until the caller, which
     /// knows who the client is, starts it.
@@ -147,6 +150,7 @@ impl ConsoleSession {
             out: Vec::new(),
             closing: false,
             stalled: false,
+            wait: None,
             audit: None,
         })
     }
@@ -257,18 +261,17 @@ impl ConsoleSession {
         }
     }
 
-    /// Queue the collected input for the VM; wait if the VM's queue is
-    /// full.
-    fn send_input(&mut self, data: Option<&[u8]>) -> Flow {
+    /// Queue the collected input for the VM; read no more input while the
+    /// VM's queue is full.
+    fn send_input(&mut self, data: Option<&[u8]>) {
         let input = data.unwrap_or(&self.input);
-        let mut flow = Flow::Continue;
         if !input.is_empty() {
             if let Some(a) = self.audit.as_mut() {
                 a.to_vm(input.len());
             }
             if let Some(vm_outbox) = self.hub.console_input(&self.vm, input) {
                 if vm_outbox.queued() > INPUT_HIGH_WATER {
-                    flow = Flow::Wait(Box::pin(
+                    self.wait = Some(Box::pin(
                         async move { vm_outbox.drained(INPUT_LOW_WATER).await },
                     ));
                 }
@@ -278,7 +281,6 @@ impl ConsoleSession {
         if self.input.capacity() > 64 * 1024 {
             self.input = Vec::new();
         }
-        flow
     }
 
     fn flush_replies(&mut self) {
@@ -312,7 +314,8 @@ impl Session for ConsoleSession {
             if self.access == Access::ReadOnly {
                 return Flow::Continue;
             }
-            return self.send_input(Some(data));
+            self.send_input(Some(data));
+            return Flow::Continue;
         }
         let mut decoder = std::mem::take(&mut self.decoder);
         let result = decoder.decode(data, |ev| self.handle(ev));
@@ -322,12 +325,20 @@ impl Session for ConsoleSession {
             self.closing = true;
         }
         self.flush_replies();
-        let flow = self.send_input(None);
+        self.send_input(None);
         if self.closing {
             Flow::Close
         } else {
-            flow
+            Flow::Continue
         }
+    }
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<()> {
+        if let Some(w) = self.wait.as_mut() {
+            std::task::ready!(w.as_mut().poll(cx));
+            self.wait = None;
+        }
+        Poll::Ready(())
     }
 
     fn deadline(&self) -> Option<Instant> {

@@ -7,18 +7,15 @@ pub mod vm;
 
 use std::future::Future;
 use std::pin::Pin;
+use std::task::{Context, Poll};
 use std::time::Instant;
 
-/// A wait the connection performs before it reads again.
+/// Something a session waits for (backpressure), driven by its connection.
 pub type WaitFuture = Pin<Box<dyn Future<Output = ()> + Send>>;
 
 /// What the connection should do after a session handled input.
 pub enum Flow {
     Continue,
-    /// Read nothing more until this completes (backpressure: the VM's
-    /// queue for console input, or the VM's consoles and lossless backends
-    /// for its output).
-    Wait(WaitFuture),
     /// Flush what is queued, then close.
     Close,
 }
@@ -27,6 +24,14 @@ pub enum Flow {
 pub trait Session: Send {
     /// Bytes from the peer.
     fn on_input(&mut self, data: &[u8]) -> Flow;
+    /// Drive the session's own waits (backpressure: the VM's queue for
+    /// console input; the VM's consoles and lossless backends for its
+    /// output); `Ready` when it may be handed more input. The connection
+    /// calls this before every read, so a wait's wake-up is the
+    /// connection's.
+    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<()> {
+        Poll::Ready(())
+    }
     /// When [`Session::on_deadline`] should next run, if ever.
     fn deadline(&self) -> Option<Instant>;
     fn on_deadline(&mut self, now: Instant) -> Flow;

@@ -13,6 +13,7 @@ use crate::vmware::{Msg, VmUuid, PROXY_KNOWN_SUBOPTIONS};
 use crate::wire::{opt, Change, Decoder, Event, Negotiator, OptionSet, Verb};
 use bytes::Bytes;
 use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 /// Options we perform when ESXi asks (DO).
@@ -86,8 +87,15 @@ pub struct VmSession {
     /// Serial output decoded from the current read, handed to the hub in
     /// one call (before any other event, to keep the order).
     output: Vec<u8>,
-    /// What the connection must wait for before it reads again.
-    wait: Option<WaitFuture>,
+    /// The VM's backlog is being delivered (see [`Hub::pace`]); boxed, as
+    /// it is rare and the session's size is an idle VM's memory.
+    pace: Option<Box<Paced>>,
+}
+
+/// Output of `vm` waits in its backlog; `wait` delivers it.
+struct Paced {
+    vm: Arc<Vm>,
+    wait: WaitFuture,
 }
 
 impl VmSession {
@@ -114,7 +122,7 @@ impl VmSession {
             closing: false,
             out: Vec::new(),
             output: Vec::new(),
-            wait: None,
+            pace: None,
         };
         // The capture's opening: WILL BINARY, SGA, ECHO; DO BINARY, SGA, 232.
         let mut out = std::mem::take(&mut s.out);
@@ -135,10 +143,21 @@ impl VmSession {
         self.flush();
         if self.closing {
             Flow::Close
-        } else if let Some(w) = self.wait.take() {
-            Flow::Wait(w)
         } else {
             Flow::Continue
+        }
+    }
+
+    /// Drive the delivery of `vm`'s backlog from now on, if output waits
+    /// in it and nothing here drives it yet.
+    fn pace(&mut self, vm: &Arc<Vm>) {
+        if self.pace.is_none() {
+            if let Some(wait) = self.hub.pace_if_held(vm) {
+                self.pace = Some(Box::new(Paced {
+                    vm: vm.clone(),
+                    wait,
+                }));
+            }
         }
     }
 
@@ -153,14 +172,9 @@ impl VmSession {
         };
         match self.hub.vm_output(vm, self.peer.id, data) {
             Fanout::Sent => {}
-            Fanout::Wait(w) => {
-                self.wait = Some(match self.wait.take() {
-                    None => w,
-                    Some(first) => Box::pin(async move {
-                        first.await;
-                        w.await;
-                    }),
-                });
+            Fanout::Held => {
+                let vm = vm.clone();
+                self.pace(&vm);
             }
             Fanout::Retired => {
                 tracing::info!(
@@ -398,6 +412,9 @@ impl VmSession {
         self.name_deadline = None;
         match self.hub.attach_vm(&id, self.peer.clone()) {
             Ok(vm) => {
+                // Output an earlier connection left in the backlog is this
+                // one's to see delivered.
+                self.pace(&vm);
                 self.link = Link::Active(vm);
                 self.identify_deadline = None;
                 self.deliver_early();
@@ -505,6 +522,7 @@ impl VmSession {
             let shown = self.compose_name(&name);
             self.hub.rename(&vm, self.peer.id, &shown);
         }
+        self.pace(&vm);
         self.link = Link::Active(vm);
         self.handshake_deadline = None;
         self.deliver_early();
@@ -521,6 +539,20 @@ impl Session for VmSession {
             self.closing = true;
         }
         self.finish()
+    }
+
+    /// Reading goes on while the VM's backlog holds less than
+    /// [`crate::hub::VM_HOLD`], so its control messages are still seen
+    /// while its consoles hold its output back.
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<()> {
+        if let Some(p) = self.pace.as_mut() {
+            if p.wait.as_mut().poll(cx).is_ready() {
+                self.pace = None;
+            } else if p.vm.holds_too_much() {
+                return Poll::Pending;
+            }
+        }
+        Poll::Ready(())
     }
 
     fn deadline(&self) -> Option<Instant> {
@@ -562,6 +594,12 @@ impl Session for VmSession {
 
     fn on_close(&mut self) {
         self.hub.forget_addr(self.peer.id);
+        // Output already read is delivered after the connection is gone.
+        if let Some(p) = self.pace.take() {
+            if let Ok(rt) = tokio::runtime::Handle::try_current() {
+                rt.spawn(p.wait);
+            }
+        }
         match std::mem::replace(&mut self.link, Link::Retired) {
             Link::Active(vm) => self.hub.detach_vm(&vm, self.peer.id),
             Link::Destination { cookie, .. } => self.hub.vmotion_dest_closed(&cookie, self.peer.id),
