@@ -1211,6 +1211,23 @@ impl Default for ConsoleOptions {
     }
 }
 
+/// The option negotiation of a simulated console user, for code that
+/// reads a console port itself but must answer the server as
+/// [`SimConsole`] does: it performs BINARY (with `binary`) and SGA, and
+/// lets the server perform BINARY (with `binary`), SGA and ECHO; anything
+/// else is refused.
+pub fn console_negotiator(binary: bool) -> Negotiator {
+    use opt::*;
+    if binary {
+        Negotiator::new(
+            OptionSet::of(&[BINARY, SGA]),
+            OptionSet::of(&[BINARY, SGA, ECHO]),
+        )
+    } else {
+        Negotiator::new(OptionSet::of(&[SGA]), OptionSet::of(&[SGA, ECHO]))
+    }
+}
+
 struct ConsoleBrain {
     neg: Negotiator,
     /// See [`ConsoleOptions::speak_first`]; with `binary` as well.
@@ -1274,20 +1291,11 @@ impl SimConsole {
     where
         S: AsyncRead + AsyncWrite + Send + 'static,
     {
-        use opt::*;
-        let neg = if opts.binary {
-            Negotiator::new(
-                OptionSet::of(&[BINARY, SGA]),
-                OptionSet::of(&[BINARY, SGA, ECHO]),
-            )
-        } else {
-            Negotiator::new(OptionSet::of(&[SGA]), OptionSet::of(&[SGA, ECHO]))
-        };
         SimConsole {
             link: Link::start(
                 stream,
                 ConsoleBrain {
-                    neg,
+                    neg: console_negotiator(opts.binary),
                     first_words: opts.speak_first.then_some(opts.binary),
                 },
             ),

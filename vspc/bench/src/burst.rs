@@ -13,9 +13,16 @@
 //! counted, so the report says what the daemon kept for them, what it
 //! skipped, and whether they are still connected.
 //!
-//! Then the same burst to C fast consoles through the bare relay (without
-//! stuck or slow consoles: it writes to its consoles in turn, so one that
-//! does not read would stop it).
+//! Every console, fast, stuck or slow, is of the kind `--console-kind`
+//! gives it (console k of the run, counting the fast ones, then the stuck,
+//! then the slow ones; see `kinds.rs`), so a stuck silent-telnet console
+//! does not answer the daemon's offer until it starts reading.
+//!
+//! First, unless `--no-relay`, the same burst to C fast consoles through
+//! the bare relay (without stuck or slow consoles: it writes to its
+//! consoles in turn, so one that does not read would stop it); a fast
+//! console through the daemon that has not got its last byte 30 s after
+//! the relay's time fails the run.
 //!
 //! With `--via ssh` the consoles are the real OpenSSH client logged in
 //! through the daemon's SSH front door instead (see [`ssh`]).
@@ -26,9 +33,10 @@ use std::time::Duration;
 use clap::Args;
 use serde::Serialize;
 
-use super::fanout::{all_fast, attach_raw, check_fds, on_relay, relay_attach};
+use super::fanout::{all_fast, attach_raw, check_fds, on_relay, relay_attach, AFTER_RELAY};
+use super::kinds::{tally, ByKind, KindOpts};
 use super::stream::{listing, stream_measured, ConsoleEnd, Pattern, Phase, Reading, Shape, PERIOD};
-use super::{conclude, round, runtime_with_signals, stopped, DaemonOpts, Failure};
+use super::{check_ports, conclude, round, runtime_with_signals, stopped, DaemonOpts, Failure};
 
 mod ssh;
 
@@ -39,6 +47,9 @@ const IN_FLIGHT: usize = 64;
 pub struct BurstArgs {
     #[command(flatten)]
     daemon: DaemonOpts,
+
+    #[command(flatten)]
+    kind: KindOpts,
 
     /// Bytes the VM writes, at full speed.
     #[arg(long, value_name = "B", default_value_t = 64 << 20,
@@ -51,14 +62,17 @@ pub struct BurstArgs {
           value_parser = clap::value_parser!(u32).range(1..=10_000))]
     consoles: u32,
 
-    /// Consoles that connect, negotiate and then do not read until the fast
-    /// ones are done (they must not slow them down).
+    /// Consoles that connect (and, if of a kind that speaks first,
+    /// negotiate) and then do not read until the fast ones are done (they
+    /// must not slow them down). They follow --console-kind too: console k
+    /// of the run counts the fast ones first, then these, then --slow.
     #[arg(long, value_name = "K", default_value_t = 0,
           value_parser = clap::value_parser!(u32).range(0..=10_000))]
     stuck: u32,
 
     /// Consoles reading at most --slow-rate bytes per second (they must
-    /// stay connected and not slow the fast ones down).
+    /// stay connected and not slow the fast ones down); of --console-kind's
+    /// kinds too.
     #[arg(long, value_name = "K", default_value_t = 0,
           value_parser = clap::value_parser!(u32).range(0..=10_000))]
     slow: u32,
@@ -76,7 +90,9 @@ pub struct BurstArgs {
     chunk: u64,
 
     /// A console that has not got every byte when no console has verified
-    /// one for this long fails.
+    /// one for this long fails (with the relay, for the fast consoles:
+    /// one that has not got its last byte 30 s after the relay's time for
+    /// the same burst fails).
     #[arg(long, value_name = "SECS", default_value_t = 30)]
     stall_secs: u64,
 
@@ -87,7 +103,8 @@ pub struct BurstArgs {
     /// How the consoles reach the daemon: its telnet console port, or the
     /// SSH front door with the real OpenSSH client (`ssh`, with keys made by
     /// `ssh-keygen`; Debian's openssh-client), its stdout piped as the
-    /// console, on port P+3.
+    /// console, on port P+3 (--console-kind is then refused: every console
+    /// is an OpenSSH client).
     #[arg(long, value_enum, default_value_t = Via::Telnet)]
     via: Via,
 
@@ -109,6 +126,7 @@ enum Via {
 /// A slow or stuck console in the report.
 #[derive(Serialize)]
 struct Other {
+    kind: &'static str,
     /// Data bytes received, each checked.
     received: u64,
     /// Bytes the daemon announced in-band it skipped, in how many notices.
@@ -125,6 +143,7 @@ struct Other {
 impl Other {
     fn of(c: &ConsoleEnd) -> Other {
         Other {
+            kind: c.kind.map_or("-", |k| k.name()),
             received: c.received,
             skipped: c.skipped,
             notices: c.notices,
@@ -142,6 +161,11 @@ struct BurstReport {
     bytes: u64,
     /// Fast consoles.
     consoles: u32,
+    /// `--console-kind`; the fast consoles of each kind, and how many of
+    /// them got every byte in order.
+    console_kind: &'static str,
+    consoles_by_kind: ByKind,
+    exact_by_kind: ByKind,
     stuck: u32,
     slow: u32,
     slow_rate: Option<u64>,
@@ -176,8 +200,17 @@ struct BurstReport {
 
 pub fn run(args: BurstArgs) -> Result<(), Failure> {
     if args.via == Via::Ssh {
+        if args.kind.console_kind.is_some() {
+            return Err(
+                "--console-kind is for consoles on the console port; with --via ssh \
+                        every console is an OpenSSH client"
+                    .to_string()
+                    .into(),
+            );
+        }
         return ssh::run(args);
     }
+    let kinds = args.kind.kinds(&args.daemon.daemon_arg)?;
     let (fast, stuck, slow) = (
         args.consoles as usize,
         args.stuck as usize,
@@ -186,12 +219,15 @@ pub fn run(args: BurstArgs) -> Result<(), Failure> {
     let all = fast + stuck + slow;
     check_fds(1, all as u64, IN_FLIGHT as u64)?;
     let (rt, stop) = runtime_with_signals()?;
+    // The daemon's ports, before the relay takes its time.
+    check_ports(args.daemon.base_port, 1, &rt)?;
     let pattern = Arc::new(Pattern::new());
     let shape = Shape {
         total: args.bytes,
         chunk: usize::try_from(args.chunk).unwrap_or(usize::MAX),
         window: 0,
         stall: Duration::from_secs(args.stall_secs),
+        deadline: None,
     };
     // Consoles 0.. are fast, then the stuck ones, then the slow ones.
     let reading = |index: usize| {
@@ -204,11 +240,37 @@ pub fn run(args: BurstArgs) -> Result<(), Failure> {
         }
     };
 
+    // The relay first: its time for the burst sets the fast consoles'
+    // deadline through the daemon.
+    let relay = relay_phase(&args, &rt, &stop, shape, pattern.clone())?;
+    let (shape, gave_up) = match &relay {
+        Some(r) => {
+            let deadline = Duration::from_secs_f64(r.secs) + AFTER_RELAY;
+            let when = format!(
+                "{} s after the relay finished the same burst ({:.1} s after the first byte)",
+                AFTER_RELAY.as_secs(),
+                deadline.as_secs_f64()
+            );
+            let shape = Shape {
+                deadline: Some(deadline),
+                ..shape
+            };
+            (shape, when)
+        }
+        None => (
+            shape,
+            format!(
+                "when no console had verified a byte for {} s",
+                args.stall_secs
+            ),
+        ),
+    };
+
     let (mut daemon, target) = args.daemon.start(1, &[], &rt)?;
     let result = rt.block_on(async {
         tokio::select! {
             r = async {
-                let (vms, consoles) = attach_raw(target, 1, all, IN_FLIGHT).await?;
+                let (vms, consoles) = attach_raw(target, 1, all, IN_FLIGHT, kinds).await?;
                 let consoles = consoles.into_iter().map(|c| {
                     let r = reading(c.index);
                     (c, r)
@@ -220,8 +282,6 @@ pub fn run(args: BurstArgs) -> Result<(), Failure> {
         }
     });
     let vspc = conclude(result, daemon.process())?;
-
-    let relay = relay_phase(&args, &rt, &stop, shape, pattern.clone())?;
     rt.shutdown_background();
 
     let of = |r: Reading| vspc.consoles.iter().filter(move |c| c.reading == r);
@@ -232,6 +292,9 @@ pub fn run(args: BurstArgs) -> Result<(), Failure> {
         mode: "burst",
         bytes: args.bytes,
         consoles: args.consoles,
+        console_kind: kinds.name(),
+        consoles_by_kind: ByKind::count(of(Reading::Fast).map(|c| (c.kind, true))),
+        exact_by_kind: ByKind::count(of(Reading::Fast).map(|c| (c.kind, c.exact()))),
         stuck: args.stuck,
         slow: args.slow,
         slow_rate: (slow > 0).then_some(args.slow_rate),
@@ -257,7 +320,7 @@ pub fn run(args: BurstArgs) -> Result<(), Failure> {
     let line =
         serde_json::to_string(&report).map_err(|e| format!("cannot format the report: {e}"))?;
     println!("{line}");
-    failures(&vspc, args.bytes)
+    failures(&vspc, args.bytes, &gave_up)
 }
 
 /// The same burst to the fast consoles through the bare relay, unless
@@ -281,10 +344,11 @@ fn relay_phase(
     })?))
 }
 
-/// A fast console that missed, or got a wrong, byte fails the run; so does
-/// a slow console the daemon dropped or sent a wrong byte (it reads, so it
-/// must be kept). Stuck consoles are only reported.
-fn failures(vspc: &Phase, bytes: u64) -> Result<(), Failure> {
+/// A fast console that missed, or got a wrong, byte fails the run, and so
+/// does one that had not got its last byte `when` the phase gave up on it;
+/// so does a slow console the daemon dropped or sent a wrong byte (it
+/// reads, so it must be kept). Stuck consoles are only reported.
+fn failures(vspc: &Phase, bytes: u64, when: &str) -> Result<(), Failure> {
     let describe = |c: &ConsoleEnd| {
         let mut why = Vec::new();
         if let Some(e) = &c.error {
@@ -301,18 +365,18 @@ fn failures(vspc: &Phase, bytes: u64) -> Result<(), Failure> {
         }
         format!("{}: {}", c.who(), why.join("; "))
     };
-    let mut lines = Vec::new();
-    let fast: Vec<String> = vspc
+    let mut lines: Vec<String> = vspc.check_unfinished("vspc", when).into_iter().collect();
+    let fast: Vec<&ConsoleEnd> = vspc
         .consoles
         .iter()
-        .filter(|c| c.reading == Reading::Fast && !c.exact())
-        .map(describe)
+        .filter(|c| c.reading == Reading::Fast && !c.exact() && !c.unfinished)
         .collect();
     if !fast.is_empty() {
         lines.push(format!(
-            "{} fast console(s) did not get every byte in order: {}",
+            "{} fast console(s) ({}) did not get every byte in order: {}",
             fast.len(),
-            listing(fast.into_iter())
+            tally(fast.iter().map(|c| c.kind)),
+            listing(fast.into_iter().map(describe))
         ));
     }
     let slow: Vec<String> = vspc

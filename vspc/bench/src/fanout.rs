@@ -4,19 +4,27 @@
 //! `--pattern all-bytes` puts 0xFF in it, so telnet escaping works on both
 //! legs).
 //! Measured from the first byte sent to the last byte verified, first
-//! through the daemon, then (with `--logging`) through a daemon writing a
-//! transcript per VM with the Logging backend, then through a bare TCP relay
-//! (`relay-server`, a child process) of the same shape; the ratios say what
-//! the daemon's telnet and fan-out, and its transcripts, cost.
+//! through a bare TCP relay (`relay-server`, a child process), then through
+//! the daemon, then (with `--logging`) through a daemon writing a
+//! transcript per VM with the Logging backend, all of the same shape; the
+//! ratios say what the daemon's telnet and fan-out, and its transcripts,
+//! cost.
 //!
 //! Every console reads as fast as it can, so the daemon must get every byte
-//! to every console: one that it told "skipped N bytes" (because it fell
-//! more than `--console-queue` behind) fails the run, after the report.
+//! to every console, after the report the run fails for: a console it told
+//! "skipped N bytes" (because it fell more than `--console-queue` behind);
+//! a console that got a wrong byte or was closed; and a console that had
+//! not received its last byte 30 s after the relay finished the same work
+//! (without the relay: when no console has verified a byte for
+//! `--stall-secs`).
 //!
+//! The consoles are of the kinds `--console-kind` says (see `kinds.rs`).
 //! Connections to the daemon are set up by the simulation (handshake,
-//! listing, console negotiation) and then taken out of it
-//! ([`SimVm::into_raw`]); from then on each VM is one writer task and each
-//! console one reader task.
+//! listing, and for consoles that speak first their negotiation) and then
+//! taken out of it ([`SimVm::into_raw`]); silent consoles are only
+//! connected, and the VMs start as soon as the daemon has attached them
+//! all. From then on each VM is one writer task and each console one
+//! reader task.
 
 use std::io::Read;
 use std::net::{Ipv4Addr, SocketAddr};
@@ -35,12 +43,14 @@ use vspc_codec::wire::Decoder;
 use vspc_testkit::sim::{ConsoleOptions, RawConn, Role, SimConsole, SimVm, VmOptions};
 use vspc_testkit::{LogTo, Process};
 
+use super::kinds::{ByKind, ConsoleKind, KindOpts, Kinds};
 use super::stream::{
-    listing, stream_measured, Pattern, PatternKind, Phase, RawConsole, Reading, Shape, PERIOD,
+    listing, stream_measured, Pattern, PatternKind, Phase, RawConsole, Reading, Shape, WireKind,
+    PERIOD,
 };
 use super::{
-    conclude, identity, pool, round, runtime_with_signals, stopped, wait_listed, DaemonOpts,
-    Failure, Target, FD_SLACK, STEP_WAIT,
+    check_ports, conclude, identity, pool, round, runtime_with_signals, stopped, wait_listed,
+    DaemonOpts, Failure, Target, FD_SLACK, STEP_WAIT,
 };
 
 /// How long the Logging daemon may take to exit after SIGTERM (it writes
@@ -49,11 +59,20 @@ const STOP_WAIT: Duration = Duration::from_secs(120);
 /// Transcripts are read (and compared with the pattern) this many bytes at
 /// a time.
 const COMPARE_BUF: usize = 512 * 1024;
+/// How long after the relay finished the same work a console through the
+/// daemon may still be waiting for its last byte.
+pub(crate) const AFTER_RELAY: Duration = Duration::from_secs(30);
+/// How often the daemon's console count is read while silent consoles
+/// attach (well inside its 0.3 s detection window).
+const ATTACH_POLL: Duration = Duration::from_millis(2);
 
 #[derive(Args)]
 pub struct FanoutArgs {
     #[command(flatten)]
     daemon: DaemonOpts,
+
+    #[command(flatten)]
+    kind: KindOpts,
 
     /// VMs sending.
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..=100_000))]
@@ -94,7 +113,10 @@ pub struct FanoutArgs {
           value_parser = clap::value_parser!(u32).range(1..=65536))]
     in_flight: u32,
 
-    /// Fail when no byte is verified for this long.
+    /// Without the relay phase (--no-relay): fail when no byte is verified
+    /// for this long. With it, the relay runs first and a console through
+    /// the daemon fails if it has not received its last byte 30 s after
+    /// the relay's time for the same work.
     #[arg(long, value_name = "SECS", default_value_t = 30)]
     stall_secs: u64,
 
@@ -127,6 +149,7 @@ impl FanoutArgs {
             chunk: usize::try_from(self.chunk).unwrap_or(usize::MAX),
             window: self.window,
             stall: Duration::from_secs(self.stall_secs),
+            deadline: None,
         }
     }
 }
@@ -140,6 +163,11 @@ struct FanoutReport {
     bytes_per_vm: u64,
     /// N × C × B: what the consoles verified, per side.
     delivered_bytes: u64,
+    /// `--console-kind`, the consoles of each kind, and how many of each
+    /// got every byte in order through the daemon (the Memory phase).
+    console_kind: &'static str,
+    consoles_by_kind: ByKind,
+    exact_by_kind: ByKind,
     pattern: &'static str,
     /// Most bytes a VM ran ahead of its slowest console (0: no limit).
     window: u64,
@@ -189,27 +217,67 @@ struct Logged {
 
 pub fn run(args: FanoutArgs) -> Result<(), Failure> {
     let (n, c) = (u64::from(args.vms), u64::from(args.consoles));
+    let kinds = args.kind.kinds(&args.daemon.daemon_arg)?;
     check_fds(n, c, u64::from(args.in_flight))?;
     let (rt, stop) = runtime_with_signals()?;
+    // The daemon's ports, before the relay takes its time.
+    check_ports(args.daemon.base_port, args.vms, &rt)?;
     let pattern = Arc::new(Pattern::of(args.pattern));
     // Failures found after a phase completed: reported after the JSON line.
     let mut failures = Vec::new();
 
-    // Phase 1: the daemon.
+    // Phase 1: the relay, same shape, same ports: how long the work takes
+    // without the daemon.
+    let relay = if args.no_relay {
+        None
+    } else {
+        Some(on_relay(&rt, &stop, args.daemon.base_port, |pid| {
+            relay_phase(&args, pid, pattern.clone())
+        })?)
+    };
+    let (shape, gave_up) = match &relay {
+        Some(r) => {
+            let deadline = Duration::from_secs_f64(r.secs) + AFTER_RELAY;
+            let shape = Shape {
+                deadline: Some(deadline),
+                ..args.shape()
+            };
+            let when = format!(
+                "{} s after the relay finished the same work ({:.1} s after the first byte)",
+                AFTER_RELAY.as_secs(),
+                deadline.as_secs_f64()
+            );
+            (shape, when)
+        }
+        None => (
+            args.shape(),
+            format!(
+                "when no console had verified a byte for {} s",
+                args.stall_secs
+            ),
+        ),
+    };
+
+    // Phase 2: the daemon.
     let (mut daemon, target) = args.daemon.start(args.vms, &[], &rt)?;
     let result = rt.block_on(async {
         tokio::select! {
-            r = vspc_phase(&args, "vspc", target, pattern.clone()) => r,
+            r = vspc_phase(&args, "vspc", target, shape, kinds, pattern.clone()) => r,
             _ = stopped(stop.clone()) => Err(Failure::Interrupted),
         }
     });
     let vspc = conclude(result, daemon.process())?;
-    failures.extend(vspc.check_skips("vspc"));
+    failures.extend(console_failures(&vspc, "vspc", &gave_up));
 
-    // Phase 2: the daemon writing transcripts.
+    // Phase 3: the daemon writing transcripts (the VMs wait for the disk,
+    // so the stall rule, not the relay's time, limits it).
     let logged = if args.logging {
-        let logged = logging_phase(&args, &rt, &stop, pattern.clone())?;
-        failures.extend(logged.phase.check_skips("logging"));
+        let logged = logging_phase(&args, &rt, &stop, kinds, pattern.clone())?;
+        let when = format!(
+            "when no console had verified a byte for {} s",
+            args.stall_secs
+        );
+        failures.extend(console_failures(&logged.phase, "logging", &when));
         if !logged.incomplete.is_empty() {
             failures.push(format!(
                 "logging: {} of {} transcripts are not exactly their VM's {} bytes: {}",
@@ -223,15 +291,6 @@ pub fn run(args: FanoutArgs) -> Result<(), Failure> {
     } else {
         None
     };
-
-    // Phase 3: the relay, same shape, same ports.
-    let relay = if args.no_relay {
-        None
-    } else {
-        Some(on_relay(&rt, &stop, args.daemon.base_port, |pid| {
-            relay_phase(&args, pid, pattern.clone())
-        })?)
-    };
     rt.shutdown_background();
 
     let (skipped_consoles, skipped_bytes) = vspc.skips();
@@ -242,6 +301,9 @@ pub fn run(args: FanoutArgs) -> Result<(), Failure> {
         consoles_per_vm: args.consoles,
         bytes_per_vm: args.bytes_per_vm,
         delivered_bytes: n * c * args.bytes_per_vm,
+        console_kind: kinds.name(),
+        consoles_by_kind: ByKind::count(vspc.consoles.iter().map(|c| (c.kind, true))),
+        exact_by_kind: ByKind::count(vspc.consoles.iter().map(|c| (c.kind, c.exact()))),
         pattern: pattern.describe(),
         window: args.window,
         vspc_s: round(vspc.secs, 3),
@@ -276,6 +338,20 @@ pub fn run(args: FanoutArgs) -> Result<(), Failure> {
     } else {
         Err(failures.join("\n  ").into())
     }
+}
+
+/// A phase through the daemon fails for each of: consoles that were told
+/// output was skipped, consoles it gave up on before their last byte
+/// (`when` it did), consoles that got a wrong byte or were closed.
+fn console_failures(phase: &Phase, what: &str, when: &str) -> Vec<String> {
+    [
+        phase.check_skips(what),
+        phase.check_unfinished(what, when),
+        phase.check_wrong(what),
+    ]
+    .into_iter()
+    .flatten()
+    .collect()
 }
 
 /// Raise the open-files limit and check it holds the bench's sockets
@@ -326,6 +402,7 @@ fn logging_phase(
     args: &FanoutArgs,
     rt: &tokio::runtime::Runtime,
     stop: &watch::Receiver<bool>,
+    kinds: Kinds,
     pattern: Arc<Pattern>,
 ) -> Result<Logged, Failure> {
     let stamp = SystemTime::now()
@@ -359,7 +436,9 @@ fn logging_phase(
     let result = rt.block_on(async {
         tokio::select! {
             r = async {
-                let phase = vspc_phase(args, "logging", target, pattern.clone()).await?;
+                let phase =
+                    vspc_phase(args, "logging", target, args.shape(), kinds, pattern.clone())
+                        .await?;
                 let stopping = Instant::now();
                 daemon.terminate(STOP_WAIT).await?;
                 Ok((phase, stopping.elapsed().as_secs_f64()))
@@ -438,13 +517,23 @@ fn fs_type(path: &Path) -> Option<String> {
 // ---------------------------------------------------------------------------
 // Through the daemon.
 
-/// Connect N VMs and C consoles each through the simulation, then take
-/// every connection out of it: the VMs' streams (by VM) and the consoles.
+/// Connect N VMs and C consoles each of the kinds `kinds` gives them, and
+/// take every connection out of the simulation: the VMs' streams (by VM)
+/// and the consoles (console k of the run is console k % C of VM k / C).
+///
+/// Consoles that speak first are connected and negotiated first (as the
+/// simulator's console, then handed over). Silent ones are then only
+/// connected: the daemon attaches a console at accept and tells a silent
+/// one apart 0.3 s later, so this returns as soon as the daemon counts
+/// every console attached (its native admin protocol's `stats`, then
+/// `list` for each VM's count), and the flood that follows starts while
+/// they are still being told apart.
 pub(crate) async fn attach_raw(
     target: Target,
     n: usize,
     c: usize,
     width: usize,
+    kinds: Kinds,
 ) -> Result<(Vec<TcpStream>, Vec<RawConsole>), String> {
     let proxy = target.proxy;
     let vm_opts = VmOptions {
@@ -482,59 +571,226 @@ pub(crate) async fn attach_raw(
         .map(|s| s.ok_or("internal error: a VM stream went missing"))
         .collect::<Result<Vec<_>, _>>()?;
 
-    eprintln!("vspc-bench: attaching {} consoles ({c} per VM)", n * c);
+    let (loud, silent): (Vec<usize>, Vec<usize>) = (0..n * c).partition(|&k| !kinds.of(k).silent());
+    eprintln!(
+        "vspc-bench: attaching {} consoles ({c} per VM; --console-kind {}: {} speaking first, \
+         {} silent; the daemon's --console-protocol {})",
+        n * c,
+        kinds.name(),
+        loud.len(),
+        silent.len(),
+        kinds.protocol_name()
+    );
     let ip = target.console_ip;
     let opts = ConsoleOptions {
         timeout: STEP_WAIT,
         ..ConsoleOptions::default()
     };
-    let consoles = pool("consoles negotiated", n * c, width, move |k| {
-        let (vm, port, opts) = (k / c, ports[k / c], opts.clone());
-        async move {
-            let name = identity(vm).name;
-            let fail = |e: &dyn std::fmt::Display| format!("console of {name} on {ip}:{port}: {e}");
-            let console = SimConsole::connect_with((ip, port), &opts)
-                .await
-                .map_err(|e| fail(&e))?;
-            if let Some(reason) = console.closed() {
-                return Err(fail(&format!("closed by the daemon ({reason})")));
+    let loud = Arc::new(loud);
+    let mut consoles = {
+        let (loud, ports) = (loud.clone(), ports.clone());
+        pool("consoles negotiated", loud.len(), width, move |j| {
+            let k = loud[j];
+            let (vm, port, opts) = (k / c, ports[k / c], opts.clone());
+            async move {
+                let name = identity(vm).name;
+                let fail =
+                    |e: &dyn std::fmt::Display| format!("console of {name} on {ip}:{port}: {e}");
+                let console = SimConsole::connect_with((ip, port), &opts)
+                    .await
+                    .map_err(|e| fail(&e))?;
+                if let Some(reason) = console.closed() {
+                    return Err(fail(&format!("closed by the daemon ({reason})")));
+                }
+                let conn = console
+                    .into_raw::<TcpStream>()
+                    .await
+                    .map_err(|e| fail(&e))?;
+                Ok(RawConsole {
+                    vm,
+                    index: k % c,
+                    kind: Some(ConsoleKind::SpeakFirst),
+                    wire: WireKind::Telnet,
+                    conn,
+                })
             }
-            let conn = console
-                .into_raw::<TcpStream>()
-                .await
-                .map_err(|e| fail(&e))?;
-            Ok(RawConsole {
-                vm,
-                index: k % c,
-                conn,
+        })
+        .await?
+    };
+    if !silent.is_empty() {
+        let connecting = Instant::now();
+        let silent = Arc::new(silent);
+        let quiet = {
+            let silent = silent.clone();
+            pool("silent consoles connected", silent.len(), width, move |j| {
+                let k = silent[j];
+                let (vm, port, kind) = (k / c, ports[k / c], kinds.of(k));
+                async move {
+                    let fail = |e: &dyn std::fmt::Display| {
+                        format!(
+                            "{} console of {} on {ip}:{port}: {e}",
+                            kind.name(),
+                            identity(vm).name
+                        )
+                    };
+                    let stream = TcpStream::connect((ip, port)).await.map_err(|e| fail(&e))?;
+                    stream.set_nodelay(true).map_err(|e| fail(&e))?;
+                    let wire = match kind {
+                        ConsoleKind::SilentRaw => WireKind::Raw(kinds.raw_prefix()),
+                        ConsoleKind::SilentTelnet | ConsoleKind::SpeakFirst => {
+                            WireKind::TelnetAnswering
+                        }
+                    };
+                    Ok(RawConsole {
+                        vm,
+                        index: k % c,
+                        kind: Some(kind),
+                        wire,
+                        conn: RawConn {
+                            stream,
+                            data: Vec::new(),
+                            decoder: Decoder::default(),
+                            events: Vec::new(),
+                            binary: false,
+                        },
+                    })
+                }
             })
-        }
-    })
-    .await?;
+            .await?
+        };
+        let connected = connecting.elapsed();
+        wait_attached(target.admin, n, c).await?;
+        eprintln!(
+            "vspc-bench: {} silent consoles connected in {:.3} s; the daemon had attached every \
+             console {:.3} s after the first connected",
+            silent.len(),
+            connected.as_secs_f64(),
+            connecting.elapsed().as_secs_f64()
+        );
+        consoles.extend(quiet);
+        consoles.sort_by_key(|r| r.vm * c + r.index);
+    }
     Ok((vm_streams, consoles))
 }
 
-/// One phase through the daemon (`what` names it): every console must get
-/// every byte; skips are left to the caller, which reports them.
+/// Poll the daemon's native admin protocol on `admin` until it has
+/// attached `c` consoles to each of the `n` VMs of this run: `stats` (the
+/// total, cheap) until it counts them all, then `list` to check each VM.
+async fn wait_attached(admin: SocketAddr, n: usize, c: usize) -> Result<(), String> {
+    let mut ask = AdminLines::connect(admin).await?;
+    let want = n * c;
+    let start = Instant::now();
+    loop {
+        let stats = ask.answer("stats").await?;
+        let counted = stats["consoles"]
+            .as_u64()
+            .ok_or_else(|| format!("admin `stats` on {admin} gave no console count: {stats}"))?;
+        let mut short = None;
+        if counted >= want as u64 {
+            let list = ask.answer("list").await?;
+            let rows = list["vms"].as_array().ok_or_else(|| {
+                format!("admin `list` on {admin} gave no VMs: {}", abbreviate(&list))
+            })?;
+            let by_uuid: std::collections::HashMap<&str, u64> = rows
+                .iter()
+                .filter_map(|r| Some((r["uuid"].as_str()?, r["consoles"].as_u64()?)))
+                .collect();
+            short = (0..n).find_map(|i| {
+                let id = identity(i);
+                let got = by_uuid
+                    .get(id.uuid_display().as_str())
+                    .copied()
+                    .unwrap_or(0);
+                (got != c as u64).then(|| format!("{} has {got}", id.name))
+            });
+            if short.is_none() {
+                return Ok(());
+            }
+        }
+        if start.elapsed() > STEP_WAIT {
+            return Err(format!(
+                "the daemon had attached {counted} of the {want} consoles ({c} per VM{}) {} s \
+                 after they connected (admin `stats` and `list` on {admin})",
+                short.map_or(String::new(), |s| format!("; {s}")),
+                STEP_WAIT.as_secs()
+            ));
+        }
+        tokio::time::sleep(ATTACH_POLL).await;
+    }
+}
+
+/// A JSON value, cut short for a message.
+fn abbreviate(v: &serde_json::Value) -> String {
+    let text = v.to_string();
+    match text.char_indices().nth(200) {
+        Some((at, _)) => format!("{}...", &text[..at]),
+        None => text,
+    }
+}
+
+/// One connection to the daemon's native admin protocol: a command line,
+/// a JSON line back.
+struct AdminLines {
+    addr: SocketAddr,
+    lines: tokio::io::Lines<tokio::io::BufReader<tokio::net::tcp::OwnedReadHalf>>,
+    write: tokio::net::tcp::OwnedWriteHalf,
+}
+
+impl AdminLines {
+    async fn connect(addr: SocketAddr) -> Result<AdminLines, String> {
+        use tokio::io::AsyncBufReadExt;
+        let stream = tokio::time::timeout(STEP_WAIT, TcpStream::connect(addr))
+            .await
+            .map_err(|_| format!("connecting to the admin port {addr}: no answer"))?
+            .map_err(|e| format!("connecting to the admin port {addr}: {e}"))?;
+        let (read, write) = stream.into_split();
+        Ok(AdminLines {
+            addr,
+            lines: tokio::io::BufReader::new(read).lines(),
+            write,
+        })
+    }
+
+    /// Send `command`; its answer, which must say `"ok":true`.
+    async fn answer(&mut self, command: &str) -> Result<serde_json::Value, String> {
+        let addr = self.addr;
+        let fail = |e: &dyn std::fmt::Display| format!("admin `{command}` on {addr}: {e}");
+        let exchange = async {
+            self.write
+                .write_all(format!("{command}\n").as_bytes())
+                .await
+                .map_err(|e| fail(&e))?;
+            self.lines
+                .next_line()
+                .await
+                .map_err(|e| fail(&e))?
+                .ok_or_else(|| fail(&"the daemon closed the connection"))
+        };
+        let line = tokio::time::timeout(STEP_WAIT, exchange)
+            .await
+            .map_err(|_| fail(&format!("no answer in {} s", STEP_WAIT.as_secs())))??;
+        let value: serde_json::Value =
+            serde_json::from_str(&line).map_err(|e| fail(&format!("not JSON ({e})")))?;
+        if value["ok"] != serde_json::Value::Bool(true) {
+            return Err(fail(&format!("refused: {}", abbreviate(&value))));
+        }
+        Ok(value)
+    }
+}
+
+/// One phase through the daemon (`what` names it). How each console ended
+/// is left to the caller, which reports it.
 async fn vspc_phase(
     args: &FanoutArgs,
     what: &str,
     target: Target,
+    shape: Shape,
+    kinds: Kinds,
     pattern: Arc<Pattern>,
 ) -> Result<Phase, Failure> {
     let (n, c) = (args.vms as usize, args.consoles as usize);
-    let (vms, consoles) = attach_raw(target, n, c, args.in_flight as usize).await?;
-    let phase = stream_measured(
-        what,
-        target.pid,
-        vms,
-        all_fast(consoles),
-        args.shape(),
-        pattern,
-    )
-    .await?;
-    phase.check_errors(what)?;
-    Ok(phase)
+    let (vms, consoles) = attach_raw(target, n, c, args.in_flight as usize, kinds).await?;
+    stream_measured(what, target.pid, vms, all_fast(consoles), shape, pattern).await
 }
 
 /// Every console reading at full speed.
@@ -640,6 +896,8 @@ pub(crate) async fn relay_attach(
             Ok(RawConsole {
                 vm: k / c,
                 index: k % c,
+                kind: None,
+                wire: WireKind::Telnet,
                 conn: RawConn {
                     stream,
                     data: Vec::new(),

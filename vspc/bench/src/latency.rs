@@ -29,6 +29,7 @@ use tokio::task::JoinSet;
 use vspc_codec::wire::{encode, Decoder, Event};
 
 use super::fanout::{attach_raw, check_fds, on_relay, peak_rss_kib, relay_attach};
+use super::kinds::Kinds;
 use super::stream::{splitmix64, verify_console, Pattern, Progress, RawConsole, Verifier};
 use super::{
     conclude, cpu_s, round, runtime_with_signals, stopped, DaemonOpts, Failure, STEP_WAIT,
@@ -139,7 +140,8 @@ pub fn run(args: LatencyArgs) -> Result<(), Failure> {
         tokio::select! {
             r = async {
                 let n = args.vms as usize;
-                let (vms, consoles) = attach_raw(target, n, 1, args.in_flight as usize).await?;
+                let (vms, consoles) =
+                    attach_raw(target, n, 1, args.in_flight as usize, Kinds::speak_first()).await?;
                 let probed = under_load(&args, vms, consoles, target.pid).await?;
                 Ok((probed, peak_rss_kib(target.pid)?))
             } => r,
@@ -229,12 +231,12 @@ async fn under_load(
     let RawConsole { conn: probe, .. } = consoles
         .next()
         .ok_or("internal error: no console 0".to_string())?;
-    for RawConsole { vm, conn, .. } in consoles {
+    for RawConsole { vm, conn, wire, .. } in consoles {
         // A skip notice fails at once: these consoles read as fast as they can.
         let mut v = Verifier::new(vm, None, pattern.clone());
         let progress = Progress::counting(progress.clone());
         background.spawn(async move {
-            verify_console(conn, &mut v, None, &progress)
+            verify_console(conn, wire, &mut v, None, &progress)
                 .await
                 .map(|_| ())
                 .map_err(|e| format!("console of VM {vm}: {e}"))

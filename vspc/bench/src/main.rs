@@ -33,6 +33,7 @@ use vspc_testkit::{Daemon, Process};
 mod burst;
 mod churn;
 mod fanout;
+mod kinds;
 mod latency;
 mod relay;
 mod scrape;
@@ -89,14 +90,18 @@ enum Mode {
     /// Long run: streaming VMs, verifying consoles, random reconnects and
     /// vMotions; every byte checked.
     Soak(soak::SoakArgs),
-    /// Fan-out throughput: N VMs stream to C consoles each through the
-    /// daemon, then the same through a bare TCP relay; the ratio.
+    /// Fan-out throughput: N VMs stream to C consoles each through a bare
+    /// TCP relay, then the same through the daemon; the ratio. The consoles
+    /// are of every kind real users run (--console-kind: telnet clients
+    /// that speak first or wait, and raw readers such as nc), and each must
+    /// get every byte.
     Fanout(fanout::FanoutArgs),
     /// One VM writes B bytes at full speed to C consoles reading as fast as
     /// they can, while stuck consoles never read and slow ones read at a
     /// limited rate; every fast console must get every byte, undelayed.
-    /// With `--via ssh` the consoles are OpenSSH clients logged in through
-    /// the SSH front door.
+    /// The consoles are of the kinds --console-kind gives. With `--via ssh`
+    /// the consoles are OpenSSH clients logged in through the SSH front
+    /// door.
     Burst(burst::BurstArgs),
     /// Console round trip through an echoing VM while other VMs stream at
     /// serial-port rate.

@@ -104,12 +104,26 @@ async fn connection(mut stream: TcpStream, waiting: Waiting, vm: bool) -> Result
         .ok_or_else(|| format!("bad header {line:?}"))?;
     match (kind, vm) {
         ("console", false) => {
-            stream
-                .write_all(OK)
-                .await
-                .map_err(|e| format!("console of VM {id}: {e}"))?;
-            lock(&waiting).entry(id).or_default().push(stream);
-            Ok(())
+            // Registered before the answer can arrive: the bench connects
+            // the VM as soon as its consoles are answered, and a VM takes
+            // only the consoles registered by then.
+            loop {
+                stream
+                    .writable()
+                    .await
+                    .map_err(|e| format!("console of VM {id}: {e}"))?;
+                let mut registry = lock(&waiting);
+                match stream.try_write(OK) {
+                    Ok(n) if n == OK.len() => {
+                        registry.entry(id).or_default().push(stream);
+                        return Ok(());
+                    }
+                    // Three bytes on a new connection go whole or not at all.
+                    Ok(n) => return Err(format!("console of VM {id}: wrote {n} bytes of `ok`")),
+                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
+                    Err(e) => return Err(format!("console of VM {id}: {e}")),
+                }
+            }
         }
         ("vm", true) => {
             let consoles = lock(&waiting).remove(&id).unwrap_or_default();

@@ -12,6 +12,15 @@
 //! console's telnet decoder undoubles it before the check (the bare relay
 //! passes the VM's doubled bytes through, so its consoles decode the same).
 //!
+//! A console reads its stream as its kind does ([`WireKind`]): telnet
+//! decoded, answering any negotiation if it is a telnet client that waited
+//! for the server (silent-telnet), or raw, with no decoding at all, after
+//! the daemon's telnet offer to a client that stayed silent (silent-raw).
+//! A phase with a deadline gives up at that time on the consoles reading
+//! at full speed that have not received their last byte (`unfinished`);
+//! without one, or once they are done, it gives up on every console still
+//! reading when none has verified a byte for the stall time.
+//!
 //! The daemon never drops a console that reads. A console more than
 //! `--console-queue` behind loses the oldest output instead and is told so
 //! in-band, on a line of its own ([`NOTICE_HEAD`] N [`NOTICE_TAIL`]); the
@@ -32,10 +41,11 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::sync::watch;
 use tokio::task::JoinSet;
-use vspc_codec::wire::{encode, Event};
-use vspc_testkit::sim::RawConn;
+use vspc_codec::wire::{encode, Decoder, Event, Negotiator};
+use vspc_testkit::sim::{console_negotiator, RawConn};
 
 use super::fanout::peak_rss_kib;
+use super::kinds::{tally, ConsoleKind};
 use super::{cpu_s, identity, Failure, PROGRESS_EVERY};
 
 /// The pattern's period: a prime, so whole-chunk losses never line up.
@@ -485,11 +495,133 @@ impl Progress {
     }
 }
 
-/// Read a console's telnet stream until its VM's bytes are all accounted
-/// for (forever without `expect`), at most `pace` bytes per second if
-/// given. Returns when the last byte was verified, and the stream.
+/// How a console's bytes are read.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum WireKind {
+    /// Telnet, decoded; negotiation is not answered (a console that
+    /// negotiated before it was handed over, and the bare relay's, which
+    /// get none).
+    Telnet,
+    /// Telnet, decoded, and every negotiation answered the way the
+    /// simulator's console answers (BINARY both ways and SGA accepted): a
+    /// telnet client that waited for the server to negotiate.
+    TelnetAnswering,
+    /// No telnet at all: exactly these bytes first (the daemon's telnet
+    /// offer to a client that stayed silent), then the VM's bytes as they
+    /// are, 0xFF undoubled.
+    Raw(&'static [u8]),
+}
+
+/// Where a console's reader is in its stream.
+enum WireState {
+    Telnet {
+        decoder: Decoder,
+        /// Answers the server's negotiation ([`WireKind::TelnetAnswering`]).
+        answer: Option<Negotiator>,
+    },
+    Raw {
+        prefix: &'static [u8],
+        /// Bytes of `prefix` received so far.
+        matched: usize,
+    },
+}
+
+/// Turns the bytes off a console's socket into data for its [`Verifier`]
+/// (and answers to negotiation), as its [`WireKind`] says.
+pub(crate) struct Wire {
+    state: WireState,
+}
+
+impl Wire {
+    /// `decoder` goes on from where the simulation left a telnet stream.
+    pub(crate) fn new(kind: WireKind, decoder: Decoder) -> Wire {
+        let state = match kind {
+            WireKind::Telnet => WireState::Telnet {
+                decoder,
+                answer: None,
+            },
+            WireKind::TelnetAnswering => WireState::Telnet {
+                decoder,
+                answer: Some(console_negotiator(true)),
+            },
+            WireKind::Raw(prefix) => WireState::Raw { prefix, matched: 0 },
+        };
+        Wire { state }
+    }
+
+    /// Check the next bytes off the socket: the data goes to `v`; answers
+    /// to the server's negotiation, if this console answers, to `replies`.
+    pub(crate) fn feed(
+        &mut self,
+        bytes: &[u8],
+        v: &mut Verifier,
+        replies: &mut Vec<u8>,
+    ) -> Result<(), String> {
+        match &mut self.state {
+            WireState::Telnet { decoder, answer } => {
+                let mut bad = Ok(());
+                decoder
+                    .decode(bytes, |ev| match ev {
+                        Event::Data(d) if bad.is_ok() => bad = v.data(d),
+                        Event::Negotiate(verb, option) => {
+                            if let Some(neg) = answer.as_mut() {
+                                neg.receive(verb, option, replies);
+                            }
+                        }
+                        _ => {}
+                    })
+                    .map_err(|e| format!("telnet decode error: {e}"))?;
+                bad
+            }
+            WireState::Raw { prefix, matched } => {
+                let mut d = bytes;
+                if *matched < prefix.len() {
+                    let want = &prefix[*matched..];
+                    let n = want.len().min(d.len());
+                    if let Some(i) = (0..n).find(|&i| d[i] != want[i]) {
+                        return Err(format!(
+                            "expected the daemon's {}-byte telnet offer first (a console \
+                             silent for 0.3 s gets it before any output), but byte {} of the \
+                             stream is 0x{:02x}, not 0x{:02x}; received from there: {:?}",
+                            prefix.len(),
+                            *matched + i,
+                            d[i],
+                            want[i],
+                            String::from_utf8_lossy(&d[i..(i + SHOW).min(d.len())])
+                        ));
+                    }
+                    *matched += n;
+                    d = &d[n..];
+                }
+                if d.is_empty() {
+                    Ok(())
+                } else {
+                    v.data(d)
+                }
+            }
+        }
+    }
+
+    /// Where a stream that ended early was, beyond the data: inside the
+    /// expected offer.
+    fn unfinished_prefix(&self) -> Option<String> {
+        match self.state {
+            WireState::Raw { prefix, matched } if matched < prefix.len() => Some(format!(
+                " (after {matched} of the {}-byte telnet offer it expected first)",
+                prefix.len()
+            )),
+            _ => None,
+        }
+    }
+}
+
+/// Read a console's stream until its VM's bytes are all accounted for
+/// (forever without `expect`), at most `pace` bytes per second if given,
+/// reading it as `wire` says. Returns when the last byte was verified, and
+/// the stream.
 pub(crate) async fn verify_console(
     conn: RawConn<TcpStream>,
+    wire: WireKind,
     v: &mut Verifier,
     pace: Option<u64>,
     progress: &Progress,
@@ -497,9 +629,11 @@ pub(crate) async fn verify_console(
     let RawConn {
         mut stream,
         data,
-        mut decoder,
+        decoder,
         ..
     } = conn;
+    let mut wire = Wire::new(wire, decoder);
+    let mut replies = Vec::new();
     let report = |v: &Verifier, before: u64| {
         progress
             .all
@@ -515,13 +649,13 @@ pub(crate) async fn verify_console(
     v.data(&data)?;
     report(v, 0);
     let mut buf = vec![0u8; READ_BUF];
-    let (started, mut wire) = (tokio::time::Instant::now(), 0u64);
+    let (started, mut on_wire) = (tokio::time::Instant::now(), 0u64);
     while !v.done() {
         let want = match pace {
             None => buf.len(),
             Some(rate) => {
                 // Sleep until the bytes read so far are due at `rate`.
-                let due = Duration::from_secs_f64(wire as f64 / rate.max(1) as f64);
+                let due = Duration::from_secs_f64(on_wire as f64 / rate.max(1) as f64);
                 tokio::time::sleep_until(started + due).await;
                 let slice = (rate / PACE_SLICES_PER_S).max(1);
                 buf.len().min(usize::try_from(slice).unwrap_or(usize::MAX))
@@ -530,9 +664,9 @@ pub(crate) async fn verify_console(
         let n = match stream.read(&mut buf[..want]).await {
             Ok(0) => {
                 let inside = if v.notice.is_some() {
-                    " (inside a skip notice)"
+                    " (inside a skip notice)".to_string()
                 } else {
-                    ""
+                    wire.unfinished_prefix().unwrap_or_default()
                 };
                 return Err(format!(
                     "closed by the other side after {} data bytes{}{inside}",
@@ -543,17 +677,18 @@ pub(crate) async fn verify_console(
             Ok(n) => n,
             Err(e) => return Err(format!("read error after {} data bytes: {e}", v.received)),
         };
-        wire += n as u64;
+        on_wire += n as u64;
         let before = v.received;
-        let mut bad = Ok(());
-        decoder
-            .decode(&buf[..n], |ev| {
-                if let (Event::Data(d), Ok(())) = (ev, &bad) {
-                    bad = v.data(d);
-                }
-            })
-            .map_err(|e| format!("telnet decode error: {e}"))?;
-        bad?;
+        wire.feed(&buf[..n], v, &mut replies)?;
+        if !replies.is_empty() {
+            stream.write_all(&replies).await.map_err(|e| {
+                format!(
+                    "answering the server's negotiation after {} data bytes: {e}",
+                    v.received
+                )
+            })?;
+            replies.clear();
+        }
         report(v, before);
     }
     Ok((Instant::now(), stream))
@@ -603,10 +738,14 @@ async fn send_pattern(
 // ---------------------------------------------------------------------------
 // A streaming phase.
 
-/// A console's connection, its VM, and its number among that VM's consoles.
+/// A console's connection, its VM, its number among that VM's consoles,
+/// its kind, and how its bytes are read.
 pub(crate) struct RawConsole {
     pub(crate) vm: usize,
     pub(crate) index: usize,
+    /// `None` for the bare relay's consoles, which all read alike.
+    pub(crate) kind: Option<ConsoleKind>,
+    pub(crate) wire: WireKind,
     pub(crate) conn: RawConn<TcpStream>,
 }
 
@@ -635,14 +774,19 @@ pub(crate) struct Shape {
     /// Most bytes a VM runs ahead of its slowest fast console (0: no limit).
     pub(crate) window: u64,
     /// The phase ends, every unfinished console failing, when no console
-    /// verifies a byte for this long.
+    /// verifies a byte for this long (once every fast console is done,
+    /// with a `deadline`).
     pub(crate) stall: Duration,
+    /// The fast consoles still reading this long after the first byte was
+    /// sent are given up on (unfinished); instead of `stall` while any is.
+    pub(crate) deadline: Option<Duration>,
 }
 
 /// How one console's stream ended.
 pub(crate) struct ConsoleEnd {
     pub(crate) vm: usize,
     pub(crate) index: usize,
+    pub(crate) kind: Option<ConsoleKind>,
     pub(crate) reading: Reading,
     /// Data bytes received and verified.
     pub(crate) received: u64,
@@ -652,19 +796,24 @@ pub(crate) struct ConsoleEnd {
     /// Why it did not get to the end of its VM's stream (a wrong byte, a
     /// close, a stall, bytes after the end).
     pub(crate) error: Option<String>,
+    /// Still reading when the phase gave up on it (its deadline, or a
+    /// stall): it had not received its last byte.
+    pub(crate) unfinished: bool,
     /// Still connected when the phase ended.
     pub(crate) connected: bool,
     stream: Option<TcpStream>,
 }
 
 impl ConsoleEnd {
-    /// "console J of VM I (sim-vm-0000I+1)".
+    /// "console J of VM I (sim-vm-0000I+1, KIND)".
     pub(crate) fn who(&self) -> String {
         format!(
-            "console {} of VM {} ({})",
+            "console {} of VM {} ({}{})",
             self.index,
             self.vm,
-            identity(self.vm).name
+            identity(self.vm).name,
+            self.kind
+                .map_or(String::new(), |k| format!(", {}", k.name()))
         )
     }
 
@@ -720,21 +869,75 @@ impl Phase {
             .fold((0, 0), |(n, b), c| (n + 1, b + c.skipped))
     }
 
-    /// The skips as a failure of the byte-exact check, if any.
+    /// The skips to consoles reading at full speed as a failure of the
+    /// byte-exact check, if any.
     pub(crate) fn check_skips(&self, what: &str) -> Option<String> {
-        let skipped: Vec<&ConsoleEnd> = self.consoles.iter().filter(|c| c.skipped > 0).collect();
-        let (consoles, bytes) = self.skips();
-        (consoles > 0).then(|| {
+        let skipped: Vec<&ConsoleEnd> = self
+            .consoles
+            .iter()
+            .filter(|c| c.skipped > 0 && c.reading == Reading::Fast)
+            .collect();
+        let bytes: u64 = skipped.iter().map(|c| c.skipped).sum();
+        (!skipped.is_empty()).then(|| {
             format!(
-                "{what}: {consoles} of {} consoles fell behind and were told the daemon skipped \
-                 {bytes} bytes of their output in all: {}",
+                "{what}: {} of {} consoles ({}) read at full speed but were told the daemon \
+                 skipped {bytes} bytes of their output in all: {}",
+                skipped.len(),
                 self.consoles.len(),
+                tally(skipped.iter().map(|c| c.kind)),
                 listing(skipped.iter().map(|c| format!(
                     "{}: {} bytes skipped in {} notice(s), {} received",
                     c.who(),
                     c.skipped,
                     c.notices,
                     c.received
+                )))
+            )
+        })
+    }
+
+    /// The consoles reading at full speed that the phase gave up on
+    /// before their last byte, as a failure (`when` says when it gave up:
+    /// "30 s after the relay finished the same work"), if any.
+    pub(crate) fn check_unfinished(&self, what: &str, when: &str) -> Option<String> {
+        let late: Vec<&ConsoleEnd> = self
+            .consoles
+            .iter()
+            .filter(|c| c.unfinished && c.reading == Reading::Fast)
+            .collect();
+        (!late.is_empty()).then(|| {
+            format!(
+                "{what}: {} of {} consoles ({}) had not received their last byte {when}: {}",
+                late.len(),
+                self.consoles.len(),
+                tally(late.iter().map(|c| c.kind)),
+                listing(late.iter().map(|c| format!(
+                    "{} {}",
+                    c.who(),
+                    c.error.as_deref().unwrap_or("")
+                )))
+            )
+        })
+    }
+
+    /// The consoles reading at full speed that got a wrong byte, more than
+    /// their VM sent, or were closed, as a failure, if any.
+    pub(crate) fn check_wrong(&self, what: &str) -> Option<String> {
+        let bad: Vec<&ConsoleEnd> = self
+            .consoles
+            .iter()
+            .filter(|c| c.error.is_some() && !c.unfinished && c.reading == Reading::Fast)
+            .collect();
+        (!bad.is_empty()).then(|| {
+            format!(
+                "{what}: {} of {} consoles ({}) did not get their VM's bytes: {}",
+                bad.len(),
+                self.consoles.len(),
+                tally(bad.iter().map(|c| c.kind)),
+                listing(bad.iter().map(|c| format!(
+                    "{}: {}",
+                    c.who(),
+                    c.error.as_deref().unwrap_or("")
                 )))
             )
         })
@@ -774,6 +977,7 @@ pub(crate) async fn stream_measured(
 struct Slot {
     vm: usize,
     index: usize,
+    kind: Option<ConsoleKind>,
     reading: Reading,
     /// Bytes received and skipped, as its reader last reported.
     mine: Arc<[AtomicU64; 2]>,
@@ -781,8 +985,8 @@ struct Slot {
 
 impl Slot {
     /// How the console ended if its reader was still at it when the phase
-    /// stalled.
-    fn stalled(&self, shape: Shape) -> ConsoleEnd {
+    /// gave up on it (its deadline, or a stall).
+    fn unfinished(&self, shape: Shape) -> ConsoleEnd {
         let (received, skipped) = (
             self.mine[0].load(Ordering::Relaxed),
             self.mine[1].load(Ordering::Relaxed),
@@ -790,16 +994,16 @@ impl Slot {
         ConsoleEnd {
             vm: self.vm,
             index: self.index,
+            kind: self.kind,
             reading: self.reading,
             received,
             skipped,
             notices: 0,
             error: Some(format!(
-                "stalled: nothing more for {} s after {received} data bytes ({skipped} skipped) \
-                 of {}",
-                shape.stall.as_secs(),
+                "got {received} of {} bytes ({skipped} skipped)",
                 shape.total
             )),
+            unfinished: true,
             connected: false,
             stream: None,
         }
@@ -815,6 +1019,8 @@ type ReaderEnd = (usize, Verifier, Result<(Instant, TcpStream), String>);
 struct Readers {
     slots: Vec<Slot>,
     tasks: JoinSet<ReaderEnd>,
+    /// Each reader's task, by console, to give up on it.
+    aborts: Vec<tokio::task::AbortHandle>,
     /// Per VM, for its sender's `--window`.
     flows: Vec<Arc<Flow>>,
     fast: usize,
@@ -839,8 +1045,16 @@ fn spawn_readers(
     let fast_total = per_vm.iter().sum::<usize>();
     let flows: Vec<Arc<Flow>> = per_vm.iter().map(|&c| Arc::new(Flow::new(c))).collect();
     let mut slots = Vec::with_capacity(consoles.len());
+    let mut aborts = Vec::with_capacity(consoles.len());
     let mut tasks = JoinSet::new();
-    for (k, (RawConsole { vm, index, conn }, reading)) in consoles.into_iter().enumerate() {
+    for (k, (console, reading)) in consoles.into_iter().enumerate() {
+        let RawConsole {
+            vm,
+            index,
+            kind,
+            wire,
+            conn,
+        } = console;
         let mine = Arc::new([AtomicU64::new(0), AtomicU64::new(0)]);
         let flow = match (flows.get(vm), per_vm.get_mut(vm)) {
             (Some(flow), Some(count)) if fast(&reading) => {
@@ -858,12 +1072,13 @@ fn spawn_readers(
         slots.push(Slot {
             vm,
             index,
+            kind,
             reading,
             mine,
         });
         let mut v = Verifier::new(vm, Some(shape.total), pattern.clone()).counting_skips();
         let mut release = release.clone();
-        tasks.spawn(async move {
+        aborts.push(tasks.spawn(async move {
             if reading == Reading::Stuck && release.wait_for(|r| *r).await.is_err() {
                 return (k, v, Err("internal error: release dropped".to_string()));
             }
@@ -871,13 +1086,14 @@ fn spawn_readers(
                 Reading::Limited(rate) => Some(rate),
                 Reading::Fast | Reading::Stuck => None,
             };
-            let r = verify_console(conn, &mut v, pace, &progress).await;
+            let r = verify_console(conn, wire, &mut v, pace, &progress).await;
             (k, v, r)
-        });
+        }));
     }
     Readers {
         slots,
         tasks,
+        aborts,
         flows,
         fast: fast_total,
     }
@@ -897,6 +1113,7 @@ async fn stream_phase(
     let Readers {
         slots,
         tasks: mut readers,
+        aborts,
         flows,
         fast: fast_total,
     } = spawn_readers(vms.len(), consoles, shape, &pattern, &all, &release_rx);
@@ -921,6 +1138,10 @@ async fn stream_phase(
     let (cpu0, me0) = (cpu_s(pid)?, cpu_s(me)?);
     let t0 = Instant::now();
     let _ = gate.send(true);
+    // The fast consoles' deadline, while it may still pass.
+    let mut deadline = shape
+        .deadline
+        .map(|d| tokio::time::Instant::from_std(t0 + d));
     let mut fast_left = fast_total;
     let mut last = None::<Instant>;
     // (seconds, server CPU, bench CPU) when the last fast console was done.
@@ -934,6 +1155,9 @@ async fn stream_phase(
         if fast_left == 0 && measured.is_none() {
             let secs = last.map_or(t0.elapsed(), |l| l - t0).as_secs_f64();
             measured = Some((secs, cpu_s(pid)?, cpu_s(me)?));
+            deadline = None;
+            // The stall clock starts now for the slow and stuck ones.
+            since = Instant::now();
             let _ = release.send(true);
             if !readers.is_empty() {
                 eprintln!(
@@ -946,10 +1170,16 @@ async fn stream_phase(
         if readers.is_empty() {
             break;
         }
+        // A disabled branch's future is still built, so it needs some instant.
+        let due = deadline.unwrap_or_else(tokio::time::Instant::now);
         tokio::select! {
             joined = readers.join_next() => match joined {
                 Some(Ok((k, v, r))) => {
                     let slot = &slots[k];
+                    if ends[k].is_some() {
+                        // Given up on at the deadline just as it finished.
+                        continue;
+                    }
                     let (done_at, stream, error) = match r {
                         Ok((at, stream)) => (Some(at), Some(stream), None),
                         Err(e) => (None, None, Some(e)),
@@ -963,15 +1193,19 @@ async fn stream_phase(
                     ends[k] = Some(ConsoleEnd {
                         vm: slot.vm,
                         index: slot.index,
+                        kind: slot.kind,
                         reading: slot.reading,
                         received: v.received,
                         skipped: v.skipped,
                         notices: v.notices,
                         error,
+                        unfinished: false,
                         connected: false,
                         stream,
                     });
                 }
+                // A reader given up on at the deadline.
+                Some(Err(e)) if e.is_cancelled() => {}
                 Some(Err(e)) => return Err(format!("{what}: a console task failed: {e}")),
                 None => {}
             },
@@ -980,6 +1214,27 @@ async fn stream_phase(
                 Ok(Err(e)) => return Err(format!("{what}: {e}")),
                 Err(e) => return Err(format!("{what}: a VM task failed: {e}")),
             },
+            _ = tokio::time::sleep_until(due), if deadline.is_some() => {
+                deadline = None;
+                let mut late = 0;
+                for (k, slot) in slots.iter().enumerate() {
+                    if slot.reading == Reading::Fast && ends[k].is_none() {
+                        aborts[k].abort();
+                        ends[k] = Some(slot.unfinished(shape));
+                        fast_left -= 1;
+                        late += 1;
+                    }
+                }
+                if late > 0 {
+                    // The phase took this long.
+                    last = Some(Instant::now());
+                }
+                eprintln!(
+                    "vspc-bench: {what}: {late} consoles had not received their last byte \
+                     {:.1} s after the first was sent; giving up on them",
+                    shape.deadline.unwrap_or_default().as_secs_f64()
+                );
+            }
             _ = ticker.tick() => {
                 let now = all.load(Ordering::Relaxed);
                 eprintln!(
@@ -988,7 +1243,7 @@ async fn stream_phase(
                 );
                 if now != seen {
                     (seen, since) = (now, Instant::now());
-                } else if since.elapsed() > shape.stall {
+                } else if deadline.is_none() && since.elapsed() > shape.stall {
                     eprintln!(
                         "vspc-bench: {what}: no byte verified for {} s; {} consoles not done",
                         shape.stall.as_secs(),
@@ -1008,7 +1263,7 @@ async fn stream_phase(
     let mut consoles: Vec<ConsoleEnd> = ends
         .into_iter()
         .zip(&slots)
-        .map(|(end, slot)| end.unwrap_or_else(|| slot.stalled(shape)))
+        .map(|(end, slot)| end.unwrap_or_else(|| slot.unfinished(shape)))
         .collect();
     for c in &mut consoles {
         still_connected(c, shape.total);
@@ -1107,6 +1362,186 @@ mod tests {
         assert!(!p.piece(0, 0, PERIOD).contains(&0xff));
         let mut scratch = Vec::new();
         assert_eq!(p.wire(0, 5, 100, &mut scratch), p.piece(0, 5, 100));
+    }
+
+    /// Feed `bytes` off the wire in runs of `run` bytes; no answers may
+    /// come back.
+    fn feed_wire(w: &mut Wire, v: &mut Verifier, bytes: &[u8], run: usize) -> Result<(), String> {
+        let mut replies = Vec::new();
+        bytes
+            .chunks(run)
+            .try_for_each(|c| w.feed(c, v, &mut replies))?;
+        assert!(replies.is_empty(), "a raw console answered {replies:?}");
+        Ok(())
+    }
+
+    #[test]
+    fn a_silent_raw_console_wants_the_offer_then_the_bytes_as_they_are() {
+        use crate::kinds::TELNET_OFFER;
+        let p = Arc::new(Pattern::of(PatternKind::AllBytes));
+        let data = p.piece(2, 0, 5000).to_vec();
+        assert!(data.contains(&0xff), "the test needs 0xFF in the data");
+        let raw = WireKind::Raw(TELNET_OFFER);
+        let good = [TELNET_OFFER, &data].concat();
+        for run in [1, 2, 14, 15, 16, 4096, 1 << 20] {
+            let mut v = Verifier::new(2, Some(5000), p.clone());
+            let mut w = Wire::new(raw, Decoder::default());
+            feed_wire(&mut w, &mut v, &good, run).unwrap_or_else(|e| panic!("run {run}: {e}"));
+            assert!(v.done() && v.received == 5000, "run {run}");
+        }
+        let check = |bytes: &[u8]| {
+            let mut v = Verifier::new(2, Some(5000), p.clone());
+            let mut w = Wire::new(raw, Decoder::default());
+            feed_wire(&mut w, &mut v, bytes, 7)
+        };
+        // No offer: the output straight away.
+        let e = check(&data).unwrap_err();
+        assert!(
+            e.contains("15-byte telnet offer") && e.contains("byte 0 "),
+            "{e}"
+        );
+        // A wrong byte in the offer.
+        let mut bad = good.clone();
+        bad[4] = 0xfc; // WONT instead of WILL SGA
+        let e = check(&bad).unwrap_err();
+        assert!(e.contains("byte 4 of the stream is 0xfc, not 0xfb"), "{e}");
+        // A wrong byte in the data.
+        let mut bad = good.clone();
+        bad[TELNET_OFFER.len() + 1000] ^= 1;
+        let e = check(&bad).unwrap_err();
+        assert!(e.contains("byte 1000 differs"), "{e}");
+        // 0xFF doubled, as for a telnet client, is wrong for a raw one.
+        let e = check(&[TELNET_OFFER, &encode::escaped(&data)].concat()).unwrap_err();
+        assert!(e.contains("differs"), "{e}");
+        // The offer twice.
+        let e = check(&[TELNET_OFFER, TELNET_OFFER, &data].concat()).unwrap_err();
+        assert!(e.contains("byte 0 differs"), "{e}");
+        // With --console-protocol raw there is no offer.
+        let mut v = Verifier::new(2, Some(5000), p.clone());
+        let mut w = Wire::new(WireKind::Raw(b""), Decoder::default());
+        feed_wire(&mut w, &mut v, &data, 100).expect("raw without an offer");
+        assert!(v.done());
+        let mut w = Wire::new(raw, Decoder::default());
+        let mut v = Verifier::new(2, Some(5000), p.clone());
+        feed_wire(&mut w, &mut v, &TELNET_OFFER[..9], 4).expect("a start of the offer");
+        assert!(w
+            .unfinished_prefix()
+            .is_some_and(|s| s.contains("after 9 of")));
+    }
+
+    #[test]
+    fn a_silent_telnet_console_answers_the_offer_and_decodes() {
+        use crate::kinds::TELNET_OFFER;
+        let p = Arc::new(Pattern::of(PatternKind::AllBytes));
+        let data = p.piece(1, 0, 3000).to_vec();
+        let mut v = Verifier::new(1, Some(3000), p.clone());
+        let mut w = Wire::new(WireKind::TelnetAnswering, Decoder::default());
+        let mut replies = Vec::new();
+        let stream = [TELNET_OFFER, &encode::escaped(&data)].concat();
+        for c in stream.chunks(5) {
+            w.feed(c, &mut v, &mut replies)
+                .expect("decodes and verifies");
+        }
+        assert!(v.done());
+        // DO ECHO, DO SGA, DO BINARY, WILL BINARY, WILL SGA: as the
+        // simulator's console answers.
+        assert_eq!(
+            replies,
+            b"\xff\xfd\x01\xff\xfd\x03\xff\xfd\x00\xff\xfb\x00\xff\xfb\x03"
+        );
+    }
+
+    /// A connected pair of loopback sockets: (ours, the far end).
+    async fn pair(listener: &tokio::net::TcpListener) -> (TcpStream, TcpStream) {
+        let addr = listener.local_addr().expect("listener address");
+        let (ours, theirs) = tokio::join!(TcpStream::connect(addr), listener.accept());
+        (ours.expect("connect"), theirs.expect("accept").0)
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_console_short_of_its_last_byte_at_the_deadline_is_unfinished() {
+        let port = vspc_testkit::free_port();
+        let listener = tokio::net::TcpListener::bind(("127.0.0.1", port))
+            .await
+            .expect("listen");
+        let (vm, mut vm_far) = pair(&listener).await;
+        let (whole, mut whole_far) = pair(&listener).await;
+        let (short, mut short_far) = pair(&listener).await;
+        // The "server": everything to one console, the first 1000 bytes
+        // to the other, which then waits forever, connected.
+        let server = tokio::spawn(async move {
+            let mut buf = vec![0u8; 8192];
+            let mut sent_short = 0usize;
+            loop {
+                let n = match vm_far.read(&mut buf).await {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => n,
+                };
+                if whole_far.write_all(&buf[..n]).await.is_err() {
+                    break;
+                }
+                let m = n.min(1000 - sent_short);
+                if m > 0 && short_far.write_all(&buf[..m]).await.is_ok() {
+                    sent_short += m;
+                }
+            }
+            (whole_far, short_far)
+        });
+        let raw = |stream| RawConn {
+            stream,
+            data: Vec::new(),
+            decoder: Decoder::default(),
+            events: Vec::new(),
+            binary: false,
+        };
+        let console = |index, conn| RawConsole {
+            vm: 0,
+            index,
+            kind: Some(ConsoleKind::SilentRaw),
+            wire: WireKind::Raw(b""),
+            conn,
+        };
+        let shape = Shape {
+            total: 100_000,
+            chunk: 4096,
+            window: 0,
+            stall: Duration::from_secs(30),
+            deadline: Some(Duration::from_millis(300)),
+        };
+        let started = Instant::now();
+        let phase = stream_phase(
+            "test",
+            std::process::id(),
+            vec![vm],
+            vec![
+                (console(0, raw(whole)), Reading::Fast),
+                (console(1, raw(short)), Reading::Fast),
+            ],
+            shape,
+            Arc::new(Pattern::new()),
+        )
+        .await
+        .expect("the phase runs");
+        assert!(started.elapsed() < Duration::from_secs(10), "no stall wait");
+        server.abort();
+        let [done, late] = &phase.consoles[..] else {
+            panic!("two consoles");
+        };
+        assert!(done.exact(), "{:?}", done.error);
+        assert!(late.unfinished && !late.exact());
+        assert_eq!(late.received, 1000);
+        assert!(phase.check_wrong("test").is_none());
+        let line = phase
+            .check_unfinished("test", "at the deadline")
+            .expect("a failure");
+        assert_eq!(
+            line,
+            "test: 1 of 2 consoles (silent-raw 1) had not received their last byte at the \
+             deadline: console 1 of VM 0 (sim-vm-00001, silent-raw) got 1000 of 100000 bytes \
+             (0 skipped)"
+        );
+        // The phase took until the deadline.
+        assert!(phase.secs >= 0.3, "{}", phase.secs);
     }
 
     #[test]

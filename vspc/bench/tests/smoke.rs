@@ -8,7 +8,10 @@
 //! read; `vspc-bench burst --via ssh` sends 4 MiB to one real OpenSSH
 //! client (Debian's openssh-client) through the SSH front door and times
 //! three `list@` logins; `vspc-bench fanout --logging` checks the Logging backend's
-//! transcripts byte for byte.
+//! transcripts byte for byte; `vspc-bench fanout --console-kind` runs each
+//! kind of console client (speak-first, silent-telnet, silent-raw, mixed),
+//! also against `--console-protocol raw` and `telnet`, and refuses a
+//! silent raw reader on a telnet-only daemon.
 
 use std::process::Command;
 
@@ -254,4 +257,125 @@ fn fanout_with_transcripts() {
         .collect();
     assert!(left.is_empty(), "transcripts left behind: {left:?}");
     let _ = std::fs::remove_dir(&parent);
+}
+
+/// One small fan-out of `fanout_with_every_console_kind`.
+struct KindRun {
+    vms: u16,
+    consoles: u16,
+    /// More flags.
+    extra: &'static [&'static str],
+    /// The consoles of each kind, all of which must get every byte.
+    kinds: &'static [(&'static str, u64)],
+}
+
+#[test]
+fn fanout_with_every_console_kind() {
+    let runs = [
+        KindRun {
+            vms: 3,
+            consoles: 1,
+            extra: &["--console-kind", "speak-first"],
+            kinds: &[("speak-first", 3)],
+        },
+        KindRun {
+            vms: 3,
+            consoles: 1,
+            extra: &["--console-kind", "silent-telnet"],
+            kinds: &[("silent-telnet", 3)],
+        },
+        KindRun {
+            vms: 3,
+            consoles: 1,
+            extra: &["--console-kind", "silent-raw"],
+            kinds: &[("silent-raw", 3)],
+        },
+        // One VM with all three kinds (the default).
+        KindRun {
+            vms: 1,
+            consoles: 3,
+            extra: &[],
+            kinds: &[("speak-first", 1), ("silent-telnet", 1), ("silent-raw", 1)],
+        },
+        // No offer on a raw-only daemon; a telnet-only one negotiates at
+        // once with a client that waits for it; 0xFF on both legs.
+        KindRun {
+            vms: 3,
+            consoles: 1,
+            extra: &[
+                "--console-kind",
+                "silent-raw",
+                "--daemon-arg=--console-protocol=raw",
+                "--pattern",
+                "all-bytes",
+            ],
+            kinds: &[("silent-raw", 3)],
+        },
+        KindRun {
+            vms: 3,
+            consoles: 1,
+            extra: &[
+                "--console-kind",
+                "silent-telnet",
+                "--daemon-arg=--console-protocol=telnet",
+                "--pattern",
+                "all-bytes",
+            ],
+            kinds: &[("silent-telnet", 3)],
+        },
+    ];
+    for run in runs {
+        let (vms, consoles) = (run.vms.to_string(), run.consoles.to_string());
+        let mut args = vec![
+            "fanout",
+            "--vms",
+            &vms,
+            "--consoles",
+            &consoles,
+            "--bytes-per-vm",
+            "1048576",
+        ];
+        args.extend_from_slice(run.extra);
+        let v = bench(2 + run.vms, &args);
+        let what = format!("{args:?}: {v}");
+        let kind = run
+            .extra
+            .iter()
+            .position(|a| *a == "--console-kind")
+            .and_then(|i| run.extra.get(i + 1))
+            .map_or("mixed", |k| *k);
+        assert_eq!(v["console_kind"], kind, "{what}");
+        let want: serde_json::Map<String, serde_json::Value> = run
+            .kinds
+            .iter()
+            .map(|&(k, c)| (k.to_string(), c.into()))
+            .collect();
+        let want = serde_json::Value::Object(want);
+        assert_eq!(v["consoles_by_kind"], want, "{what}");
+        assert_eq!(v["exact_by_kind"], want, "{what}");
+        assert_eq!(v["skipped_consoles"], 0, "{what}");
+        assert!(v["relay_s"].as_f64().is_some_and(|s| s > 0.0), "{what}");
+    }
+}
+
+#[test]
+fn a_silent_raw_reader_on_a_telnet_only_daemon_is_refused() {
+    for kind in ["silent-raw", "mixed"] {
+        let out = Command::new(env!("CARGO_BIN_EXE_vspc-bench"))
+            .args(["fanout", "--vms", "1", "--bytes-per-vm", "1000"])
+            .args(["--console-kind", kind])
+            .arg("--daemon-arg=--console-protocol=telnet")
+            .args(["--vspc", vspc_testkit::bin()])
+            .output()
+            .expect("run vspc-bench");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{kind}: {stderr}");
+        assert!(out.stdout.is_empty(), "{kind}: no report expected");
+        assert!(
+            stderr.contains(&format!(
+                "--console-kind {kind} cannot run against --console-protocol=telnet"
+            )),
+            "{kind}: {stderr}"
+        );
+    }
 }

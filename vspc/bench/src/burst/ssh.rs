@@ -25,6 +25,7 @@ use serde::Serialize;
 use tokio::io::AsyncWriteExt;
 
 use super::super::fanout::{attach_raw, peak_rss_kib};
+use super::super::kinds::Kinds;
 use super::super::stream::Pattern;
 use super::super::{
     conclude, cpu_s, identity, round, runtime_with_signals, stopped, Failure, STEP_WAIT,
@@ -135,11 +136,12 @@ pub(super) fn run(args: BurstArgs) -> Result<(), Failure> {
         chunk: usize::try_from(args.chunk).unwrap_or(usize::MAX),
         window: 0,
         stall: Duration::from_secs(args.stall_secs),
+        deadline: None,
     };
     let result = (|| -> Result<Measured, Failure> {
         let mut vms = rt.block_on(async {
             tokio::select! {
-                r = attach_raw(target, 1, 0, IN_FLIGHT) => r.map(|(vms, _)| vms).map_err(Failure::from),
+                r = attach_raw(target, 1, 0, IN_FLIGHT, Kinds::speak_first()) => r.map(|(vms, _)| vms).map_err(Failure::from),
                 _ = stopped(stop.clone()) => Err(Failure::Interrupted),
             }
         })?;
