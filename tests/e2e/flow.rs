@@ -908,6 +908,34 @@ async fn a_lone_slow_console_is_waited_for_and_never_skipped() {
     wait_consoles(&d, &Identity::numbered(960).name, 1).await;
 }
 
+/// A lone console that says nothing and reads nothing for a while, then
+/// starts reading, gets every byte: the VM waited for it (its stall
+/// timeout is longer than the pause), and nothing was skipped.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lone_console_that_starts_reading_late_gets_every_byte() {
+    // More than every buffer on the way holds (the VM's socket, the
+    // backlog, the console's queue and socket).
+    const TOTAL: u64 = 32 * MIB;
+    let d = Daemon::start(&["--console-stall-timeout", "4"]);
+    let (vm, port) = raw_vm(&d, 963).await;
+    let c = small_console(&d, port, 16 * 1024).await;
+    wait_consoles(&d, &Identity::numbered(963).name, 1).await;
+    let writer = spawn_writer(vm, TOTAL);
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    assert!(
+        !writer.is_finished(),
+        "the VM was not held for its lone console"
+    );
+    let read = Kind::SilentRaw
+        .reader(c, TOTAL, Duration::from_secs(10))
+        .await
+        .expect("reader task")
+        .unwrap_or_else(|e| panic!("the late reader: {e}\n{}", d.log()));
+    assert_eq!((read.bytes, read.skipped), (TOTAL, 0));
+    let (_vm, wrote) = writer.await.expect("writer");
+    eprintln!("a console that read 2.5 s late got every byte; the VM waited for it ({wrote:?})");
+}
+
 /// Consoles that connect and close at once, or send one byte and then stop
 /// reading, hold the VM no longer than the stall timeout; so does one that
 /// trickles a few hundred bytes a second.

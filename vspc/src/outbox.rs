@@ -78,14 +78,10 @@ struct Inner {
     /// The client's socket, asked whether it takes more right now
     /// ([`Outbox::client_behind`]).
     probe: Option<Weak<TcpStream>>,
-    /// Data bytes offered by [`Outbox::push`] so far (skipped ones too),
-    /// and taken by the writer: how much of its VM's output this console
-    /// kept up with ([`Outbox::keeps_up`]).
-    pushed: u64,
-    taken: u64,
-    /// `(pushed, taken)` at the start of the older and the newer half of
-    /// the window [`Outbox::keeps_up`] looks at.
-    marks: [(u64, u64); 2],
+    /// Since when this console, full with its client behind, has held its
+    /// VM back without catching up to its high-water mark (set by the VM's
+    /// pacer, which keeps time; cleared when it catches up).
+    lagging_since: Option<std::time::Instant>,
 }
 
 /// One connection's outbound queue.
@@ -104,9 +100,6 @@ pub struct Outbox {
     /// The socket took nothing the last time the writer tried: the client
     /// is behind (rather than the daemon being slow to write to it).
     full: AtomicBool,
-    /// The socket has taken more after being full: the client has shown
-    /// that it reads (one that never does only ever fills its buffers).
-    recovered: AtomicBool,
     /// The VM this console paces: notified whenever this queue may have
     /// stopped holding the VM back (see [`Outbox::pace_with`]).
     pacer: OnceLock<Arc<Notify>>,
@@ -158,10 +151,6 @@ pub fn skipped_total() -> u64 {
 /// The most the writer takes at once when not pacing.
 pub const BATCH_BYTES: usize = 256 * 1024;
 
-/// How many queues' worth of its VM's recent output a console is judged
-/// by ([`Outbox::keeps_up`]).
-pub const WINDOW_QUEUES: u64 = 8;
-
 /// The line a console gets where output was skipped because it fell more
 /// than its queue behind.
 pub fn skip_notice(skipped: u64) -> Bytes {
@@ -179,7 +168,6 @@ impl Outbox {
             encoding: AtomicU8::new(encoding as u8),
             sent: AtomicU64::new(0),
             full: AtomicBool::new(false),
-            recovered: AtomicBool::new(false),
             pacer: OnceLock::new(),
         }
     }
@@ -238,7 +226,6 @@ impl Outbox {
         if inner.closed {
             return None;
         }
-        let offered = data.len() as u64;
         if data.len() > self.limit {
             let cut = data.len() - self.limit;
             inner.skipped += cut as u64;
@@ -256,34 +243,16 @@ impl Outbox {
             SKIPPED_TOTAL.fetch_add(old.len() as u64, Ordering::Relaxed);
         }
         inner.bytes += data.len();
-        inner.pushed += offered;
-        let half = self.limit as u64 * WINDOW_QUEUES / 2;
-        if inner.pushed - inner.marks[1].0 >= half {
-            inner.marks[0] = inner.marks[1];
-            inner.marks[1] = (inner.pushed, inner.taken);
-        }
         inner.queue.push_back(data);
         let n = inner.bytes;
         unlock_and_wake(inner);
         Some(n)
     }
 
-    /// Does this console get the benefit of the doubt when its queue is
-    /// full and its client behind? Yes if its client has never yet been
-    /// seen reading from a full socket (this is its first time behind:
-    /// nothing is known of it yet), or if of the output offered to it over
-    /// the last [`WINDOW_QUEUES`] queues (between half that and all of it;
-    /// all of it for a younger console) it took at least half. So a console
-    /// that reads as fast as the others on average, but was descheduled for
-    /// a moment, keeps up; one that reads at a fraction of its VM's pace
-    /// does not.
-    pub fn keeps_up(&self) -> bool {
-        if !self.recovered.load(Ordering::Relaxed) {
-            return true;
-        }
-        let inner = self.lock();
-        let (p0, t0) = inner.marks[0];
-        inner.taken - t0 >= (inner.pushed - p0) / 2
+    /// Since when this console has held its VM back as a lagger (full, its
+    /// client behind) without catching up: `now` if it was not lagging yet.
+    pub fn lagging_since(&self, now: std::time::Instant) -> std::time::Instant {
+        *self.lock().lagging_since.get_or_insert(now)
     }
 
     /// The VM stops waiting for this console until it has caught up to its
@@ -402,12 +371,8 @@ impl Outbox {
     /// only because the daemon had not written to it yet is waited for,
     /// one whose client is behind is not.
     pub fn set_full(&self, full: bool) {
-        if self.full.swap(full, Ordering::SeqCst) != full {
-            if full {
-                self.wake_pacer();
-            } else {
-                self.recovered.store(true, Ordering::Relaxed);
-            }
+        if self.full.swap(full, Ordering::SeqCst) != full && full {
+            self.wake_pacer();
         }
     }
 
@@ -476,7 +441,6 @@ impl Outbox {
         if !chunks.is_empty() {
             let before = inner.bytes;
             inner.bytes = inner.bytes.saturating_sub(taken);
-            inner.taken += taken as u64;
             let high = self.high_water();
             // Past its high-water mark, a console may hold its VM back as
             // the fastest; within an eighth of full, as a lagger that kept
@@ -484,6 +448,7 @@ impl Outbox {
             let drained = (before > high && inner.bytes <= high) || before > self.limit - high;
             if inner.bytes <= high {
                 inner.behind = false;
+                inner.lagging_since = None;
             }
             if inner.queue.is_empty() {
                 inner.queue = VecDeque::new();
