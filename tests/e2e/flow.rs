@@ -90,6 +90,17 @@ fn spawn_writer(mut vm: TcpStream, total: u64) -> tokio::task::JoinHandle<(TcpSt
     })
 }
 
+/// Close a VM's raw stream as ESXi does: send FIN, then read what the
+/// daemon still sends until it closes too. Dropping a socket with unread
+/// bytes in it (the daemon's late refusal of an option, say) makes the
+/// kernel send RST, and RST discards whatever the daemon had not read yet:
+/// output that was never the daemon's to lose.
+async fn hang_up(mut vm: TcpStream) {
+    let _ = vm.shutdown().await;
+    let mut rest = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(30), vm.read_to_end(&mut rest)).await;
+}
+
 /// What a reading console saw.
 struct Read {
     /// Kept open, so the console stays attached until the test is done.
@@ -527,7 +538,7 @@ async fn logging_keeps_every_byte_of_a_flood_with_a_tiny_budget() {
     }
     for w in writers {
         let (vm, _) = w.await.expect("writer");
-        drop(vm);
+        hang_up(vm).await;
     }
     // Every transcript fills up to the last byte (the backend flushes when
     // its queue runs dry, and again as each VM disconnects).
