@@ -8,8 +8,10 @@
 //! are sanitised (see [`sanitize_name`]) so that a transcript always lies
 //! directly inside DIR and is never a hidden file. Sanitising is lossy: two
 //! different VM names may map to the same file name (`a/b` and `a_b` both
-//! become `a_b.log`); such VMs then append to the same transcript. Each VM
-//! still keeps its own context, which is what consoles are shown.
+//! become `a_b.log`), and two VMs (two uuids) may have the same name. Two
+//! uuids never share a transcript: the first keeps the file, a later one
+//! writes `NAME.UUID.log` (logged), so a VM that claims another's name
+//! never writes into its transcript.
 //!
 //! The transcript is the record people read after an incident, so this
 //! backend says it needs every byte ([`Backend::needs_every_byte`]): the
@@ -99,10 +101,15 @@ impl Config {
     }
 }
 
-/// One VM: its current name, its open transcript and its recent output.
+/// One VM: its current name, the name its transcript is filed under, its
+/// open transcript and its recent output.
 #[derive(Debug, Default)]
 struct VmLog {
     name: String,
+    /// The VM's name, or, when another VM (another uuid) already writes a
+    /// transcript under that name, the name followed by `.` and its uuid:
+    /// two VMs never share a transcript, whatever a second one claims.
+    file: String,
     out: Option<Transcript>,
     context: VecDeque<u8>,
 }
@@ -381,12 +388,12 @@ fn rotate(out: &mut Option<Transcript>, errors: &mut Errors) {
 fn write_transcript(vm: &mut VmLog, config: &Config, errors: &mut Errors, data: &[u8]) {
     let len = data.len() as u64;
     if vm.out.is_none() {
-        vm.out = open_or_report(&vm.name, config, errors);
+        vm.out = open_or_report(&vm.file, config, errors);
     }
     if let (Some(max), Some(t)) = (config.max_log_size, vm.out.as_ref()) {
         if t.size > 0 && t.size.saturating_add(len) > max {
             rotate(&mut vm.out, errors);
-            vm.out = open_or_report(&vm.name, config, errors);
+            vm.out = open_or_report(&vm.file, config, errors);
         }
     }
     let Some(t) = vm.out.as_mut() else { return };
@@ -414,21 +421,52 @@ impl LoggingBackend {
     /// Start tracking the VM on first sight; a changed name closes its
     /// transcript so the next write goes to the new name's file.
     fn track(&mut self, vm: &VmRecord) {
+        if self
+            .vms
+            .get(&vm.uuid)
+            .is_some_and(|entry| entry.name == vm.name)
+        {
+            return;
+        }
+        let file = self.file_for(vm);
         match self.vms.get_mut(&vm.uuid) {
             Some(entry) => {
-                if entry.name != vm.name {
-                    close(&mut entry.out, &mut self.errors);
-                    entry.name.clone_from(&vm.name);
-                }
+                close(&mut entry.out, &mut self.errors);
+                entry.name.clone_from(&vm.name);
+                entry.file = file;
             }
             None => {
                 let entry = VmLog {
                     name: vm.name.clone(),
+                    file,
                     ..VmLog::default()
                 };
                 self.vms.insert(vm.uuid.clone(), entry);
             }
         }
+    }
+
+    /// The name `vm`'s transcript is filed under: its own, unless another
+    /// uuid's transcript already has that file.
+    fn file_for(&self, vm: &VmRecord) -> String {
+        let path = self.config.path_for(&vm.name);
+        let taken = self
+            .vms
+            .iter()
+            .any(|(uuid, other)| *uuid != vm.uuid && self.config.path_for(&other.file) == path);
+        if !taken {
+            return vm.name.clone();
+        }
+        let file = format!("{}.{}", vm.name, vm.uuid);
+        log::warn(&format!(
+            "Logging backend: another VM already writes {}; the VM {:?} with uuid {} writes {} \
+             instead (two VMs with one name)",
+            path.display(),
+            vm.name,
+            vm.uuid,
+            self.config.path_for(&file).display()
+        ));
+        file
     }
 
     fn close_all(&mut self) {
@@ -586,8 +624,9 @@ impl Backend for LoggingBackend {
     }
 
     fn vm_renamed(&mut self, vm: &VmRecord, old_name: &str) {
-        let new_path = self.config.path_for(&vm.name);
         self.track(vm);
+        let file = self.vms.get(&vm.uuid).map_or(&vm.name, |e| &e.file);
+        let new_path = self.config.path_for(file);
         log::debug(&format!(
             "Logging backend: {} renamed from {old_name:?} to {:?}; console log now {}",
             vm.uuid,
@@ -636,7 +675,7 @@ impl Backend for LoggingBackend {
         let name = match self.vms.get_mut(&vm.uuid) {
             Some(entry) => {
                 flush(&mut entry.out, &mut self.errors);
-                entry.name.clone()
+                entry.file.clone()
             }
             None => vm.name.clone(),
         };
@@ -742,6 +781,31 @@ mod tests {
         let mut fresh = backend(tmp.path(), &[]);
         assert_eq!(fresh.console_log(&vm, 3).as_deref(), Some(&b"789"[..]));
         assert_eq!(fresh.console_log(&rec("u2", "other"), 3), None);
+    }
+
+    #[test]
+    fn two_vms_with_one_name_never_share_a_transcript() {
+        let tmp = tempfile::tempdir().unwrap();
+        let mut b = LoggingBackend::default();
+        b.config.logdir = tmp.path().to_path_buf();
+        let real = VmRecord {
+            uuid: "real-uuid".into(),
+            name: "web-1".into(),
+            port: Some(1),
+        };
+        let impostor = VmRecord {
+            uuid: "other-uuid".into(),
+            ..real.clone()
+        };
+        b.console_data(&real, b"real output\n");
+        b.console_data(&impostor, b"forged output\n");
+        b.close_all();
+        let real_log = fs::read(tmp.path().join("web-1.log")).unwrap();
+        assert_eq!(real_log, b"real output\n");
+        let other = fs::read(tmp.path().join("web-1.other-uuid.log")).unwrap();
+        assert_eq!(other, b"forged output\n");
+        assert_eq!(b.console_log(&real, 100).unwrap(), b"real output\n");
+        assert_eq!(b.console_log(&impostor, 100).unwrap(), b"forged output\n");
     }
 
     #[test]
@@ -1122,7 +1186,7 @@ mod tests {
     }
 
     #[test]
-    fn colliding_names_share_a_transcript() {
+    fn colliding_names_never_share_a_transcript() {
         let tmp = tempfile::tempdir().unwrap();
         let mut b = backend(tmp.path(), &[("context", "100")]);
         let one = rec("u1", "a/b");
@@ -1131,7 +1195,9 @@ mod tests {
         b.idle();
         b.console_data(&two, b"two");
         b.idle();
-        assert_eq!(fs::read(tmp.path().join("a_b.log")).unwrap(), b"onetwo");
+        // Two uuids never share a file: the second gets its uuid in the name.
+        assert_eq!(fs::read(tmp.path().join("a_b.log")).unwrap(), b"one");
+        assert_eq!(fs::read(tmp.path().join("a_b.u2.log")).unwrap(), b"two");
         // Contexts stay per VM.
         assert_eq!(b.seed_data(&one), b"one");
         assert_eq!(b.seed_data(&two), b"two");

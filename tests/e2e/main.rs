@@ -16,6 +16,7 @@
 //! | [`web`] | the browser console: its WebSocket byte-exact both ways, tokens and locks, the pages, and headless Chromium typing into it |
 //! | [`access`] | `--proxy-allow` (refused VMs, a hijack, takeover warnings, bad ranges) and the audit lines and backend events of every console session |
 //! | [`certs`] | the checked-in test certificates |
+//! | [`hardening`] | hostile peers on the proxy and admin ports: forged log lines, 60,000-character names, a second VM claiming a name, unidentified floods, the admin allow-list |
 //! | [`ssh`] | the SSH front door with OpenSSH's client: byte-exact consoles, `~.`, key patterns and modes, `list@`, refused keys and passwords, SIGHUP reload, audit lines, a pty, bulk both ways, a stopped client dropped as a stall |
 
 mod access;
@@ -26,6 +27,7 @@ mod client;
 mod common;
 mod daemon;
 mod flow;
+mod hardening;
 mod http;
 mod real_clients;
 mod ssh;

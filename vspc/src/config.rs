@@ -29,9 +29,17 @@ pub struct Config {
     #[arg(short = 'a', long, default_value_t = 13371, value_name = "PORT")]
     pub admin_port: u16,
 
-    /// Address the admin port listens on.
+    /// Address the admin port listens on. The admin port attaches consoles
+    /// and clears them without authentication: an address that is not
+    /// loopback needs --admin-allow.
     #[arg(long, default_value = "127.0.0.1", value_name = "ADDR")]
     pub admin_iface: IpAddr,
+
+    /// Accept admin connections only from these networks (CIDR, repeatable
+    /// and comma-separated); required when --admin-iface is not a loopback
+    /// address (0.0.0.0/0 allows anyone, as vSPC.py did).
+    #[arg(long, value_name = "CIDR", value_delimiter = ',', action = clap::ArgAction::Append, value_parser = parse_cidr)]
+    pub admin_allow: Vec<crate::cidr::Cidr>,
 
     /// Port ESXi hosts connect to (the vSPC URI's port).
     #[arg(long, default_value_t = 13370, value_name = "PORT")]
@@ -153,6 +161,11 @@ pub struct Config {
     /// uuid, no valid VMOTION-PEER) before it is closed.
     #[arg(long, default_value = "60", value_name = "SECONDS", value_parser = parse_duration)]
     pub identify_timeout: Duration,
+
+    /// Most VM connections that may be open and not yet identified at once;
+    /// past this, new ones are closed at accept (and counted).
+    #[arg(long, default_value_t = 1024, value_name = "N", value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_unidentified: u32,
 
     /// Seconds a vMotion may stay pending before it is dropped.
     #[arg(long, default_value = "300", value_name = "SECONDS", value_parser = parse_duration)]

@@ -391,6 +391,31 @@ pub enum AttachError {
     Gone { name: String },
 }
 
+/// Why [`Hub::lookup`] found no VM.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Lookup {
+    NotFound,
+    /// More VMs than one have that name: these uuids (ask by uuid).
+    Ambiguous(Vec<String>),
+}
+
+impl Lookup {
+    /// One line for a client: what was asked, and what to do.
+    pub fn explain(&self, what: &str) -> String {
+        match self {
+            Lookup::NotFound => {
+                format!("no VM named or with uuid \"{}\"", crate::shown::Shown(what))
+            }
+            Lookup::Ambiguous(uuids) => format!(
+                "{} VMs are named \"{}\" (uuids {}); ask for one by its uuid",
+                uuids.len(),
+                crate::shown::Shown(what),
+                uuids.join(", ")
+            ),
+        }
+    }
+}
+
 /// Answer to VMOTION-BEGIN.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Begin {
@@ -413,6 +438,9 @@ pub struct Hub {
     /// when the connection attaches; taken only then and at close, never
     /// on the data path.
     addrs: Mutex<HashMap<ConnId, SocketAddr>>,
+    /// VM connections not yet identified (no DO-PROXY with a uuid, no valid
+    /// VMOTION-PEER yet): `--max-unidentified` caps them at accept.
+    unidentified: AtomicUsize,
 }
 
 impl Hub {
@@ -426,7 +454,24 @@ impl Hub {
             opener: OnceLock::new(),
             metrics: Metrics::default(),
             addrs: Mutex::new(HashMap::new()),
+            unidentified: AtomicUsize::new(0),
         })
+    }
+
+    /// VM connections open but not yet identified.
+    pub fn unidentified(&self) -> usize {
+        self.unidentified.load(Ordering::Relaxed)
+    }
+
+    /// One more (`1`) or one fewer (`-1`) unidentified VM connection.
+    pub fn count_unidentified(&self, delta: isize) {
+        if delta >= 0 {
+            self.unidentified
+                .fetch_add(delta as usize, Ordering::Relaxed);
+        } else {
+            self.unidentified
+                .fetch_sub(delta.unsigned_abs(), Ordering::Relaxed);
+        }
     }
 
     fn addrs(&self) -> MutexGuard<'_, HashMap<ConnId, SocketAddr>> {
@@ -585,14 +630,33 @@ impl Hub {
     pub fn attach_vm(&self, id: &Identity, peer: Peer) -> Result<Arc<Vm>, AttachError> {
         let addr = self.addr_of(peer.id);
         let mut reg = self.reg();
-        let vm = match reg.vms.get(&id.key) {
-            Some(vm) => vm.clone(),
+        let (vm, renamed) = match reg.vms.get(&id.key) {
+            Some(vm) => (vm.clone(), vm.name() != id.name),
             None => {
                 let vm = self.create(&mut reg, id)?;
                 reg.vms.insert(id.key.clone(), vm.clone());
-                vm
+                (vm, true)
             }
         };
+        // Only a new name can collide (a reconnect storm costs no scan).
+        let twins: Vec<String> = if renamed {
+            reg.vms
+                .values()
+                .filter(|v| v.key != id.key && v.vm_connected() && v.name() == id.name)
+                .map(|v| v.uuid.clone())
+                .collect()
+        } else {
+            Vec::new()
+        };
+        if !twins.is_empty() {
+            tracing::warn!(
+                vm = %id.name,
+                uuid = %id.uuid,
+                others = ?twins,
+                "a VM connection claims the name of a connected VM with another uuid; \
+                 the name is ambiguous now (clients must ask by uuid)"
+            );
+        }
         let mut st = vm.lock();
         let old_name = if st.name == id.name {
             id.name.clone()
@@ -1088,16 +1152,33 @@ impl Hub {
         t
     }
 
-    /// A VM by name, display uuid or any spelling of its uuid.
+    /// A VM by any spelling of its uuid, or by its name when exactly one VM
+    /// has that name: a name two VMs share (a second VM may claim any name)
+    /// finds neither, so a client never lands on an impostor; see
+    /// [`Hub::lookup`] to say why.
     pub fn find(&self, what: &str) -> Option<Arc<Vm>> {
+        self.lookup(what).ok()
+    }
+
+    /// [`Hub::find`], with why nothing was found.
+    pub fn lookup(&self, what: &str) -> Result<Arc<Vm>, Lookup> {
         let reg = self.reg();
         if let Some(vm) = crate::vmware::VmUuid::key_of(what).and_then(|k| reg.vms.get(&k)) {
-            return Some(vm.clone());
+            return Ok(vm.clone());
         }
-        reg.vms
-            .values()
-            .find(|v| v.uuid == what || v.key == what || v.name() == what)
-            .cloned()
+        if let Some(vm) = reg.vms.values().find(|v| v.uuid == what || v.key == what) {
+            return Ok(vm.clone());
+        }
+        let mut named: Vec<&Arc<Vm>> = reg.vms.values().filter(|v| v.name() == what).collect();
+        match named.len() {
+            0 => Err(Lookup::NotFound),
+            1 => Ok(named.remove(0).clone()),
+            _ => {
+                let mut uuids: Vec<String> = named.iter().map(|v| v.uuid.clone()).collect();
+                uuids.sort();
+                Err(Lookup::Ambiguous(uuids))
+            }
+        }
     }
 
     /// Number of VMs known.

@@ -24,6 +24,7 @@ pub mod net;
 pub mod outbox;
 pub mod plugins;
 pub mod session;
+pub mod shown;
 pub mod ssh;
 #[cfg(test)]
 mod testing;

@@ -82,6 +82,12 @@ fn start(cfg: Config) -> Result<(), String> {
 
     let http = http_config(&cfg)?;
     let ssh = ssh_config(&cfg)?;
+    net::check_exposure(
+        (cfg.admin_iface, cfg.admin_port).into(),
+        &vspc::cidr::AllowList::new(cfg.admin_allow.clone()),
+        (cfg.proxy_iface, cfg.proxy_port).into(),
+        &vspc::cidr::AllowList::new(cfg.proxy_allow.clone()),
+    )?;
 
     match rlimit::increase_nofile_limit(u64::MAX) {
         Ok(n) => tracing::debug!(limit = n, "open-files limit raised"),
@@ -126,6 +132,8 @@ fn start(cfg: Config) -> Result<(), String> {
         http,
         proxy_allow: vspc::cidr::AllowList::new(cfg.proxy_allow.clone()),
         ssh,
+        admin_allow: vspc::cidr::AllowList::new(cfg.admin_allow.clone()),
+        max_unidentified: cfg.max_unidentified as usize,
     };
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()

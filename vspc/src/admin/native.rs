@@ -182,8 +182,9 @@ async fn run(hub: &Arc<Hub>, cmd: Command) -> Outcome {
 }
 
 fn clear(hub: &Hub, name: &str) -> Value {
-    let Some(vm) = hub.find(name) else {
-        return not_found(hub, name);
+    let vm = match hub.lookup(name) {
+        Ok(vm) => vm,
+        Err(e) => return not_found(hub, name, &e),
     };
     let n = hub.clear_consoles(&vm, super::CLEARED_MSG);
     json!({ "ok": true, "cleared": n })
@@ -195,8 +196,9 @@ async fn run_connect(
     mode: Result<LockMode, Reject>,
     protocol: ConsoleProtocol,
 ) -> Outcome {
-    let Some(vm) = hub.find(name) else {
-        return Outcome::Answer(not_found(hub, name));
+    let vm = match hub.lookup(name) {
+        Ok(vm) => vm,
+        Err(e) => return Outcome::Answer(not_found(hub, name, &e)),
     };
     let mode = match mode {
         Ok(mode) => mode,
@@ -327,12 +329,20 @@ fn error(code: &str, msg: &str) -> Value {
     json!({ "ok": false, "code": code, "error": msg })
 }
 
-fn not_found(hub: &Hub, name: &str) -> Value {
+fn not_found(hub: &Hub, name: &str, why: &crate::hub::Lookup) -> Value {
+    if let crate::hub::Lookup::Ambiguous(uuids) = why {
+        return json!({
+            "ok": false,
+            "code": "vm_ambiguous",
+            "error": why.explain(name),
+            "uuids": uuids,
+        });
+    }
     let known: Vec<String> = hub.records().into_iter().map(|r| r.name).collect();
     json!({
         "ok": false,
         "code": "vm_not_found",
-        "error": format!("no VM called '{name}'"),
+        "error": format!("no VM called '{}'", crate::shown::Shown(name)),
         "known": known,
     })
 }

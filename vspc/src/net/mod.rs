@@ -44,6 +44,36 @@ pub struct ServerConfig {
     pub proxy_allow: crate::cidr::AllowList,
     /// The SSH front door (`--ssh-port`); `None` when off.
     pub ssh: Option<crate::ssh::SshConfig>,
+    /// Who may connect to the admin port (`--admin-allow`).
+    pub admin_allow: crate::cidr::AllowList,
+    /// Most VM connections open and not yet identified
+    /// (`--max-unidentified`).
+    pub max_unidentified: usize,
+}
+
+/// Why the configuration may not be served as it is, or what an operator
+/// should be warned of: the admin port beyond loopback without an
+/// allow-list is refused; the proxy port beyond loopback without one is
+/// allowed (ESXi hosts are many) but warned about.
+pub fn check_exposure(
+    admin: SocketAddr,
+    admin_allow: &crate::cidr::AllowList,
+    proxy: SocketAddr,
+    proxy_allow: &crate::cidr::AllowList,
+) -> Result<(), String> {
+    if !admin.ip().is_loopback() && admin_allow.is_open() {
+        return Err(format!(
+            "--admin-iface {} is not a loopback address, and the admin port attaches and clears              consoles without authentication: give --admin-allow CIDR (the admin hosts'              networks; 0.0.0.0/0 for anyone) or listen on 127.0.0.1",
+            admin.ip()
+        ));
+    }
+    if !proxy.ip().is_loopback() && proxy_allow.is_open() {
+        tracing::warn!(
+            %proxy,
+            "the proxy port listens beyond loopback and takes VM connections from anyone:              anyone who can reach it can claim to be a VM; give --proxy-allow CIDR with the              ESXi hosts' networks"
+        );
+    }
+    Ok(())
 }
 
 /// TCP keepalive on VM connections, as ESXi sets it on its side: probes
@@ -171,12 +201,17 @@ pub async fn run(
         },
     ));
     let h = hub.clone();
+    let admin_allow = cfg.admin_allow.clone();
     tokio::spawn(accept_loop(
         admin,
         "admin port",
         hub.clone(),
         Listener::Admin,
-        move |tcp, _| {
+        move |tcp, addr| {
+            if !admin_allow.allows(addr.ip()) {
+                tracing::warn!(%addr, "admin port: refused a connection from {}: not in --admin-allow", addr.ip());
+                return;
+            }
             tokio::spawn(crate::admin::serve_admin(h.clone(), tcp));
         },
     ));
@@ -247,6 +282,9 @@ async fn accept_loop<F>(
     }
 }
 
+/// Connections closed at accept because too many were unidentified.
+static UNIDENTIFIED_REFUSALS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
 /// Serve a VM connection: after the TLS handshake, if any, the connection
 /// gets a task of its own that holds nothing else.
 fn serve_vm(hub: &Arc<Hub>, cfg: &ServerConfig, tcp: TcpStream, addr: SocketAddr) {
@@ -258,6 +296,19 @@ fn serve_vm(hub: &Arc<Hub>, cfg: &ServerConfig, tcp: TcpStream, addr: SocketAddr
             addr.ip()
         );
         // Dropping the socket closes it.
+        return;
+    }
+    if hub.unidentified() >= cfg.max_unidentified {
+        hub.metrics().proxy_refused();
+        let n = UNIDENTIFIED_REFUSALS.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1;
+        if n.is_power_of_two() {
+            tracing::warn!(
+                %addr,
+                refused = n,
+                "proxy port: {} connections are open and not yet identified                  (--max-unidentified); closing new ones",
+                cfg.max_unidentified
+            );
+        }
         return;
     }
     tracing::debug!(%addr, "VM connection");
@@ -385,6 +436,8 @@ mod size_budget {
             http: None,
             proxy_allow: Default::default(),
             ssh: None,
+            admin_allow: Default::default(),
+            max_unidentified: 1024,
         };
         // What stays allocated while a connection is idle: its task's
         // future. (Console listeners have no task: see `acceptor`.)

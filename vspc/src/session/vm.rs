@@ -21,8 +21,18 @@ const LOCAL_OK: OptionSet = OptionSet::of(&[opt::BINARY, opt::SGA, opt::ECHO]);
 /// Options we let ESXi perform (WILL).
 const REMOTE_OK: OptionSet = OptionSet::of(&[opt::BINARY, opt::SGA, opt::VMWARE_EXT]);
 
-/// Serial data held before identification, at most.
-const EARLY_LIMIT: usize = 1 << 20;
+/// Serial data held before identification, at most (ESXi identifies a
+/// connection within milliseconds; an unidentified one holds no more).
+const EARLY_LIMIT: usize = 64 * 1024;
+
+/// Longest VM name kept, in bytes (longer ones are cut and logged).
+pub const MAX_NAME: usize = 256;
+
+/// Longest VM uuid accepted, in bytes (VMware's are 47 characters).
+pub const MAX_UUID: usize = 128;
+
+/// Longest service URI accepted from DO-PROXY, in bytes.
+pub const MAX_URI: usize = 256;
 
 /// How long to wait for VM-NAME once the uuid is known.
 const NAME_WAIT: Duration = Duration::from_secs(2);
@@ -90,6 +100,9 @@ pub struct VmSession {
     /// The VM's backlog is being delivered (see [`Hub::pace`]); boxed, as
     /// it is rare and the session's size is an idle VM's memory.
     pace: Option<Box<Paced>>,
+    /// Counted among the hub's unidentified connections
+    /// ([`Hub::unidentified`]) until identified or closed.
+    unidentified: bool,
 }
 
 /// Output of `vm` waits in its backlog; `wait` delivers it.
@@ -123,7 +136,9 @@ impl VmSession {
             out: Vec::new(),
             output: Vec::new(),
             pace: None,
+            unidentified: true,
         };
+        s.hub.count_unidentified(1);
         // The capture's opening: WILL BINARY, SGA, ECHO; DO BINARY, SGA, 232.
         let mut out = std::mem::take(&mut s.out);
         for o in [opt::BINARY, opt::SGA, opt::ECHO] {
@@ -145,6 +160,14 @@ impl VmSession {
             Flow::Close
         } else {
             Flow::Continue
+        }
+    }
+
+    /// The connection is identified (or closes): it no longer counts
+    /// against `--max-unidentified`.
+    fn identified(&mut self) {
+        if std::mem::take(&mut self.unidentified) {
+            self.hub.count_unidentified(-1);
         }
     }
 
@@ -279,13 +302,21 @@ impl VmSession {
                 self.start_extension();
             }
             Msg::DoProxy { direction, uri } => self.on_do_proxy(direction, uri),
+            Msg::VmVcUuid(text) if text.len() > MAX_UUID => {
+                tracing::warn!(
+                    conn = id,
+                    bytes = text.len(),
+                    "VM-VC-UUID is longer than {MAX_UUID} bytes; refusing the connection"
+                );
+                self.closing = true;
+            }
             Msg::VmVcUuid(text) => {
                 let uuid = VmUuid::parse(text).unwrap_or_else(|| {
                     let raw: String = String::from_utf8_lossy(text)
                         .chars()
                         .filter(|c| !c.is_whitespace() && !c.is_control())
                         .collect();
-                    tracing::warn!(conn = id, uuid = %raw, "VM-VC-UUID is not 32 hex digits; using it as given");
+                    tracing::warn!(conn = id, uuid = %crate::shown::Shown(&raw), "VM-VC-UUID is not 32 hex digits; using it as given");
                     VmUuid {
                         hex: raw.to_ascii_lowercase(),
                         display: raw,
@@ -308,7 +339,17 @@ impl VmSession {
                 self.try_identify();
             }
             Msg::VmName(raw) => {
-                let name = String::from_utf8_lossy(raw).into_owned();
+                // Shown in logs, listings and terminals: control characters
+                // escaped, bounded.
+                let (name, changed) = crate::shown::from_peer(raw, MAX_NAME);
+                if changed {
+                    tracing::warn!(
+                        conn = id,
+                        bytes = raw.len(),
+                        name = %name,
+                        "VM-NAME has control characters, invalid UTF-8 or more than {MAX_NAME} bytes; using it escaped and cut"
+                    );
+                }
                 let shown = self.compose_name(&name);
                 self.name = Some(name);
                 if let Link::Active(vm) = &self.link {
@@ -354,8 +395,12 @@ impl VmSession {
     }
 
     fn on_do_proxy(&mut self, direction: u8, uri: &[u8]) {
-        let uri_text = String::from_utf8_lossy(uri).into_owned();
-        let refuse = if direction != b'S' {
+        let (uri_text, changed) = crate::shown::from_peer(uri, MAX_URI);
+        let refuse = if uri.len() > MAX_URI {
+            Some(format!("the service URI is longer than {MAX_URI} bytes"))
+        } else if changed {
+            Some("the service URI has control characters or invalid UTF-8".to_string())
+        } else if direction != b'S' {
             Some(format!(
                 "direction '{}' is not supported (only 'S', server, is)",
                 (direction as char).escape_default()
@@ -417,6 +462,7 @@ impl VmSession {
                 self.pace(&vm);
                 self.link = Link::Active(vm);
                 self.identify_deadline = None;
+                self.identified();
                 self.deliver_early();
             }
             Err(e) => {
@@ -449,7 +495,7 @@ impl VmSession {
                     self.early_dropped = true;
                     tracing::warn!(
                         conn = self.peer.id,
-                        "over 1 MiB of serial data before identification; dropping the rest"
+                        "over 64 KiB of serial data before identification; dropping the rest"
                     );
                 }
             }
@@ -489,6 +535,7 @@ impl VmSession {
                     seq,
                 };
                 self.identify_deadline = None;
+                self.identified();
             }
             None => tracing::warn!(
                 conn = self.peer.id,
@@ -593,6 +640,7 @@ impl Session for VmSession {
     }
 
     fn on_close(&mut self) {
+        self.identified();
         self.hub.forget_addr(self.peer.id);
         // Output already read is delivered after the connection is gone.
         if let Some(p) = self.pace.take() {
