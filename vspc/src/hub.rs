@@ -186,6 +186,11 @@ struct VmState {
     /// no room), oldest first; [`Vm::held`] bytes, about [`VM_HOLD`] at
     /// most.
     backlog: VecDeque<Bytes>,
+    /// After the last piece went out, every console certainly had room for
+    /// another (see [`Hub::deliver`]): the next piece needs no look at each
+    /// console. Only ever too cautious: consoles drain, join empty, are
+    /// decided or close, none of which takes room away.
+    room: bool,
     /// Since when nothing is connected; `None` while anything is.
     idle_since: Option<Instant>,
     /// The console listener; dropping it closes the port.
@@ -765,18 +770,37 @@ impl Hub {
                 break Some(Blocker::Backend(w));
             }
             let next = st.backlog.front().map_or(0, Bytes::len);
-            match consoles_have_room(&st.consoles, next) {
-                Room::Yes => {}
-                Room::No => break Some(Blocker::Consoles(Vec::new())),
-                Room::Laggers(l) => break Some(Blocker::Consoles(l)),
+            if !st.room {
+                match consoles_have_room(&st.consoles, next) {
+                    Room::Yes => {}
+                    Room::No => break Some(Blocker::Consoles(Vec::new())),
+                    Room::Laggers(l) => break Some(Blocker::Consoles(l)),
+                }
             }
             let Some(piece) = st.backlog.pop_front() else {
                 break None;
             };
             left -= piece.len();
+            // Whether the next piece will certainly fit, from what each
+            // push says is queued now.
+            let mut all_fit = true;
+            let mut fastest_fits = false;
+            let mut decided = false;
             for c in &st.consoles {
-                c.peer.outbox.push(piece.clone());
+                let o = &c.peer.outbox;
+                let Some(q) = o.push(piece.clone()) else {
+                    continue;
+                };
+                let high = o.high_water();
+                if o.encoding() == Encoding::Hold {
+                    all_fit &= q <= high;
+                } else {
+                    decided = true;
+                    fastest_fits |= q <= high;
+                }
+                all_fit &= q + PIECE <= o.limit();
             }
+            st.room = all_fit && (fastest_fits || !decided);
             if self.backend.wants_data() {
                 self.backend.console_data(&st.rec, piece);
             }
@@ -900,6 +924,8 @@ impl Hub {
             LockMode::ReadOnly => Access::ReadOnly,
         };
         peer.outbox.pace_with(vm.pace.clone());
+        // It may come with output queued already (recent output).
+        st.room = false;
         st.consoles.push(Console { peer, access });
         st.idle_since = None;
         drop(st);
@@ -1356,6 +1382,7 @@ fn new_state(name: String, rec: Arc<FfiRecord>, idle_since: Option<Instant>) -> 
         held: Vec::new(),
         held_bytes: 0,
         backlog: VecDeque::new(),
+        room: false,
         idle_since,
         listener: None,
         connected_since: None,

@@ -328,6 +328,11 @@ impl Outbox {
         self.wake_pacer();
     }
 
+    /// The most data that may wait before the oldest is skipped.
+    pub fn limit(&self) -> usize {
+        self.limit
+    }
+
     /// Data bytes waiting to be written.
     pub fn queued(&self) -> usize {
         self.lock().bytes
