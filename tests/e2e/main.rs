@@ -8,7 +8,7 @@
 //! | --- | --- |
 //! | [`daemon`] | the proxy port: captures replayed, negotiation, identity, vMotion, reconnects, expiry, TLS, flags, signals |
 //! | [`flow`] | every byte to every console: bursts, slow and stuck consoles, lossless transcripts, raw clients |
-//! | [`real_clients`] | gdb with gdbserver, socat, inetutils and BusyBox telnet |
+//! | [`real_clients`] | gdb with gdbserver, socat, nc, inetutils and BusyBox telnet |
 //! | [`admin`] | the admin port's two protocols, locks, vSPC.py's own client |
 //! | [`client`] | `vspc-client` on a pseudo-terminal |
 //! | [`backends`] | File, Logging, plugins, and start-up errors |

@@ -859,6 +859,53 @@ async fn socat_silent_console_is_offered_telnet_then_served_raw_steps() {
     );
 }
 
+/// The commonest ways to capture a console never send a byte: `socat -u
+/// TCP:HOST:PORT FILE` and `nc HOST PORT > FILE` (netcat-openbsd, with its
+/// stdin at EOF and -d so it does not read it). A 4 MiB burst that starts
+/// the moment they connect, while they are still being told apart, reaches
+/// each whole: the offer, then every byte raw, nothing skipped.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn socat_and_nc_that_never_speak_get_every_byte_of_a_burst_at_connect() {
+    bounded(socat_and_nc_that_never_speak_get_every_byte_of_a_burst_at_connect_steps()).await;
+}
+
+async fn socat_and_nc_that_never_speak_get_every_byte_of_a_burst_at_connect_steps() {
+    let socat = require("socat", "socat");
+    let nc = require("nc", "netcat-openbsd");
+    let d = Daemon::builder().start();
+    let down: Vec<u8> = (0..4 << 20).map(|i: u32| (i % 251) as u8).collect();
+    for (k, program) in ["socat", "nc"].into_iter().enumerate() {
+        let id = Identity::numbered(40 + k as u32);
+        let (vm, port) = vm_up(&d, &id).await;
+        let target = format!("TCP:127.0.0.1:{port}");
+        let port_s = port.to_string();
+        let client = match program {
+            "socat" => Proc::start("socat -u", Command::new(&socat).args(["-u", &target, "-"])),
+            _ => Proc::start("nc", Command::new(&nc).args(["-d", "127.0.0.1", &port_s])),
+        };
+        wait_consoles(&d, &id.name, 1).await;
+        // At once: inside the 0.3 s detection window.
+        vm.send(&down).await.expect("VM send");
+        let want = OFFER.len() + down.len();
+        let arrived = client
+            .wait_out(Duration::from_secs(20), |o| o.len() >= want)
+            .await;
+        assert!(
+            arrived,
+            "{program}: {} of {want} bytes arrived\n{}",
+            client.out().len(),
+            d.log()
+        );
+        tokio::time::sleep(SILENCE).await;
+        assert_same_bytes(
+            &format!("{program}: the offer, then every byte raw"),
+            &client.out(),
+            &[OFFER, &down].concat(),
+        );
+    }
+    assert!(!d.log().contains("skipped"), "{}", d.log());
+}
+
 // ---------------------------------------------------------------------------
 // Telnet clients on a terminal.
 
