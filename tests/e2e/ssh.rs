@@ -20,7 +20,9 @@
 //!   `~.` typed there closes it;
 //! - flow control: 6 MiB out while a 1 MiB paste goes in, every byte; a
 //!   stopped ssh (SIGSTOP) does not hold the VM up and is dropped as a
-//!   stall.
+//!   stall;
+//! - key files others may write are refused (start-up, reload), a host key
+//!   others may read is warned about.
 //!
 //! The set-up time and the burst rate through the SSH front door are
 //! measured by the load tool: `vspc-bench burst --via ssh`.
@@ -218,6 +220,9 @@ async fn daemon(dir: &Path, extra: &[&str]) -> (Daemon, u16) {
         keys,
     ];
     args.extend(extra.iter().map(|s| s.to_string()));
+    // Whatever the umask, the keys file is the owner's alone (vspc refuses
+    // one that others may write).
+    chmod(&dir.join("authorized_keys"), 0o600);
     let refs: Vec<&str> = args.iter().map(String::as_str).collect();
     let d = Daemon::start(&refs);
     let deadline = Instant::now() + T;
@@ -233,6 +238,37 @@ async fn daemon(dir: &Path, extra: &[&str]) -> (Daemon, u16) {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     (d, port)
+}
+
+/// Set `path`'s permission bits (when it exists).
+fn chmod(path: &Path, mode: u32) {
+    if path.exists() {
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).expect("chmod");
+    }
+}
+
+/// Send `sig` (`-HUP`, `-STOP`, …) to `pid`.
+fn signal(sig: &str, pid: u32) {
+    let ok = Command::new("kill")
+        .args([sig, &pid.to_string()])
+        .status()
+        .is_ok_and(|s| s.success());
+    assert!(ok, "kill {sig} {pid} failed");
+}
+
+/// SIGHUP the daemon and wait until its log has one more `needle` line.
+async fn sighup_until(d: &Daemon, needle: &str) {
+    let before = d.log().matches(needle).count();
+    signal("-HUP", d.pid());
+    let deadline = Instant::now() + T;
+    while d.log().matches(needle).count() == before {
+        assert!(
+            Instant::now() < deadline,
+            "no {needle:?} after SIGHUP:\n{}",
+            d.log()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 }
 
 /// Wait until the VM has read `n` bytes of console input.
@@ -673,4 +709,93 @@ fn bad_ssh_files_stop_start_up_naming_them() {
 /// Quote `s` for `sh -c`.
 fn shell_words(s: &str) -> String {
     format!("'{}'", s.replace('\'', "'\\''"))
+}
+
+/// As OpenSSH's StrictModes: an authorized keys file or host key that
+/// group or others may write stops start-up, naming it; a host key they may
+/// read starts with a warning naming it; on SIGHUP a keys file others may
+/// write is refused (an error) and the keys loaded before stay.
+#[tokio::test]
+async fn writable_key_files_are_refused_and_a_readable_host_key_is_warned_about() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (key, public) = keygen(dir.path(), "perm");
+    let keys = dir.path().join("authorized_keys");
+    std::fs::write(&keys, format!("{public}\n")).expect("write");
+    // An ssh-keygen ed25519 key is an OpenSSH private key vspc can use.
+    let (host_key, _) = keygen(dir.path(), "host");
+    let path = |p: &Path| p.display().to_string();
+    let start = |host: &Path| {
+        let (port, proxy, admin) = (free_port(), free_port(), free_port());
+        let args: Vec<String> = [
+            "--no-http",
+            "--proxy-iface",
+            "127.0.0.1",
+            "--proxy-port",
+            &proxy.to_string(),
+            "--admin-port",
+            &admin.to_string(),
+            "--ssh-iface",
+            "127.0.0.1",
+            "--ssh-port",
+            &port.to_string(),
+            "--ssh-host-key",
+            &path(host),
+            "--ssh-authorized-keys",
+            &path(&keys),
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        run_to_exit(&args.iter().map(String::as_str).collect::<Vec<_>>(), T)
+    };
+    chmod(&host_key, 0o600);
+    for (file, mode, who) in [
+        (&keys, 0o620, "group"),
+        (&keys, 0o602, "others"),
+        (&host_key, 0o660, "group"),
+    ] {
+        chmod(&keys, 0o600);
+        chmod(&host_key, 0o600);
+        chmod(file, mode);
+        let exit = start(&host_key);
+        let status = exit.status.expect("the daemon exits");
+        assert!(
+            !status.success(),
+            "started with {} mode {mode:o}",
+            file.display()
+        );
+        let want = format!("{} is writable by {who}", path(file));
+        assert!(exit.stderr.contains(&want), "{want}: {}", exit.stderr);
+    }
+    chmod(&keys, 0o600);
+
+    // Readable by the group: starts, with a warning naming the file.
+    chmod(&host_key, 0o640);
+    let host_arg = path(&host_key);
+    let (d, port) = daemon(dir.path(), &["--ssh-host-key", &host_arg]).await;
+    let warning = format!("SSH host key {} is readable by group", path(&host_key));
+    assert!(d.wait_log(&warning, T).await, "{}", d.log());
+    assert!(
+        d.log()
+            .lines()
+            .any(|l| l.contains(&warning) && l.contains("WARN")),
+        "{}",
+        d.log()
+    );
+
+    // Reload of a keys file others may write: refused, the old keys stay.
+    std::fs::write(&keys, "# emptied by someone else\n").expect("rewrite");
+    chmod(&keys, 0o666);
+    sighup_until(&d, "keeping the SSH authorized keys loaded before").await;
+    assert!(
+        d.log().lines().any(|l| l.contains("ERROR")
+            && l.contains(&format!("{} is writable by group and others", path(&keys)))),
+        "{}",
+        d.log()
+    );
+    let (status, _, err) = run(ssh_command(port, &key, "list", &[])).await;
+    assert!(
+        status.success(),
+        "the keys loaded before were dropped: {err}"
+    );
 }

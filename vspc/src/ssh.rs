@@ -10,10 +10,10 @@
 //! `mode="read-only|write|free-for-all|exclusive"` (the lock the key's
 //! sessions take; none: `free-for-all-fallback`, as on the admin port). A
 //! malformed line is logged with its file and line number and skipped,
-//! never read as "any key, any VM". The file is read at start (unreadable:
-//! start-up stops) and again on SIGHUP ([`SshState::reload`]); a reload
-//! applies to new sessions. Passwords and keyboard-interactive are not
-//! offered at all.
+//! never read as "any key, any VM". The file is read at start (unreadable,
+//! or writable by group or others: start-up stops) and again on SIGHUP
+//! ([`SshState::reload`]); a reload applies to new sessions. Passwords
+//! and keyboard-interactive are not offered at all.
 //!
 //! # The console
 //!
@@ -326,11 +326,85 @@ pub fn parse_authorized_keys(text: &str) -> (AuthorizedKeys, Vec<LineError>) {
     (keys, errors)
 }
 
+/// Why the authorized keys file was not taken.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum KeysError {
+    /// It cannot be opened or read.
+    Unreadable(String),
+    /// Group or others may write it (StrictModes): whoever can write it
+    /// can let themselves in.
+    Unsafe(String),
+}
+
+impl std::fmt::Display for KeysError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            KeysError::Unreadable(e) | KeysError::Unsafe(e) => f.write_str(e),
+        }
+    }
+}
+
+/// Who besides the owner `mode` lets in: "group", "others" or "group and
+/// others", for the bits in `mask` (0o022: write, 0o044: read).
+fn who_besides_owner(mode: u32, mask: u32) -> &'static str {
+    match (mode & mask & 0o070 != 0, mode & mask & 0o007 != 0) {
+        (true, true) => "group and others",
+        (true, false) => "group",
+        _ => "others",
+    }
+}
+
+/// Refuse a file that group or others may write, as OpenSSH's StrictModes
+/// does: `what` names it in the error, `why` says what a writer could do.
+fn refuse_writable(
+    file: &std::fs::File,
+    path: &Path,
+    what: &str,
+    why: &str,
+) -> Result<u32, String> {
+    use std::os::unix::fs::PermissionsExt;
+    let mode = file
+        .metadata()
+        .map_err(|e| {
+            format!(
+                "cannot read the permissions of {what} {}: {e}",
+                path.display()
+            )
+        })?
+        .permissions()
+        .mode();
+    if mode & 0o022 != 0 {
+        return Err(format!(
+            "{what} {} is writable by {} (mode {:04o}): {why}; run chmod go-w on it",
+            path.display(),
+            who_besides_owner(mode, 0o022),
+            mode & 0o7777
+        ));
+    }
+    Ok(mode)
+}
+
 /// Read and parse `path`, logging each bad line with the file and line
-/// number. An unreadable file is an error.
-pub fn load_authorized_keys(path: &Path) -> Result<AuthorizedKeys, String> {
-    let text = std::fs::read_to_string(path)
-        .map_err(|e| format!("cannot read SSH authorized keys {}: {e}", path.display()))?;
+/// number. An unreadable file, or one that group or others may write, is
+/// an error naming it.
+pub fn load_authorized_keys(path: &Path) -> Result<AuthorizedKeys, KeysError> {
+    use std::io::Read;
+    let unreadable = |e: std::io::Error| {
+        KeysError::Unreadable(format!(
+            "cannot read SSH authorized keys {}: {e}",
+            path.display()
+        ))
+    };
+    let mut file = std::fs::File::open(path).map_err(unreadable)?;
+    refuse_writable(
+        &file,
+        path,
+        "SSH authorized keys",
+        "whoever can write it can add a key of their own",
+    )
+    .map_err(KeysError::Unsafe)?;
+    let mut text = String::new();
+    file.read_to_string(&mut text).map_err(unreadable)?;
     let (keys, errors) = parse_authorized_keys(&text);
     for e in &errors {
         tracing::warn!(
@@ -345,19 +419,40 @@ pub fn load_authorized_keys(path: &Path) -> Result<AuthorizedKeys, String> {
 }
 
 /// Read the host key from `path`, or make a new ed25519 key there (mode
-/// 0600, its folder 0700 if it has to be made) when there is no file. A
-/// file that is there but cannot be read or parsed is an error naming it.
+/// 0600, its folder 0700) when there is no file. A file that is there but
+/// cannot be read or parsed, or that group or others may write, is an
+/// error naming it; one they may read is used with a warning.
 pub fn load_or_create_host_key(path: &Path) -> Result<PrivateKey, String> {
-    match std::fs::read_to_string(path) {
-        Ok(text) => PrivateKey::from_openssh(text.as_bytes()).map_err(|e| {
-            format!(
-                "SSH host key {} is not an OpenSSH private key: {e}",
-                path.display()
-            )
-        }),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => create_host_key(path),
-        Err(e) => Err(format!("cannot read SSH host key {}: {e}", path.display())),
+    use std::io::Read;
+    let mut file = match std::fs::File::open(path) {
+        Ok(f) => f,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return create_host_key(path),
+        Err(e) => return Err(format!("cannot read SSH host key {}: {e}", path.display())),
+    };
+    let mode = refuse_writable(
+        &file,
+        path,
+        "SSH host key",
+        "whoever can write it can replace this server's identity",
+    )?;
+    if mode & 0o044 != 0 {
+        tracing::warn!(
+            file = %path.display(),
+            "SSH host key {} is readable by {} (mode {:04o}): whoever can read it can pose as this server; run chmod 600 on it",
+            path.display(),
+            who_besides_owner(mode, 0o044),
+            mode & 0o7777
+        );
     }
+    let mut text = String::new();
+    file.read_to_string(&mut text)
+        .map_err(|e| format!("cannot read SSH host key {}: {e}", path.display()))?;
+    PrivateKey::from_openssh(text.as_bytes()).map_err(|e| {
+        format!(
+            "SSH host key {} is not an OpenSSH private key: {e}",
+            path.display()
+        )
+    })
 }
 
 fn create_host_key(path: &Path) -> Result<PrivateKey, String> {
@@ -417,7 +512,7 @@ impl SshState {
     /// Load the host key (making it if missing) and the authorized keys.
     pub fn new(host_key: &Path, authorized_keys: &Path) -> Result<SshState, String> {
         // The keys first: a start that fails on them leaves no host key.
-        let keys = load_authorized_keys(authorized_keys)?;
+        let keys = load_authorized_keys(authorized_keys).map_err(|e| e.to_string())?;
         let key = load_or_create_host_key(host_key)?;
         let server = russh::server::Config {
             server_id: russh::SshId::Standard(
@@ -451,11 +546,16 @@ impl SshState {
 
     /// Read the authorized keys file again (SIGHUP). If it cannot be read,
     /// no key is accepted until it can: a revoked key must not stay valid
-    /// because the file was being replaced.
+    /// because the file was being replaced. If group or others may write
+    /// it, the keys loaded before stay.
     pub fn reload(&self) {
         let keys = match load_authorized_keys(&self.keys_path) {
             Ok(k) => k,
-            Err(e) => {
+            Err(KeysError::Unsafe(e)) => {
+                tracing::error!("{e}; keeping the SSH authorized keys loaded before");
+                return;
+            }
+            Err(KeysError::Unreadable(e)) => {
                 tracing::error!("{e}; no SSH key is accepted until it can be read");
                 AuthorizedKeys::default()
             }
@@ -908,6 +1008,38 @@ mod tests {
         assert_eq!(e.filter(b"."), Err(vec![]));
         let mut e = Escape::default();
         assert_eq!(e.filter(b"ls\n~."), Err(b"ls\n".to_vec()));
+    }
+
+    #[test]
+    fn writable_key_files_are_refused() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("keys");
+        std::fs::write(&path, format!("{KEY} a\n")).expect("write");
+        let set = |mode| {
+            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode)).expect("chmod")
+        };
+        set(0o644);
+        assert_eq!(load_authorized_keys(&path).expect("0644").entries.len(), 1);
+        set(0o664);
+        match load_authorized_keys(&path) {
+            Err(KeysError::Unsafe(e)) => {
+                assert!(e.contains(&path.display().to_string()), "{e}");
+                assert!(e.contains("writable by group (mode 0664)"), "{e}");
+            }
+            other => panic!("a group-writable file was taken: {other:?}"),
+        }
+        assert!(matches!(
+            load_authorized_keys(&dir.path().join("none")),
+            Err(KeysError::Unreadable(_))
+        ));
+        let host = dir.path().join("host");
+        load_or_create_host_key(&host).expect("made");
+        std::fs::set_permissions(&host, std::fs::Permissions::from_mode(0o606)).expect("chmod");
+        let Err(e) = load_or_create_host_key(&host) else {
+            panic!("a world-writable host key was taken");
+        };
+        assert!(e.contains("writable by others"), "{e}");
     }
 
     #[test]
