@@ -21,6 +21,9 @@
 //! - flow control: 6 MiB out while a 1 MiB paste goes in, every byte; a
 //!   stopped ssh (SIGSTOP) does not hold the VM up and is dropped as a
 //!   stall;
+//! - a session outlives its client's EOF (`</dev/null` still gets output)
+//!   but not its connection: a SIGKILLed client's exclusive lock is free
+//!   at once;
 //! - key files others may write are refused (start-up, reload), a host key
 //!   others may read is warned about.
 //!
@@ -267,6 +270,20 @@ async fn sighup_until(d: &Daemon, needle: &str) {
             "no {needle:?} after SIGHUP:\n{}",
             d.log()
         );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Wait until the log holds `n` lines with `needle`.
+async fn log_count(d: &Daemon, needle: &str, n: usize, limit: Duration) -> bool {
+    let deadline = Instant::now() + limit;
+    loop {
+        if d.log().matches(needle).count() >= n {
+            return true;
+        }
+        if Instant::now() >= deadline {
+            return false;
+        }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
@@ -709,6 +726,81 @@ fn bad_ssh_files_stop_start_up_naming_them() {
 /// Quote `s` for `sh -c`.
 fn shell_words(s: &str) -> String {
     format!("'{}'", s.replace('\'', "'\\''"))
+}
+
+/// EOF on ssh's stdin is not the end of a session: `ssh VM@host
+/// </dev/null` still gets the VM's output. But a client that is gone
+/// (SIGKILL, after that EOF) ends its session at once, on a quiet VM too:
+/// the audit end line, and its exclusive lock is free for the next key.
+#[tokio::test]
+async fn after_eof_output_flows_and_a_killed_client_frees_its_exclusive_lock() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (key, public) = keygen(dir.path(), "excl");
+    std::fs::write(
+        dir.path().join("authorized_keys"),
+        format!("mode=\"exclusive\" {public}\n"),
+    )
+    .expect("write");
+    let (d, port) = daemon(dir.path(), &[]).await;
+    let id = Identity::numbered(8700);
+    let (vm, _) = vm_up(&d, &id).await;
+
+    let mut first = Ssh::spawn(ssh_command(port, &key, &id.name, &[]));
+    // Its stdin closes at once: ssh sends EOF on the channel.
+    first.stdin = None;
+    assert!(
+        d.wait_log("audit: console session started", T * 2).await,
+        "the console did not start: {}",
+        first.err()
+    );
+    vm.send(b"still watching").await.expect("VM output");
+    let deadline = Instant::now() + T;
+    while !String::from_utf8_lossy(&first.out()).contains("still watching") {
+        assert!(
+            Instant::now() < deadline,
+            "no output after EOF: {:?}; stderr: {}",
+            String::from_utf8_lossy(&first.out()),
+            first.err()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+
+    // SIGKILL: the connection closes, the VM stays quiet.
+    first.child.kill().expect("kill ssh");
+    first.child.wait().expect("wait ssh");
+    assert!(
+        d.wait_log("audit: console session ended", Duration::from_secs(2))
+            .await,
+        "the dead client's session did not end within 2 s:\n{}",
+        d.log()
+    );
+
+    // The lock is free: a second exclusive session gets the console.
+    let mut second = Ssh::spawn(ssh_command(port, &key, &id.name, &[]));
+    assert!(
+        log_count(
+            &d,
+            "audit: console session started",
+            2,
+            Duration::from_secs(2)
+        )
+        .await,
+        "the second exclusive session did not start: {}\n{}",
+        second.err(),
+        d.log()
+    );
+    vm.send(b"second").await.expect("VM output");
+    let deadline = Instant::now() + T;
+    while !String::from_utf8_lossy(&second.out()).contains("second") {
+        assert!(
+            Instant::now() < deadline,
+            "no output on the second session: {}",
+            second.err()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    second.write(b"x");
+    assert_eq!(vm_reads(&vm, 1).await, b"x");
 }
 
 /// As OpenSSH's StrictModes: an authorized keys file or host key that

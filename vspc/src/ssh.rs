@@ -25,7 +25,9 @@
 //! bytes between the pipe and the SSH channel: the channel's window holds
 //! the adapter back, the pipe then fills, and the driver sees a console
 //! that does not keep up (the VM waits, then skip-and-tell and stalls as
-//! for any console). Bytes pass untouched both ways except the escape:
+//! for any console). EOF from the client does not end the session (output
+//! still flows); the channel's close or the connection's end does, at
+//! once. Bytes pass untouched both ways except the escape:
 //! `~.` at the start of a line (after CR or LF, or first) closes the
 //! session and `~~` sends one `~`, as OpenSSH's client does; it is done here,
 //! on the server, so it works with `ssh -e none` and non-OpenSSH clients.
@@ -892,9 +894,6 @@ async fn pump(channel: Channel<Msg>, pipe: DuplexStream) {
     let mut buf = vec![0u8; PIPE_BYTES];
     let mut input = Bytes::new();
     let mut escape = Escape::default();
-    // After the client's EOF output still flows (`ssh VM@host </dev/null`
-    // watches a console) until it closes the channel.
-    let mut eof = false;
     // Whether the session ended with `~.`.
     let mut escaped = false;
     // Output taken from the console, not yet on the channel. Written in
@@ -918,7 +917,10 @@ async fn pump(channel: Channel<Msg>, pipe: DuplexStream) {
                 Ok(n) if n > 0 => input.advance(n),
                 _ => break true,
             },
-            msg = from_client.wait(), if input.is_empty() && !eof => match msg {
+            // Read after the client's EOF too (`ssh VM@host </dev/null`
+            // watches a console): the channel's close, or the connection's
+            // end, must still be seen at once.
+            msg = from_client.wait(), if input.is_empty() => match msg {
                 Some(ChannelMsg::Data { data }) => match escape.filter(&data) {
                     Ok(bytes) => input = Bytes::from(bytes),
                     Err(before) => {
@@ -927,7 +929,6 @@ async fn pump(channel: Channel<Msg>, pipe: DuplexStream) {
                         break false;
                     }
                 },
-                Some(ChannelMsg::Eof) => eof = true,
                 Some(ChannelMsg::Close) | None => break false,
                 Some(_) => {}
             },
