@@ -24,6 +24,8 @@
 //! - a session outlives its client's EOF (`</dev/null` still gets output)
 //!   but not its connection: a SIGKILLed client's exclusive lock is free
 //!   at once;
+//! - before login: the auth timeout, the cap on waiting connections, and
+//!   the counters in `/metrics`; the idle timeout;
 //! - key files others may write are refused (start-up, reload), a host key
 //!   others may read is warned about.
 //!
@@ -801,6 +803,181 @@ async fn after_eof_output_flows_and_a_killed_client_frees_its_exclusive_lock() {
     }
     second.write(b"x");
     assert_eq!(vm_reads(&vm, 1).await, b"x");
+}
+
+/// Fetch `/metrics` from the HTTP port.
+async fn metrics(http: u16) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut tcp = tokio::net::TcpStream::connect(("127.0.0.1", http))
+        .await
+        .expect("connect to the HTTP port");
+    tcp.write_all(b"GET /metrics HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
+        .await
+        .expect("send");
+    let mut out = Vec::new();
+    tokio::time::timeout(T, tcp.read_to_end(&mut out))
+        .await
+        .expect("the metrics came")
+        .expect("read");
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// The value of the sample line that starts with `series`.
+fn sample(text: &str, series: &str) -> Option<f64> {
+    text.lines()
+        .find_map(|l| l.strip_prefix(series)?.trim().parse().ok())
+}
+
+/// Read from a silent connection until it closes: (bytes read, whether it
+/// closed within `limit`).
+async fn until_closed(tcp: &mut tokio::net::TcpStream, limit: Duration) -> (Vec<u8>, bool) {
+    use tokio::io::AsyncReadExt;
+    let mut got = Vec::new();
+    let deadline = tokio::time::Instant::now() + limit;
+    let mut buf = [0u8; 4096];
+    loop {
+        match tokio::time::timeout_at(deadline, tcp.read(&mut buf)).await {
+            Err(_) => return (got, false),
+            Ok(Ok(0)) | Ok(Err(_)) => return (got, true),
+            Ok(Ok(n)) => got.extend_from_slice(&buf[..n]),
+        }
+    }
+}
+
+/// Before authentication: a client that says nothing is closed after
+/// `--ssh-auth-timeout`; past `--ssh-max-unauthenticated` waiting
+/// connections one more is closed at once; both are counted, and SSH
+/// connections show in `/metrics` as `listener="ssh"`.
+#[tokio::test]
+async fn unauthenticated_connections_are_timed_out_capped_and_counted() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (key, public) = keygen(dir.path(), "m");
+    std::fs::write(dir.path().join("authorized_keys"), format!("{public}\n")).expect("write");
+    let http = free_port();
+    let http_port = http.to_string();
+    let (d, port) = daemon(
+        dir.path(),
+        &[
+            "--ssh-auth-timeout",
+            "2",
+            "--ssh-max-unauthenticated",
+            "2",
+            "--http-iface",
+            "127.0.0.1",
+            "--http-port",
+            &http_port,
+        ],
+    )
+    .await;
+    // The helper's probe of the port took a place until it closed; wait
+    // until the daemon has let it go (its version line, then EOF).
+    tokio::time::sleep(Duration::from_millis(100)).await;
+
+    let start = Instant::now();
+    let mut silent1 = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .expect("connect");
+    let mut silent2 = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .expect("connect");
+    // Both are accepted: the server's version line comes.
+    for s in [&mut silent1, &mut silent2] {
+        use tokio::io::AsyncReadExt;
+        let mut buf = [0u8; 8];
+        let n = tokio::time::timeout(T, s.read(&mut buf))
+            .await
+            .expect("a version line")
+            .expect("read");
+        assert_eq!(&buf[..n.min(4)], b"SSH-", "{:?}", &buf[..n]);
+    }
+    // A third is closed at once, with nothing said.
+    let mut third = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .expect("connect");
+    let (said, closed) = until_closed(&mut third, Duration::from_millis(1000)).await;
+    assert!(closed, "the connection over the cap stayed open");
+    assert!(said.is_empty(), "{:?}", String::from_utf8_lossy(&said));
+    assert!(
+        d.wait_log("--ssh-max-unauthenticated", T).await,
+        "{}",
+        d.log()
+    );
+    // The silent ones are closed after the auth timeout (2 s), not before.
+    for s in [&mut silent1, &mut silent2] {
+        let (_, closed) = until_closed(s, T).await;
+        assert!(closed, "a silent client stayed connected");
+    }
+    let took = start.elapsed();
+    assert!(
+        took >= Duration::from_millis(1800) && took < Duration::from_secs(5),
+        "closed after {took:?}"
+    );
+    assert!(
+        d.wait_log("not authenticated within 2 s", T).await,
+        "{}",
+        d.log()
+    );
+
+    // The places are free again: a login works.
+    let (status, out, err) = run(ssh_command(port, &key, "list", &[])).await;
+    assert!(status.success(), "{err}");
+    assert!(out.is_empty(), "{out}");
+    let m = metrics(http).await;
+    let accepted = sample(&m, "vspc_connections_accepted_total{listener=\"ssh\"}");
+    assert!(accepted.is_some_and(|n| n >= 4.0), "{m}");
+    assert_eq!(
+        sample(
+            &m,
+            "vspc_ssh_closed_total{reason=\"unauthenticated_limit\"}"
+        ),
+        Some(1.0),
+        "{m}"
+    );
+    assert!(
+        sample(&m, "vspc_ssh_closed_total{reason=\"auth_timeout\"}").is_some_and(|n| n >= 2.0),
+        "{m}"
+    );
+}
+
+/// `--ssh-idle-timeout`: a session with no console data either way is
+/// closed after that long; one with data stays.
+#[tokio::test]
+async fn an_idle_connection_is_closed_after_the_idle_timeout() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (key, public) = keygen(dir.path(), "idle");
+    std::fs::write(dir.path().join("authorized_keys"), format!("{public}\n")).expect("write");
+    let (d, port) = daemon(dir.path(), &["--ssh-idle-timeout", "2"]).await;
+    let id = Identity::numbered(8900);
+    let (vm, _) = vm_up(&d, &id).await;
+    let mut ssh = Ssh::spawn(ssh_command(port, &key, &id.name, &[]));
+    assert!(
+        d.wait_log("audit: console session started", T * 2).await,
+        "the console did not start: {}",
+        ssh.err()
+    );
+    let start = Instant::now();
+    // Data every half second keeps it open past the timeout.
+    for i in 0..6u8 {
+        vm.send(&[b'a' + i]).await.expect("VM output");
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    assert!(
+        ssh.child.try_wait().expect("try_wait").is_none(),
+        "closed while busy"
+    );
+    ssh.exit(T).await;
+    let took = start.elapsed();
+    assert!(took >= Duration::from_secs(4), "closed after {took:?}");
+    assert!(
+        d.wait_log("no console data for 2 s", T).await,
+        "{}",
+        d.log()
+    );
+    assert!(
+        d.wait_log("audit: console session ended", T).await,
+        "{}",
+        d.log()
+    );
 }
 
 /// As OpenSSH's StrictModes: an authorized keys file or host key that

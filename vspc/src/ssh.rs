@@ -15,6 +15,15 @@
 //! ([`SshState::reload`]); a reload applies to new sessions. Passwords
 //! and keyboard-interactive are not offered at all.
 //!
+//! # Limits
+//!
+//! Each connection has `--ssh-auth-timeout` from accept to log in, and at
+//! most `--ssh-max-unauthenticated` wait at once ([`serve`],
+//! [`connection`]); `--ssh-idle-timeout` closes a connection without
+//! console data. russh has no limit before its key exchange and counts
+//! keepalive answers as activity, so these are kept here: the socket is
+//! shut under russh when one is passed.
+//!
 //! # The console
 //!
 //! A session is an ordinary console of the VM: a [`ConsoleSession`] with
@@ -37,6 +46,7 @@
 //! supported" by russh; exec and subsystem requests are refused.
 
 use crate::hub::{Access, ConsoleProtocol, Hub, LockMode, Vm};
+use crate::metrics::{Listener, SshClosed};
 use crate::net::conn::{serve as serve_stream, Stream};
 use crate::session::console::ConsoleSession;
 use bytes::{Buf, Bytes};
@@ -45,6 +55,7 @@ use russh::server::{Auth, ChannelOpenHandle, Msg, PublicKeyOffer, Session, Verif
 use russh::{Channel, ChannelId, ChannelMsg, MethodKind, MethodSet};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt, DuplexStream};
@@ -499,6 +510,30 @@ pub struct SshConfig {
     pub state: Arc<SshState>,
 }
 
+/// The time limits and the cap on SSH connections.
+#[derive(Debug, Clone, Copy)]
+pub struct SshLimits {
+    /// From accept to an accepted key (`--ssh-auth-timeout`); then the
+    /// connection is closed.
+    pub auth_timeout: Duration,
+    /// Connections that may wait to authenticate at once
+    /// (`--ssh-max-unauthenticated`); one more is closed when accepted.
+    pub max_unauthenticated: usize,
+    /// No console data either way for this long closes an authenticated
+    /// connection (`--ssh-idle-timeout`); `None`: never.
+    pub idle_timeout: Option<Duration>,
+}
+
+impl Default for SshLimits {
+    fn default() -> SshLimits {
+        SshLimits {
+            auth_timeout: Duration::from_secs(30),
+            max_unauthenticated: 64,
+            idle_timeout: None,
+        }
+    }
+}
+
 /// What every SSH connection shares.
 pub struct SshState {
     /// russh's settings, with the host key.
@@ -508,11 +543,19 @@ pub struct SshState {
     /// The keys now; a reload swaps the whole set, so a session sees one
     /// version of the file.
     keys: RwLock<Arc<AuthorizedKeys>>,
+    /// Time limits and the unauthenticated cap.
+    limits: SshLimits,
+    /// Connections accepted and not yet authenticated.
+    unauthenticated: AtomicUsize,
 }
 
 impl SshState {
     /// Load the host key (making it if missing) and the authorized keys.
-    pub fn new(host_key: &Path, authorized_keys: &Path) -> Result<SshState, String> {
+    pub fn new(
+        host_key: &Path,
+        authorized_keys: &Path,
+        limits: SshLimits,
+    ) -> Result<SshState, String> {
         // The keys first: a start that fails on them leaves no host key.
         let keys = load_authorized_keys(authorized_keys).map_err(|e| e.to_string())?;
         let key = load_or_create_host_key(host_key)?;
@@ -526,8 +569,10 @@ impl SshState {
             auth_rejection_time: Duration::from_secs(1),
             auth_rejection_time_initial: Some(Duration::ZERO),
             keys: vec![key],
-            // A console may be quiet for days: no inactivity limit, but a
-            // dead peer is found by keepalives (3 × 30 s unanswered).
+            // russh's own inactivity limit would also count keepalive
+            // answers as activity; vspc's limits are kept per connection
+            // instead ([`connection`]). A dead peer is found by keepalives
+            // (3 × 30 s unanswered).
             inactivity_timeout: None,
             keepalive_interval: Some(Duration::from_secs(30)),
             keepalive_max: 3,
@@ -538,6 +583,8 @@ impl SshState {
             server: Arc::new(server),
             keys_path: authorized_keys.to_path_buf(),
             keys: RwLock::new(Arc::new(keys)),
+            limits,
+            unauthenticated: AtomicUsize::new(0),
         })
     }
 
@@ -566,36 +613,189 @@ impl SshState {
     }
 }
 
+/// Holds one of [`SshState::unauthenticated`]'s places until dropped.
+struct UnauthSlot(Arc<SshState>);
+
+impl Drop for UnauthSlot {
+    fn drop(&mut self) {
+        self.0.unauthenticated.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
 /// Accept SSH connections on `listener` forever.
 pub async fn serve(listener: TcpListener, hub: Arc<Hub>, state: Arc<SshState>) {
     let mut last_warn = None;
+    let mut last_full: Option<std::time::Instant> = None;
     loop {
         match listener.accept().await {
             Ok((tcp, peer)) => {
-                let handler = Handler {
-                    hub: hub.clone(),
-                    state: state.clone(),
-                    peer,
-                    user: String::new(),
-                    key: None,
-                    channel: None,
-                    started: false,
-                };
-                let config = state.server.clone();
-                tokio::spawn(async move {
-                    match russh::server::run_stream(config, tcp, handler).await {
-                        Ok(session) => {
-                            if let Err(e) = session.await {
-                                tracing::debug!(%peer, "SSH connection ended: {e}");
-                            }
-                        }
-                        Err(e) => tracing::debug!(%peer, "SSH handshake failed: {e}"),
+                hub.metrics().accepted(Listener::Ssh);
+                let waiting = state.unauthenticated.fetch_add(1, Ordering::SeqCst);
+                let slot = UnauthSlot(state.clone());
+                if waiting >= state.limits.max_unauthenticated {
+                    // Dropping the socket closes it.
+                    drop((slot, tcp));
+                    hub.metrics().ssh_closed(SshClosed::Unauthenticated);
+                    if last_full.is_none_or(|t| t.elapsed() >= Duration::from_secs(1)) {
+                        last_full = Some(std::time::Instant::now());
+                        tracing::warn!(
+                            %peer,
+                            "SSH port: closed a connection at once: {} connections are already waiting to authenticate (--ssh-max-unauthenticated)",
+                            state.limits.max_unauthenticated
+                        );
                     }
-                });
+                    continue;
+                }
+                tokio::spawn(connection(hub.clone(), state.clone(), tcp, peer, slot));
             }
             Err(e) => {
+                hub.metrics().accept_error(Listener::Ssh);
                 let wait = crate::net::acceptor::accept_failed("SSH port", &e, &mut last_warn);
                 tokio::time::sleep(wait).await;
+            }
+        }
+    }
+}
+
+/// What a connection's task and its handler share.
+struct Shared {
+    /// Notified when a key is accepted.
+    authenticated: tokio::sync::Notify,
+    /// When the connection started: `activity` counts from here.
+    since: tokio::time::Instant,
+    /// Milliseconds from `since` to the last console data either way.
+    activity: AtomicU64,
+    /// Set when the connection is gone, for the sessions on it.
+    gone: tokio::sync::watch::Sender<bool>,
+}
+
+impl Shared {
+    fn touch(&self) {
+        let ms = u64::try_from(self.since.elapsed().as_millis()).unwrap_or(u64::MAX);
+        self.activity.store(ms, Ordering::Relaxed);
+    }
+
+    fn last_activity(&self) -> tokio::time::Instant {
+        self.since + Duration::from_millis(self.activity.load(Ordering::Relaxed))
+    }
+}
+
+/// Tells the sessions on a connection that it is gone, however its task
+/// ends.
+struct Gone(Arc<Shared>);
+
+impl Drop for Gone {
+    fn drop(&mut self) {
+        self.0.gone.send_replace(true);
+    }
+}
+
+/// One SSH connection, from accept to close: the handshake and the login
+/// within `--ssh-auth-timeout` (else the socket is shut), then, with
+/// `--ssh-idle-timeout`, closed after that long without console data.
+async fn connection(
+    hub: Arc<Hub>,
+    state: Arc<SshState>,
+    tcp: tokio::net::TcpStream,
+    peer: SocketAddr,
+    slot: UnauthSlot,
+) {
+    use std::os::fd::AsFd;
+    // A second handle on the socket, to shut it under russh's feet: russh
+    // waits for a silent client without end, and handles no message
+    // while a key exchange is under way.
+    let killer = match tcp.as_fd().try_clone_to_owned() {
+        Ok(fd) => std::net::TcpStream::from(fd),
+        Err(e) => {
+            tracing::warn!(%peer, "SSH connection dropped: cannot duplicate its socket: {e}");
+            return;
+        }
+    };
+    let shared = Arc::new(Shared {
+        authenticated: tokio::sync::Notify::new(),
+        since: tokio::time::Instant::now(),
+        activity: AtomicU64::new(0),
+        gone: tokio::sync::watch::Sender::new(false),
+    });
+    let _gone = Gone(shared.clone());
+    let handler = Handler {
+        hub: hub.clone(),
+        state: state.clone(),
+        shared: shared.clone(),
+        peer,
+        user: String::new(),
+        key: None,
+        channel: None,
+        started: false,
+    };
+    let limits = state.limits;
+    let auth_deadline = tokio::time::Instant::now() + limits.auth_timeout;
+    let auth_timed_out = || {
+        hub.metrics().ssh_closed(SshClosed::AuthTimeout);
+        tracing::info!(
+            %peer,
+            "SSH connection closed: not authenticated within {} s (--ssh-auth-timeout)",
+            limits.auth_timeout.as_secs_f64()
+        );
+        let _ = killer.shutdown(std::net::Shutdown::Both);
+    };
+    // russh reads the client's version line before it returns the session.
+    let running = tokio::select! {
+        r = russh::server::run_stream(state.server.clone(), tcp, handler) => match r {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::debug!(%peer, "SSH handshake failed: {e}");
+                return;
+            }
+        },
+        () = tokio::time::sleep_until(auth_deadline) => return auth_timed_out(),
+    };
+    let handle = running.handle();
+    tokio::pin!(running);
+    let ended = |r: Result<(), russh::Error>| {
+        if let Err(e) = r {
+            tracing::debug!(%peer, "SSH connection ended: {e}");
+        }
+    };
+    tokio::select! {
+        r = &mut running => return ended(r),
+        () = shared.authenticated.notified() => {}
+        () = tokio::time::sleep_until(auth_deadline) => {
+            auth_timed_out();
+            let _ = tokio::time::timeout(CLOSE_GRACE, running).await;
+            return;
+        }
+    }
+    drop(slot);
+    shared.touch();
+    let Some(idle) = limits.idle_timeout else {
+        return ended(running.await);
+    };
+    loop {
+        let due = shared.last_activity() + idle;
+        tokio::select! {
+            r = &mut running => return ended(r),
+            () = tokio::time::sleep_until(due) => {
+                if shared.last_activity() + idle > tokio::time::Instant::now() {
+                    continue;
+                }
+                hub.metrics().ssh_closed(SshClosed::Idle);
+                tracing::info!(
+                    %peer,
+                    "SSH connection closed: no console data for {} s (--ssh-idle-timeout)",
+                    idle.as_secs_f64()
+                );
+                let msg = format!("idle for {} s", idle.as_secs_f64());
+                let _ = tokio::time::timeout(
+                    Duration::from_secs(1),
+                    handle.disconnect(russh::Disconnect::ByApplication, msg, String::new()),
+                )
+                .await;
+                if tokio::time::timeout(Duration::from_secs(1), &mut running).await.is_err() {
+                    let _ = killer.shutdown(std::net::Shutdown::Both);
+                    let _ = tokio::time::timeout(CLOSE_GRACE, running).await;
+                }
+                return;
             }
         }
     }
@@ -608,6 +808,8 @@ struct Handler {
     /// The keys in force (read at each login, so a reload applies to the
     /// next one).
     state: Arc<SshState>,
+    /// Shared with the connection's task: login, activity, end.
+    shared: Arc<Shared>,
     /// Where the client connects from (for the logs and the audit).
     peer: SocketAddr,
     /// The user name the key logged in as: a VM, or [`LIST_USER`].
@@ -628,13 +830,14 @@ impl Handler {
         };
         self.started = true;
         let hub = self.hub.clone();
+        let shared = self.shared.clone();
         let user = self.user.clone();
         let peer = self.peer;
         tokio::spawn(async move {
             if user == LIST_USER {
                 list(&hub, &key, channel).await;
             } else {
-                console(hub, key, &user, peer, channel).await;
+                console(hub, shared, key, &user, peer, channel).await;
             }
         });
     }
@@ -670,6 +873,7 @@ impl russh::server::Handler for Handler {
                 tracing::debug!(peer = %self.peer, user, key = %entry.fingerprint, "SSH key accepted");
                 self.user = user.to_string();
                 self.key = Some(entry);
+                self.shared.authenticated.notify_one();
                 Ok(Auth::Accept)
             }
             None => {
@@ -788,9 +992,10 @@ async fn list(hub: &Hub, key: &KeyEntry, channel: Channel<Msg>) {
 }
 
 /// `VM@`: join the console under the key's mode and serve it until either
-/// side ends.
+/// side ends or the connection goes.
 async fn console(
     hub: Arc<Hub>,
+    shared: Arc<Shared>,
     key: Arc<KeyEntry>,
     what: &str,
     peer: SocketAddr,
@@ -828,11 +1033,11 @@ async fn console(
     let outbox = session.outbox();
     let stall = session.stall_timeout();
     let conn = serve_stream(Stream::Pipe(ours), &mut session, outbox, None, stall);
-    let pump = pump(channel, theirs);
+    let pump = pump(channel, theirs, &shared);
     tokio::pin!(conn, pump);
     tokio::select! {
-        // The client went (or typed ~.): the pipe's end is dropped, and
-        // the driver ends when it reads that.
+        // The client went (or typed ~.) or the connection closed: the
+        // pipe's end is dropped, and the driver ends when it reads that.
         _ = &mut pump => conn.await,
         // The console ended (cleared, stalled): the adapter gets a moment
         // to pass on the last bytes, then the channel closes.
@@ -882,20 +1087,31 @@ impl Escape {
     }
 }
 
+/// How the adapter's loop ended.
+enum End {
+    /// The console side closed the pipe: its last bytes go out.
+    Console,
+    /// The client closed the channel, or the connection is gone.
+    Client,
+    /// `~.` was typed.
+    Escaped,
+}
+
 /// The adapter: bytes from the pipe (the console's output) go out on the
 /// channel, as fast as its window lets them; data from the client goes
 /// into the pipe (through [`Escape`]). The client is not read while the
 /// pipe takes no more input. Dropping the pipe's end tells the driver the
-/// console is gone.
-async fn pump(channel: Channel<Msg>, pipe: DuplexStream) {
+/// console is gone. The channel's close and the connection's end end it
+/// at once, whatever the client sent before (an EOF is not the end:
+/// output still flows).
+async fn pump(channel: Channel<Msg>, pipe: DuplexStream, shared: &Shared) {
     let (mut from_client, to_client) = channel.split();
     let mut writer = to_client.make_writer();
     let (mut from_console, mut to_console) = tokio::io::split(pipe);
+    let mut gone = shared.gone.subscribe();
     let mut buf = vec![0u8; PIPE_BYTES];
     let mut input = Bytes::new();
     let mut escape = Escape::default();
-    // Whether the session ended with `~.`.
-    let mut escaped = false;
     // Output taken from the console, not yet on the channel. Written in
     // the loop (not awaited whole), so that the client's input is still
     // read while its window is shut: otherwise a paste during a burst
@@ -903,48 +1119,62 @@ async fn pump(channel: Channel<Msg>, pipe: DuplexStream) {
     // A write the window holds back is retried with the same bytes first,
     // as russh's writer expects.
     let mut output = Bytes::new();
-    let console_ended = loop {
+    let end = loop {
         tokio::select! {
             got = from_console.read(&mut buf), if output.is_empty() => match got {
-                Ok(0) | Err(_) => break true,
+                Ok(0) | Err(_) => break End::Console,
                 Ok(n) => output = Bytes::copy_from_slice(&buf[..n]),
             },
             sent = writer.write(&output), if !output.is_empty() => match sent {
-                Ok(n) if n > 0 => output.advance(n),
-                _ => break false,
+                Ok(n) if n > 0 => {
+                    output.advance(n);
+                    shared.touch();
+                }
+                _ => break End::Client,
             },
             put = to_console.write(&input), if !input.is_empty() => match put {
                 Ok(n) if n > 0 => input.advance(n),
-                _ => break true,
+                _ => break End::Console,
             },
             // Read after the client's EOF too (`ssh VM@host </dev/null`
-            // watches a console): the channel's close, or the connection's
-            // end, must still be seen at once.
+            // watches a console): the channel's close must still be seen.
             msg = from_client.wait(), if input.is_empty() => match msg {
-                Some(ChannelMsg::Data { data }) => match escape.filter(&data) {
-                    Ok(bytes) => input = Bytes::from(bytes),
-                    Err(before) => {
-                        let _ = to_console.write_all(&before).await;
-                        escaped = true;
-                        break false;
+                Some(ChannelMsg::Data { data }) => {
+                    shared.touch();
+                    match escape.filter(&data) {
+                        Ok(bytes) => input = Bytes::from(bytes),
+                        Err(before) => {
+                            let _ = to_console.write_all(&before).await;
+                            break End::Escaped;
+                        }
                     }
-                },
-                Some(ChannelMsg::Close) | None => break false,
+                }
+                Some(ChannelMsg::Close) | None => break End::Client,
                 Some(_) => {}
             },
+            // (The guard `wait_for` returns is not held across an await.)
+            _ = async { gone.wait_for(|g| *g).await.is_ok() } => break End::Client,
         }
     };
-    if escaped {
-        let _ = to_client
-            .extended_data_bytes(1, Bytes::from_static(b"\r\nvspc: closed (~.)\r\n"))
-            .await;
-    }
-    if console_ended && !output.is_empty() {
-        let _ = writer.write_all(&output).await;
+    match &end {
+        End::Escaped => {
+            let _ = to_client
+                .extended_data_bytes(1, Bytes::from_static(b"\r\nvspc: closed (~.)\r\n"))
+                .await;
+        }
+        End::Console => {
+            if !output.is_empty() {
+                let _ = writer.write_all(&output).await;
+            }
+        }
+        End::Client => {}
     }
     let _ = writer.flush().await;
-    if console_ended || escaped {
-        let _ = to_client.exit_status(0).await;
+    match end {
+        End::Console | End::Escaped => {
+            let _ = to_client.exit_status(0).await;
+        }
+        End::Client => {}
     }
     let _ = to_client.eof().await;
     let _ = to_client.close().await;
