@@ -24,6 +24,8 @@
 //! - a session outlives its client's EOF (`</dev/null` still gets output)
 //!   but not its connection: a SIGKILLed client's exclusive lock is free
 //!   at once;
+//! - a reload closes the sessions of a removed or narrowed key (audit
+//!   line) and refuses its new channels over an open ControlMaster;
 //! - before login: the auth timeout, the cap on waiting connections, and
 //!   the counters in `/metrics`; the idle timeout;
 //! - key files others may write are refused (start-up, reload), a host key
@@ -288,6 +290,18 @@ async fn log_count(d: &Daemon, needle: &str, n: usize, limit: Duration) -> bool 
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+}
+
+/// Wait until `path` exists (a control socket).
+async fn wait_path(path: &Path, limit: Duration) -> bool {
+    let deadline = Instant::now() + limit;
+    while !path.exists() {
+        if Instant::now() >= deadline {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    true
 }
 
 /// Wait until the VM has read `n` bytes of console input.
@@ -803,6 +817,165 @@ async fn after_eof_output_flows_and_a_killed_client_frees_its_exclusive_lock() {
     }
     second.write(b"x");
     assert_eq!(vm_reads(&vm, 1).await, b"x");
+}
+
+/// A reload applies to connections already open (OpenSSH's ControlMaster
+/// keeps one open and opens channels over it): a removed key gets no new
+/// channel over its old connection, and its open session is closed with an
+/// audit line; a key whose `mode=` went from write to read-only has its
+/// write session closed too, while an unchanged key's session stays.
+#[tokio::test]
+async fn a_reload_closes_revoked_and_narrowed_sessions_and_refuses_their_channels() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (gone, gone_pub) = keygen(dir.path(), "gone");
+    let (narrow, narrow_pub) = keygen(dir.path(), "narrow");
+    let (stay, stay_pub) = keygen(dir.path(), "stay");
+    let keys_file = dir.path().join("authorized_keys");
+    std::fs::write(
+        &keys_file,
+        format!(
+            "mode=\"write\" {gone_pub}\n\
+             vms=\"cm-2\",mode=\"write\" {narrow_pub}\n\
+             vms=\"cm-3\" {stay_pub}\n"
+        ),
+    )
+    .expect("write");
+    let (d, port) = daemon(dir.path(), &[]).await;
+    let one = Identity {
+        name: "cm-1".into(),
+        ..Identity::numbered(8801)
+    };
+    let two = Identity {
+        name: "cm-2".into(),
+        ..Identity::numbered(8802)
+    };
+    let three = Identity {
+        name: "cm-3".into(),
+        ..Identity::numbered(8803)
+    };
+    let (vm1, _) = vm_up(&d, &one).await;
+    let (_vm2, _) = vm_up(&d, &two).await;
+    let (vm3, _) = vm_up(&d, &three).await;
+
+    // Two masters for the key that goes: one carries a session, the other
+    // none yet.
+    let master = |path: &Path| {
+        let cp = format!("ControlPath={}", path.display());
+        ssh_command(
+            port,
+            &gone,
+            "cm-1",
+            &[
+                "-N",
+                "-o",
+                "ControlMaster=yes",
+                "-o",
+                &cp,
+                "-o",
+                "ControlPersist=no",
+            ],
+        )
+    };
+    let over = |path: &Path| {
+        let cp = format!("ControlPath={}", path.display());
+        ssh_command(port, &gone, "cm-1", &["-o", "ControlMaster=no", "-o", &cp])
+    };
+    let (m1, m2) = (dir.path().join("m1"), dir.path().join("m2"));
+    let _master1 = Ssh::spawn(master(&m1));
+    let _master2 = Ssh::spawn(master(&m2));
+    assert!(
+        wait_path(&m1, T).await,
+        "no control socket {}",
+        m1.display()
+    );
+    assert!(
+        wait_path(&m2, T).await,
+        "no control socket {}",
+        m2.display()
+    );
+
+    let mut session = Ssh::spawn(over(&m1));
+    assert!(
+        log_count(&d, "audit: console session started", 1, T * 2).await,
+        "no session over the master: {}",
+        session.err()
+    );
+    session.write(b"w");
+    assert_eq!(vm_reads(&vm1, 1).await, b"w");
+    let mut narrowed = Ssh::spawn(ssh_command(port, &narrow, "cm-2", &[]));
+    let mut stays = Ssh::spawn(ssh_command(port, &stay, "cm-3", &[]));
+    assert!(
+        log_count(&d, "audit: console session started", 3, T * 2).await,
+        "the sessions did not start: {} / {}",
+        narrowed.err(),
+        stays.err()
+    );
+
+    // Remove the first key, make the second read-only; reload.
+    std::fs::write(
+        &keys_file,
+        format!("vms=\"cm-2\",mode=\"read-only\" {narrow_pub}\nvms=\"cm-3\" {stay_pub}\n"),
+    )
+    .expect("rewrite");
+    sighup_until(&d, "SSH authorized keys loaded").await;
+    assert!(
+        log_count(&d, "audit: console session closed by a reload", 2, T).await,
+        "the revoked and narrowed sessions were not closed:\n{}",
+        d.log()
+    );
+    for (ssh, why) in [(&mut session, "removed"), (&mut narrowed, "mode=")] {
+        let status = ssh.exit(T).await;
+        assert_eq!(status.code(), Some(1), "stderr: {}", ssh.err());
+        assert!(ssh.err().contains(why), "stderr: {}", ssh.err());
+    }
+    assert!(
+        log_count(&d, "audit: console session ended", 2, T).await,
+        "no audit end lines:\n{}",
+        d.log()
+    );
+    let log = d.log();
+    let closed: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("closed by a reload"))
+        .collect();
+    assert!(
+        closed.iter().any(|l| l.contains("gone SHA256:")),
+        "{closed:?}"
+    );
+    assert!(
+        closed.iter().any(|l| l.contains("narrow SHA256:")),
+        "{closed:?}"
+    );
+    assert!(
+        !closed.iter().any(|l| l.contains("stay SHA256:")),
+        "{closed:?}"
+    );
+
+    // A new channel over the other master: refused.
+    let (status, _, err) = run(over(&m2)).await;
+    assert_ne!(
+        status.code(),
+        Some(0),
+        "a revoked key opened a channel: {err}"
+    );
+    let got = vm1.recv_data(Duration::from_millis(300)).await;
+    assert!(got.is_empty(), "{got:?}");
+    assert!(
+        d.log()
+            .contains("SSH channel refused: the key is no longer in the authorized keys"),
+        "{}",
+        d.log()
+    );
+
+    // The unchanged key's session goes on.
+    vm3.send(b"still on").await.expect("VM output");
+    let deadline = Instant::now() + T;
+    while !String::from_utf8_lossy(&stays.out()).contains("still on") {
+        assert!(Instant::now() < deadline, "stderr: {}", stays.err());
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    stays.write(b"k");
+    assert_eq!(vm_reads(&vm3, 1).await, b"k");
 }
 
 /// Fetch `/metrics` from the HTTP port.

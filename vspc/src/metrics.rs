@@ -120,13 +120,16 @@ pub enum SshClosed {
     Unauthenticated = 1,
     /// No data either way for `--ssh-idle-timeout`.
     Idle = 2,
+    /// Its key was removed or narrowed by a reload (a session closed).
+    Revoked = 3,
 }
 
 impl SshClosed {
-    const ALL: [SshClosed; 3] = [
+    const ALL: [SshClosed; 4] = [
         SshClosed::AuthTimeout,
         SshClosed::Unauthenticated,
         SshClosed::Idle,
+        SshClosed::Revoked,
     ];
 
     fn label(self) -> &'static str {
@@ -134,6 +137,7 @@ impl SshClosed {
             SshClosed::AuthTimeout => "auth_timeout",
             SshClosed::Unauthenticated => "unauthenticated_limit",
             SshClosed::Idle => "idle",
+            SshClosed::Revoked => "revoked",
         }
     }
 }
@@ -213,7 +217,7 @@ pub struct Metrics {
     tls_failures: [AtomicU64; 5],
     /// SSH connections and sessions the front door closed, by
     /// [`SshClosed`] reason.
-    ssh_closed: [AtomicU64; 3],
+    ssh_closed: [AtomicU64; 4],
     /// vMotions by [`Vmotion`] outcome.
     vmotions: [AtomicU64; 5],
     /// Time from VMOTION-BEGIN to the GOAHEAD answer.

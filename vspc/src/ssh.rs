@@ -12,8 +12,10 @@
 //! malformed line is logged with its file and line number and skipped,
 //! never read as "any key, any VM". The file is read at start (unreadable,
 //! or writable by group or others: start-up stops) and again on SIGHUP
-//! ([`SshState::reload`]); a reload applies to new sessions. Passwords
-//! and keyboard-interactive are not offered at all.
+//! ([`SshState::reload`]). A reload applies at once: every channel open
+//! and session start looks the key up again, and open sessions the new
+//! keys no longer allow are closed. Passwords and keyboard-interactive are
+//! not offered at all.
 //!
 //! # Limits
 //!
@@ -56,7 +58,7 @@ use russh::{Channel, ChannelId, ChannelMsg, MethodKind, MethodSet};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt, DuplexStream};
 use tokio::net::TcpListener;
@@ -547,6 +549,100 @@ pub struct SshState {
     limits: SshLimits,
     /// Connections accepted and not yet authenticated.
     unauthenticated: AtomicUsize,
+    /// The console sessions open now, so that a reload can close those its
+    /// new keys no longer allow.
+    live: Mutex<Vec<Live>>,
+    /// Numbers the entries of `live`.
+    next_live: AtomicU64,
+}
+
+/// An open console session, as a reload sees it.
+struct Live {
+    /// Its entry in `live`.
+    id: u64,
+    /// The key entry it was started under.
+    key: Arc<KeyEntry>,
+    /// The VM it is attached to.
+    vm: Arc<Vm>,
+    /// What it was granted.
+    access: Access,
+    /// Its number in the audit lines.
+    audit: Option<u64>,
+    /// Tells the session to close, and why.
+    close: Arc<Closer>,
+}
+
+/// A reason to close a session, handed from a reload to its adapter.
+#[derive(Default)]
+struct Closer {
+    reason: Mutex<Option<String>>,
+    notify: tokio::sync::Notify,
+}
+
+impl Closer {
+    fn close(&self, reason: String) {
+        *self.reason.lock().unwrap_or_else(|e| e.into_inner()) = Some(reason);
+        self.notify.notify_one();
+    }
+
+    async fn closed(&self) -> String {
+        self.notify.notified().await;
+        self.reason
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+            .unwrap_or_default()
+    }
+}
+
+/// Removes a session from [`SshState::live`] when it ends.
+struct LiveGuard {
+    state: Arc<SshState>,
+    id: u64,
+}
+
+impl Drop for LiveGuard {
+    fn drop(&mut self) {
+        self.state.live().retain(|l| l.id != self.id);
+    }
+}
+
+/// How a key's lock mode ranks against a granted access: a session whose
+/// access ranks above what its key's mode now allows is closed by a reload.
+fn mode_rank(mode: LockMode) -> u8 {
+    match mode {
+        LockMode::ReadOnly => 0,
+        LockMode::FreeForAllOrReadOnly | LockMode::FreeForAll => 1,
+        LockMode::Write => 2,
+        LockMode::Exclusive => 3,
+    }
+}
+
+fn access_rank(access: Access) -> u8 {
+    match access {
+        Access::ReadOnly => 0,
+        Access::FreeForAll => 1,
+        Access::Write => 2,
+        Access::Exclusive => 3,
+    }
+}
+
+/// Why the keys `now` no longer allow a session of `key` on `vm` with
+/// `access`; `None` while they do.
+fn no_longer_allowed(
+    now: &AuthorizedKeys,
+    key: &KeyEntry,
+    vm: &Vm,
+    access: Access,
+) -> Option<&'static str> {
+    match now.find(&key.key) {
+        None => Some("its key was removed from the authorized keys"),
+        Some(e) if !e.may_see(vm) => Some("its key's vms= no longer covers this VM"),
+        Some(e) if access_rank(access) > mode_rank(e.mode) => {
+            Some("its key's mode= no longer grants this access")
+        }
+        Some(_) => None,
+    }
 }
 
 impl SshState {
@@ -585,6 +681,8 @@ impl SshState {
             keys: RwLock::new(Arc::new(keys)),
             limits,
             unauthenticated: AtomicUsize::new(0),
+            live: Mutex::new(Vec::new()),
+            next_live: AtomicU64::new(0),
         })
     }
 
@@ -593,11 +691,17 @@ impl SshState {
         self.keys.read().unwrap_or_else(|e| e.into_inner()).clone()
     }
 
-    /// Read the authorized keys file again (SIGHUP). If it cannot be read,
-    /// no key is accepted until it can: a revoked key must not stay valid
-    /// because the file was being replaced. If group or others may write
-    /// it, the keys loaded before stay.
-    pub fn reload(&self) {
+    fn live(&self) -> std::sync::MutexGuard<'_, Vec<Live>> {
+        self.live.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Read the authorized keys file again (SIGHUP), then close the open
+    /// sessions the new keys no longer allow (key removed, VM outside its
+    /// `vms=`, access above its `mode=`), each with an audit line. If the
+    /// file cannot be read, no key is accepted until it can: a revoked key
+    /// must not stay valid because the file was being replaced. If group
+    /// or others may write it, the keys loaded before stay.
+    pub fn reload(&self, hub: &Hub) {
         let keys = match load_authorized_keys(&self.keys_path) {
             Ok(k) => k,
             Err(KeysError::Unsafe(e)) => {
@@ -609,7 +713,24 @@ impl SshState {
                 AuthorizedKeys::default()
             }
         };
-        *self.keys.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(keys);
+        let keys = Arc::new(keys);
+        *self.keys.write().unwrap_or_else(|e| e.into_inner()) = keys.clone();
+        for l in self.live().iter() {
+            if let Some(why) = no_longer_allowed(&keys, &l.key, &l.vm, l.access) {
+                tracing::info!(
+                    session = l.audit.unwrap_or_default(),
+                    kind = "ssh",
+                    vm = ?l.vm.name(),
+                    uuid = %l.vm.uuid,
+                    access = %l.access.as_str(),
+                    user = ?l.key.who(),
+                    reason = why,
+                    "audit: console session closed by a reload of the SSH keys"
+                );
+                hub.metrics().ssh_closed(SshClosed::Revoked);
+                l.close.close(format!("closed: {why}"));
+            }
+        }
     }
 }
 
@@ -805,8 +926,8 @@ async fn connection(
 struct Handler {
     /// The VMs, to list and to join.
     hub: Arc<Hub>,
-    /// The keys in force (read at each login, so a reload applies to the
-    /// next one).
+    /// The keys in force, looked up again at every channel and session
+    /// start, so that a reload applies to connections already open.
     state: Arc<SshState>,
     /// Shared with the connection's task: login, activity, end.
     shared: Arc<Shared>,
@@ -814,7 +935,7 @@ struct Handler {
     peer: SocketAddr,
     /// The user name the key logged in as: a VM, or [`LIST_USER`].
     user: String,
-    /// The key that logged in.
+    /// The key that logged in, as the authorized keys had it last.
     key: Option<Arc<KeyEntry>>,
     /// The session channel, until a shell request starts it.
     channel: Option<Channel<Msg>>,
@@ -823,13 +944,42 @@ struct Handler {
 }
 
 impl Handler {
+    /// The logged-in key's entry in the authorized keys now (a reload may
+    /// have removed or changed it); logs a refusal when it is gone.
+    fn current_key(&mut self, what: &str) -> Option<Arc<KeyEntry>> {
+        let old = self.key.as_ref()?;
+        match self.state.keys().find(&old.key) {
+            Some(now) => {
+                self.key = Some(now.clone());
+                Some(now)
+            }
+            None => {
+                tracing::info!(
+                    peer = %self.peer,
+                    user = %self.user,
+                    key = %old.fingerprint,
+                    "SSH {what} refused: the key is no longer in the authorized keys"
+                );
+                None
+            }
+        }
+    }
+
     /// Start the session on the channel (shell request).
     fn start(&mut self) {
-        let (Some(channel), Some(key)) = (self.channel.take(), self.key.clone()) else {
+        let Some(channel) = self.channel.take() else {
             return;
         };
         self.started = true;
+        let Some(key) = self.current_key("session") else {
+            tokio::spawn(refuse(
+                channel,
+                "vspc: this key is no longer authorized\r\n".into(),
+            ));
+            return;
+        };
         let hub = self.hub.clone();
+        let state = self.state.clone();
         let shared = self.shared.clone();
         let user = self.user.clone();
         let peer = self.peer;
@@ -837,7 +987,7 @@ impl Handler {
             if user == LIST_USER {
                 list(&hub, &key, channel).await;
             } else {
-                console(hub, shared, key, &user, peer, channel).await;
+                console(hub, state, shared, key, &user, peer, channel).await;
             }
         });
     }
@@ -894,7 +1044,7 @@ impl russh::server::Handler for Handler {
         reply: ChannelOpenHandle,
         _session: &mut Session,
     ) -> Result<(), Self::Error> {
-        if self.started || self.channel.is_some() {
+        if self.started || self.channel.is_some() || self.current_key("channel").is_none() {
             reply
                 .reject(russh::ChannelOpenFailure::AdministrativelyProhibited)
                 .await;
@@ -992,9 +1142,10 @@ async fn list(hub: &Hub, key: &KeyEntry, channel: Channel<Msg>) {
 }
 
 /// `VM@`: join the console under the key's mode and serve it until either
-/// side ends or the connection goes.
+/// side ends, the connection goes, or a reload takes the key's access.
 async fn console(
     hub: Arc<Hub>,
+    state: Arc<SshState>,
     shared: Arc<Shared>,
     key: Arc<KeyEntry>,
     what: &str,
@@ -1019,6 +1170,28 @@ async fn console(
         };
     let access = session.access();
     session.audit(crate::audit::Kind::Ssh, Some(peer), Some(key.who()));
+    let closer = Arc::new(Closer::default());
+    let id = state.next_live.fetch_add(1, Ordering::Relaxed);
+    let live = Live {
+        id,
+        key: key.clone(),
+        vm: vm.clone(),
+        access,
+        audit: session.audit_id(),
+        close: closer.clone(),
+    };
+    {
+        // A reload between the key's look-up and here is checked now.
+        let mut all = state.live();
+        all.push(live);
+        if let Some(why) = no_longer_allowed(&state.keys(), &key, &vm, access) {
+            closer.close(format!("closed: {why}"));
+        }
+    }
+    let _live = LiveGuard {
+        state: state.clone(),
+        id,
+    };
     if access == Access::ReadOnly {
         let _ = channel
             .extended_data_bytes(
@@ -1033,11 +1206,12 @@ async fn console(
     let outbox = session.outbox();
     let stall = session.stall_timeout();
     let conn = serve_stream(Stream::Pipe(ours), &mut session, outbox, None, stall);
-    let pump = pump(channel, theirs, &shared);
+    let pump = pump(channel, theirs, &shared, &closer);
     tokio::pin!(conn, pump);
     tokio::select! {
-        // The client went (or typed ~.) or the connection closed: the
-        // pipe's end is dropped, and the driver ends when it reads that.
+        // The client went (or typed ~.), the connection closed, or a
+        // reload closed the session: the pipe's end is dropped, and the
+        // driver ends when it reads that.
         _ = &mut pump => conn.await,
         // The console ended (cleared, stalled): the adapter gets a moment
         // to pass on the last bytes, then the channel closes.
@@ -1095,16 +1269,18 @@ enum End {
     Client,
     /// `~.` was typed.
     Escaped,
+    /// A reload closed the session; the reason, for the client.
+    Closed(String),
 }
 
 /// The adapter: bytes from the pipe (the console's output) go out on the
 /// channel, as fast as its window lets them; data from the client goes
 /// into the pipe (through [`Escape`]). The client is not read while the
 /// pipe takes no more input. Dropping the pipe's end tells the driver the
-/// console is gone. The channel's close and the connection's end end it
-/// at once, whatever the client sent before (an EOF is not the end:
-/// output still flows).
-async fn pump(channel: Channel<Msg>, pipe: DuplexStream, shared: &Shared) {
+/// console is gone. The channel's close, the connection's end and a
+/// reload's [`Closer`] end it at once, whatever the client sent before
+/// (an EOF is not the end: output still flows).
+async fn pump(channel: Channel<Msg>, pipe: DuplexStream, shared: &Shared, closer: &Closer) {
     let (mut from_client, to_client) = channel.split();
     let mut writer = to_client.make_writer();
     let (mut from_console, mut to_console) = tokio::io::split(pipe);
@@ -1154,6 +1330,7 @@ async fn pump(channel: Channel<Msg>, pipe: DuplexStream, shared: &Shared) {
             },
             // (The guard `wait_for` returns is not held across an await.)
             _ = async { gone.wait_for(|g| *g).await.is_ok() } => break End::Client,
+            reason = closer.closed() => break End::Closed(reason),
         }
     };
     match &end {
@@ -1161,6 +1338,10 @@ async fn pump(channel: Channel<Msg>, pipe: DuplexStream, shared: &Shared) {
             let _ = to_client
                 .extended_data_bytes(1, Bytes::from_static(b"\r\nvspc: closed (~.)\r\n"))
                 .await;
+        }
+        End::Closed(reason) => {
+            let msg = format!("\r\nvspc: {reason}\r\n");
+            let _ = to_client.extended_data_bytes(1, Bytes::from(msg)).await;
         }
         End::Console => {
             if !output.is_empty() {
@@ -1173,6 +1354,9 @@ async fn pump(channel: Channel<Msg>, pipe: DuplexStream, shared: &Shared) {
     match end {
         End::Console | End::Escaped => {
             let _ = to_client.exit_status(0).await;
+        }
+        End::Closed(_) => {
+            let _ = to_client.exit_status(1).await;
         }
         End::Client => {}
     }
@@ -1271,6 +1455,15 @@ mod tests {
             panic!("a world-writable host key was taken");
         };
         assert!(e.contains("writable by others"), "{e}");
+    }
+
+    #[test]
+    fn access_above_the_mode_is_no_longer_allowed() {
+        assert!(access_rank(Access::Write) > mode_rank(LockMode::ReadOnly));
+        assert!(access_rank(Access::Exclusive) > mode_rank(LockMode::Write));
+        assert!(access_rank(Access::FreeForAll) <= mode_rank(LockMode::FreeForAllOrReadOnly));
+        assert!(access_rank(Access::ReadOnly) <= mode_rank(LockMode::ReadOnly));
+        assert!(access_rank(Access::Write) <= mode_rank(LockMode::Exclusive));
     }
 
     #[test]
