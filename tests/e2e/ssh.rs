@@ -20,7 +20,16 @@
 //!   `~.` typed there closes it;
 //! - flow control: 6 MiB out while a 1 MiB paste goes in, every byte; a
 //!   stopped ssh (SIGSTOP) does not hold the VM up and is dropped as a
-//!   stall.
+//!   stall;
+//! - a session outlives its client's EOF (`</dev/null` still gets output)
+//!   but not its connection: a SIGKILLed client's exclusive lock is free
+//!   at once;
+//! - a reload closes the sessions of a removed or narrowed key (audit
+//!   line) and refuses its new channels over an open ControlMaster;
+//! - before login: the auth timeout, the cap on waiting connections, and
+//!   the counters in `/metrics`; the idle timeout;
+//! - key files others may write are refused (start-up, reload), a host key
+//!   others may read is warned about.
 //!
 //! The set-up time and the burst rate through the SSH front door are
 //! measured by the load tool: `vspc-bench burst --via ssh`.
@@ -218,6 +227,9 @@ async fn daemon(dir: &Path, extra: &[&str]) -> (Daemon, u16) {
         keys,
     ];
     args.extend(extra.iter().map(|s| s.to_string()));
+    // Whatever the umask, the keys file is the owner's alone (vspc refuses
+    // one that others may write).
+    chmod(&dir.join("authorized_keys"), 0o600);
     let refs: Vec<&str> = args.iter().map(String::as_str).collect();
     let d = Daemon::start(&refs);
     let deadline = Instant::now() + T;
@@ -233,6 +245,63 @@ async fn daemon(dir: &Path, extra: &[&str]) -> (Daemon, u16) {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     (d, port)
+}
+
+/// Set `path`'s permission bits (when it exists).
+fn chmod(path: &Path, mode: u32) {
+    if path.exists() {
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).expect("chmod");
+    }
+}
+
+/// Send `sig` (`-HUP`, `-STOP`, …) to `pid`.
+fn signal(sig: &str, pid: u32) {
+    let ok = Command::new("kill")
+        .args([sig, &pid.to_string()])
+        .status()
+        .is_ok_and(|s| s.success());
+    assert!(ok, "kill {sig} {pid} failed");
+}
+
+/// SIGHUP the daemon and wait until its log has one more `needle` line.
+async fn sighup_until(d: &Daemon, needle: &str) {
+    let before = d.log().matches(needle).count();
+    signal("-HUP", d.pid());
+    let deadline = Instant::now() + T;
+    while d.log().matches(needle).count() == before {
+        assert!(
+            Instant::now() < deadline,
+            "no {needle:?} after SIGHUP:\n{}",
+            d.log()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Wait until the log holds `n` lines with `needle`.
+async fn log_count(d: &Daemon, needle: &str, n: usize, limit: Duration) -> bool {
+    let deadline = Instant::now() + limit;
+    loop {
+        if d.log().matches(needle).count() >= n {
+            return true;
+        }
+        if Instant::now() >= deadline {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Wait until `path` exists (a control socket).
+async fn wait_path(path: &Path, limit: Duration) -> bool {
+    let deadline = Instant::now() + limit;
+    while !path.exists() {
+        if Instant::now() >= deadline {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    true
 }
 
 /// Wait until the VM has read `n` bytes of console input.
@@ -673,4 +742,502 @@ fn bad_ssh_files_stop_start_up_naming_them() {
 /// Quote `s` for `sh -c`.
 fn shell_words(s: &str) -> String {
     format!("'{}'", s.replace('\'', "'\\''"))
+}
+
+/// EOF on ssh's stdin is not the end of a session: `ssh VM@host
+/// </dev/null` still gets the VM's output. But a client that is gone
+/// (SIGKILL, after that EOF) ends its session at once, on a quiet VM too:
+/// the audit end line, and its exclusive lock is free for the next key.
+#[tokio::test]
+async fn after_eof_output_flows_and_a_killed_client_frees_its_exclusive_lock() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (key, public) = keygen(dir.path(), "excl");
+    std::fs::write(
+        dir.path().join("authorized_keys"),
+        format!("mode=\"exclusive\" {public}\n"),
+    )
+    .expect("write");
+    let (d, port) = daemon(dir.path(), &[]).await;
+    let id = Identity::numbered(8700);
+    let (vm, _) = vm_up(&d, &id).await;
+
+    let mut first = Ssh::spawn(ssh_command(port, &key, &id.name, &[]));
+    // Its stdin closes at once: ssh sends EOF on the channel.
+    first.stdin = None;
+    assert!(
+        d.wait_log("audit: console session started", T * 2).await,
+        "the console did not start: {}",
+        first.err()
+    );
+    vm.send(b"still watching").await.expect("VM output");
+    let deadline = Instant::now() + T;
+    while !String::from_utf8_lossy(&first.out()).contains("still watching") {
+        assert!(
+            Instant::now() < deadline,
+            "no output after EOF: {:?}; stderr: {}",
+            String::from_utf8_lossy(&first.out()),
+            first.err()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+
+    // SIGKILL: the connection closes, the VM stays quiet.
+    first.child.kill().expect("kill ssh");
+    first.child.wait().expect("wait ssh");
+    assert!(
+        d.wait_log("audit: console session ended", Duration::from_secs(2))
+            .await,
+        "the dead client's session did not end within 2 s:\n{}",
+        d.log()
+    );
+
+    // The lock is free: a second exclusive session gets the console.
+    let mut second = Ssh::spawn(ssh_command(port, &key, &id.name, &[]));
+    assert!(
+        log_count(
+            &d,
+            "audit: console session started",
+            2,
+            Duration::from_secs(2)
+        )
+        .await,
+        "the second exclusive session did not start: {}\n{}",
+        second.err(),
+        d.log()
+    );
+    vm.send(b"second").await.expect("VM output");
+    let deadline = Instant::now() + T;
+    while !String::from_utf8_lossy(&second.out()).contains("second") {
+        assert!(
+            Instant::now() < deadline,
+            "no output on the second session: {}",
+            second.err()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    second.write(b"x");
+    assert_eq!(vm_reads(&vm, 1).await, b"x");
+}
+
+/// A reload applies to connections already open (OpenSSH's ControlMaster
+/// keeps one open and opens channels over it): a removed key gets no new
+/// channel over its old connection, and its open session is closed with an
+/// audit line; a key whose `mode=` went from write to read-only has its
+/// write session closed too, while an unchanged key's session stays.
+#[tokio::test]
+async fn a_reload_closes_revoked_and_narrowed_sessions_and_refuses_their_channels() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (gone, gone_pub) = keygen(dir.path(), "gone");
+    let (narrow, narrow_pub) = keygen(dir.path(), "narrow");
+    let (stay, stay_pub) = keygen(dir.path(), "stay");
+    let keys_file = dir.path().join("authorized_keys");
+    std::fs::write(
+        &keys_file,
+        format!(
+            "mode=\"write\" {gone_pub}\n\
+             vms=\"cm-2\",mode=\"write\" {narrow_pub}\n\
+             vms=\"cm-3\" {stay_pub}\n"
+        ),
+    )
+    .expect("write");
+    let (d, port) = daemon(dir.path(), &[]).await;
+    let one = Identity {
+        name: "cm-1".into(),
+        ..Identity::numbered(8801)
+    };
+    let two = Identity {
+        name: "cm-2".into(),
+        ..Identity::numbered(8802)
+    };
+    let three = Identity {
+        name: "cm-3".into(),
+        ..Identity::numbered(8803)
+    };
+    let (vm1, _) = vm_up(&d, &one).await;
+    let (_vm2, _) = vm_up(&d, &two).await;
+    let (vm3, _) = vm_up(&d, &three).await;
+
+    // Two masters for the key that goes: one carries a session, the other
+    // none yet.
+    let master = |path: &Path| {
+        let cp = format!("ControlPath={}", path.display());
+        ssh_command(
+            port,
+            &gone,
+            "cm-1",
+            &[
+                "-N",
+                "-o",
+                "ControlMaster=yes",
+                "-o",
+                &cp,
+                "-o",
+                "ControlPersist=no",
+            ],
+        )
+    };
+    let over = |path: &Path| {
+        let cp = format!("ControlPath={}", path.display());
+        ssh_command(port, &gone, "cm-1", &["-o", "ControlMaster=no", "-o", &cp])
+    };
+    let (m1, m2) = (dir.path().join("m1"), dir.path().join("m2"));
+    let _master1 = Ssh::spawn(master(&m1));
+    let _master2 = Ssh::spawn(master(&m2));
+    assert!(
+        wait_path(&m1, T).await,
+        "no control socket {}",
+        m1.display()
+    );
+    assert!(
+        wait_path(&m2, T).await,
+        "no control socket {}",
+        m2.display()
+    );
+
+    let mut session = Ssh::spawn(over(&m1));
+    assert!(
+        log_count(&d, "audit: console session started", 1, T * 2).await,
+        "no session over the master: {}",
+        session.err()
+    );
+    session.write(b"w");
+    assert_eq!(vm_reads(&vm1, 1).await, b"w");
+    let mut narrowed = Ssh::spawn(ssh_command(port, &narrow, "cm-2", &[]));
+    let mut stays = Ssh::spawn(ssh_command(port, &stay, "cm-3", &[]));
+    assert!(
+        log_count(&d, "audit: console session started", 3, T * 2).await,
+        "the sessions did not start: {} / {}",
+        narrowed.err(),
+        stays.err()
+    );
+
+    // Remove the first key, make the second read-only; reload.
+    std::fs::write(
+        &keys_file,
+        format!("vms=\"cm-2\",mode=\"read-only\" {narrow_pub}\nvms=\"cm-3\" {stay_pub}\n"),
+    )
+    .expect("rewrite");
+    sighup_until(&d, "SSH authorized keys loaded").await;
+    assert!(
+        log_count(&d, "audit: console session closed by a reload", 2, T).await,
+        "the revoked and narrowed sessions were not closed:\n{}",
+        d.log()
+    );
+    for (ssh, why) in [(&mut session, "removed"), (&mut narrowed, "mode=")] {
+        let status = ssh.exit(T).await;
+        assert_eq!(status.code(), Some(1), "stderr: {}", ssh.err());
+        assert!(ssh.err().contains(why), "stderr: {}", ssh.err());
+    }
+    assert!(
+        log_count(&d, "audit: console session ended", 2, T).await,
+        "no audit end lines:\n{}",
+        d.log()
+    );
+    let log = d.log();
+    let closed: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("closed by a reload"))
+        .collect();
+    assert!(
+        closed.iter().any(|l| l.contains("gone SHA256:")),
+        "{closed:?}"
+    );
+    assert!(
+        closed.iter().any(|l| l.contains("narrow SHA256:")),
+        "{closed:?}"
+    );
+    assert!(
+        !closed.iter().any(|l| l.contains("stay SHA256:")),
+        "{closed:?}"
+    );
+
+    // A new channel over the other master: refused.
+    let (status, _, err) = run(over(&m2)).await;
+    assert_ne!(
+        status.code(),
+        Some(0),
+        "a revoked key opened a channel: {err}"
+    );
+    let got = vm1.recv_data(Duration::from_millis(300)).await;
+    assert!(got.is_empty(), "{got:?}");
+    assert!(
+        d.log()
+            .contains("SSH channel refused: the key is no longer in the authorized keys"),
+        "{}",
+        d.log()
+    );
+
+    // The unchanged key's session goes on.
+    vm3.send(b"still on").await.expect("VM output");
+    let deadline = Instant::now() + T;
+    while !String::from_utf8_lossy(&stays.out()).contains("still on") {
+        assert!(Instant::now() < deadline, "stderr: {}", stays.err());
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    stays.write(b"k");
+    assert_eq!(vm_reads(&vm3, 1).await, b"k");
+}
+
+/// Fetch `/metrics` from the HTTP port.
+async fn metrics(http: u16) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut tcp = tokio::net::TcpStream::connect(("127.0.0.1", http))
+        .await
+        .expect("connect to the HTTP port");
+    tcp.write_all(b"GET /metrics HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
+        .await
+        .expect("send");
+    let mut out = Vec::new();
+    tokio::time::timeout(T, tcp.read_to_end(&mut out))
+        .await
+        .expect("the metrics came")
+        .expect("read");
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// The value of the sample line that starts with `series`.
+fn sample(text: &str, series: &str) -> Option<f64> {
+    text.lines()
+        .find_map(|l| l.strip_prefix(series)?.trim().parse().ok())
+}
+
+/// Read from a silent connection until it closes: (bytes read, whether it
+/// closed within `limit`).
+async fn until_closed(tcp: &mut tokio::net::TcpStream, limit: Duration) -> (Vec<u8>, bool) {
+    use tokio::io::AsyncReadExt;
+    let mut got = Vec::new();
+    let deadline = tokio::time::Instant::now() + limit;
+    let mut buf = [0u8; 4096];
+    loop {
+        match tokio::time::timeout_at(deadline, tcp.read(&mut buf)).await {
+            Err(_) => return (got, false),
+            Ok(Ok(0)) | Ok(Err(_)) => return (got, true),
+            Ok(Ok(n)) => got.extend_from_slice(&buf[..n]),
+        }
+    }
+}
+
+/// Before authentication: a client that says nothing is closed after
+/// `--ssh-auth-timeout`; past `--ssh-max-unauthenticated` waiting
+/// connections one more is closed at once; both are counted, and SSH
+/// connections show in `/metrics` as `listener="ssh"`.
+#[tokio::test]
+async fn unauthenticated_connections_are_timed_out_capped_and_counted() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (key, public) = keygen(dir.path(), "m");
+    std::fs::write(dir.path().join("authorized_keys"), format!("{public}\n")).expect("write");
+    let http = free_port();
+    let http_port = http.to_string();
+    let (d, port) = daemon(
+        dir.path(),
+        &[
+            "--ssh-auth-timeout",
+            "2",
+            "--ssh-max-unauthenticated",
+            "2",
+            "--http-iface",
+            "127.0.0.1",
+            "--http-port",
+            &http_port,
+        ],
+    )
+    .await;
+    // The helper's probe of the port took a place until it closed; wait
+    // until the daemon has let it go (its version line, then EOF).
+    tokio::time::sleep(Duration::from_millis(100)).await;
+
+    let start = Instant::now();
+    let mut silent1 = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .expect("connect");
+    let mut silent2 = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .expect("connect");
+    // Both are accepted: the server's version line comes.
+    for s in [&mut silent1, &mut silent2] {
+        use tokio::io::AsyncReadExt;
+        let mut buf = [0u8; 8];
+        let n = tokio::time::timeout(T, s.read(&mut buf))
+            .await
+            .expect("a version line")
+            .expect("read");
+        assert_eq!(&buf[..n.min(4)], b"SSH-", "{:?}", &buf[..n]);
+    }
+    // A third is closed at once, with nothing said.
+    let mut third = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .expect("connect");
+    let (said, closed) = until_closed(&mut third, Duration::from_millis(1000)).await;
+    assert!(closed, "the connection over the cap stayed open");
+    assert!(said.is_empty(), "{:?}", String::from_utf8_lossy(&said));
+    assert!(
+        d.wait_log("--ssh-max-unauthenticated", T).await,
+        "{}",
+        d.log()
+    );
+    // The silent ones are closed after the auth timeout (2 s), not before.
+    for s in [&mut silent1, &mut silent2] {
+        let (_, closed) = until_closed(s, T).await;
+        assert!(closed, "a silent client stayed connected");
+    }
+    let took = start.elapsed();
+    assert!(
+        took >= Duration::from_millis(1800) && took < Duration::from_secs(5),
+        "closed after {took:?}"
+    );
+    assert!(
+        d.wait_log("not authenticated within 2 s", T).await,
+        "{}",
+        d.log()
+    );
+
+    // The places are free again: a login works.
+    let (status, out, err) = run(ssh_command(port, &key, "list", &[])).await;
+    assert!(status.success(), "{err}");
+    assert!(out.is_empty(), "{out}");
+    let m = metrics(http).await;
+    let accepted = sample(&m, "vspc_connections_accepted_total{listener=\"ssh\"}");
+    assert!(accepted.is_some_and(|n| n >= 4.0), "{m}");
+    assert_eq!(
+        sample(
+            &m,
+            "vspc_ssh_closed_total{reason=\"unauthenticated_limit\"}"
+        ),
+        Some(1.0),
+        "{m}"
+    );
+    assert!(
+        sample(&m, "vspc_ssh_closed_total{reason=\"auth_timeout\"}").is_some_and(|n| n >= 2.0),
+        "{m}"
+    );
+}
+
+/// `--ssh-idle-timeout`: a session with no console data either way is
+/// closed after that long; one with data stays.
+#[tokio::test]
+async fn an_idle_connection_is_closed_after_the_idle_timeout() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (key, public) = keygen(dir.path(), "idle");
+    std::fs::write(dir.path().join("authorized_keys"), format!("{public}\n")).expect("write");
+    let (d, port) = daemon(dir.path(), &["--ssh-idle-timeout", "2"]).await;
+    let id = Identity::numbered(8900);
+    let (vm, _) = vm_up(&d, &id).await;
+    let mut ssh = Ssh::spawn(ssh_command(port, &key, &id.name, &[]));
+    assert!(
+        d.wait_log("audit: console session started", T * 2).await,
+        "the console did not start: {}",
+        ssh.err()
+    );
+    let start = Instant::now();
+    // Data every half second keeps it open past the timeout.
+    for i in 0..6u8 {
+        vm.send(&[b'a' + i]).await.expect("VM output");
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    assert!(
+        ssh.child.try_wait().expect("try_wait").is_none(),
+        "closed while busy"
+    );
+    ssh.exit(T).await;
+    let took = start.elapsed();
+    assert!(took >= Duration::from_secs(4), "closed after {took:?}");
+    assert!(
+        d.wait_log("no console data for 2 s", T).await,
+        "{}",
+        d.log()
+    );
+    assert!(
+        d.wait_log("audit: console session ended", T).await,
+        "{}",
+        d.log()
+    );
+}
+
+/// As OpenSSH's StrictModes: an authorized keys file or host key that
+/// group or others may write stops start-up, naming it; a host key they may
+/// read starts with a warning naming it; on SIGHUP a keys file others may
+/// write is refused (an error) and the keys loaded before stay.
+#[tokio::test]
+async fn writable_key_files_are_refused_and_a_readable_host_key_is_warned_about() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (key, public) = keygen(dir.path(), "perm");
+    let keys = dir.path().join("authorized_keys");
+    std::fs::write(&keys, format!("{public}\n")).expect("write");
+    // An ssh-keygen ed25519 key is an OpenSSH private key vspc can use.
+    let (host_key, _) = keygen(dir.path(), "host");
+    let path = |p: &Path| p.display().to_string();
+    let start = |host: &Path| {
+        let (port, proxy, admin) = (free_port(), free_port(), free_port());
+        let args: Vec<String> = [
+            "--no-http",
+            "--proxy-iface",
+            "127.0.0.1",
+            "--proxy-port",
+            &proxy.to_string(),
+            "--admin-port",
+            &admin.to_string(),
+            "--ssh-iface",
+            "127.0.0.1",
+            "--ssh-port",
+            &port.to_string(),
+            "--ssh-host-key",
+            &path(host),
+            "--ssh-authorized-keys",
+            &path(&keys),
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        run_to_exit(&args.iter().map(String::as_str).collect::<Vec<_>>(), T)
+    };
+    chmod(&host_key, 0o600);
+    for (file, mode, who) in [
+        (&keys, 0o620, "group"),
+        (&keys, 0o602, "others"),
+        (&host_key, 0o660, "group"),
+    ] {
+        chmod(&keys, 0o600);
+        chmod(&host_key, 0o600);
+        chmod(file, mode);
+        let exit = start(&host_key);
+        let status = exit.status.expect("the daemon exits");
+        assert!(
+            !status.success(),
+            "started with {} mode {mode:o}",
+            file.display()
+        );
+        let want = format!("{} is writable by {who}", path(file));
+        assert!(exit.stderr.contains(&want), "{want}: {}", exit.stderr);
+    }
+    chmod(&keys, 0o600);
+
+    // Readable by the group: starts, with a warning naming the file.
+    chmod(&host_key, 0o640);
+    let host_arg = path(&host_key);
+    let (d, port) = daemon(dir.path(), &["--ssh-host-key", &host_arg]).await;
+    let warning = format!("SSH host key {} is readable by group", path(&host_key));
+    assert!(d.wait_log(&warning, T).await, "{}", d.log());
+    assert!(
+        d.log()
+            .lines()
+            .any(|l| l.contains(&warning) && l.contains("WARN")),
+        "{}",
+        d.log()
+    );
+
+    // Reload of a keys file others may write: refused, the old keys stay.
+    std::fs::write(&keys, "# emptied by someone else\n").expect("rewrite");
+    chmod(&keys, 0o666);
+    sighup_until(&d, "keeping the SSH authorized keys loaded before").await;
+    assert!(
+        d.log().lines().any(|l| l.contains("ERROR")
+            && l.contains(&format!("{} is writable by group and others", path(&keys)))),
+        "{}",
+        d.log()
+    );
+    let (status, _, err) = run(ssh_command(port, &key, "list", &[])).await;
+    assert!(
+        status.success(),
+        "the keys loaded before were dropped: {err}"
+    );
 }

@@ -246,6 +246,21 @@ pub struct Config {
     /// on SIGHUP. Needed with --ssh-port.
     #[arg(long, value_name = "FILE")]
     pub ssh_authorized_keys: Option<PathBuf>,
+
+    /// Seconds an SSH connection may take to authenticate (from accept to
+    /// an accepted key); then it is closed.
+    #[arg(long, default_value = "30", value_name = "SECONDS", value_parser = parse_duration)]
+    pub ssh_auth_timeout: Duration,
+
+    /// SSH connections that may be waiting to authenticate at once; one
+    /// more is closed as soon as it is accepted.
+    #[arg(long, default_value_t = 64, value_name = "N", value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
+    pub ssh_max_unauthenticated: u32,
+
+    /// Seconds an SSH connection may pass no console data either way
+    /// before it is closed. 0 never closes it.
+    #[arg(long, default_value = "0", value_name = "SECONDS", value_parser = parse_duration_or_zero)]
+    pub ssh_idle_timeout: Duration,
 }
 
 /// Separate vspc's own flags (and their values) from everything else, which
@@ -639,6 +654,29 @@ mod tests {
         std::fs::write(&path, "proxy-allow = [1]\n").unwrap();
         let argv = vec!["vspc".into(), "--config".into(), path.into()];
         assert!(Config::from_argv(argv).is_err());
+    }
+
+    #[test]
+    fn ssh_limits_from_flags_and_the_config_file() {
+        let c = Config::try_parse_from(["vspc"]).unwrap();
+        assert_eq!(c.ssh_auth_timeout, Duration::from_secs(30));
+        assert_eq!(c.ssh_max_unauthenticated, 64);
+        assert_eq!(c.ssh_idle_timeout, Duration::ZERO);
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("vspc.toml");
+        std::fs::write(
+            &path,
+            "ssh-auth-timeout = 10\nssh-max-unauthenticated = 16\nssh-idle-timeout = 3600\n",
+        )
+        .unwrap();
+        let argv = vec!["vspc".into(), "--config".into(), path.into()];
+        let c = Config::from_argv(argv).unwrap();
+        assert_eq!(c.ssh_auth_timeout, Duration::from_secs(10));
+        assert_eq!(c.ssh_max_unauthenticated, 16);
+        assert_eq!(c.ssh_idle_timeout, Duration::from_secs(3600));
+        assert!(Config::try_parse_from(["vspc", "--ssh-auth-timeout", "0"]).is_err());
+        assert!(Config::try_parse_from(["vspc", "--ssh-max-unauthenticated", "0"]).is_err());
+        assert!(Config::try_parse_from(["vspc", "--ssh-idle-timeout", "x"]).is_err());
     }
 
     #[test]

@@ -190,7 +190,12 @@ fn ssh_config(cfg: &Config) -> Result<Option<vspc::ssh::SshConfig>, String> {
         .ssh_authorized_keys
         .as_deref()
         .ok_or("--ssh-port needs --ssh-authorized-keys FILE (the public keys allowed in)")?;
-    let state = vspc::ssh::SshState::new(&cfg.ssh_host_key, keys)?;
+    let limits = vspc::ssh::SshLimits {
+        auth_timeout: cfg.ssh_auth_timeout,
+        max_unauthenticated: usize::try_from(cfg.ssh_max_unauthenticated).unwrap_or(usize::MAX),
+        idle_timeout: Some(cfg.ssh_idle_timeout).filter(|t| !t.is_zero()),
+    };
+    let state = vspc::ssh::SshState::new(&cfg.ssh_host_key, keys, limits)?;
     Ok(Some(vspc::ssh::SshConfig {
         addr: (cfg.ssh_iface, port).into(),
         state: Arc::new(state),

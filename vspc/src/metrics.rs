@@ -27,14 +27,16 @@ pub enum Listener {
     Admin = 1,
     Console = 2,
     Http = 3,
+    Ssh = 4,
 }
 
 impl Listener {
-    const ALL: [Listener; 4] = [
+    const ALL: [Listener; 5] = [
         Listener::Proxy,
         Listener::Admin,
         Listener::Console,
         Listener::Http,
+        Listener::Ssh,
     ];
 
     fn label(self) -> &'static str {
@@ -43,6 +45,7 @@ impl Listener {
             Listener::Admin => "admin",
             Listener::Console => "console",
             Listener::Http => "http",
+            Listener::Ssh => "ssh",
         }
     }
 }
@@ -102,6 +105,39 @@ impl Disconnect {
             Disconnect::Closed => "closed",
             Disconnect::Stall => "stall",
             Disconnect::Cleared => "cleared",
+        }
+    }
+}
+
+/// Why the SSH front door closed a connection itself, as the `reason`
+/// label names it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SshClosed {
+    /// Not authenticated within `--ssh-auth-timeout`.
+    AuthTimeout = 0,
+    /// Closed at accept: `--ssh-max-unauthenticated` connections were
+    /// already waiting to authenticate.
+    Unauthenticated = 1,
+    /// No data either way for `--ssh-idle-timeout`.
+    Idle = 2,
+    /// Its key was removed or narrowed by a reload (a session closed).
+    Revoked = 3,
+}
+
+impl SshClosed {
+    const ALL: [SshClosed; 4] = [
+        SshClosed::AuthTimeout,
+        SshClosed::Unauthenticated,
+        SshClosed::Idle,
+        SshClosed::Revoked,
+    ];
+
+    fn label(self) -> &'static str {
+        match self {
+            SshClosed::AuthTimeout => "auth_timeout",
+            SshClosed::Unauthenticated => "unauthenticated_limit",
+            SshClosed::Idle => "idle",
+            SshClosed::Revoked => "revoked",
         }
     }
 }
@@ -172,13 +208,16 @@ const COMPLETE_BOUNDS: &[f64] = &[0.1, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120
 #[derive(Debug)]
 pub struct Metrics {
     /// Connections accepted, by [`Listener`].
-    accepted: [AtomicU64; 4],
+    accepted: [AtomicU64; 5],
     /// accept() failures (descriptors exhausted and the like), by
     /// [`Listener`].
-    accept_errors: [AtomicU64; 4],
+    accept_errors: [AtomicU64; 5],
     /// TLS handshakes that failed or timed out, by [`Listener`] (proxy or
     /// http).
-    tls_failures: [AtomicU64; 4],
+    tls_failures: [AtomicU64; 5],
+    /// SSH connections and sessions the front door closed, by
+    /// [`SshClosed`] reason.
+    ssh_closed: [AtomicU64; 4],
     /// vMotions by [`Vmotion`] outcome.
     vmotions: [AtomicU64; 5],
     /// Time from VMOTION-BEGIN to the GOAHEAD answer.
@@ -203,6 +242,7 @@ impl Default for Metrics {
             accepted: Default::default(),
             accept_errors: Default::default(),
             tls_failures: Default::default(),
+            ssh_closed: Default::default(),
             vmotions: Default::default(),
             goahead: Histogram::new(GOAHEAD_BOUNDS),
             complete: Histogram::new(COMPLETE_BOUNDS),
@@ -228,6 +268,11 @@ impl Metrics {
     /// A TLS handshake on `l` failed or timed out.
     pub fn tls_failure(&self, l: Listener) {
         self.tls_failures[l as usize].fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// The SSH front door closed a connection or session for this reason.
+    pub fn ssh_closed(&self, reason: SshClosed) {
+        self.ssh_closed[reason as usize].fetch_add(1, Ordering::Relaxed);
     }
 
     /// A vMotion ended (or was refused) this way.
@@ -275,6 +320,7 @@ struct Snapshot {
     accepted: Vec<(&'static str, u64)>,
     accept_errors: Vec<(&'static str, u64)>,
     tls_failures: Vec<(&'static str, u64)>,
+    ssh_closed: Vec<(&'static str, u64)>,
     vmotions: Vec<(&'static str, u64)>,
     goahead: HistogramSnapshot,
     complete: HistogramSnapshot,
@@ -318,6 +364,7 @@ impl Snapshot {
                 // Only these two speak TLS.
                 .filter(|(l, _)| matches!(*l, "proxy" | "http"))
                 .collect(),
+            ssh_closed: load_all(&m.ssh_closed, SshClosed::ALL.iter().map(|r| r.label())),
             vmotions: load_all(&m.vmotions, Vmotion::ALL.iter().map(|o| o.label())),
             goahead: m.goahead.snapshot(),
             complete: m.complete.snapshot(),
@@ -427,6 +474,13 @@ impl prometheus_client::collector::Collector for Snapshot {
             "TLS handshakes that failed or timed out, by listener.",
             "listener",
             &self.tls_failures,
+        )?;
+        labelled_counters(
+            e,
+            "ssh_closed",
+            "SSH connections and sessions closed by vspc, by reason.",
+            "reason",
+            &self.ssh_closed,
         )?;
         counter(
             e,

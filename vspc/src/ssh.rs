@@ -10,10 +10,21 @@
 //! `mode="read-only|write|free-for-all|exclusive"` (the lock the key's
 //! sessions take; none: `free-for-all-fallback`, as on the admin port). A
 //! malformed line is logged with its file and line number and skipped,
-//! never read as "any key, any VM". The file is read at start (unreadable:
-//! start-up stops) and again on SIGHUP ([`SshState::reload`]); a reload
-//! applies to new sessions. Passwords and keyboard-interactive are not
-//! offered at all.
+//! never read as "any key, any VM". The file is read at start (unreadable,
+//! or writable by group or others: start-up stops) and again on SIGHUP
+//! ([`SshState::reload`]). A reload applies at once: every channel open
+//! and session start looks the key up again, and open sessions the new
+//! keys no longer allow are closed. Passwords and keyboard-interactive are
+//! not offered at all.
+//!
+//! # Limits
+//!
+//! Each connection has `--ssh-auth-timeout` from accept to log in, and at
+//! most `--ssh-max-unauthenticated` wait at once ([`serve`],
+//! [`connection`]); `--ssh-idle-timeout` closes a connection without
+//! console data. russh has no limit before its key exchange and counts
+//! keepalive answers as activity, so these are kept here: the socket is
+//! shut under russh when one is passed.
 //!
 //! # The console
 //!
@@ -25,7 +36,9 @@
 //! bytes between the pipe and the SSH channel: the channel's window holds
 //! the adapter back, the pipe then fills, and the driver sees a console
 //! that does not keep up (the VM waits, then skip-and-tell and stalls as
-//! for any console). Bytes pass untouched both ways except the escape:
+//! for any console). EOF from the client does not end the session (output
+//! still flows); the channel's close or the connection's end does, at
+//! once. Bytes pass untouched both ways except the escape:
 //! `~.` at the start of a line (after CR or LF, or first) closes the
 //! session and `~~` sends one `~`, as OpenSSH's client does; it is done here,
 //! on the server, so it works with `ssh -e none` and non-OpenSSH clients.
@@ -35,6 +48,7 @@
 //! supported" by russh; exec and subsystem requests are refused.
 
 use crate::hub::{Access, ConsoleProtocol, Hub, LockMode, Vm};
+use crate::metrics::{Listener, SshClosed};
 use crate::net::conn::{serve as serve_stream, Stream};
 use crate::session::console::ConsoleSession;
 use bytes::{Buf, Bytes};
@@ -43,7 +57,8 @@ use russh::server::{Auth, ChannelOpenHandle, Msg, PublicKeyOffer, Session, Verif
 use russh::{Channel, ChannelId, ChannelMsg, MethodKind, MethodSet};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, RwLock};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt, DuplexStream};
 use tokio::net::TcpListener;
@@ -326,11 +341,85 @@ pub fn parse_authorized_keys(text: &str) -> (AuthorizedKeys, Vec<LineError>) {
     (keys, errors)
 }
 
+/// Why the authorized keys file was not taken.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum KeysError {
+    /// It cannot be opened or read.
+    Unreadable(String),
+    /// Group or others may write it (StrictModes): whoever can write it
+    /// can let themselves in.
+    Unsafe(String),
+}
+
+impl std::fmt::Display for KeysError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            KeysError::Unreadable(e) | KeysError::Unsafe(e) => f.write_str(e),
+        }
+    }
+}
+
+/// Who besides the owner `mode` lets in: "group", "others" or "group and
+/// others", for the bits in `mask` (0o022: write, 0o044: read).
+fn who_besides_owner(mode: u32, mask: u32) -> &'static str {
+    match (mode & mask & 0o070 != 0, mode & mask & 0o007 != 0) {
+        (true, true) => "group and others",
+        (true, false) => "group",
+        _ => "others",
+    }
+}
+
+/// Refuse a file that group or others may write, as OpenSSH's StrictModes
+/// does: `what` names it in the error, `why` says what a writer could do.
+fn refuse_writable(
+    file: &std::fs::File,
+    path: &Path,
+    what: &str,
+    why: &str,
+) -> Result<u32, String> {
+    use std::os::unix::fs::PermissionsExt;
+    let mode = file
+        .metadata()
+        .map_err(|e| {
+            format!(
+                "cannot read the permissions of {what} {}: {e}",
+                path.display()
+            )
+        })?
+        .permissions()
+        .mode();
+    if mode & 0o022 != 0 {
+        return Err(format!(
+            "{what} {} is writable by {} (mode {:04o}): {why}; run chmod go-w on it",
+            path.display(),
+            who_besides_owner(mode, 0o022),
+            mode & 0o7777
+        ));
+    }
+    Ok(mode)
+}
+
 /// Read and parse `path`, logging each bad line with the file and line
-/// number. An unreadable file is an error.
-pub fn load_authorized_keys(path: &Path) -> Result<AuthorizedKeys, String> {
-    let text = std::fs::read_to_string(path)
-        .map_err(|e| format!("cannot read SSH authorized keys {}: {e}", path.display()))?;
+/// number. An unreadable file, or one that group or others may write, is
+/// an error naming it.
+pub fn load_authorized_keys(path: &Path) -> Result<AuthorizedKeys, KeysError> {
+    use std::io::Read;
+    let unreadable = |e: std::io::Error| {
+        KeysError::Unreadable(format!(
+            "cannot read SSH authorized keys {}: {e}",
+            path.display()
+        ))
+    };
+    let mut file = std::fs::File::open(path).map_err(unreadable)?;
+    refuse_writable(
+        &file,
+        path,
+        "SSH authorized keys",
+        "whoever can write it can add a key of their own",
+    )
+    .map_err(KeysError::Unsafe)?;
+    let mut text = String::new();
+    file.read_to_string(&mut text).map_err(unreadable)?;
     let (keys, errors) = parse_authorized_keys(&text);
     for e in &errors {
         tracing::warn!(
@@ -345,19 +434,40 @@ pub fn load_authorized_keys(path: &Path) -> Result<AuthorizedKeys, String> {
 }
 
 /// Read the host key from `path`, or make a new ed25519 key there (mode
-/// 0600, its folder 0700 if it has to be made) when there is no file. A
-/// file that is there but cannot be read or parsed is an error naming it.
+/// 0600, its folder 0700) when there is no file. A file that is there but
+/// cannot be read or parsed, or that group or others may write, is an
+/// error naming it; one they may read is used with a warning.
 pub fn load_or_create_host_key(path: &Path) -> Result<PrivateKey, String> {
-    match std::fs::read_to_string(path) {
-        Ok(text) => PrivateKey::from_openssh(text.as_bytes()).map_err(|e| {
-            format!(
-                "SSH host key {} is not an OpenSSH private key: {e}",
-                path.display()
-            )
-        }),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => create_host_key(path),
-        Err(e) => Err(format!("cannot read SSH host key {}: {e}", path.display())),
+    use std::io::Read;
+    let mut file = match std::fs::File::open(path) {
+        Ok(f) => f,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return create_host_key(path),
+        Err(e) => return Err(format!("cannot read SSH host key {}: {e}", path.display())),
+    };
+    let mode = refuse_writable(
+        &file,
+        path,
+        "SSH host key",
+        "whoever can write it can replace this server's identity",
+    )?;
+    if mode & 0o044 != 0 {
+        tracing::warn!(
+            file = %path.display(),
+            "SSH host key {} is readable by {} (mode {:04o}): whoever can read it can pose as this server; run chmod 600 on it",
+            path.display(),
+            who_besides_owner(mode, 0o044),
+            mode & 0o7777
+        );
     }
+    let mut text = String::new();
+    file.read_to_string(&mut text)
+        .map_err(|e| format!("cannot read SSH host key {}: {e}", path.display()))?;
+    PrivateKey::from_openssh(text.as_bytes()).map_err(|e| {
+        format!(
+            "SSH host key {} is not an OpenSSH private key: {e}",
+            path.display()
+        )
+    })
 }
 
 fn create_host_key(path: &Path) -> Result<PrivateKey, String> {
@@ -402,6 +512,30 @@ pub struct SshConfig {
     pub state: Arc<SshState>,
 }
 
+/// The time limits and the cap on SSH connections.
+#[derive(Debug, Clone, Copy)]
+pub struct SshLimits {
+    /// From accept to an accepted key (`--ssh-auth-timeout`); then the
+    /// connection is closed.
+    pub auth_timeout: Duration,
+    /// Connections that may wait to authenticate at once
+    /// (`--ssh-max-unauthenticated`); one more is closed when accepted.
+    pub max_unauthenticated: usize,
+    /// No console data either way for this long closes an authenticated
+    /// connection (`--ssh-idle-timeout`); `None`: never.
+    pub idle_timeout: Option<Duration>,
+}
+
+impl Default for SshLimits {
+    fn default() -> SshLimits {
+        SshLimits {
+            auth_timeout: Duration::from_secs(30),
+            max_unauthenticated: 64,
+            idle_timeout: None,
+        }
+    }
+}
+
 /// What every SSH connection shares.
 pub struct SshState {
     /// russh's settings, with the host key.
@@ -411,13 +545,115 @@ pub struct SshState {
     /// The keys now; a reload swaps the whole set, so a session sees one
     /// version of the file.
     keys: RwLock<Arc<AuthorizedKeys>>,
+    /// Time limits and the unauthenticated cap.
+    limits: SshLimits,
+    /// Connections accepted and not yet authenticated.
+    unauthenticated: AtomicUsize,
+    /// The console sessions open now, so that a reload can close those its
+    /// new keys no longer allow.
+    live: Mutex<Vec<Live>>,
+    /// Numbers the entries of `live`.
+    next_live: AtomicU64,
+}
+
+/// An open console session, as a reload sees it.
+struct Live {
+    /// Its entry in `live`.
+    id: u64,
+    /// The key entry it was started under.
+    key: Arc<KeyEntry>,
+    /// The VM it is attached to.
+    vm: Arc<Vm>,
+    /// What it was granted.
+    access: Access,
+    /// Its number in the audit lines.
+    audit: Option<u64>,
+    /// Tells the session to close, and why.
+    close: Arc<Closer>,
+}
+
+/// A reason to close a session, handed from a reload to its adapter.
+#[derive(Default)]
+struct Closer {
+    reason: Mutex<Option<String>>,
+    notify: tokio::sync::Notify,
+}
+
+impl Closer {
+    fn close(&self, reason: String) {
+        *self.reason.lock().unwrap_or_else(|e| e.into_inner()) = Some(reason);
+        self.notify.notify_one();
+    }
+
+    async fn closed(&self) -> String {
+        self.notify.notified().await;
+        self.reason
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+            .unwrap_or_default()
+    }
+}
+
+/// Removes a session from [`SshState::live`] when it ends.
+struct LiveGuard {
+    state: Arc<SshState>,
+    id: u64,
+}
+
+impl Drop for LiveGuard {
+    fn drop(&mut self) {
+        self.state.live().retain(|l| l.id != self.id);
+    }
+}
+
+/// How a key's lock mode ranks against a granted access: a session whose
+/// access ranks above what its key's mode now allows is closed by a reload.
+fn mode_rank(mode: LockMode) -> u8 {
+    match mode {
+        LockMode::ReadOnly => 0,
+        LockMode::FreeForAllOrReadOnly | LockMode::FreeForAll => 1,
+        LockMode::Write => 2,
+        LockMode::Exclusive => 3,
+    }
+}
+
+fn access_rank(access: Access) -> u8 {
+    match access {
+        Access::ReadOnly => 0,
+        Access::FreeForAll => 1,
+        Access::Write => 2,
+        Access::Exclusive => 3,
+    }
+}
+
+/// Why the keys `now` no longer allow a session of `key` on `vm` with
+/// `access`; `None` while they do.
+fn no_longer_allowed(
+    now: &AuthorizedKeys,
+    key: &KeyEntry,
+    vm: &Vm,
+    access: Access,
+) -> Option<&'static str> {
+    match now.find(&key.key) {
+        None => Some("its key was removed from the authorized keys"),
+        Some(e) if !e.may_see(vm) => Some("its key's vms= no longer covers this VM"),
+        Some(e) if access_rank(access) > mode_rank(e.mode) => {
+            Some("its key's mode= no longer grants this access")
+        }
+        Some(_) => None,
+    }
 }
 
 impl SshState {
     /// Load the host key (making it if missing) and the authorized keys.
-    pub fn new(host_key: &Path, authorized_keys: &Path) -> Result<SshState, String> {
+    pub fn new(
+        host_key: &Path,
+        authorized_keys: &Path,
+        limits: SshLimits,
+    ) -> Result<SshState, String> {
         // The keys first: a start that fails on them leaves no host key.
-        let keys = load_authorized_keys(authorized_keys)?;
+        let keys = load_authorized_keys(authorized_keys).map_err(|e| e.to_string())?;
         let key = load_or_create_host_key(host_key)?;
         let server = russh::server::Config {
             server_id: russh::SshId::Standard(
@@ -429,8 +665,10 @@ impl SshState {
             auth_rejection_time: Duration::from_secs(1),
             auth_rejection_time_initial: Some(Duration::ZERO),
             keys: vec![key],
-            // A console may be quiet for days: no inactivity limit, but a
-            // dead peer is found by keepalives (3 × 30 s unanswered).
+            // russh's own inactivity limit would also count keepalive
+            // answers as activity; vspc's limits are kept per connection
+            // instead ([`connection`]). A dead peer is found by keepalives
+            // (3 × 30 s unanswered).
             inactivity_timeout: None,
             keepalive_interval: Some(Duration::from_secs(30)),
             keepalive_max: 3,
@@ -441,6 +679,10 @@ impl SshState {
             server: Arc::new(server),
             keys_path: authorized_keys.to_path_buf(),
             keys: RwLock::new(Arc::new(keys)),
+            limits,
+            unauthenticated: AtomicUsize::new(0),
+            live: Mutex::new(Vec::new()),
+            next_live: AtomicU64::new(0),
         })
     }
 
@@ -449,51 +691,232 @@ impl SshState {
         self.keys.read().unwrap_or_else(|e| e.into_inner()).clone()
     }
 
-    /// Read the authorized keys file again (SIGHUP). If it cannot be read,
-    /// no key is accepted until it can: a revoked key must not stay valid
-    /// because the file was being replaced.
-    pub fn reload(&self) {
+    fn live(&self) -> std::sync::MutexGuard<'_, Vec<Live>> {
+        self.live.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Read the authorized keys file again (SIGHUP), then close the open
+    /// sessions the new keys no longer allow (key removed, VM outside its
+    /// `vms=`, access above its `mode=`), each with an audit line. If the
+    /// file cannot be read, no key is accepted until it can: a revoked key
+    /// must not stay valid because the file was being replaced. If group
+    /// or others may write it, the keys loaded before stay.
+    pub fn reload(&self, hub: &Hub) {
         let keys = match load_authorized_keys(&self.keys_path) {
             Ok(k) => k,
-            Err(e) => {
+            Err(KeysError::Unsafe(e)) => {
+                tracing::error!("{e}; keeping the SSH authorized keys loaded before");
+                return;
+            }
+            Err(KeysError::Unreadable(e)) => {
                 tracing::error!("{e}; no SSH key is accepted until it can be read");
                 AuthorizedKeys::default()
             }
         };
-        *self.keys.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(keys);
+        let keys = Arc::new(keys);
+        *self.keys.write().unwrap_or_else(|e| e.into_inner()) = keys.clone();
+        for l in self.live().iter() {
+            if let Some(why) = no_longer_allowed(&keys, &l.key, &l.vm, l.access) {
+                tracing::info!(
+                    session = l.audit.unwrap_or_default(),
+                    kind = "ssh",
+                    vm = ?l.vm.name(),
+                    uuid = %l.vm.uuid,
+                    access = %l.access.as_str(),
+                    user = ?l.key.who(),
+                    reason = why,
+                    "audit: console session closed by a reload of the SSH keys"
+                );
+                hub.metrics().ssh_closed(SshClosed::Revoked);
+                l.close.close(format!("closed: {why}"));
+            }
+        }
+    }
+}
+
+/// Holds one of [`SshState::unauthenticated`]'s places until dropped.
+struct UnauthSlot(Arc<SshState>);
+
+impl Drop for UnauthSlot {
+    fn drop(&mut self) {
+        self.0.unauthenticated.fetch_sub(1, Ordering::SeqCst);
     }
 }
 
 /// Accept SSH connections on `listener` forever.
 pub async fn serve(listener: TcpListener, hub: Arc<Hub>, state: Arc<SshState>) {
     let mut last_warn = None;
+    let mut last_full: Option<std::time::Instant> = None;
     loop {
         match listener.accept().await {
             Ok((tcp, peer)) => {
-                let handler = Handler {
-                    hub: hub.clone(),
-                    state: state.clone(),
-                    peer,
-                    user: String::new(),
-                    key: None,
-                    channel: None,
-                    started: false,
-                };
-                let config = state.server.clone();
-                tokio::spawn(async move {
-                    match russh::server::run_stream(config, tcp, handler).await {
-                        Ok(session) => {
-                            if let Err(e) = session.await {
-                                tracing::debug!(%peer, "SSH connection ended: {e}");
-                            }
-                        }
-                        Err(e) => tracing::debug!(%peer, "SSH handshake failed: {e}"),
+                hub.metrics().accepted(Listener::Ssh);
+                let waiting = state.unauthenticated.fetch_add(1, Ordering::SeqCst);
+                let slot = UnauthSlot(state.clone());
+                if waiting >= state.limits.max_unauthenticated {
+                    // Dropping the socket closes it.
+                    drop((slot, tcp));
+                    hub.metrics().ssh_closed(SshClosed::Unauthenticated);
+                    if last_full.is_none_or(|t| t.elapsed() >= Duration::from_secs(1)) {
+                        last_full = Some(std::time::Instant::now());
+                        tracing::warn!(
+                            %peer,
+                            "SSH port: closed a connection at once: {} connections are already waiting to authenticate (--ssh-max-unauthenticated)",
+                            state.limits.max_unauthenticated
+                        );
                     }
-                });
+                    continue;
+                }
+                tokio::spawn(connection(hub.clone(), state.clone(), tcp, peer, slot));
             }
             Err(e) => {
+                hub.metrics().accept_error(Listener::Ssh);
                 let wait = crate::net::acceptor::accept_failed("SSH port", &e, &mut last_warn);
                 tokio::time::sleep(wait).await;
+            }
+        }
+    }
+}
+
+/// What a connection's task and its handler share.
+struct Shared {
+    /// Notified when a key is accepted.
+    authenticated: tokio::sync::Notify,
+    /// When the connection started: `activity` counts from here.
+    since: tokio::time::Instant,
+    /// Milliseconds from `since` to the last console data either way.
+    activity: AtomicU64,
+    /// Set when the connection is gone, for the sessions on it.
+    gone: tokio::sync::watch::Sender<bool>,
+}
+
+impl Shared {
+    fn touch(&self) {
+        let ms = u64::try_from(self.since.elapsed().as_millis()).unwrap_or(u64::MAX);
+        self.activity.store(ms, Ordering::Relaxed);
+    }
+
+    fn last_activity(&self) -> tokio::time::Instant {
+        self.since + Duration::from_millis(self.activity.load(Ordering::Relaxed))
+    }
+}
+
+/// Tells the sessions on a connection that it is gone, however its task
+/// ends.
+struct Gone(Arc<Shared>);
+
+impl Drop for Gone {
+    fn drop(&mut self) {
+        self.0.gone.send_replace(true);
+    }
+}
+
+/// One SSH connection, from accept to close: the handshake and the login
+/// within `--ssh-auth-timeout` (else the socket is shut), then, with
+/// `--ssh-idle-timeout`, closed after that long without console data.
+async fn connection(
+    hub: Arc<Hub>,
+    state: Arc<SshState>,
+    tcp: tokio::net::TcpStream,
+    peer: SocketAddr,
+    slot: UnauthSlot,
+) {
+    use std::os::fd::AsFd;
+    // A second handle on the socket, to shut it under russh's feet: russh
+    // waits for a silent client without end, and handles no message
+    // while a key exchange is under way.
+    let killer = match tcp.as_fd().try_clone_to_owned() {
+        Ok(fd) => std::net::TcpStream::from(fd),
+        Err(e) => {
+            tracing::warn!(%peer, "SSH connection dropped: cannot duplicate its socket: {e}");
+            return;
+        }
+    };
+    let shared = Arc::new(Shared {
+        authenticated: tokio::sync::Notify::new(),
+        since: tokio::time::Instant::now(),
+        activity: AtomicU64::new(0),
+        gone: tokio::sync::watch::Sender::new(false),
+    });
+    let _gone = Gone(shared.clone());
+    let handler = Handler {
+        hub: hub.clone(),
+        state: state.clone(),
+        shared: shared.clone(),
+        peer,
+        user: String::new(),
+        key: None,
+        channel: None,
+        started: false,
+    };
+    let limits = state.limits;
+    let auth_deadline = tokio::time::Instant::now() + limits.auth_timeout;
+    let auth_timed_out = || {
+        hub.metrics().ssh_closed(SshClosed::AuthTimeout);
+        tracing::info!(
+            %peer,
+            "SSH connection closed: not authenticated within {} s (--ssh-auth-timeout)",
+            limits.auth_timeout.as_secs_f64()
+        );
+        let _ = killer.shutdown(std::net::Shutdown::Both);
+    };
+    // russh reads the client's version line before it returns the session.
+    let running = tokio::select! {
+        r = russh::server::run_stream(state.server.clone(), tcp, handler) => match r {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::debug!(%peer, "SSH handshake failed: {e}");
+                return;
+            }
+        },
+        () = tokio::time::sleep_until(auth_deadline) => return auth_timed_out(),
+    };
+    let handle = running.handle();
+    tokio::pin!(running);
+    let ended = |r: Result<(), russh::Error>| {
+        if let Err(e) = r {
+            tracing::debug!(%peer, "SSH connection ended: {e}");
+        }
+    };
+    tokio::select! {
+        r = &mut running => return ended(r),
+        () = shared.authenticated.notified() => {}
+        () = tokio::time::sleep_until(auth_deadline) => {
+            auth_timed_out();
+            let _ = tokio::time::timeout(CLOSE_GRACE, running).await;
+            return;
+        }
+    }
+    drop(slot);
+    shared.touch();
+    let Some(idle) = limits.idle_timeout else {
+        return ended(running.await);
+    };
+    loop {
+        let due = shared.last_activity() + idle;
+        tokio::select! {
+            r = &mut running => return ended(r),
+            () = tokio::time::sleep_until(due) => {
+                if shared.last_activity() + idle > tokio::time::Instant::now() {
+                    continue;
+                }
+                hub.metrics().ssh_closed(SshClosed::Idle);
+                tracing::info!(
+                    %peer,
+                    "SSH connection closed: no console data for {} s (--ssh-idle-timeout)",
+                    idle.as_secs_f64()
+                );
+                let msg = format!("idle for {} s", idle.as_secs_f64());
+                let _ = tokio::time::timeout(
+                    Duration::from_secs(1),
+                    handle.disconnect(russh::Disconnect::ByApplication, msg, String::new()),
+                )
+                .await;
+                if tokio::time::timeout(Duration::from_secs(1), &mut running).await.is_err() {
+                    let _ = killer.shutdown(std::net::Shutdown::Both);
+                    let _ = tokio::time::timeout(CLOSE_GRACE, running).await;
+                }
+                return;
             }
         }
     }
@@ -503,14 +926,16 @@ pub async fn serve(listener: TcpListener, hub: Arc<Hub>, state: Arc<SshState>) {
 struct Handler {
     /// The VMs, to list and to join.
     hub: Arc<Hub>,
-    /// The keys in force (read at each login, so a reload applies to the
-    /// next one).
+    /// The keys in force, looked up again at every channel and session
+    /// start, so that a reload applies to connections already open.
     state: Arc<SshState>,
+    /// Shared with the connection's task: login, activity, end.
+    shared: Arc<Shared>,
     /// Where the client connects from (for the logs and the audit).
     peer: SocketAddr,
     /// The user name the key logged in as: a VM, or [`LIST_USER`].
     user: String,
-    /// The key that logged in.
+    /// The key that logged in, as the authorized keys had it last.
     key: Option<Arc<KeyEntry>>,
     /// The session channel, until a shell request starts it.
     channel: Option<Channel<Msg>>,
@@ -519,20 +944,50 @@ struct Handler {
 }
 
 impl Handler {
+    /// The logged-in key's entry in the authorized keys now (a reload may
+    /// have removed or changed it); logs a refusal when it is gone.
+    fn current_key(&mut self, what: &str) -> Option<Arc<KeyEntry>> {
+        let old = self.key.as_ref()?;
+        match self.state.keys().find(&old.key) {
+            Some(now) => {
+                self.key = Some(now.clone());
+                Some(now)
+            }
+            None => {
+                tracing::info!(
+                    peer = %self.peer,
+                    user = %self.user,
+                    key = %old.fingerprint,
+                    "SSH {what} refused: the key is no longer in the authorized keys"
+                );
+                None
+            }
+        }
+    }
+
     /// Start the session on the channel (shell request).
     fn start(&mut self) {
-        let (Some(channel), Some(key)) = (self.channel.take(), self.key.clone()) else {
+        let Some(channel) = self.channel.take() else {
             return;
         };
         self.started = true;
+        let Some(key) = self.current_key("session") else {
+            tokio::spawn(refuse(
+                channel,
+                "vspc: this key is no longer authorized\r\n".into(),
+            ));
+            return;
+        };
         let hub = self.hub.clone();
+        let state = self.state.clone();
+        let shared = self.shared.clone();
         let user = self.user.clone();
         let peer = self.peer;
         tokio::spawn(async move {
             if user == LIST_USER {
                 list(&hub, &key, channel).await;
             } else {
-                console(hub, key, &user, peer, channel).await;
+                console(hub, state, shared, key, &user, peer, channel).await;
             }
         });
     }
@@ -568,6 +1023,7 @@ impl russh::server::Handler for Handler {
                 tracing::debug!(peer = %self.peer, user, key = %entry.fingerprint, "SSH key accepted");
                 self.user = user.to_string();
                 self.key = Some(entry);
+                self.shared.authenticated.notify_one();
                 Ok(Auth::Accept)
             }
             None => {
@@ -588,7 +1044,7 @@ impl russh::server::Handler for Handler {
         reply: ChannelOpenHandle,
         _session: &mut Session,
     ) -> Result<(), Self::Error> {
-        if self.started || self.channel.is_some() {
+        if self.started || self.channel.is_some() || self.current_key("channel").is_none() {
             reply
                 .reject(russh::ChannelOpenFailure::AdministrativelyProhibited)
                 .await;
@@ -686,9 +1142,11 @@ async fn list(hub: &Hub, key: &KeyEntry, channel: Channel<Msg>) {
 }
 
 /// `VM@`: join the console under the key's mode and serve it until either
-/// side ends.
+/// side ends, the connection goes, or a reload takes the key's access.
 async fn console(
     hub: Arc<Hub>,
+    state: Arc<SshState>,
+    shared: Arc<Shared>,
     key: Arc<KeyEntry>,
     what: &str,
     peer: SocketAddr,
@@ -712,6 +1170,28 @@ async fn console(
         };
     let access = session.access();
     session.audit(crate::audit::Kind::Ssh, Some(peer), Some(key.who()));
+    let closer = Arc::new(Closer::default());
+    let id = state.next_live.fetch_add(1, Ordering::Relaxed);
+    let live = Live {
+        id,
+        key: key.clone(),
+        vm: vm.clone(),
+        access,
+        audit: session.audit_id(),
+        close: closer.clone(),
+    };
+    {
+        // A reload between the key's look-up and here is checked now.
+        let mut all = state.live();
+        all.push(live);
+        if let Some(why) = no_longer_allowed(&state.keys(), &key, &vm, access) {
+            closer.close(format!("closed: {why}"));
+        }
+    }
+    let _live = LiveGuard {
+        state: state.clone(),
+        id,
+    };
     if access == Access::ReadOnly {
         let _ = channel
             .extended_data_bytes(
@@ -726,11 +1206,12 @@ async fn console(
     let outbox = session.outbox();
     let stall = session.stall_timeout();
     let conn = serve_stream(Stream::Pipe(ours), &mut session, outbox, None, stall);
-    let pump = pump(channel, theirs);
+    let pump = pump(channel, theirs, &shared, &closer);
     tokio::pin!(conn, pump);
     tokio::select! {
-        // The client went (or typed ~.): the pipe's end is dropped, and
-        // the driver ends when it reads that.
+        // The client went (or typed ~.), the connection closed, or a
+        // reload closed the session: the pipe's end is dropped, and the
+        // driver ends when it reads that.
         _ = &mut pump => conn.await,
         // The console ended (cleared, stalled): the adapter gets a moment
         // to pass on the last bytes, then the channel closes.
@@ -780,23 +1261,33 @@ impl Escape {
     }
 }
 
+/// How the adapter's loop ended.
+enum End {
+    /// The console side closed the pipe: its last bytes go out.
+    Console,
+    /// The client closed the channel, or the connection is gone.
+    Client,
+    /// `~.` was typed.
+    Escaped,
+    /// A reload closed the session; the reason, for the client.
+    Closed(String),
+}
+
 /// The adapter: bytes from the pipe (the console's output) go out on the
 /// channel, as fast as its window lets them; data from the client goes
 /// into the pipe (through [`Escape`]). The client is not read while the
 /// pipe takes no more input. Dropping the pipe's end tells the driver the
-/// console is gone.
-async fn pump(channel: Channel<Msg>, pipe: DuplexStream) {
+/// console is gone. The channel's close, the connection's end and a
+/// reload's [`Closer`] end it at once, whatever the client sent before
+/// (an EOF is not the end: output still flows).
+async fn pump(channel: Channel<Msg>, pipe: DuplexStream, shared: &Shared, closer: &Closer) {
     let (mut from_client, to_client) = channel.split();
     let mut writer = to_client.make_writer();
     let (mut from_console, mut to_console) = tokio::io::split(pipe);
+    let mut gone = shared.gone.subscribe();
     let mut buf = vec![0u8; PIPE_BYTES];
     let mut input = Bytes::new();
     let mut escape = Escape::default();
-    // After the client's EOF output still flows (`ssh VM@host </dev/null`
-    // watches a console) until it closes the channel.
-    let mut eof = false;
-    // Whether the session ended with `~.`.
-    let mut escaped = false;
     // Output taken from the console, not yet on the channel. Written in
     // the loop (not awaited whole), so that the client's input is still
     // read while its window is shut: otherwise a paste during a burst
@@ -804,46 +1295,70 @@ async fn pump(channel: Channel<Msg>, pipe: DuplexStream) {
     // A write the window holds back is retried with the same bytes first,
     // as russh's writer expects.
     let mut output = Bytes::new();
-    let console_ended = loop {
+    let end = loop {
         tokio::select! {
             got = from_console.read(&mut buf), if output.is_empty() => match got {
-                Ok(0) | Err(_) => break true,
+                Ok(0) | Err(_) => break End::Console,
                 Ok(n) => output = Bytes::copy_from_slice(&buf[..n]),
             },
             sent = writer.write(&output), if !output.is_empty() => match sent {
-                Ok(n) if n > 0 => output.advance(n),
-                _ => break false,
+                Ok(n) if n > 0 => {
+                    output.advance(n);
+                    shared.touch();
+                }
+                _ => break End::Client,
             },
             put = to_console.write(&input), if !input.is_empty() => match put {
                 Ok(n) if n > 0 => input.advance(n),
-                _ => break true,
+                _ => break End::Console,
             },
-            msg = from_client.wait(), if input.is_empty() && !eof => match msg {
-                Some(ChannelMsg::Data { data }) => match escape.filter(&data) {
-                    Ok(bytes) => input = Bytes::from(bytes),
-                    Err(before) => {
-                        let _ = to_console.write_all(&before).await;
-                        escaped = true;
-                        break false;
+            // Read after the client's EOF too (`ssh VM@host </dev/null`
+            // watches a console): the channel's close must still be seen.
+            msg = from_client.wait(), if input.is_empty() => match msg {
+                Some(ChannelMsg::Data { data }) => {
+                    shared.touch();
+                    match escape.filter(&data) {
+                        Ok(bytes) => input = Bytes::from(bytes),
+                        Err(before) => {
+                            let _ = to_console.write_all(&before).await;
+                            break End::Escaped;
+                        }
                     }
-                },
-                Some(ChannelMsg::Eof) => eof = true,
-                Some(ChannelMsg::Close) | None => break false,
+                }
+                Some(ChannelMsg::Close) | None => break End::Client,
                 Some(_) => {}
             },
+            // (The guard `wait_for` returns is not held across an await.)
+            _ = async { gone.wait_for(|g| *g).await.is_ok() } => break End::Client,
+            reason = closer.closed() => break End::Closed(reason),
         }
     };
-    if escaped {
-        let _ = to_client
-            .extended_data_bytes(1, Bytes::from_static(b"\r\nvspc: closed (~.)\r\n"))
-            .await;
-    }
-    if console_ended && !output.is_empty() {
-        let _ = writer.write_all(&output).await;
+    match &end {
+        End::Escaped => {
+            let _ = to_client
+                .extended_data_bytes(1, Bytes::from_static(b"\r\nvspc: closed (~.)\r\n"))
+                .await;
+        }
+        End::Closed(reason) => {
+            let msg = format!("\r\nvspc: {reason}\r\n");
+            let _ = to_client.extended_data_bytes(1, Bytes::from(msg)).await;
+        }
+        End::Console => {
+            if !output.is_empty() {
+                let _ = writer.write_all(&output).await;
+            }
+        }
+        End::Client => {}
     }
     let _ = writer.flush().await;
-    if console_ended || escaped {
-        let _ = to_client.exit_status(0).await;
+    match end {
+        End::Console | End::Escaped => {
+            let _ = to_client.exit_status(0).await;
+        }
+        End::Closed(_) => {
+            let _ = to_client.exit_status(1).await;
+        }
+        End::Client => {}
     }
     let _ = to_client.eof().await;
     let _ = to_client.close().await;
@@ -908,6 +1423,47 @@ mod tests {
         assert_eq!(e.filter(b"."), Err(vec![]));
         let mut e = Escape::default();
         assert_eq!(e.filter(b"ls\n~."), Err(b"ls\n".to_vec()));
+    }
+
+    #[test]
+    fn writable_key_files_are_refused() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("keys");
+        std::fs::write(&path, format!("{KEY} a\n")).expect("write");
+        let set = |mode| {
+            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode)).expect("chmod")
+        };
+        set(0o644);
+        assert_eq!(load_authorized_keys(&path).expect("0644").entries.len(), 1);
+        set(0o664);
+        match load_authorized_keys(&path) {
+            Err(KeysError::Unsafe(e)) => {
+                assert!(e.contains(&path.display().to_string()), "{e}");
+                assert!(e.contains("writable by group (mode 0664)"), "{e}");
+            }
+            other => panic!("a group-writable file was taken: {other:?}"),
+        }
+        assert!(matches!(
+            load_authorized_keys(&dir.path().join("none")),
+            Err(KeysError::Unreadable(_))
+        ));
+        let host = dir.path().join("host");
+        load_or_create_host_key(&host).expect("made");
+        std::fs::set_permissions(&host, std::fs::Permissions::from_mode(0o606)).expect("chmod");
+        let Err(e) = load_or_create_host_key(&host) else {
+            panic!("a world-writable host key was taken");
+        };
+        assert!(e.contains("writable by others"), "{e}");
+    }
+
+    #[test]
+    fn access_above_the_mode_is_no_longer_allowed() {
+        assert!(access_rank(Access::Write) > mode_rank(LockMode::ReadOnly));
+        assert!(access_rank(Access::Exclusive) > mode_rank(LockMode::Write));
+        assert!(access_rank(Access::FreeForAll) <= mode_rank(LockMode::FreeForAllOrReadOnly));
+        assert!(access_rank(Access::ReadOnly) <= mode_rank(LockMode::ReadOnly));
+        assert!(access_rank(Access::Write) <= mode_rank(LockMode::Exclusive));
     }
 
     #[test]

@@ -248,7 +248,7 @@ async fn wait_for_signals(hub: &Hub, ssh: Option<&crate::ssh::SshState>) -> Resu
                 tracing::info!("SIGHUP: reopening backend files");
                 hub.backend().reopen();
                 if let Some(ssh) = ssh {
-                    ssh.reload();
+                    ssh.reload(hub);
                 }
             }
         }

@@ -185,6 +185,11 @@ impl ConsoleSession {
         self.audit = Some(guard);
     }
 
+    /// The session's number in its audit lines, once [`Self::audit`] ran.
+    pub fn audit_id(&self) -> Option<u64> {
+        self.audit.as_ref().map(|g| g.id())
+    }
+
     /// What the console was granted.
     pub fn access(&self) -> Access {
         self.access
