@@ -1241,3 +1241,70 @@ async fn writable_key_files_are_refused_and_a_readable_host_key_is_warned_about(
         "the keys loaded before were dropped: {err}"
     );
 }
+
+/// A second VM (another uuid) that claims `web-1`'s name: `ssh web-1@`
+/// reaches neither; a key allowed by name sees neither in `list@`; a key
+/// with every VM is told both uuids; a `uuid:` pattern reaches the real one
+/// only.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_impostor_name_reaches_no_one_and_uuid_patterns_hold() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (full, full_pub) = keygen(dir.path(), "full");
+    let (web, web_pub) = keygen(dir.path(), "web");
+    let (pinned, pinned_pub) = keygen(dir.path(), "pinned");
+    let real = Identity {
+        name: "web-1".into(),
+        ..Identity::numbered(8301)
+    };
+    let impostor = Identity {
+        name: "web-1".into(),
+        ..Identity::numbered(8302)
+    };
+    std::fs::write(
+        dir.path().join("authorized_keys"),
+        format!(
+            "{full_pub}\nvms=\"web-*\" {web_pub}\nvms=\"uuid:{}\" {pinned_pub}\n",
+            real.uuid_display()
+        ),
+    )
+    .expect("write");
+    let (d, port) = daemon(dir.path(), &[]).await;
+    let (real_vm, _) = vm_up(&d, &real).await;
+    let _impostor_vm = SimVm::connect(d.proxy, &impostor).await.expect("impostor");
+    assert!(
+        d.wait_log("claims the name of a connected VM", T).await,
+        "{}",
+        d.log()
+    );
+    // By name: the key that may see every VM is told both uuids.
+    let (status, _, err) = run(ssh_command(port, &full, "web-1", &[])).await;
+    assert_eq!(status.code(), Some(1), "{err}");
+    assert!(err.contains("more than one VM is named"), "{err}");
+    assert!(
+        err.contains(&real.uuid_display()) && err.contains(&impostor.uuid_display()),
+        "{err}"
+    );
+    // A name pattern no longer sees either (the name identifies neither).
+    let (status, _, err) = run(ssh_command(port, &web, "web-1", &[])).await;
+    assert_eq!(status.code(), Some(1), "{err}");
+    assert!(err.contains("no VM named"), "{err}");
+    let (_, out, _) = run(ssh_command(port, &web, "list", &[])).await;
+    assert_eq!(out, "", "a name pattern listed an ambiguous name");
+    // The uuid pattern: the real VM, by uuid, and never the impostor.
+    let (status, _, err) = run(ssh_command(port, &pinned, &impostor.uuid_display(), &[])).await;
+    assert_eq!(
+        status.code(),
+        Some(1),
+        "the uuid: key reached the impostor: {err}"
+    );
+    let console = Ssh::spawn(ssh_command(port, &pinned, &real.uuid_display(), &[]));
+    let deadline = Instant::now() + T;
+    loop {
+        real_vm.send(b"real\r\n").await.expect("output");
+        if console.out().windows(4).any(|w| w == b"real") {
+            break;
+        }
+        assert!(Instant::now() < deadline, "no output by uuid:\n{}", d.log());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}

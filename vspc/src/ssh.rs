@@ -6,7 +6,8 @@
 //!
 //! Public keys only, from `--ssh-authorized-keys` in OpenSSH's format, with
 //! two options of vspc's own per key ([`parse_authorized_keys`]):
-//! `vms="web-*,db-1"` (globs on the VM's name or uuid; none: every VM) and
+//! `vms="web-*,db-1"` (globs on the VM's name, when no other VM has it, or
+//! its uuid; `uuid:GLOB` on the uuid only; none: every VM) and
 //! `mode="read-only|write|free-for-all|exclusive"` (the lock the key's
 //! sessions take; none: `free-for-all-fallback`, as on the admin port). A
 //! malformed line is logged with its file and line number and skipped,
@@ -90,15 +91,21 @@ pub struct KeyEntry {
 }
 
 impl KeyEntry {
-    /// May this key see `vm`? A pattern matches the name or the uuid.
-    pub fn may_see(&self, vm: &Vm) -> bool {
+    /// May this key see `vm`? A pattern `uuid:GLOB` matches the uuid
+    /// only; any other matches the uuid, or the name when `name_is_unique`
+    /// (no other VM has it: a name a second VM claimed identifies
+    /// neither, so a name pattern never lets a key onto an impostor).
+    pub fn may_see(&self, vm: &Vm, name_is_unique: bool) -> bool {
         match &self.vms {
             None => true,
             Some(globs) => {
                 let name = vm.name();
-                globs
-                    .iter()
-                    .any(|g| glob(g, &name) || glob(g, &vm.uuid) || glob(g, &vm.key))
+                globs.iter().any(|g| match g.strip_prefix("uuid:") {
+                    Some(u) => glob(u, &vm.uuid) || glob(u, &vm.key),
+                    None => {
+                        (name_is_unique && glob(g, &name)) || glob(g, &vm.uuid) || glob(g, &vm.key)
+                    }
+                })
             }
         }
     }
@@ -637,7 +644,9 @@ fn no_longer_allowed(
 ) -> Option<&'static str> {
     match now.find(&key.key) {
         None => Some("its key was removed from the authorized keys"),
-        Some(e) if !e.may_see(vm) => Some("its key's vms= no longer covers this VM"),
+        // The session is on this VM (by uuid) already: its name still
+        // counts, whoever else claims it meanwhile.
+        Some(e) if !e.may_see(vm, true) => Some("its key's vms= no longer covers this VM"),
         Some(e) if access_rank(access) > mode_rank(e.mode) => {
             Some("its key's mode= no longer grants this access")
         }
@@ -1129,10 +1138,16 @@ async fn refuse(channel: Channel<Msg>, msg: String) {
 /// `list@`: the VMs the key may see, `name:uuid:port` per line.
 async fn list(hub: &Hub, key: &KeyEntry, channel: Channel<Msg>) {
     let mut out = String::new();
-    for vm in hub.vms() {
-        if key.may_see(&vm) {
+    let vms = hub.vms();
+    let mut names: std::collections::HashMap<String, usize> = std::collections::HashMap::new();
+    for vm in &vms {
+        *names.entry(vm.name()).or_default() += 1;
+    }
+    for vm in vms {
+        let name = vm.name();
+        if key.may_see(&vm, names.get(&name) == Some(&1)) {
             let port = vm.port.map_or(String::new(), |p| p.to_string());
-            out.push_str(&format!("{}:{}:{}\n", vm.name(), vm.uuid, port));
+            out.push_str(&format!("{name}:{}:{port}\n", vm.uuid));
         }
     }
     let _ = channel.data_bytes(Bytes::from(out)).await;
@@ -1154,7 +1169,30 @@ async fn console(
 ) {
     // An unknown VM and one the key may not see get the same answer, so a
     // key learns nothing about VMs outside its patterns.
-    let Some(vm) = hub.find(what).filter(|vm| key.may_see(vm)) else {
+    let found = match hub.lookup(what) {
+        Ok(vm) => {
+            let unique = hub.lookup(&vm.name()).is_ok();
+            Some(vm).filter(|vm| key.may_see(vm, unique))
+        }
+        Err(crate::hub::Lookup::Ambiguous(uuids)) => {
+            // Name the uuids this key may use, and only those.
+            let visible: Vec<String> = uuids
+                .into_iter()
+                .filter(|u| hub.find(u).is_some_and(|vm| key.may_see(&vm, false)))
+                .collect();
+            if !visible.is_empty() {
+                tracing::info!(%peer, vm = ?what, key = %key.fingerprint, "SSH console refused: the name is ambiguous");
+                let msg = format!(
+                    "vspc: more than one VM is named {what:?}; ask for one by its uuid: {}\r\n",
+                    visible.join(", ")
+                );
+                return refuse(channel, msg).await;
+            }
+            None
+        }
+        Err(crate::hub::Lookup::NotFound) => None,
+    };
+    let Some(vm) = found else {
         tracing::info!(%peer, vm = ?what, key = %key.fingerprint, "SSH console refused: no such VM for this key");
         let msg = format!("vspc: no VM named {what:?} for this key (ssh list@host shows them)\r\n");
         return refuse(channel, msg).await;
