@@ -139,6 +139,15 @@ where
     }
 }
 
+/// Write a token file readable and writable by its owner only (vspc
+/// refuses one that others may write).
+pub(crate) fn write_token_file(path: &std::path::Path, text: &str) {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::write(path, text).expect("write the token file");
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
+        .expect("chmod the token file");
+}
+
 async fn get(addr: SocketAddr, path: &str) -> Resp {
     request(addr, "GET", path, None).await
 }
@@ -505,11 +514,10 @@ async fn console_log_returns_the_tail_of_a_logging_transcript() {
 async fn tokens_are_required_and_read_only_ones_cannot_write() {
     let dir = tempfile::tempdir().expect("tempdir");
     let file = dir.path().join("tokens");
-    std::fs::write(
+    write_token_file(
         &file,
-        "# who may ask\nwrite-token-1234\nread-token-5678 ro  # dashboards\n",
-    )
-    .expect("write token file");
+        "# who may ask\nwrite-token-1234\nread-token-56789 ro  # dashboards\n",
+    );
     let file = file.display().to_string();
     let (d, http) = daemon(&["--http-token-file", &file]);
     let id = Identity::numbered(7400);
@@ -526,7 +534,7 @@ async fn tokens_are_required_and_read_only_ones_cannot_write() {
         assert_eq!(r.status, 401, "{path} with a wrong token");
         assert!(r.json()["error"].is_string());
     }
-    let r = request(http, "GET", "/api/v1/vms", Some("read-token-5678")).await;
+    let r = request(http, "GET", "/api/v1/vms", Some("read-token-56789")).await;
     assert_eq!(r.status, 200, "{}", r.text());
     assert_eq!(r.json()["vms"][0]["name"], id.name.as_str());
     let r = request(http, "GET", "/metrics", Some("write-token-1234")).await;
@@ -536,13 +544,13 @@ async fn tokens_are_required_and_read_only_ones_cannot_write() {
         http,
         "GET",
         "/api/v1/vms/no-such-vm",
-        Some("read-token-5678"),
+        Some("read-token-56789"),
     )
     .await;
     assert_eq!(r.status, 404);
 
     let clear = format!("/api/v1/vms/{}/clear", id.name);
-    let r = request(http, "POST", &clear, Some("read-token-5678")).await;
+    let r = request(http, "POST", &clear, Some("read-token-56789")).await;
     assert_eq!(r.status, 403, "{}", r.text());
     assert!(r.json()["error"]
         .as_str()
@@ -627,7 +635,7 @@ fn start_up_refuses_an_open_http_port_and_a_malformed_token_file() {
 
     let dir = tempfile::tempdir().expect("tempdir");
     let file = dir.path().join("tokens");
-    std::fs::write(&file, "good-token\n\ngood-token-2 admin\n").expect("write");
+    write_token_file(&file, "good-token-0123456\n\ngood-token-2-0123456 admin\n");
     let path = file.display().to_string();
     let out = run(ports(&["--http-token-file", &path]));
     assert_eq!(out.status.and_then(|s| s.code()), Some(1), "{}", out.stderr);
@@ -636,4 +644,84 @@ fn start_up_refuses_an_open_http_port_and_a_malformed_token_file() {
         "{}",
         out.stderr
     );
+}
+
+// ---------------------------------------------------------------------------
+// Hardening (issue "Hardening").
+
+/// Token files: a `#` inside a token is part of it (the review's
+/// `a#verylongsecret rw name=ops` was the token `a`), a token shorter
+/// than 16 characters stops start-up naming the file and line, a
+/// group-writable file stops it, and a world-readable one is warned about.
+#[tokio::test]
+async fn token_files_keep_hashes_refuse_short_tokens_and_loose_modes() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let file = dir.path().join("tokens");
+    write_token_file(&file, "a#verylongsecret rw name=ops\n");
+    let path = file.display().to_string();
+    let (_d, http) = daemon(&["--http-token-file", &path]);
+    let r = request(http, "GET", "/api/v1/vms", Some("a#verylongsecret")).await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    let r = request(http, "GET", "/api/v1/vms", Some("a")).await;
+    assert_eq!(r.status, 401, "the cut token was taken: {}", r.text());
+
+    let (proxy, admin, port) = (free_port(), free_port(), free_port());
+    let run = |extra: &[&str]| {
+        let mut args = vec![
+            "--proxy-iface".to_string(),
+            "127.0.0.1".into(),
+            "--proxy-port".into(),
+            proxy.to_string(),
+            "--admin-port".into(),
+            admin.to_string(),
+            "--http-port".into(),
+            port.to_string(),
+        ];
+        args.extend(extra.iter().map(|s| s.to_string()));
+        let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+        run_to_exit(&refs, Duration::from_secs(10))
+    };
+    let short = dir.path().join("short");
+    write_token_file(&short, "# the ops team\na #verylongsecret rw name=ops\n");
+    let short = short.display().to_string();
+    let out = run(&["--http-token-file", &short]);
+    assert_eq!(out.status.and_then(|s| s.code()), Some(1), "{}", out.stderr);
+    assert!(
+        out.stderr.contains(&short) && out.stderr.contains("line 2") && out.stderr.contains("16"),
+        "{}",
+        out.stderr
+    );
+
+    let loose = dir.path().join("loose");
+    write_token_file(&loose, "a-long-enough-token\n");
+    std::fs::set_permissions(&loose, std::fs::Permissions::from_mode(0o664)).expect("chmod");
+    let loose_path = loose.display().to_string();
+    let out = run(&["--http-token-file", &loose_path]);
+    assert_eq!(out.status.and_then(|s| s.code()), Some(1), "{}", out.stderr);
+    assert!(
+        out.stderr.contains(&loose_path) && out.stderr.contains("group-writable"),
+        "{}",
+        out.stderr
+    );
+
+    std::fs::set_permissions(&loose, std::fs::Permissions::from_mode(0o644)).expect("chmod");
+    let (d, http) = daemon(&["--http-token-file", &loose_path]);
+    assert!(
+        d.wait_log("world-readable", T).await,
+        "no warning: {}",
+        d.log()
+    );
+    let warning = d
+        .log()
+        .lines()
+        .find(|l| l.contains("world-readable"))
+        .unwrap_or("")
+        .to_string();
+    assert!(
+        warning.contains("WARN") && warning.contains(&loose_path),
+        "{warning}"
+    );
+    let r = request(http, "GET", "/api/v1/vms", Some("a-long-enough-token")).await;
+    assert_eq!(r.status, 200, "{}", r.text());
 }

@@ -35,14 +35,14 @@ use vspc_testkit::sim::{Identity, SimVm};
 type Ws = WebSocketStream<MaybeTlsStream<TcpStream>>;
 
 /// The token file of the tests that need one.
-const TOKENS: &str = "rw-secret\nro-secret ro\n";
+const TOKENS: &str = "rw-secret-0123456\nro-secret-0123456 ro\n";
 
 /// A daemon with an HTTP port and the token file [`TOKENS`]; the file's
 /// directory lives as long as the daemon is needed.
 fn daemon_with_tokens() -> (Daemon, SocketAddr, tempfile::TempDir) {
     let dir = tempfile::tempdir().expect("tempdir");
     let path = dir.path().join("tokens");
-    std::fs::write(&path, TOKENS).expect("write the token file");
+    crate::http::write_token_file(&path, TOKENS);
     let file = path.display().to_string();
     let (d, http) = daemon(&["--http-token-file", &file]);
     (d, http, dir)
@@ -334,11 +334,25 @@ async fn tokens_locks_and_unknown_vms() {
         401
     );
     assert_eq!(
-        refused_with(ws_connect(http, "/api/v1/vms/no-such-vm/console", Some("rw-secret")).await),
+        refused_with(
+            ws_connect(
+                http,
+                "/api/v1/vms/no-such-vm/console",
+                Some("rw-secret-0123456")
+            )
+            .await
+        ),
         404
     );
     assert_eq!(
-        refused_with(ws_connect(http, &console_path(&id, "?mode=shared"), Some("rw-secret")).await),
+        refused_with(
+            ws_connect(
+                http,
+                &console_path(&id, "?mode=shared"),
+                Some("rw-secret-0123456")
+            )
+            .await
+        ),
         400
     );
     // A page of another site may not open a console, even with a token.
@@ -349,7 +363,7 @@ async fn tokens_locks_and_unknown_vms() {
         .insert("origin", HeaderValue::from_static("https://evil.example"));
     req.headers_mut().insert(
         "authorization",
-        HeaderValue::from_static("Bearer rw-secret"),
+        HeaderValue::from_static("Bearer rw-secret-0123456"),
     );
     let r = tokio::time::timeout(T, tokio_tungstenite::connect_async(req))
         .await
@@ -360,7 +374,7 @@ async fn tokens_locks_and_unknown_vms() {
         refused_with(
             ws_connect(
                 http,
-                &console_path(&id, "?mode=write&token=ro-secret"),
+                &console_path(&id, "?mode=write&token=ro-secret-0123456"),
                 None
             )
             .await
@@ -370,13 +384,13 @@ async fn tokens_locks_and_unknown_vms() {
 
     // A read-only token (here in the address, as a browser gives it) gets a
     // read-only session: it sees output, its typing never reaches the VM.
-    let mut ro = ws_connect(http, &console_path(&id, "?token=ro-secret"), None)
+    let mut ro = ws_connect(http, &console_path(&id, "?token=ro-secret-0123456"), None)
         .await
         .expect("the read-only console opens");
     assert_eq!(next_json(&mut ro).await["access"], "read-only");
     send(&mut ro, Message::binary(b"LEAK".to_vec())).await;
     send(&mut ro, Message::text("leak")).await;
-    let mut rw = ws_connect(http, &path, Some("rw-secret"))
+    let mut rw = ws_connect(http, &path, Some("rw-secret-0123456"))
         .await
         .expect("the read-write console opens");
     assert_eq!(next_json(&mut rw).await["access"], "free-for-all");
@@ -396,7 +410,7 @@ async fn tokens_locks_and_unknown_vms() {
     let mut ex = ws_connect(
         http,
         &console_path(&id, "?mode=exclusive"),
-        Some("rw-secret"),
+        Some("rw-secret-0123456"),
     )
     .await
     .expect("the handshake itself succeeds");
@@ -423,7 +437,7 @@ async fn tokens_locks_and_unknown_vms() {
         let mut ex = ws_connect(
             http,
             &console_path(&id, "?mode=exclusive"),
-            Some("rw-secret"),
+            Some("rw-secret-0123456"),
         )
         .await
         .expect("handshake");
@@ -456,7 +470,7 @@ async fn tokens_locks_and_unknown_vms() {
         http,
         "POST",
         &format!("/api/v1/vms/{}/clear", id.name),
-        Some("rw-secret"),
+        Some("rw-secret-0123456"),
     )
     .await;
     assert_eq!(r.json()["cleared"], 1, "{}", r.text());
@@ -488,7 +502,7 @@ async fn pages_list_the_vms_and_carry_the_token() {
     let r = request(http, "GET", "/", None).await;
     assert_eq!(r.status, 401);
     assert!(r.text().contains("?token="), "{}", r.text());
-    let r = request(http, "GET", "/?token=ro-secret", None).await;
+    let r = request(http, "GET", "/?token=ro-secret-0123456", None).await;
     assert_eq!(r.status, 200, "{}", r.text());
     assert!(r
         .header("content-type")
@@ -496,7 +510,7 @@ async fn pages_list_the_vms_and_carry_the_token() {
     let html = r.text();
     assert!(html.contains(&id.name), "{html}");
     assert!(html.contains("connected"), "{html}");
-    let link = format!("/vms/{}?token=ro-secret", id.uuid_display());
+    let link = format!("/vms/{}?token=ro-secret-0123456", id.uuid_display());
     assert!(html.contains(&link), "no link {link} in {html}");
 
     let r = request(http, "GET", &link, None).await;
@@ -509,7 +523,7 @@ async fn pages_list_the_vms_and_carry_the_token() {
     ] {
         assert!(html.contains(needle), "{needle} missing from {html}");
     }
-    let r = request(http, "GET", "/vms/no-such-vm", Some("ro-secret")).await;
+    let r = request(http, "GET", "/vms/no-such-vm", Some("ro-secret-0123456")).await;
     assert_eq!(r.status, 404);
 
     // The scripts need no token (a script tag cannot send one) and come
@@ -654,7 +668,7 @@ async fn chromium_shows_the_output_and_types_to_the_vm() {
     let (vm, _) = vm_up(&d, &id).await;
     let profile = tempfile::tempdir().expect("a browser profile directory");
     let marker = "hello from the VM, in the browser";
-    let url = format!("http://{http}/vms/{}?token=rw-secret", id.name);
+    let url = format!("http://{http}/vms/{}?token=rw-secret-0123456", id.name);
     let mut cmd = Command::new("node");
     cmd.current_dir(web_dir())
         .arg("console_test.mjs")

@@ -80,7 +80,10 @@ impl std::fmt::Debug for Tokens {
 impl Tokens {
     /// Read a token file: one token per line, `TOKEN`, `TOKEN rw` (the
     /// same) or `TOKEN ro`; `#` starts a comment; blank lines are skipped.
+    /// A file others may write is refused, one others may read is warned
+    /// about ([`check_token_file_mode`]).
     pub fn load(path: &FsPath) -> Result<Tokens, String> {
+        check_token_file_mode(path)?;
         let text = std::fs::read_to_string(path)
             .map_err(|e| format!("cannot read HTTP token file {}: {e}", path.display()))?;
         Tokens::parse(&text, &path.display().to_string())
@@ -91,7 +94,7 @@ impl Tokens {
         let mut list = Vec::new();
         for (i, raw) in text.lines().enumerate() {
             let at = |why: String| format!("HTTP token file {file}, line {}: {why}", i + 1);
-            let line = raw.split('#').next().unwrap_or("").trim();
+            let line = strip_comment(raw).trim();
             if line.is_empty() {
                 continue;
             }
@@ -127,6 +130,14 @@ impl Tokens {
                         .into(),
                 ));
             }
+            if token.len() < MIN_TOKEN_LEN {
+                return Err(at(format!(
+                    "the token is {} characters long; a token needs at least {MIN_TOKEN_LEN} \
+                     (a short one can be guessed; `#` starts a comment only at the start of a \
+                     line or after a space)",
+                    token.len()
+                )));
+            }
             let name = name.unwrap_or_else(|| format!("token#{}", list.len() + 1));
             list.push((token.to_string(), right, name));
         }
@@ -152,6 +163,62 @@ impl Tokens {
         }
         found
     }
+}
+
+/// The shortest token a token file may hold.
+pub const MIN_TOKEN_LEN: usize = 16;
+
+/// A token-file line without its comment: `#` starts one at the start of
+/// the line or after whitespace, so a `#` inside a token is part of it.
+fn strip_comment(line: &str) -> &str {
+    let mut after_space = true;
+    for (i, c) in line.char_indices() {
+        if c == '#' && after_space {
+            return &line[..i];
+        }
+        after_space = c.is_whitespace();
+    }
+    line
+}
+
+/// A token file that others may write could hand them a token: refuse a
+/// group- or world-writable one. Warn (but start) when others may read it,
+/// or when its folder is group- or world-writable (without the sticky
+/// bit), so that it could be replaced.
+pub fn check_token_file_mode(path: &FsPath) -> Result<(), String> {
+    use std::os::unix::fs::PermissionsExt;
+    let shown = path.display();
+    let meta =
+        std::fs::metadata(path).map_err(|e| format!("cannot read HTTP token file {shown}: {e}"))?;
+    let mode = meta.permissions().mode() & 0o7777;
+    if mode & 0o022 != 0 {
+        let who = if mode & 0o002 != 0 { "world" } else { "group" };
+        return Err(format!(
+            "HTTP token file {shown} is {who}-writable (mode {mode:04o}): whoever can change it \
+             can give themselves a token; make it writable by its owner only (chmod go-w {shown})"
+        ));
+    }
+    if mode & 0o004 != 0 {
+        tracing::warn!(
+            "HTTP token file {shown} is world-readable (mode {mode:04o}): every local user can \
+             read the tokens; chmod o-r {shown} (0600 or 0640)"
+        );
+    }
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => FsPath::new("."),
+    };
+    if let Ok(d) = std::fs::metadata(dir) {
+        let dmode = d.permissions().mode() & 0o7777;
+        if dmode & 0o022 != 0 && dmode & 0o1000 == 0 {
+            tracing::warn!(
+                "the folder {} of HTTP token file {shown} is group- or world-writable (mode \
+                 {dmode:04o}): whoever can write there can replace the file",
+                dir.display()
+            );
+        }
+    }
+    Ok(())
 }
 
 /// Constant-time comparison for equal lengths.
@@ -616,37 +683,37 @@ pub async fn serve(listener: TcpListener, hub: Arc<Hub>, cfg: HttpConfig) {
 mod tests {
     use super::*;
 
+    /// Tokens of the length a token file needs, for the tests.
+    const A: &str = "alpha-0123456789";
+    const B: &str = "beta-0123456789a";
+    const G: &str = "gamma-0123456789";
+
     #[test]
     fn token_files_parse_with_rights_and_comments() {
-        let t = Tokens::parse(
-            "# operators\nalpha\nbeta rw   # the CI\n\n  gamma ro\r\n",
-            "t.txt",
-        )
-        .expect("valid");
-        assert_eq!(t.check("alpha"), Some(Right::ReadWrite));
-        assert_eq!(t.check("beta"), Some(Right::ReadWrite));
-        assert_eq!(t.check("gamma"), Some(Right::ReadOnly));
-        assert_eq!(t.check("gamm"), None);
+        let text = format!("# operators\n{A}\n{B} rw   # the CI\n\n  {G} ro\r\n");
+        let t = Tokens::parse(&text, "t.txt").expect("valid");
+        assert_eq!(t.check(A), Some(Right::ReadWrite));
+        assert_eq!(t.check(B), Some(Right::ReadWrite));
+        assert_eq!(t.check(G), Some(Right::ReadOnly));
+        assert_eq!(t.check(&G[..G.len() - 1]), None);
         assert_eq!(t.check(""), None);
-        assert!(
-            !format!("{t:?}").contains("alpha"),
-            "tokens must not be printed"
-        );
+        assert!(!format!("{t:?}").contains(A), "tokens must not be printed");
     }
 
     #[test]
     fn tokens_are_named_for_the_audit_lines() {
-        let t = Tokens::parse("alpha name=ops\nbeta ro\ngamma name=ci rw\n", "t").expect("valid");
-        assert_eq!(t.check_named("alpha"), Some((Right::ReadWrite, "ops")));
-        assert_eq!(t.check_named("beta"), Some((Right::ReadOnly, "token#2")));
-        assert_eq!(t.check_named("gamma"), Some((Right::ReadWrite, "ci")));
-        let e = Tokens::parse("alpha name=\n", "t").unwrap_err();
+        let text = format!("{A} name=ops\n{B} ro\n{G} name=ci rw\n");
+        let t = Tokens::parse(&text, "t").expect("valid");
+        assert_eq!(t.check_named(A), Some((Right::ReadWrite, "ops")));
+        assert_eq!(t.check_named(B), Some((Right::ReadOnly, "token#2")));
+        assert_eq!(t.check_named(G), Some((Right::ReadWrite, "ci")));
+        let e = Tokens::parse(&format!("{A} name=\n"), "t").unwrap_err();
         assert!(e.contains("line 1") && e.contains("name="), "{e}");
     }
 
     #[test]
     fn malformed_token_lines_name_the_file_and_line() {
-        let e = Tokens::parse("ok\n\nbad rx\n", "/etc/vspc/tokens").unwrap_err();
+        let e = Tokens::parse(&format!("{A}\n\n{B} rx\n"), "/etc/vspc/tokens").unwrap_err();
         assert!(
             e.contains("/etc/vspc/tokens, line 3") && e.contains("\"rx\""),
             "{e}"
@@ -655,8 +722,66 @@ mod tests {
         assert!(e.contains("f, line 1") && e.contains("3 words"), "{e}");
         let e = Tokens::parse("# only a comment\n\n", "f").unwrap_err();
         assert!(e.contains("holds no token"), "{e}");
-        let e = Tokens::parse("caf\u{e9}\n", "f").unwrap_err();
+        let e = Tokens::parse("caf\u{e9}-0123456789abcdef\n", "f").unwrap_err();
         assert!(e.contains("line 1"), "{e}");
+    }
+
+    /// The review's finding: `a#verylongsecret rw name=ops` was the token
+    /// `a`. A `#` inside a word is part of it; one at the start of the
+    /// line or after whitespace starts a comment.
+    #[test]
+    fn a_hash_inside_a_token_is_part_of_it() {
+        let t = Tokens::parse("a#verylongsecret rw name=ops\n", "f").expect("valid");
+        assert_eq!(
+            t.check_named("a#verylongsecret"),
+            Some((Right::ReadWrite, "ops"))
+        );
+        assert_eq!(t.check("a"), None);
+        let t = Tokens::parse(&format!("{A}#x ro #comment\n\t# note\n#{B}\n"), "f").expect("valid");
+        assert_eq!(t.check(&format!("{A}#x")), Some(Right::ReadOnly));
+        assert_eq!(t.check(B), None, "a line starting with # is a comment");
+        assert_eq!(strip_comment("tok#en  # c"), "tok#en  ");
+        assert_eq!(strip_comment("# all"), "");
+        assert_eq!(strip_comment("x\t#y"), "x\t");
+    }
+
+    #[test]
+    fn short_tokens_are_refused_naming_the_file_and_line() {
+        let e = Tokens::parse(&format!("{A}\n# fine\nshort-token ro\n"), "/etc/t").unwrap_err();
+        assert!(
+            e.contains("/etc/t, line 3") && e.contains("11 characters") && e.contains("16"),
+            "{e}"
+        );
+        // The cut token of the finding: what was left of it is refused too.
+        let e = Tokens::parse("a #verylongsecret rw\n", "f").unwrap_err();
+        assert!(e.contains("f, line 1") && e.contains("1 characters"), "{e}");
+        assert!(Tokens::parse("exactly-16-chars\n", "f").is_ok());
+    }
+
+    #[test]
+    fn token_file_modes() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("tokens");
+        std::fs::write(&path, format!("{A}\n")).expect("write");
+        let chmod = |m: u32| {
+            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(m)).expect("chmod")
+        };
+        chmod(0o600);
+        assert!(Tokens::load(&path).is_ok());
+        chmod(0o644);
+        assert!(
+            Tokens::load(&path).is_ok(),
+            "world-readable: a warning only"
+        );
+        for (mode, who) in [(0o620, "group-writable"), (0o646, "world-writable")] {
+            chmod(mode);
+            let e = Tokens::load(&path).unwrap_err();
+            assert!(
+                e.contains(&path.display().to_string()) && e.contains(who),
+                "{mode:o}: {e}"
+            );
+        }
     }
 
     #[test]
@@ -672,7 +797,8 @@ mod tests {
     async fn ask(addr: SocketAddr, head: &str) -> (u16, String) {
         use tokio::io::{AsyncReadExt, AsyncWriteExt};
         let mut s = TcpStream::connect(addr).await.expect("connect");
-        let req = format!("{head}\r\nHost: x\r\nConnection: close\r\nContent-Length: 0\r\n\r\n");
+        let req =
+            format!("{head}\r\nHost: {addr}\r\nConnection: close\r\nContent-Length: 0\r\n\r\n");
         s.write_all(req.as_bytes()).await.expect("write");
         let mut raw = String::new();
         s.read_to_string(&mut raw).await.expect("read");
@@ -708,7 +834,7 @@ mod tests {
         };
         let peer = hub.new_peer(1 << 20, crate::outbox::Encoding::Raw);
         hub.attach_vm(&id, peer).expect("attach");
-        let tokens = Tokens::parse("rw-token\nro-token ro\n", "t").expect("tokens");
+        let tokens = Tokens::parse("rw-token-0123456\nro-token-0123456 ro\n", "t").expect("tokens");
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let addr = listener.local_addr().expect("addr");
         let cfg = HttpConfig {
@@ -726,7 +852,7 @@ mod tests {
         assert!(body.contains("\"error\""), "{body}");
         let (code, body) = ask(
             addr,
-            "GET /api/v1/vms HTTP/1.1\r\nAuthorization: Bearer ro-token",
+            "GET /api/v1/vms HTTP/1.1\r\nAuthorization: Bearer ro-token-0123456",
         )
         .await;
         assert_eq!(code, 200, "{body}");
@@ -739,31 +865,31 @@ mod tests {
         assert_eq!(code, 401);
         let (code, body) = ask(
             addr,
-            "POST /api/v1/vms/web-1/clear HTTP/1.1\r\nAuthorization: Bearer ro-token",
+            "POST /api/v1/vms/web-1/clear HTTP/1.1\r\nAuthorization: Bearer ro-token-0123456",
         )
         .await;
         assert_eq!(code, 403, "{body}");
         let (code, body) = ask(
             addr,
-            "POST /api/v1/vms/web-1/clear HTTP/1.1\r\nAuthorization: bearer rw-token",
+            "POST /api/v1/vms/web-1/clear HTTP/1.1\r\nAuthorization: bearer rw-token-0123456",
         )
         .await;
         assert_eq!((code, body.as_str()), (200, "{\"cleared\":0}"));
         let (code, body) = ask(
             addr,
-            "GET /api/v1/vms/nope HTTP/1.1\r\nAuthorization: Bearer rw-token",
+            "GET /api/v1/vms/nope HTTP/1.1\r\nAuthorization: Bearer rw-token-0123456",
         )
         .await;
         assert_eq!(code, 404, "{body}");
         let (code, body) = ask(
             addr,
-            "GET /console_log/00000000-0000-0000-0000-000000000000 HTTP/1.1\r\nAuthorization: Bearer rw-token",
+            "GET /console_log/00000000-0000-0000-0000-000000000000 HTTP/1.1\r\nAuthorization: Bearer rw-token-0123456",
         )
         .await;
         assert_eq!(code, 404, "no backend keeps transcripts: {body}");
         let (code, body) = ask(
             addr,
-            "GET /metrics HTTP/1.1\r\nAuthorization: Bearer ro-token",
+            "GET /metrics HTTP/1.1\r\nAuthorization: Bearer ro-token-0123456",
         )
         .await;
         assert_eq!(code, 200);
@@ -803,6 +929,7 @@ mod tests {
         );
         let c = Config::from_argv(argv(&["vspc", "--no-http"])).expect("--no-http");
         assert!(c.no_http);
+
         assert!(Config::from_argv(argv(&["vspc", "--http-key", "k.pem"])).is_err());
     }
 
