@@ -81,13 +81,7 @@ pub(crate) async fn request(
 }
 
 /// One request on a connected stream (TCP or TLS).
-async fn exchange<S>(
-    mut s: S,
-    addr: SocketAddr,
-    method: &str,
-    path: &str,
-    token: Option<&str>,
-) -> Resp
+async fn exchange<S>(s: S, addr: SocketAddr, method: &str, path: &str, token: Option<&str>) -> Resp
 where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
 {
@@ -99,28 +93,38 @@ where
         req.push_str("Content-Length: 0\r\n");
     }
     req.push_str("\r\n");
-    s.write_all(req.as_bytes()).await.expect("send request");
-    let mut raw = Vec::new();
-    match tokio::time::timeout(T, s.read_to_end(&mut raw))
+    send_raw(s, &req).await.unwrap_or_else(|e| panic!("{e}"))
+}
+
+/// Send `req` as it is (the whole request, header and body) on a
+/// connected stream and read the answer to the end; what went wrong if no
+/// answer came (the connection closed first, or nothing within [`T`]).
+pub(crate) async fn send_raw<S>(mut s: S, req: &str) -> Result<Resp, String>
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    s.write_all(req.as_bytes())
         .await
-        .expect("the answer took too long")
-    {
-        Ok(_) => {}
+        .map_err(|e| format!("send request: {e}"))?;
+    let mut raw = Vec::new();
+    match tokio::time::timeout(T, s.read_to_end(&mut raw)).await {
+        Err(_) => return Err(format!("the answer took more than {T:?}")),
+        Ok(Ok(_)) => {}
         // A TLS peer that closes without close_notify, after the answer.
-        Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof && !raw.is_empty() => {}
-        Err(e) => panic!("read answer: {e}"),
+        Ok(Err(e)) if e.kind() == std::io::ErrorKind::UnexpectedEof && !raw.is_empty() => {}
+        Ok(Err(e)) => return Err(format!("read answer: {e}")),
     }
     let split = raw
         .windows(4)
         .position(|w| w == b"\r\n\r\n")
-        .unwrap_or_else(|| panic!("no header end in {:?}", String::from_utf8_lossy(&raw)));
+        .ok_or_else(|| format!("no header end in {:?}", String::from_utf8_lossy(&raw)))?;
     let head = String::from_utf8_lossy(&raw[..split]).into_owned();
     let mut lines = head.split("\r\n");
     let status: u16 = lines
         .next()
         .and_then(|l| l.split(' ').nth(1))
         .and_then(|c| c.parse().ok())
-        .unwrap_or_else(|| panic!("bad status line in {head:?}"));
+        .ok_or_else(|| format!("bad status line in {head:?}"))?;
     let headers: Vec<(String, String)> = lines
         .filter_map(|l| l.split_once(':'))
         .map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().to_string()))
@@ -132,11 +136,21 @@ where
     {
         body = unchunk(&body);
     }
-    Resp {
+    Ok(Resp {
         status,
         headers,
         body,
-    }
+    })
+}
+
+/// [`send_raw`] on a new connection to `addr`.
+pub(crate) async fn raw(addr: SocketAddr, req: &str) -> Resp {
+    let s = TcpStream::connect(addr)
+        .await
+        .unwrap_or_else(|e| panic!("connect to the HTTP port {addr}: {e}"));
+    send_raw(s, req)
+        .await
+        .unwrap_or_else(|e| panic!("{e}; request {req:?}"))
 }
 
 /// Write a token file readable and writable by its owner only (vspc
@@ -648,6 +662,127 @@ fn start_up_refuses_an_open_http_port_and_a_malformed_token_file() {
 
 // ---------------------------------------------------------------------------
 // Hardening (issue "Hardening").
+
+/// A request written by hand: `method path`, the `Host` given, extra
+/// header lines, and a body; the connection closes after the answer
+/// (`Connection: close`, unless `extra` has a Connection line).
+fn handmade(method: &str, path: &str, host: &str, extra: &[&str], body: &str) -> String {
+    let mut req = format!("{method} {path} HTTP/1.1\r\nHost: {host}\r\n");
+    if !extra
+        .iter()
+        .any(|l| l.to_ascii_lowercase().starts_with("connection:"))
+    {
+        req.push_str("Connection: close\r\n");
+    }
+    for line in extra {
+        req.push_str(line);
+        req.push_str("\r\n");
+    }
+    req.push_str(&format!("Content-Length: {}\r\n\r\n{body}", body.len()));
+    req
+}
+
+/// DNS rebinding: a name of the attacker's that resolves to this host
+/// makes the attacker's page "same origin" with the daemon. Every request
+/// whose Host is not an IP address, localhost or an `--http-host` name is
+/// answered 421 before any route runs: the WebSocket upgrade (with an
+/// Origin that matches its Host, as a rebound page sends it), the API,
+/// `/console_log`, `/metrics`, the pages; and a request without Host.
+#[tokio::test]
+async fn requests_for_a_foreign_host_get_421_whatever_the_route() {
+    let logs = tempfile::tempdir().expect("tempdir");
+    let (d, http) = daemon(&[
+        "--backend",
+        "Logging",
+        "-l",
+        &logs.path().display().to_string(),
+    ]);
+    let id = Identity::numbered(7500);
+    let (vm, _port) = vm_up(&d, &id).await;
+    vm.send(b"secret console output\r\n")
+        .await
+        .expect("VM output");
+    let evil = format!("rebind.attacker.example:{}", http.port());
+    let origin = format!("Origin: http://{evil}");
+    let upgrade = [
+        origin.as_str(),
+        "Connection: close, Upgrade",
+        "Upgrade: websocket",
+        "Sec-WebSocket-Version: 13",
+        "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==",
+    ];
+    let console = format!("/api/v1/vms/{}/console?mode=write", id.name);
+    let log = format!("/console_log/{}", hex32(&id));
+    let with_origin = [origin.as_str()];
+    let asks: Vec<(String, &[&str])> = vec![
+        (console.clone(), &upgrade[..]),
+        ("/api/v1/vms".into(), &with_origin[..]),
+        (log.clone(), &with_origin[..]),
+        ("/metrics".into(), &[][..]),
+        ("/".into(), &[][..]),
+        (format!("/vms/{}", id.name), &[][..]),
+        ("/static/console.js".into(), &[][..]),
+        ("/healthz".into(), &[][..]),
+    ];
+    for (path, extra) in &asks {
+        let r = raw(http, &handmade("GET", path, &evil, extra, "")).await;
+        assert_eq!(r.status, 421, "{path} for {evil}: {}", r.text());
+        let e = r.json()["error"].as_str().unwrap_or("").to_string();
+        assert!(
+            e.contains("rebind.attacker.example") && e.contains("--http-host"),
+            "{path}: {e}"
+        );
+        assert!(!r.text().contains("secret console output"), "{path}");
+    }
+    // The same with the name in an absolute request target.
+    let r = raw(
+        http,
+        &format!(
+            "GET http://{evil}/api/v1/vms HTTP/1.1\r\nHost: {http}\r\nConnection: close\r\n\r\n"
+        ),
+    )
+    .await;
+    assert_eq!(r.status, 421, "{}", r.text());
+    // A POST that would clear the consoles.
+    let clear = format!("/api/v1/vms/{}/clear", id.name);
+    let r = raw(
+        http,
+        &handmade("POST", &clear, &evil, &[origin.as_str()], ""),
+    )
+    .await;
+    assert_eq!(r.status, 421, "{}", r.text());
+    // HTTP/1.0 without a Host.
+    let r = raw(http, "GET /api/v1/vms HTTP/1.0\r\n\r\n").await;
+    assert_eq!(r.status, 421, "{}", r.text());
+    assert!(r.json()["error"]
+        .as_str()
+        .is_some_and(|e| e.contains("no Host")));
+
+    // IP addresses and localhost are answered, with or without a port.
+    let port = http.port();
+    for host in [
+        http.to_string(),
+        "127.0.0.1".to_string(),
+        format!("localhost:{port}"),
+        "LOCALHOST".to_string(),
+        format!("[::1]:{port}"),
+    ] {
+        let r = raw(http, &handmade("GET", "/api/v1/vms", &host, &[], "")).await;
+        assert_eq!(r.status, 200, "Host {host}: {}", r.text());
+    }
+    let r = raw(http, &handmade("GET", &log, "127.0.0.1", &[], "")).await;
+    assert_ne!(r.status, 421, "{}", r.text());
+
+    // --http-host names a name of the server's own: then it is answered.
+    let (_d2, http2) = daemon(&["--http-host", "rebind.attacker.example,other.example"]);
+    let evil2 = format!("rebind.attacker.example:{}", http2.port());
+    let r = raw(http2, &handmade("GET", "/api/v1/vms", &evil2, &[], "")).await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    let r = raw(http2, &handmade("GET", "/", "Other.Example", &[], "")).await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    let r = raw(http2, &handmade("GET", "/", "third.example", &[], "")).await;
+    assert_eq!(r.status, 421, "{}", r.text());
+}
 
 /// Token files: a `#` inside a token is part of it (the review's
 /// `a#verylongsecret rw name=ops` was the token `a`), a token shorter

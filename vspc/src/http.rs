@@ -23,6 +23,10 @@
 //! Listening beyond loopback without a token file is refused at start-up
 //! ([`check_exposure`]). The HTTP code never opens files: transcripts come
 //! from the backends ([`crate::backend_host::Backends::console_log`]).
+//!
+//! In front of every route ([`guard`]): a request whose `Host` is not an IP
+//! address, `localhost` or an `--http-host` name gets 421 (DNS
+//! rebinding, [`host_allowed`]).
 
 use crate::hub::{Hub, VmStatus};
 use crate::metrics::Listener as Which;
@@ -254,6 +258,9 @@ pub struct HttpConfig {
     /// start-up. The default port is best effort, so that several vspc
     /// instances on one host (which never had an HTTP port) still start.
     pub required: bool,
+    /// `--http-host`: names requests may carry in `Host` besides IP
+    /// addresses and `localhost` (lowercase, no trailing dot).
+    pub hosts: Vec<String>,
 }
 
 /// The routes' shared state.
@@ -263,6 +270,8 @@ struct App {
     hub: Arc<Hub>,
     /// `None`: no token needed.
     tokens: Option<Arc<Tokens>>,
+    /// `--http-host` names (see [`host_allowed`]).
+    hosts: Arc<[String]>,
 }
 
 /// An error answer: `{"error": "..."}` with its status.
@@ -270,9 +279,14 @@ fn error(status: StatusCode, msg: impl Into<String>) -> Response {
     (status, Json(json!({ "error": msg.into() }))).into_response()
 }
 
-/// The routes, with the token check in front of them.
-pub fn router(hub: Arc<Hub>, tokens: Option<Arc<Tokens>>) -> Router {
-    let app = App { hub, tokens };
+/// The routes, with the token check in front of them, and the Host and
+/// cross-site checks ([`guard`]) in front of everything.
+pub fn router(hub: Arc<Hub>, tokens: Option<Arc<Tokens>>, hosts: &[String]) -> Router {
+    let app = App {
+        hub,
+        tokens,
+        hosts: hosts.into(),
+    };
     Router::new()
         .route("/healthz", get(healthz))
         .route("/metrics", get(metrics))
@@ -292,7 +306,90 @@ pub fn router(hub: Arc<Hub>, tokens: Option<Arc<Tokens>>) -> Router {
             )
         })
         .layer(middleware::from_fn_with_state(app.clone(), authorize))
+        .layer(middleware::from_fn_with_state(app.clone(), guard))
         .with_state(app)
+}
+
+/// Whether `value` (a `Host` header, or the authority of an absolute
+/// request target) names this server: an IP address (`192.0.2.1`,
+/// `[2001:db8::1]`), `localhost`, or one of the `--http-host` names, each
+/// with or without a port. Any other name may be a DNS-rebinding attack: a
+/// name of the attacker's, made to resolve to this host, so that a page of
+/// the attacker's counts as this server's own (same origin).
+pub fn host_allowed(value: &str, names: &[String]) -> bool {
+    let port_ok = |p: &str| !p.is_empty() && p.len() <= 5 && p.parse::<u16>().is_ok();
+    let value = value.trim();
+    if let Some(rest) = value.strip_prefix('[') {
+        let Some((ip, after)) = rest.split_once(']') else {
+            return false;
+        };
+        let after_ok = after.is_empty() || after.strip_prefix(':').is_some_and(port_ok);
+        return after_ok && ip.parse::<std::net::Ipv6Addr>().is_ok();
+    }
+    let name = match value.split_once(':') {
+        Some((name, port)) if port_ok(port) => name,
+        Some(_) => return false,
+        None => value,
+    };
+    if name.parse::<std::net::Ipv4Addr>().is_ok() {
+        return true;
+    }
+    let name = name.strip_suffix('.').unwrap_or(name).to_ascii_lowercase();
+    !name.is_empty() && (name == "localhost" || names.contains(&name))
+}
+
+/// The host a request is for, if this server answers it; else why not,
+/// naming the host and the flag that would allow it (for the 421).
+fn checked_host(req: &Request, names: &[String]) -> Result<String, String> {
+    let mut hosts = req.headers().get_all(header::HOST).iter();
+    let header = hosts.next();
+    if hosts.next().is_some() {
+        return Err("the request has more than one Host header".into());
+    }
+    let header = match header.map(|h| h.to_str()) {
+        None => None,
+        Some(Ok(h)) => Some(h.trim().to_string()),
+        Some(Err(_)) => return Err("the request's Host header is not readable text".into()),
+    };
+    let target = req.uri().authority().map(|a| a.as_str().to_string());
+    let Some(host) = target.clone().or(header.clone()) else {
+        return Err(
+            "the request has no Host header (HTTP/1.0 without Host is not answered): \
+             send Host: ADDRESS:PORT"
+                .into(),
+        );
+    };
+    for h in [target, header].into_iter().flatten() {
+        if !host_allowed(&h, names) {
+            let name = match h.rsplit_once(':') {
+                Some((n, p))
+                    if !p.is_empty()
+                        && p.bytes().all(|b| b.is_ascii_digit())
+                        && (n.ends_with(']') || !n.contains(':')) =>
+                {
+                    n
+                }
+                _ => h.as_str(),
+            };
+            return Err(format!(
+                "this server does not answer for the host {h:?}: it answers requests for its IP \
+                 addresses, localhost and the names given with --http-host (a guard against DNS \
+                 rebinding); if {name:?} is a name of this server, start vspc with \
+                 --http-host {name} (http-host in the config file)"
+            ));
+        }
+    }
+    Ok(host)
+}
+
+/// In front of every route, before the token check: answer only requests
+/// for this server's own names ([`checked_host`], 421).
+async fn guard(State(app): State<App>, req: Request, next: Next) -> Response {
+    if let Err(why) = checked_host(&req, &app.hosts) {
+        tracing::debug!("HTTP request refused (421): {why}");
+        return error(StatusCode::MISDIRECTED_REQUEST, why);
+    }
+    next.run(req).await
 }
 
 /// `?token=` in an address.
@@ -659,7 +756,7 @@ impl axum::serve::Listener for Tls {
 /// Serve the API on `listener` (bound by the caller) until the process
 /// stops.
 pub async fn serve(listener: TcpListener, hub: Arc<Hub>, cfg: HttpConfig) {
-    let app = router(hub.clone(), cfg.tokens.clone());
+    let app = router(hub.clone(), cfg.tokens.clone(), &cfg.hosts);
     let plain = Plain {
         inner: listener,
         hub,
@@ -785,6 +882,46 @@ mod tests {
     }
 
     #[test]
+    fn hosts_this_server_answers_for() {
+        let names = vec!["vspc.example.com".to_string()];
+        for ok in [
+            "127.0.0.1",
+            "127.0.0.1:13372",
+            "10.1.2.3:80",
+            "[::1]",
+            "[::1]:13372",
+            "[2001:db8::1]:8080",
+            "localhost",
+            "LocalHost:13372",
+            "localhost.:1",
+            "vspc.example.com",
+            "VSPC.example.com.:443",
+        ] {
+            assert!(host_allowed(ok, &names), "{ok} should be answered");
+        }
+        for bad in [
+            "",
+            ":80",
+            "rebind.attacker.example",
+            "rebind.attacker.example:13372",
+            "localhost.attacker.example",
+            "127.0.0.1.nip.io",
+            "2130706433",
+            "::1",
+            "[::1",
+            "[::1]x",
+            "[::1]:",
+            "[evil]:80",
+            "127.0.0.1:99999",
+            "127.0.0.1:80:80",
+            "localhost:http",
+            "example.com",
+        ] {
+            assert!(!host_allowed(bad, &names), "{bad:?} should be refused");
+        }
+    }
+
+    #[test]
     fn only_loopback_goes_without_tokens() {
         assert!(check_exposure("127.0.0.1".parse().expect("ip"), false).is_ok());
         assert!(check_exposure("::1".parse().expect("ip"), false).is_ok());
@@ -843,6 +980,7 @@ mod tests {
             tls: None,
             handshake_timeout: Duration::from_secs(1),
             required: true,
+            hosts: Vec::new(),
         };
         tokio::spawn(serve(listener, hub.clone(), cfg));
 
@@ -930,6 +1068,31 @@ mod tests {
         let c = Config::from_argv(argv(&["vspc", "--no-http"])).expect("--no-http");
         assert!(c.no_http);
 
+        let c = Config::from_argv(argv(&["vspc"])).expect("defaults");
+        assert!(c.http_host.is_empty());
+        std::fs::write(
+            &path,
+            "http_host = [\"Vspc.Example.com.\", \"b.example\"]\n",
+        )
+        .expect("write");
+        let c = Config::from_argv(argv(&[
+            "vspc",
+            "--config",
+            &file,
+            "--http-host",
+            "c.example",
+        ]))
+        .expect("config file");
+        assert_eq!(c.http_host, ["vspc.example.com", "b.example", "c.example"]);
+        for bad in ["a b", "x.example:80", "x-.example", "a..b"] {
+            let e = Config::from_argv(argv(&["vspc", "--http-host", bad]))
+                .expect_err(bad)
+                .to_string();
+            assert!(
+                e.contains("--http-host") && e.contains("host name"),
+                "{bad}: {e}"
+            );
+        }
         assert!(Config::from_argv(argv(&["vspc", "--http-key", "k.pem"])).is_err());
     }
 

@@ -169,6 +169,7 @@ fn http_config(cfg: &Config) -> Result<Option<vspc::http::HttpConfig>, String> {
         tls,
         handshake_timeout: cfg.handshake_timeout,
         required: cfg.http_port.is_some(),
+        hosts: cfg.http_host.clone(),
     }))
 }
 
