@@ -784,6 +784,101 @@ async fn requests_for_a_foreign_host_get_421_whatever_the_route() {
     assert_eq!(r.status, 421, "{}", r.text());
 }
 
+/// A web page may POST a form anywhere (no CORS preflight): without a
+/// token file, `POST .../clear` from another site cleared the consoles. A
+/// request that changes state is refused (403) when its Origin is another
+/// site, or when it carries a form's content type without `X-Vspc: 1`;
+/// curl's POST (no Origin, no content type) still works.
+#[tokio::test]
+async fn cross_site_posts_are_refused_and_curl_still_clears() {
+    let (d, http) = daemon(&[]);
+    let id = Identity::numbered(7501);
+    let (vm, port) = vm_up(&d, &id).await;
+    let console = console_synced(&vm, &d, port).await;
+    let clear = format!("/api/v1/vms/{}/clear", id.name);
+    let host = http.to_string();
+    let own = format!("Origin: http://{host}");
+    let refused: Vec<(Vec<&str>, &str, &str)> = vec![
+        (
+            vec![
+                "Origin: http://evil.example",
+                "Content-Type: application/x-www-form-urlencoded",
+            ],
+            "x=1",
+            "evil.example",
+        ),
+        (vec!["Origin: http://evil.example"], "", "evil.example"),
+        (vec!["Origin: null"], "", "null"),
+        (
+            vec!["Origin: http://evil.example", "X-Vspc: 1"],
+            "",
+            "evil.example",
+        ),
+        (
+            vec!["Content-Type: application/x-www-form-urlencoded"],
+            "x=1",
+            "application/x-www-form-urlencoded",
+        ),
+        (
+            vec![own.as_str(), "Content-Type: text/plain;charset=UTF-8"],
+            "x",
+            "text/plain",
+        ),
+        (
+            vec!["Content-Type: multipart/form-data; boundary=b"],
+            "--b--\r\n",
+            "multipart/form-data",
+        ),
+    ];
+    for (extra, body, named) in &refused {
+        let r = raw(http, &handmade("POST", &clear, &host, extra, body)).await;
+        assert_eq!(r.status, 403, "{extra:?}: {}", r.text());
+        let e = r.json()["error"].as_str().unwrap_or("").to_string();
+        assert!(e.contains(named), "{extra:?}: {e}");
+    }
+    let row = request(http, "GET", &format!("/api/v1/vms/{}", id.name), None).await;
+    assert_eq!(
+        row.json()["consoles"],
+        1,
+        "a refused POST cleared the console"
+    );
+
+    // Allowed: the form type with X-Vspc: 1, this server's own Origin, curl.
+    let r = raw(
+        http,
+        &handmade(
+            "POST",
+            &clear,
+            &host,
+            &[
+                "Content-Type: application/x-www-form-urlencoded",
+                "X-Vspc: 1",
+            ],
+            "x=1",
+        ),
+    )
+    .await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.json()["cleared"], 1, "{}", r.text());
+    let (_, closed) = console.read_to_end(T).await;
+    assert!(closed, "the allowed clear did not disconnect the console");
+    let r = raw(
+        http,
+        &handmade(
+            "POST",
+            &clear,
+            &host,
+            &[own.as_str(), "Content-Type: application/json"],
+            "{}",
+        ),
+    )
+    .await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    let r = request(http, "POST", &clear, None).await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert!(r.json()["cleared"].is_u64(), "{}", r.text());
+}
+
 /// Token files: a `#` inside a token is part of it (the review's
 /// `a#verylongsecret rw name=ops` was the token `a`), a token shorter
 /// than 16 characters stops start-up naming the file and line, a

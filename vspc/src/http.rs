@@ -26,7 +26,9 @@
 //!
 //! In front of every route ([`guard`]): a request whose `Host` is not an IP
 //! address, `localhost` or an `--http-host` name gets 421 (DNS
-//! rebinding, [`host_allowed`]).
+//! rebinding, [`host_allowed`]); a request that changes state from
+//! another site's page, or with a form's content type, gets 403
+//! ([`cross_site`]).
 
 use crate::hub::{Hub, VmStatus};
 use crate::metrics::Listener as Which;
@@ -382,12 +384,63 @@ fn checked_host(req: &Request, names: &[String]) -> Result<String, String> {
     Ok(host)
 }
 
+/// Why a request that changes state (any method but GET, HEAD and
+/// OPTIONS) is refused as cross-site, if it is: an `Origin` that is not
+/// this server, or a body type an HTML form can send (which needs no CORS
+/// preflight) without `X-Vspc: 1` or `Authorization: Bearer`, which no
+/// form or simple request can carry.
+fn cross_site(req: &Request) -> Option<String> {
+    if matches!(*req.method(), Method::GET | Method::HEAD | Method::OPTIONS) {
+        return None;
+    }
+    let headers = req.headers();
+    if let Some(origin) = headers.get(header::ORIGIN) {
+        if !crate::web::same_origin(headers) {
+            return Some(format!(
+                "a page of another site (Origin {:?}) may not make this request; only this \
+                 server's own pages, or clients that send no Origin (curl), may",
+                String::from_utf8_lossy(origin.as_bytes())
+            ));
+        }
+    }
+    let kind = headers
+        .get(header::CONTENT_TYPE)
+        .map(|v| String::from_utf8_lossy(v.as_bytes()).to_ascii_lowercase())
+        .unwrap_or_default();
+    let kind = kind.split(';').next().unwrap_or("").trim().to_string();
+    let form = matches!(
+        kind.as_str(),
+        "application/x-www-form-urlencoded" | "multipart/form-data" | "text/plain"
+    );
+    let custom = headers
+        .get("x-vspc")
+        .is_some_and(|v| v.as_bytes().trim_ascii() == b"1");
+    let bearer = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().split_once(' '))
+        .is_some_and(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"));
+    if form && !custom && !bearer {
+        return Some(format!(
+            "a request that changes state may not have the content type {kind:?}, which any web \
+             page's form can send; send no Content-Type (as curl -X POST does), or add the \
+             header X-Vspc: 1"
+        ));
+    }
+    None
+}
+
 /// In front of every route, before the token check: answer only requests
-/// for this server's own names ([`checked_host`], 421).
+/// for this server's own names ([`checked_host`], 421), and refuse
+/// cross-site requests that change state ([`cross_site`], 403).
 async fn guard(State(app): State<App>, req: Request, next: Next) -> Response {
     if let Err(why) = checked_host(&req, &app.hosts) {
         tracing::debug!("HTTP request refused (421): {why}");
         return error(StatusCode::MISDIRECTED_REQUEST, why);
+    }
+    if let Some(why) = cross_site(&req) {
+        tracing::info!(path = %req.uri().path(), "cross-site HTTP request refused: {why}");
+        return error(StatusCode::FORBIDDEN, why);
     }
     next.run(req).await
 }

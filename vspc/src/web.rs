@@ -283,7 +283,7 @@ pub fn console(
 /// `Origin`: refuse one from another site, so that a web page cannot type
 /// into a console on a loopback daemon without a token file. Clients that
 /// are not browsers send no `Origin`.
-fn same_origin(headers: &HeaderMap) -> bool {
+pub(crate) fn same_origin(headers: &HeaderMap) -> bool {
     let Some(origin) = headers.get(header::ORIGIN) else {
         return true;
     };
