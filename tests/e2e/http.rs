@@ -879,6 +879,67 @@ async fn cross_site_posts_are_refused_and_curl_still_clears() {
     assert!(r.json()["cleared"].is_u64(), "{}", r.text());
 }
 
+/// Every answer says `X-Content-Type-Options: nosniff`; the pages and
+/// their scripts and styles may not be framed (`X-Frame-Options: DENY`,
+/// CSP `frame-ancestors 'none'`) and load nothing from elsewhere; the
+/// list page has no inline script (the policy would block it).
+#[tokio::test]
+async fn every_answer_carries_the_security_headers() {
+    let (d, http) = daemon(&[]);
+    let id = Identity::numbered(7502);
+    let (_vm, _port) = vm_up(&d, &id).await;
+    let framed = [
+        "/".to_string(),
+        format!("/vms/{}", id.name),
+        "/vms/no-such-vm".into(),
+        "/static/xterm.js".into(),
+        "/static/xterm.css".into(),
+        "/static/console.js".into(),
+        "/static/index.js".into(),
+        "/static/vspc.css".into(),
+    ];
+    for path in &framed {
+        let r = get(http, path).await;
+        assert_eq!(
+            r.header("x-content-type-options"),
+            Some("nosniff"),
+            "{path}"
+        );
+        assert_eq!(r.header("x-frame-options"), Some("DENY"), "{path}");
+        let csp = r.header("content-security-policy").unwrap_or("");
+        for part in [
+            "default-src 'self'",
+            "frame-ancestors 'none'",
+            "base-uri 'none'",
+            "form-action 'none'",
+            &format!("connect-src 'self' ws://{http} wss://{http}"),
+        ] {
+            assert!(csp.contains(part), "{path}: {part} missing from {csp:?}");
+        }
+        assert!(!csp.contains("script-src 'self' 'unsafe-inline'"), "{csp}");
+    }
+    for path in [
+        "/healthz",
+        "/metrics",
+        "/api/v1/vms",
+        "/nowhere",
+        "/api/v1/vms/nope",
+    ] {
+        let r = get(http, path).await;
+        assert_eq!(
+            r.header("x-content-type-options"),
+            Some("nosniff"),
+            "{path}"
+        );
+    }
+    let r = raw(http, &handmade("GET", "/", "evil.example", &[], "")).await;
+    assert_eq!(r.status, 421);
+    assert_eq!(r.header("x-content-type-options"), Some("nosniff"));
+    let html = get(http, "/").await.text();
+    assert!(html.contains("<script src=\"/static/index.js\">"), "{html}");
+    assert!(!html.contains("<script>"), "an inline script: {html}");
+}
+
 /// Token files: a `#` inside a token is part of it (the review's
 /// `a#verylongsecret rw name=ops` was the token `a`), a token shorter
 /// than 16 characters stops start-up naming the file and line, a

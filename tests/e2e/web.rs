@@ -763,6 +763,7 @@ async fn chromium_shows_the_output_and_types_to_the_vm() {
     let _vm = SimVm::connect(d.proxy, &id).await.expect("VM reconnects");
     said.wait_for("VMUP").await;
     said.wait_for("DONE").await;
+    said.assert_no_csp_violation();
     assert!(
         driver.wait_exit(T),
         "the browser driver did not exit after DONE"

@@ -28,7 +28,8 @@
 //! address, `localhost` or an `--http-host` name gets 421 (DNS
 //! rebinding, [`host_allowed`]); a request that changes state from
 //! another site's page, or with a form's content type, gets 403
-//! ([`cross_site`]).
+//! ([`cross_site`]); every answer carries `nosniff`, `X-Frame-Options` and a
+//! Content-Security-Policy.
 
 use crate::hub::{Hub, VmStatus};
 use crate::metrics::Listener as Which;
@@ -430,19 +431,52 @@ fn cross_site(req: &Request) -> Option<String> {
     None
 }
 
-/// In front of every route, before the token check: answer only requests
-/// for this server's own names ([`checked_host`], 421), and refuse
-/// cross-site requests that change state ([`cross_site`], 403).
-async fn guard(State(app): State<App>, req: Request, next: Next) -> Response {
-    if let Err(why) = checked_host(&req, &app.hosts) {
-        tracing::debug!("HTTP request refused (421): {why}");
-        return error(StatusCode::MISDIRECTED_REQUEST, why);
+/// The Content-Security-Policy of every answer: nothing from elsewhere,
+/// no framing, no inline script; inline styles for xterm.js (it sizes the
+/// terminal with `<style>` elements); the console's WebSocket on `host`.
+fn content_security_policy(host: Option<&str>) -> String {
+    let connect = host.map_or(String::new(), |h| format!(" ws://{h} wss://{h}"));
+    format!(
+        "default-src 'self'; script-src 'self'; style-src 'self' 'unsafe-inline'; \
+         connect-src 'self'{connect}; frame-ancestors 'none'; base-uri 'none'; \
+         form-action 'none'"
+    )
+}
+
+/// The headers every answer carries: no content sniffing, no framing
+/// (clickjacking), and the [`content_security_policy`].
+fn secure_headers(mut r: Response, host: Option<&str>) -> Response {
+    let h = r.headers_mut();
+    h.insert(
+        header::X_CONTENT_TYPE_OPTIONS,
+        HeaderValue::from_static("nosniff"),
+    );
+    h.insert(header::X_FRAME_OPTIONS, HeaderValue::from_static("DENY"));
+    let csp = HeaderValue::from_str(&content_security_policy(host))
+        .or_else(|_| HeaderValue::from_str(&content_security_policy(None)));
+    if let Ok(csp) = csp {
+        h.insert(header::CONTENT_SECURITY_POLICY, csp);
     }
+    r
+}
+
+/// In front of every route, before the token check: answer only requests
+/// for this server's own names ([`checked_host`], 421), refuse cross-site
+/// requests that change state ([`cross_site`], 403), and add
+/// [`secure_headers`] to every answer.
+async fn guard(State(app): State<App>, req: Request, next: Next) -> Response {
+    let host = match checked_host(&req, &app.hosts) {
+        Ok(h) => h.to_ascii_lowercase(),
+        Err(why) => {
+            tracing::debug!("HTTP request refused (421): {why}");
+            return secure_headers(error(StatusCode::MISDIRECTED_REQUEST, why), None);
+        }
+    };
     if let Some(why) = cross_site(&req) {
         tracing::info!(path = %req.uri().path(), "cross-site HTTP request refused: {why}");
-        return error(StatusCode::FORBIDDEN, why);
+        return secure_headers(error(StatusCode::FORBIDDEN, why), Some(&host));
     }
-    next.run(req).await
+    secure_headers(next.run(req).await, Some(&host))
 }
 
 /// `?token=` in an address.
@@ -972,6 +1006,17 @@ mod tests {
         ] {
             assert!(!host_allowed(bad, &names), "{bad:?} should be refused");
         }
+    }
+
+    #[test]
+    fn the_security_policy_names_the_websocket() {
+        let p = content_security_policy(Some("127.0.0.1:13372"));
+        assert!(p.contains("frame-ancestors 'none'"), "{p}");
+        assert!(
+            p.contains("connect-src 'self' ws://127.0.0.1:13372 wss://127.0.0.1:13372"),
+            "{p}"
+        );
+        assert!(!p.contains("script-src 'self' 'unsafe-inline'"), "{p}");
     }
 
     #[test]
