@@ -940,6 +940,89 @@ async fn every_answer_carries_the_security_headers() {
     assert!(!html.contains("<script>"), "an inline script: {html}");
 }
 
+/// `/console_log` answers hold up to 16 MiB each until sent: only 4 at
+/// once; a fifth gets 503 with Retry-After, and the slots come back when
+/// the answers are done.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn console_log_answers_four_at_once_and_503_past_that() {
+    let logs = tempfile::tempdir().expect("tempdir");
+    let (d, http) = daemon(&[
+        "--backend",
+        "Logging",
+        "-l",
+        &logs.path().display().to_string(),
+    ]);
+    let id = Identity::numbered(7503);
+    let (vm, _port) = vm_up(&d, &id).await;
+    // More than the socket buffers of a client that reads nothing hold.
+    let size = 12 << 20;
+    let out = XorShift::new(7503).bytes(size);
+    for chunk in out.chunks(256 * 1024) {
+        vm.send(chunk).await.expect("VM output");
+    }
+    let transcript = logs.path().join(format!("{}.log", id.name));
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while std::fs::metadata(&transcript).map_or(0, |m| m.len()) < size as u64 {
+        assert!(
+            Instant::now() < deadline,
+            "the transcript never held the output"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let path = format!("/console_log/{}?bytes=16777216", hex32(&id));
+    let ask = handmade("GET", &path, &http.to_string(), &[], "");
+    // Four clients that read the status line, then nothing more.
+    let mut stuck = Vec::new();
+    for _ in 0..4 {
+        let socket = tokio::net::TcpSocket::new_v4().expect("socket");
+        socket.set_recv_buffer_size(4096).expect("SO_RCVBUF");
+        let mut s = socket.connect(http).await.expect("connect");
+        s.write_all(ask.as_bytes()).await.expect("send");
+        let mut first = [0u8; 12];
+        tokio::time::timeout(Duration::from_secs(20), s.read_exact(&mut first))
+            .await
+            .expect("no answer")
+            .expect("read");
+        assert_eq!(
+            &first,
+            b"HTTP/1.1 200",
+            "{:?}",
+            String::from_utf8_lossy(&first)
+        );
+        stuck.push(s);
+    }
+    let r = raw(http, &ask).await;
+    assert_eq!(r.status, 503, "{}", r.text());
+    assert_eq!(r.header("retry-after"), Some("1"));
+    assert!(r.json()["error"]
+        .as_str()
+        .is_some_and(|e| e.contains("console_log")));
+    // Other routes are not held up.
+    assert_eq!(get(http, "/healthz").await.status, 200);
+    drop(stuck);
+    let deadline = Instant::now() + T;
+    loop {
+        let r = raw(
+            http,
+            &handmade(
+                "GET",
+                &format!("/console_log/{}?bytes=10", hex32(&id)),
+                &http.to_string(),
+                &[],
+                "",
+            ),
+        )
+        .await;
+        if r.status == 200 {
+            assert_eq!(r.body, out[size - 10..]);
+            break;
+        }
+        assert_eq!(r.status, 503, "{}", r.text());
+        assert!(Instant::now() < deadline, "the slots never came back");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 /// Token files: a `#` inside a token is part of it (the review's
 /// `a#verylongsecret rw name=ops` was the token `a`), a token shorter
 /// than 16 characters stops start-up naming the file and line, a

@@ -29,7 +29,8 @@
 //! rebinding, [`host_allowed`]); a request that changes state from
 //! another site's page, or with a form's content type, gets 403
 //! ([`cross_site`]); every answer carries `nosniff`, `X-Frame-Options` and a
-//! Content-Security-Policy.
+//! Content-Security-Policy. At most [`MAX_LOG_REQUESTS`] `/console_log`
+//! answers are in flight (503 past that).
 
 use crate::hub::{Hub, VmStatus};
 use crate::metrics::Listener as Which;
@@ -47,6 +48,7 @@ use std::path::Path as FsPath;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_rustls::TlsAcceptor;
 
 /// The HTTP port when `--http-port` is not given.
@@ -275,7 +277,17 @@ struct App {
     tokens: Option<Arc<Tokens>>,
     /// `--http-host` names (see [`host_allowed`]).
     hosts: Arc<[String]>,
+    /// `/console_log` requests being answered, at most
+    /// [`MAX_LOG_REQUESTS`]: each may hold [`MAX_LOG_BYTES`] until its
+    /// answer is sent.
+    log_slots: Arc<Semaphore>,
 }
+
+/// `/console_log` requests answered at once; more get 503.
+pub const MAX_LOG_REQUESTS: usize = 4;
+
+/// `/console_log` answers go out in pieces of this size.
+const LOG_CHUNK: usize = 64 * 1024;
 
 /// An error answer: `{"error": "..."}` with its status.
 fn error(status: StatusCode, msg: impl Into<String>) -> Response {
@@ -289,6 +301,7 @@ pub fn router(hub: Arc<Hub>, tokens: Option<Arc<Tokens>>, hosts: &[String]) -> R
         hub,
         tokens,
         hosts: hosts.into(),
+        log_slots: Arc::new(Semaphore::new(MAX_LOG_REQUESTS)),
     };
     Router::new()
         .route("/healthz", get(healthz))
@@ -657,6 +670,20 @@ async fn console_log(
     Path(uuid): Path<String>,
     Query(q): Query<LogQuery>,
 ) -> Response {
+    // Each answer may hold MAX_LOG_BYTES, read on a backend's thread: only
+    // a few at once, each slot held until its answer is sent.
+    let Ok(slot) = app.log_slots.clone().try_acquire_owned() else {
+        let mut r = error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!(
+                "{MAX_LOG_REQUESTS} /console_log requests are being answered already; \
+                 try again in a moment"
+            ),
+        );
+        r.headers_mut()
+            .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+        return r;
+    };
     let max = match q.bytes.as_deref().map(str::parse::<usize>) {
         None => DEFAULT_LOG_BYTES,
         Some(Ok(n)) if n > 0 => n.min(MAX_LOG_BYTES),
@@ -671,7 +698,14 @@ async fn console_log(
         return unknown_vm(&uuid);
     };
     match app.hub.backend().console_log(vm.record(), max).await {
-        Some(log) => ([(header::CONTENT_TYPE, "application/octet-stream")], log).into_response(),
+        Some(log) => (
+            [(header::CONTENT_TYPE, "application/octet-stream")],
+            axum::body::Body::new(LogBody {
+                rest: bytes::Bytes::from(log),
+                _slot: slot,
+            }),
+        )
+            .into_response(),
         None => error(
             StatusCode::NOT_FOUND,
             format!(
@@ -679,6 +713,39 @@ async fn console_log(
                 vm.name()
             ),
         ),
+    }
+}
+
+/// A `/console_log` answer: sent in [`LOG_CHUNK`] pieces, holding its
+/// slot (of [`MAX_LOG_REQUESTS`]) until the last piece is taken or the
+/// client goes.
+struct LogBody {
+    rest: bytes::Bytes,
+    _slot: OwnedSemaphorePermit,
+}
+
+impl http_body::Body for LogBody {
+    type Data = bytes::Bytes;
+    type Error = std::convert::Infallible;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        _cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<bytes::Bytes>, Self::Error>>> {
+        if self.rest.is_empty() {
+            return std::task::Poll::Ready(None);
+        }
+        let n = self.rest.len().min(LOG_CHUNK);
+        let piece = self.rest.split_to(n);
+        std::task::Poll::Ready(Some(Ok(http_body::Frame::data(piece))))
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.rest.is_empty()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        http_body::SizeHint::with_exact(self.rest.len() as u64)
     }
 }
 
