@@ -1023,6 +1023,79 @@ async fn console_log_answers_four_at_once_and_503_past_that() {
     }
 }
 
+/// A client that sends half a header is disconnected after
+/// `--http-header-timeout` (it was served after 70 s before), and never
+/// answered.
+#[tokio::test]
+async fn a_half_sent_header_is_cut_off_after_the_header_timeout() {
+    let (_d, http) = daemon(&["--http-header-timeout", "1"]);
+    let mut s = TcpStream::connect(http).await.expect("connect");
+    let started = Instant::now();
+    s.write_all(format!("GET /healthz HTTP/1.1\r\nHost: {http}\r\nX-Slow: ").as_bytes())
+        .await
+        .expect("send half a header");
+    let mut got = Vec::new();
+    let read = tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut got)).await;
+    let took = started.elapsed();
+    assert!(read.is_ok(), "the connection was still open after {took:?}");
+    assert!(
+        took >= Duration::from_millis(900),
+        "closed too early: {took:?}"
+    );
+    assert!(got.is_empty(), "{:?}", String::from_utf8_lossy(&got));
+    // Finishing the header now gets nothing.
+    let _ = s.write_all(b"x\r\n\r\n").await;
+    let mut more = Vec::new();
+    let _ = tokio::time::timeout(T, s.read_to_end(&mut more)).await;
+    assert!(!String::from_utf8_lossy(&more).contains("200"), "{more:?}");
+    // A whole request in time is answered.
+    assert_eq!(get(http, "/healthz").await.status, 200);
+}
+
+/// `--http-max-connections`: past it a new connection is closed at once
+/// (no answer) and counted; a closed connection frees its place.
+#[tokio::test]
+async fn connections_past_the_cap_are_closed_and_counted() {
+    let (_d, http) = daemon(&["--http-max-connections", "3"]);
+    // Three idle connections hold every place (the daemon has taken them
+    // once a request on a fourth is refused).
+    let mut idle = Vec::new();
+    for _ in 0..3 {
+        idle.push(TcpStream::connect(http).await.expect("connect"));
+    }
+    let ask = handmade("GET", "/healthz", &http.to_string(), &[], "");
+    let s = TcpStream::connect(http).await.expect("the kernel accepts");
+    let refused = send_raw(s, &ask).await;
+    assert!(
+        refused.is_err(),
+        "a fourth connection was served: {}",
+        refused.map(|r| r.status).unwrap_or(0)
+    );
+    // One goes: its place is free again.
+    drop(idle.pop());
+    let deadline = Instant::now() + T;
+    let metrics = loop {
+        let s = TcpStream::connect(http).await.expect("connect");
+        match send_raw(s, &handmade("GET", "/metrics", &http.to_string(), &[], "")).await {
+            Ok(r) if r.status == 200 => break r.text(),
+            other => {
+                assert!(
+                    Instant::now() < deadline,
+                    "no place came free: {:?}",
+                    other.map(|r| r.status)
+                );
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    };
+    let s = Scrape::parse(metrics.lines().map(|l| Ok(l.to_string()))).expect("parse");
+    assert!(
+        value(&s, "vspc_http_connections_refused_total", &[]) >= Some(1.0),
+        "{metrics}"
+    );
+    drop(idle);
+}
+
 /// Token files: a `#` inside a token is part of it (the review's
 /// `a#verylongsecret rw name=ops` was the token `a`), a token shorter
 /// than 16 characters stops start-up naming the file and line, a

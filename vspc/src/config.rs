@@ -217,6 +217,17 @@ pub struct Config {
     #[arg(long, value_name = "NAME", value_delimiter = ',', action = clap::ArgAction::Append, value_parser = parse_host_name)]
     pub http_host: Vec<String>,
 
+    /// Seconds an HTTP client has to send a request's header (the first
+    /// one, and each next one on a kept-alive connection); then the
+    /// connection is closed.
+    #[arg(long, default_value = "10", value_name = "SECONDS", value_parser = parse_duration)]
+    pub http_header_timeout: Duration,
+
+    /// Most HTTP connections open at once (browser consoles included);
+    /// past it a new connection is closed at once, and counted.
+    #[arg(long, default_value_t = 1024, value_name = "N", value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
+    pub http_max_connections: u32,
+
     /// Port of the SSH front door (`ssh -p PORT VM@host`); off unless
     /// given.
     #[arg(long, value_name = "PORT")]

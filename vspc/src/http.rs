@@ -29,8 +29,10 @@
 //! rebinding, [`host_allowed`]); a request that changes state from
 //! another site's page, or with a form's content type, gets 403
 //! ([`cross_site`]); every answer carries `nosniff`, `X-Frame-Options` and a
-//! Content-Security-Policy. At most [`MAX_LOG_REQUESTS`] `/console_log`
-//! answers are in flight (503 past that).
+//! Content-Security-Policy. Connections are served by hyper directly
+//! ([`serve`]): a header-read timeout, and at most `--http-max-connections`
+//! at once. At most [`MAX_LOG_REQUESTS`] `/console_log` answers are in
+//! flight (503 past that).
 
 use crate::hub::{Hub, VmStatus};
 use crate::metrics::Listener as Which;
@@ -42,12 +44,16 @@ use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
+use hyper::body::Incoming;
+use hyper::server::conn::http1::Builder as Http1;
+use hyper_util::rt::{TokioIo, TokioTimer};
 use serde_json::{json, Value};
 use std::net::{IpAddr, SocketAddr};
 use std::path::Path as FsPath;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::net::TcpListener;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_rustls::TlsAcceptor;
 
@@ -266,6 +272,11 @@ pub struct HttpConfig {
     /// `--http-host`: names requests may carry in `Host` besides IP
     /// addresses and `localhost` (lowercase, no trailing dot).
     pub hosts: Vec<String>,
+    /// `--http-header-timeout`: time a client has to send a request's
+    /// header.
+    pub header_timeout: Duration,
+    /// `--http-max-connections`: connections open at once, at most.
+    pub max_connections: usize,
 }
 
 /// The routes' shared state.
@@ -518,22 +529,10 @@ fn presented_token(req: &Request) -> Option<String> {
     })
 }
 
-/// The client's address as the listeners ([`Plain`], [`Tls`]) report
-/// it, handed to the routes as connection info.
+/// The client's address as the listener reports it, handed to the routes
+/// as connection info.
 #[derive(Debug, Clone, Copy)]
 struct PeerAddr(SocketAddr);
-
-impl axum::extract::connect_info::Connected<axum::serve::IncomingStream<'_, Plain>> for PeerAddr {
-    fn connect_info(stream: axum::serve::IncomingStream<'_, Plain>) -> PeerAddr {
-        PeerAddr(*stream.remote_addr())
-    }
-}
-
-impl axum::extract::connect_info::Connected<axum::serve::IncomingStream<'_, Tls>> for PeerAddr {
-    fn connect_info(stream: axum::serve::IncomingStream<'_, Tls>) -> PeerAddr {
-        PeerAddr(*stream.remote_addr())
-    }
-}
 
 /// Who made a request, for the audit lines of browser consoles.
 #[derive(Debug, Clone, Default)]
@@ -814,119 +813,147 @@ pub fn rfc3339(t: SystemTime) -> String {
     )
 }
 
-/// The plain TCP listener, counting accepts and accept errors.
-struct Plain {
-    /// The bound HTTP port.
-    inner: TcpListener,
-    /// Whose metrics count the accepts.
-    hub: Arc<Hub>,
-    /// When an accept error was last logged (at most once a second).
-    last_warn: Option<Instant>,
+/// A connection's stream, holding its place among the
+/// `--http-max-connections` for as long as it lives: through the TLS
+/// handshake, the requests, and a WebSocket it is upgraded to.
+struct Held<S> {
+    io: S,
+    _slot: OwnedSemaphorePermit,
 }
 
-impl axum::serve::Listener for Plain {
-    type Io = TcpStream;
-    type Addr = SocketAddr;
-
-    async fn accept(&mut self) -> (TcpStream, SocketAddr) {
-        loop {
-            match self.inner.accept().await {
-                Ok(conn) => {
-                    self.hub.metrics().accepted(Which::Http);
-                    return conn;
-                }
-                Err(e) => {
-                    self.hub.metrics().accept_error(Which::Http);
-                    let pause =
-                        crate::net::acceptor::accept_failed("HTTP port", &e, &mut self.last_warn);
-                    tokio::time::sleep(pause).await;
-                }
-            }
-        }
-    }
-
-    fn local_addr(&self) -> std::io::Result<SocketAddr> {
-        self.inner.local_addr()
+impl<S: AsyncRead + Unpin> AsyncRead for Held<S> {
+    fn poll_read(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.get_mut().io).poll_read(cx, buf)
     }
 }
 
-/// The TLS listener: handshakes run in tasks of their own (a slow client
-/// never holds up the next), finished streams come through a channel.
-struct Tls {
-    /// Connections whose handshake finished, from the accepting task.
-    rx: tokio::sync::mpsc::Receiver<(tokio_rustls::server::TlsStream<TcpStream>, SocketAddr)>,
-    /// The listener's own address.
-    addr: SocketAddr,
-}
+impl<S: AsyncWrite + Unpin> AsyncWrite for Held<S> {
+    fn poll_write(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        std::pin::Pin::new(&mut self.get_mut().io).poll_write(cx, buf)
+    }
 
-impl Tls {
-    fn start(plain: Plain, acceptor: TlsAcceptor, limit: Duration) -> std::io::Result<Tls> {
-        let addr = plain.inner.local_addr()?;
-        let (tx, rx) = tokio::sync::mpsc::channel(64);
-        let hub = plain.hub.clone();
-        let mut plain = plain;
-        tokio::spawn(async move {
-            loop {
-                let (tcp, peer) = axum::serve::Listener::accept(&mut plain).await;
-                let (tx, acceptor, hub) = (tx.clone(), acceptor.clone(), hub.clone());
-                tokio::spawn(async move {
-                    match tokio::time::timeout(limit, acceptor.accept(tcp)).await {
-                        Ok(Ok(tls)) => {
-                            let _ = tx.send((tls, peer)).await;
-                        }
-                        Ok(Err(e)) => {
-                            hub.metrics().tls_failure(Which::Http);
-                            tracing::debug!(%peer, "HTTP TLS handshake failed: {e}");
-                        }
-                        Err(_) => {
-                            hub.metrics().tls_failure(Which::Http);
-                            tracing::debug!(%peer, "HTTP TLS handshake timed out");
-                        }
-                    }
-                });
-            }
-        });
-        Ok(Tls { rx, addr })
+    fn poll_write_vectored(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        std::pin::Pin::new(&mut self.get_mut().io).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+
+    fn poll_flush(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.get_mut().io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.get_mut().io).poll_shutdown(cx)
     }
 }
 
-impl axum::serve::Listener for Tls {
-    type Io = tokio_rustls::server::TlsStream<TcpStream>;
-    type Addr = SocketAddr;
-
-    async fn accept(&mut self) -> (Self::Io, SocketAddr) {
-        match self.rx.recv().await {
-            Some(conn) => conn,
-            // The accepting task is gone (it never ends): accept nothing.
-            None => std::future::pending().await,
-        }
-    }
-
-    fn local_addr(&self) -> std::io::Result<SocketAddr> {
-        Ok(self.addr)
+/// Serve HTTP/1 on one connection (upgrades to WebSocket included), with
+/// the client's address handed to the routes.
+async fn serve_connection<S>(http1: Http1, app: Router, io: S, peer: SocketAddr)
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let routes = tower::ServiceExt::map_request(app, move |mut req: Request<Incoming>| {
+        req.extensions_mut().insert(ConnectInfo(PeerAddr(peer)));
+        req
+    });
+    let service = hyper_util::service::TowerToHyperService::new(routes);
+    let conn = http1
+        .serve_connection(TokioIo::new(io), service)
+        .with_upgrades();
+    if let Err(e) = conn.await {
+        // A header not sent in time, a client gone, a malformed request.
+        tracing::debug!(%peer, "HTTP connection ended: {e}");
     }
 }
 
 /// Serve the API on `listener` (bound by the caller) until the process
-/// stops.
+/// stops. Each connection is served by hyper in a task of its own (a TLS
+/// handshake first, within `handshake_timeout`); a client gets
+/// `header_timeout` to send each request's header, and at most
+/// `max_connections` are open at once (a connection past that is closed
+/// at once, and counted).
 pub async fn serve(listener: TcpListener, hub: Arc<Hub>, cfg: HttpConfig) {
     let app = router(hub.clone(), cfg.tokens.clone(), &cfg.hosts);
-    let plain = Plain {
-        inner: listener,
-        hub,
-        last_warn: None,
-    };
-    // The client's address reaches the handlers (for audit lines).
-    let app = app.into_make_service_with_connect_info::<PeerAddr>();
-    let result = match cfg.tls {
-        None => axum::serve(plain, app).await,
-        Some(acceptor) => match Tls::start(plain, acceptor, cfg.handshake_timeout) {
-            Ok(tls) => axum::serve(tls, app).await,
-            Err(e) => Err(e),
-        },
-    };
-    if let Err(e) = result {
-        tracing::error!("the HTTP listener stopped: {e}");
+    let slots = Arc::new(Semaphore::new(cfg.max_connections));
+    let mut http1 = Http1::new();
+    http1
+        .timer(TokioTimer::new())
+        .header_read_timeout(cfg.header_timeout);
+    let mut last_warn = None;
+    let mut last_full = None::<Instant>;
+    loop {
+        let (tcp, peer) = match listener.accept().await {
+            Ok(conn) => conn,
+            Err(e) => {
+                hub.metrics().accept_error(Which::Http);
+                let pause = crate::net::acceptor::accept_failed("HTTP port", &e, &mut last_warn);
+                tokio::time::sleep(pause).await;
+                continue;
+            }
+        };
+        hub.metrics().accepted(Which::Http);
+        let Ok(slot) = slots.clone().try_acquire_owned() else {
+            hub.metrics().http_refused();
+            if last_full.is_none_or(|t| t.elapsed() >= Duration::from_secs(1)) {
+                last_full = Some(Instant::now());
+                tracing::warn!(
+                    %peer,
+                    "HTTP connection closed at once: {} are open (--http-max-connections)",
+                    cfg.max_connections
+                );
+            }
+            drop(tcp);
+            continue;
+        };
+        let (app, http1, hub) = (app.clone(), http1.clone(), hub.clone());
+        let (tls, limit) = (cfg.tls.clone(), cfg.handshake_timeout);
+        tokio::spawn(async move {
+            let Some(acceptor) = tls else {
+                let io = Held {
+                    io: tcp,
+                    _slot: slot,
+                };
+                return serve_connection(http1, app, io, peer).await;
+            };
+            match tokio::time::timeout(limit, acceptor.accept(tcp)).await {
+                Ok(Ok(tls)) => {
+                    let io = Held {
+                        io: tls,
+                        _slot: slot,
+                    };
+                    serve_connection(http1, app, io, peer).await;
+                }
+                Ok(Err(e)) => {
+                    hub.metrics().tls_failure(Which::Http);
+                    tracing::debug!(%peer, "HTTP TLS handshake failed: {e}");
+                }
+                Err(_) => {
+                    hub.metrics().tls_failure(Which::Http);
+                    tracing::debug!(%peer, "HTTP TLS handshake timed out");
+                }
+            }
+        });
     }
 }
 
@@ -1098,7 +1125,7 @@ mod tests {
     /// One request over a fresh connection; (status, body).
     async fn ask(addr: SocketAddr, head: &str) -> (u16, String) {
         use tokio::io::{AsyncReadExt, AsyncWriteExt};
-        let mut s = TcpStream::connect(addr).await.expect("connect");
+        let mut s = tokio::net::TcpStream::connect(addr).await.expect("connect");
         let req =
             format!("{head}\r\nHost: {addr}\r\nConnection: close\r\nContent-Length: 0\r\n\r\n");
         s.write_all(req.as_bytes()).await.expect("write");
@@ -1146,6 +1173,8 @@ mod tests {
             handshake_timeout: Duration::from_secs(1),
             required: true,
             hosts: Vec::new(),
+            header_timeout: Duration::from_secs(10),
+            max_connections: 16,
         };
         tokio::spawn(serve(listener, hub.clone(), cfg));
 
@@ -1235,9 +1264,12 @@ mod tests {
 
         let c = Config::from_argv(argv(&["vspc"])).expect("defaults");
         assert!(c.http_host.is_empty());
+        assert_eq!(c.http_header_timeout, Duration::from_secs(10));
+        assert_eq!(c.http_max_connections, 1024);
         std::fs::write(
             &path,
-            "http_host = [\"Vspc.Example.com.\", \"b.example\"]\n",
+            "http_host = [\"Vspc.Example.com.\", \"b.example\"]\n\
+             http-header-timeout = 2\nhttp-max-connections = 8\n",
         )
         .expect("write");
         let c = Config::from_argv(argv(&[
@@ -1249,6 +1281,8 @@ mod tests {
         ]))
         .expect("config file");
         assert_eq!(c.http_host, ["vspc.example.com", "b.example", "c.example"]);
+        assert_eq!(c.http_header_timeout, Duration::from_secs(2));
+        assert_eq!(c.http_max_connections, 8);
         for bad in ["a b", "x.example:80", "x-.example", "a..b"] {
             let e = Config::from_argv(argv(&["vspc", "--http-host", bad]))
                 .expect_err(bad)
@@ -1258,6 +1292,8 @@ mod tests {
                 "{bad}: {e}"
             );
         }
+        assert!(Config::from_argv(argv(&["vspc", "--http-max-connections", "0"])).is_err());
+        assert!(Config::from_argv(argv(&["vspc", "--http-header-timeout", "0"])).is_err());
         assert!(Config::from_argv(argv(&["vspc", "--http-key", "k.pem"])).is_err());
     }
 
