@@ -211,7 +211,10 @@ fn common_fields(start: &str, end: &str, vm: &str, access: &str, user: &str) {
 async fn every_console_session_is_audited_in_the_log_and_the_backends() {
     let dir = tempfile::tempdir().expect("tempdir");
     let tokens = dir.path().join("tokens");
-    std::fs::write(&tokens, "ops-secret name=ops\nreader-secret ro\n").expect("tokens");
+    crate::http::write_token_file(
+        &tokens,
+        "ops-secret-0123456 name=ops\nreader-secret-0123 ro\n",
+    );
     let events = dir.path().join("events.jsonl");
     let jsonl = &crate::backends::plugins().jsonl;
     let http_port = free_port();
@@ -287,7 +290,7 @@ async fn every_console_session_is_audited_in_the_log_and_the_backends() {
     let mut req = path.into_client_request().expect("request");
     req.headers_mut().insert(
         "authorization",
-        HeaderValue::from_static("Bearer ops-secret"),
+        HeaderValue::from_static("Bearer ops-secret-0123456"),
     );
     let (mut ws, _) = tokio::time::timeout(T, tokio_tungstenite::connect_async(req))
         .await
@@ -311,7 +314,7 @@ async fn every_console_session_is_audited_in_the_log_and_the_backends() {
     let mut req = path.into_client_request().expect("request");
     req.headers_mut().insert(
         "authorization",
-        HeaderValue::from_static("Bearer reader-secret"),
+        HeaderValue::from_static("Bearer reader-secret-0123"),
     );
     let (mut ws, _) = tokio::time::timeout(T, tokio_tungstenite::connect_async(req))
         .await

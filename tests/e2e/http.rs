@@ -81,13 +81,7 @@ pub(crate) async fn request(
 }
 
 /// One request on a connected stream (TCP or TLS).
-async fn exchange<S>(
-    mut s: S,
-    addr: SocketAddr,
-    method: &str,
-    path: &str,
-    token: Option<&str>,
-) -> Resp
+async fn exchange<S>(s: S, addr: SocketAddr, method: &str, path: &str, token: Option<&str>) -> Resp
 where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
 {
@@ -99,28 +93,38 @@ where
         req.push_str("Content-Length: 0\r\n");
     }
     req.push_str("\r\n");
-    s.write_all(req.as_bytes()).await.expect("send request");
-    let mut raw = Vec::new();
-    match tokio::time::timeout(T, s.read_to_end(&mut raw))
+    send_raw(s, &req).await.unwrap_or_else(|e| panic!("{e}"))
+}
+
+/// Send `req` as it is (the whole request, header and body) on a
+/// connected stream and read the answer to the end; what went wrong if no
+/// answer came (the connection closed first, or nothing within [`T`]).
+pub(crate) async fn send_raw<S>(mut s: S, req: &str) -> Result<Resp, String>
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    s.write_all(req.as_bytes())
         .await
-        .expect("the answer took too long")
-    {
-        Ok(_) => {}
+        .map_err(|e| format!("send request: {e}"))?;
+    let mut raw = Vec::new();
+    match tokio::time::timeout(T, s.read_to_end(&mut raw)).await {
+        Err(_) => return Err(format!("the answer took more than {T:?}")),
+        Ok(Ok(_)) => {}
         // A TLS peer that closes without close_notify, after the answer.
-        Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof && !raw.is_empty() => {}
-        Err(e) => panic!("read answer: {e}"),
+        Ok(Err(e)) if e.kind() == std::io::ErrorKind::UnexpectedEof && !raw.is_empty() => {}
+        Ok(Err(e)) => return Err(format!("read answer: {e}")),
     }
     let split = raw
         .windows(4)
         .position(|w| w == b"\r\n\r\n")
-        .unwrap_or_else(|| panic!("no header end in {:?}", String::from_utf8_lossy(&raw)));
+        .ok_or_else(|| format!("no header end in {:?}", String::from_utf8_lossy(&raw)))?;
     let head = String::from_utf8_lossy(&raw[..split]).into_owned();
     let mut lines = head.split("\r\n");
     let status: u16 = lines
         .next()
         .and_then(|l| l.split(' ').nth(1))
         .and_then(|c| c.parse().ok())
-        .unwrap_or_else(|| panic!("bad status line in {head:?}"));
+        .ok_or_else(|| format!("bad status line in {head:?}"))?;
     let headers: Vec<(String, String)> = lines
         .filter_map(|l| l.split_once(':'))
         .map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().to_string()))
@@ -132,11 +136,30 @@ where
     {
         body = unchunk(&body);
     }
-    Resp {
+    Ok(Resp {
         status,
         headers,
         body,
-    }
+    })
+}
+
+/// [`send_raw`] on a new connection to `addr`.
+pub(crate) async fn raw(addr: SocketAddr, req: &str) -> Resp {
+    let s = TcpStream::connect(addr)
+        .await
+        .unwrap_or_else(|e| panic!("connect to the HTTP port {addr}: {e}"));
+    send_raw(s, req)
+        .await
+        .unwrap_or_else(|e| panic!("{e}; request {req:?}"))
+}
+
+/// Write a token file readable and writable by its owner only (vspc
+/// refuses one that others may write).
+pub(crate) fn write_token_file(path: &std::path::Path, text: &str) {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::write(path, text).expect("write the token file");
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
+        .expect("chmod the token file");
 }
 
 async fn get(addr: SocketAddr, path: &str) -> Resp {
@@ -505,11 +528,10 @@ async fn console_log_returns_the_tail_of_a_logging_transcript() {
 async fn tokens_are_required_and_read_only_ones_cannot_write() {
     let dir = tempfile::tempdir().expect("tempdir");
     let file = dir.path().join("tokens");
-    std::fs::write(
+    write_token_file(
         &file,
-        "# who may ask\nwrite-token-1234\nread-token-5678 ro  # dashboards\n",
-    )
-    .expect("write token file");
+        "# who may ask\nwrite-token-1234\nread-token-56789 ro  # dashboards\n",
+    );
     let file = file.display().to_string();
     let (d, http) = daemon(&["--http-token-file", &file]);
     let id = Identity::numbered(7400);
@@ -526,7 +548,7 @@ async fn tokens_are_required_and_read_only_ones_cannot_write() {
         assert_eq!(r.status, 401, "{path} with a wrong token");
         assert!(r.json()["error"].is_string());
     }
-    let r = request(http, "GET", "/api/v1/vms", Some("read-token-5678")).await;
+    let r = request(http, "GET", "/api/v1/vms", Some("read-token-56789")).await;
     assert_eq!(r.status, 200, "{}", r.text());
     assert_eq!(r.json()["vms"][0]["name"], id.name.as_str());
     let r = request(http, "GET", "/metrics", Some("write-token-1234")).await;
@@ -536,13 +558,13 @@ async fn tokens_are_required_and_read_only_ones_cannot_write() {
         http,
         "GET",
         "/api/v1/vms/no-such-vm",
-        Some("read-token-5678"),
+        Some("read-token-56789"),
     )
     .await;
     assert_eq!(r.status, 404);
 
     let clear = format!("/api/v1/vms/{}/clear", id.name);
-    let r = request(http, "POST", &clear, Some("read-token-5678")).await;
+    let r = request(http, "POST", &clear, Some("read-token-56789")).await;
     assert_eq!(r.status, 403, "{}", r.text());
     assert!(r.json()["error"]
         .as_str()
@@ -627,7 +649,7 @@ fn start_up_refuses_an_open_http_port_and_a_malformed_token_file() {
 
     let dir = tempfile::tempdir().expect("tempdir");
     let file = dir.path().join("tokens");
-    std::fs::write(&file, "good-token\n\ngood-token-2 admin\n").expect("write");
+    write_token_file(&file, "good-token-0123456\n\ngood-token-2-0123456 admin\n");
     let path = file.display().to_string();
     let out = run(ports(&["--http-token-file", &path]));
     assert_eq!(out.status.and_then(|s| s.code()), Some(1), "{}", out.stderr);
@@ -636,4 +658,517 @@ fn start_up_refuses_an_open_http_port_and_a_malformed_token_file() {
         "{}",
         out.stderr
     );
+}
+
+// ---------------------------------------------------------------------------
+// Hardening (issue "Hardening").
+
+/// A request written by hand: `method path`, the `Host` given, extra
+/// header lines, and a body; the connection closes after the answer
+/// (`Connection: close`, unless `extra` has a Connection line).
+fn handmade(method: &str, path: &str, host: &str, extra: &[&str], body: &str) -> String {
+    let mut req = format!("{method} {path} HTTP/1.1\r\nHost: {host}\r\n");
+    if !extra
+        .iter()
+        .any(|l| l.to_ascii_lowercase().starts_with("connection:"))
+    {
+        req.push_str("Connection: close\r\n");
+    }
+    for line in extra {
+        req.push_str(line);
+        req.push_str("\r\n");
+    }
+    req.push_str(&format!("Content-Length: {}\r\n\r\n{body}", body.len()));
+    req
+}
+
+/// DNS rebinding: a name of the attacker's that resolves to this host
+/// makes the attacker's page "same origin" with the daemon. Every request
+/// whose Host is not an IP address, localhost or an `--http-host` name is
+/// answered 421 before any route runs: the WebSocket upgrade (with an
+/// Origin that matches its Host, as a rebound page sends it), the API,
+/// `/console_log`, `/metrics`, the pages; and a request without Host.
+#[tokio::test]
+async fn requests_for_a_foreign_host_get_421_whatever_the_route() {
+    let logs = tempfile::tempdir().expect("tempdir");
+    let (d, http) = daemon(&[
+        "--backend",
+        "Logging",
+        "-l",
+        &logs.path().display().to_string(),
+    ]);
+    let id = Identity::numbered(7500);
+    let (vm, _port) = vm_up(&d, &id).await;
+    vm.send(b"secret console output\r\n")
+        .await
+        .expect("VM output");
+    let evil = format!("rebind.attacker.example:{}", http.port());
+    let origin = format!("Origin: http://{evil}");
+    let upgrade = [
+        origin.as_str(),
+        "Connection: close, Upgrade",
+        "Upgrade: websocket",
+        "Sec-WebSocket-Version: 13",
+        "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==",
+    ];
+    let console = format!("/api/v1/vms/{}/console?mode=write", id.name);
+    let log = format!("/console_log/{}", hex32(&id));
+    let with_origin = [origin.as_str()];
+    let asks: Vec<(String, &[&str])> = vec![
+        (console.clone(), &upgrade[..]),
+        ("/api/v1/vms".into(), &with_origin[..]),
+        (log.clone(), &with_origin[..]),
+        ("/metrics".into(), &[][..]),
+        ("/".into(), &[][..]),
+        (format!("/vms/{}", id.name), &[][..]),
+        ("/static/console.js".into(), &[][..]),
+        ("/healthz".into(), &[][..]),
+    ];
+    for (path, extra) in &asks {
+        let r = raw(http, &handmade("GET", path, &evil, extra, "")).await;
+        assert_eq!(r.status, 421, "{path} for {evil}: {}", r.text());
+        let e = r.json()["error"].as_str().unwrap_or("").to_string();
+        assert!(
+            e.contains("rebind.attacker.example") && e.contains("--http-host"),
+            "{path}: {e}"
+        );
+        assert!(!r.text().contains("secret console output"), "{path}");
+    }
+    // The same with the name in an absolute request target.
+    let r = raw(
+        http,
+        &format!(
+            "GET http://{evil}/api/v1/vms HTTP/1.1\r\nHost: {http}\r\nConnection: close\r\n\r\n"
+        ),
+    )
+    .await;
+    assert_eq!(r.status, 421, "{}", r.text());
+    // A POST that would clear the consoles.
+    let clear = format!("/api/v1/vms/{}/clear", id.name);
+    let r = raw(
+        http,
+        &handmade("POST", &clear, &evil, &[origin.as_str()], ""),
+    )
+    .await;
+    assert_eq!(r.status, 421, "{}", r.text());
+    // HTTP/1.0 without a Host.
+    let r = raw(http, "GET /api/v1/vms HTTP/1.0\r\n\r\n").await;
+    assert_eq!(r.status, 421, "{}", r.text());
+    assert!(r.json()["error"]
+        .as_str()
+        .is_some_and(|e| e.contains("no Host")));
+
+    // IP addresses and localhost are answered, with or without a port.
+    let port = http.port();
+    for host in [
+        http.to_string(),
+        "127.0.0.1".to_string(),
+        format!("localhost:{port}"),
+        "LOCALHOST".to_string(),
+        format!("[::1]:{port}"),
+    ] {
+        let r = raw(http, &handmade("GET", "/api/v1/vms", &host, &[], "")).await;
+        assert_eq!(r.status, 200, "Host {host}: {}", r.text());
+    }
+    let r = raw(http, &handmade("GET", &log, "127.0.0.1", &[], "")).await;
+    assert_ne!(r.status, 421, "{}", r.text());
+
+    // --http-host names a name of the server's own: then it is answered.
+    let (_d2, http2) = daemon(&["--http-host", "rebind.attacker.example,other.example"]);
+    let evil2 = format!("rebind.attacker.example:{}", http2.port());
+    let r = raw(http2, &handmade("GET", "/api/v1/vms", &evil2, &[], "")).await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    let r = raw(http2, &handmade("GET", "/", "Other.Example", &[], "")).await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    let r = raw(http2, &handmade("GET", "/", "third.example", &[], "")).await;
+    assert_eq!(r.status, 421, "{}", r.text());
+}
+
+/// A web page may POST a form anywhere (no CORS preflight): without a
+/// token file, `POST .../clear` from another site cleared the consoles. A
+/// request that changes state is refused (403) when its Origin is another
+/// site, or when it carries a form's content type without `X-Vspc: 1`;
+/// curl's POST (no Origin, no content type) still works.
+#[tokio::test]
+async fn cross_site_posts_are_refused_and_curl_still_clears() {
+    let (d, http) = daemon(&[]);
+    let id = Identity::numbered(7501);
+    let (vm, port) = vm_up(&d, &id).await;
+    let console = console_synced(&vm, &d, port).await;
+    let clear = format!("/api/v1/vms/{}/clear", id.name);
+    let host = http.to_string();
+    let own = format!("Origin: http://{host}");
+    let refused: Vec<(Vec<&str>, &str, &str)> = vec![
+        (
+            vec![
+                "Origin: http://evil.example",
+                "Content-Type: application/x-www-form-urlencoded",
+            ],
+            "x=1",
+            "evil.example",
+        ),
+        (vec!["Origin: http://evil.example"], "", "evil.example"),
+        (vec!["Origin: null"], "", "null"),
+        (
+            vec!["Origin: http://evil.example", "X-Vspc: 1"],
+            "",
+            "evil.example",
+        ),
+        (
+            vec!["Content-Type: application/x-www-form-urlencoded"],
+            "x=1",
+            "application/x-www-form-urlencoded",
+        ),
+        (
+            vec![own.as_str(), "Content-Type: text/plain;charset=UTF-8"],
+            "x",
+            "text/plain",
+        ),
+        (
+            vec!["Content-Type: multipart/form-data; boundary=b"],
+            "--b--\r\n",
+            "multipart/form-data",
+        ),
+    ];
+    for (extra, body, named) in &refused {
+        let r = raw(http, &handmade("POST", &clear, &host, extra, body)).await;
+        assert_eq!(r.status, 403, "{extra:?}: {}", r.text());
+        let e = r.json()["error"].as_str().unwrap_or("").to_string();
+        assert!(e.contains(named), "{extra:?}: {e}");
+    }
+    let row = request(http, "GET", &format!("/api/v1/vms/{}", id.name), None).await;
+    assert_eq!(
+        row.json()["consoles"],
+        1,
+        "a refused POST cleared the console"
+    );
+
+    // Allowed: the form type with X-Vspc: 1, this server's own Origin, curl.
+    let r = raw(
+        http,
+        &handmade(
+            "POST",
+            &clear,
+            &host,
+            &[
+                "Content-Type: application/x-www-form-urlencoded",
+                "X-Vspc: 1",
+            ],
+            "x=1",
+        ),
+    )
+    .await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.json()["cleared"], 1, "{}", r.text());
+    let (_, closed) = console.read_to_end(T).await;
+    assert!(closed, "the allowed clear did not disconnect the console");
+    let r = raw(
+        http,
+        &handmade(
+            "POST",
+            &clear,
+            &host,
+            &[own.as_str(), "Content-Type: application/json"],
+            "{}",
+        ),
+    )
+    .await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    let r = request(http, "POST", &clear, None).await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert!(r.json()["cleared"].is_u64(), "{}", r.text());
+}
+
+/// Every answer says `X-Content-Type-Options: nosniff`; the pages and
+/// their scripts and styles may not be framed (`X-Frame-Options: DENY`,
+/// CSP `frame-ancestors 'none'`) and load nothing from elsewhere; the
+/// list page has no inline script (the policy would block it).
+#[tokio::test]
+async fn every_answer_carries_the_security_headers() {
+    let (d, http) = daemon(&[]);
+    let id = Identity::numbered(7502);
+    let (_vm, _port) = vm_up(&d, &id).await;
+    let framed = [
+        "/".to_string(),
+        format!("/vms/{}", id.name),
+        "/vms/no-such-vm".into(),
+        "/static/xterm.js".into(),
+        "/static/xterm.css".into(),
+        "/static/console.js".into(),
+        "/static/index.js".into(),
+        "/static/vspc.css".into(),
+    ];
+    for path in &framed {
+        let r = get(http, path).await;
+        assert_eq!(
+            r.header("x-content-type-options"),
+            Some("nosniff"),
+            "{path}"
+        );
+        assert_eq!(r.header("x-frame-options"), Some("DENY"), "{path}");
+        let csp = r.header("content-security-policy").unwrap_or("");
+        for part in [
+            "default-src 'self'",
+            "frame-ancestors 'none'",
+            "base-uri 'none'",
+            "form-action 'none'",
+            &format!("connect-src 'self' ws://{http} wss://{http}"),
+        ] {
+            assert!(csp.contains(part), "{path}: {part} missing from {csp:?}");
+        }
+        assert!(!csp.contains("script-src 'self' 'unsafe-inline'"), "{csp}");
+    }
+    for path in [
+        "/healthz",
+        "/metrics",
+        "/api/v1/vms",
+        "/nowhere",
+        "/api/v1/vms/nope",
+    ] {
+        let r = get(http, path).await;
+        assert_eq!(
+            r.header("x-content-type-options"),
+            Some("nosniff"),
+            "{path}"
+        );
+    }
+    let r = raw(http, &handmade("GET", "/", "evil.example", &[], "")).await;
+    assert_eq!(r.status, 421);
+    assert_eq!(r.header("x-content-type-options"), Some("nosniff"));
+    let html = get(http, "/").await.text();
+    assert!(html.contains("<script src=\"/static/index.js\">"), "{html}");
+    assert!(!html.contains("<script>"), "an inline script: {html}");
+}
+
+/// `/console_log` answers hold up to 16 MiB each until sent: only 4 at
+/// once; a fifth gets 503 with Retry-After, and the slots come back when
+/// the answers are done.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn console_log_answers_four_at_once_and_503_past_that() {
+    let logs = tempfile::tempdir().expect("tempdir");
+    let (d, http) = daemon(&[
+        "--backend",
+        "Logging",
+        "-l",
+        &logs.path().display().to_string(),
+    ]);
+    let id = Identity::numbered(7503);
+    let (vm, _port) = vm_up(&d, &id).await;
+    // More than the socket buffers of a client that reads nothing hold.
+    let size = 12 << 20;
+    let out = XorShift::new(7503).bytes(size);
+    for chunk in out.chunks(256 * 1024) {
+        vm.send(chunk).await.expect("VM output");
+    }
+    let transcript = logs.path().join(format!("{}.log", id.name));
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while std::fs::metadata(&transcript).map_or(0, |m| m.len()) < size as u64 {
+        assert!(
+            Instant::now() < deadline,
+            "the transcript never held the output"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let path = format!("/console_log/{}?bytes=16777216", hex32(&id));
+    let ask = handmade("GET", &path, &http.to_string(), &[], "");
+    // Four clients that read the status line, then nothing more.
+    let mut stuck = Vec::new();
+    for _ in 0..4 {
+        let socket = tokio::net::TcpSocket::new_v4().expect("socket");
+        socket.set_recv_buffer_size(4096).expect("SO_RCVBUF");
+        let mut s = socket.connect(http).await.expect("connect");
+        s.write_all(ask.as_bytes()).await.expect("send");
+        let mut first = [0u8; 12];
+        tokio::time::timeout(Duration::from_secs(20), s.read_exact(&mut first))
+            .await
+            .expect("no answer")
+            .expect("read");
+        assert_eq!(
+            &first,
+            b"HTTP/1.1 200",
+            "{:?}",
+            String::from_utf8_lossy(&first)
+        );
+        stuck.push(s);
+    }
+    let r = raw(http, &ask).await;
+    assert_eq!(r.status, 503, "{}", r.text());
+    assert_eq!(r.header("retry-after"), Some("1"));
+    assert!(r.json()["error"]
+        .as_str()
+        .is_some_and(|e| e.contains("console_log")));
+    // Other routes are not held up.
+    assert_eq!(get(http, "/healthz").await.status, 200);
+    drop(stuck);
+    let deadline = Instant::now() + T;
+    loop {
+        let r = raw(
+            http,
+            &handmade(
+                "GET",
+                &format!("/console_log/{}?bytes=10", hex32(&id)),
+                &http.to_string(),
+                &[],
+                "",
+            ),
+        )
+        .await;
+        if r.status == 200 {
+            assert_eq!(r.body, out[size - 10..]);
+            break;
+        }
+        assert_eq!(r.status, 503, "{}", r.text());
+        assert!(Instant::now() < deadline, "the slots never came back");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// A client that sends half a header is disconnected after
+/// `--http-header-timeout` (it was served after 70 s before), and never
+/// answered.
+#[tokio::test]
+async fn a_half_sent_header_is_cut_off_after_the_header_timeout() {
+    let (_d, http) = daemon(&["--http-header-timeout", "1"]);
+    let mut s = TcpStream::connect(http).await.expect("connect");
+    let started = Instant::now();
+    s.write_all(format!("GET /healthz HTTP/1.1\r\nHost: {http}\r\nX-Slow: ").as_bytes())
+        .await
+        .expect("send half a header");
+    let mut got = Vec::new();
+    let read = tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut got)).await;
+    let took = started.elapsed();
+    assert!(read.is_ok(), "the connection was still open after {took:?}");
+    assert!(
+        took >= Duration::from_millis(900),
+        "closed too early: {took:?}"
+    );
+    assert!(got.is_empty(), "{:?}", String::from_utf8_lossy(&got));
+    // Finishing the header now gets nothing.
+    let _ = s.write_all(b"x\r\n\r\n").await;
+    let mut more = Vec::new();
+    let _ = tokio::time::timeout(T, s.read_to_end(&mut more)).await;
+    assert!(!String::from_utf8_lossy(&more).contains("200"), "{more:?}");
+    // A whole request in time is answered.
+    assert_eq!(get(http, "/healthz").await.status, 200);
+}
+
+/// `--http-max-connections`: past it a new connection is closed at once
+/// (no answer) and counted; a closed connection frees its place.
+#[tokio::test]
+async fn connections_past_the_cap_are_closed_and_counted() {
+    let (_d, http) = daemon(&["--http-max-connections", "3"]);
+    // Three idle connections hold every place (the daemon has taken them
+    // once a request on a fourth is refused).
+    let mut idle = Vec::new();
+    for _ in 0..3 {
+        idle.push(TcpStream::connect(http).await.expect("connect"));
+    }
+    let ask = handmade("GET", "/healthz", &http.to_string(), &[], "");
+    let s = TcpStream::connect(http).await.expect("the kernel accepts");
+    let refused = send_raw(s, &ask).await;
+    assert!(
+        refused.is_err(),
+        "a fourth connection was served: {}",
+        refused.map(|r| r.status).unwrap_or(0)
+    );
+    // One goes: its place is free again.
+    drop(idle.pop());
+    let deadline = Instant::now() + T;
+    let metrics = loop {
+        let s = TcpStream::connect(http).await.expect("connect");
+        match send_raw(s, &handmade("GET", "/metrics", &http.to_string(), &[], "")).await {
+            Ok(r) if r.status == 200 => break r.text(),
+            other => {
+                assert!(
+                    Instant::now() < deadline,
+                    "no place came free: {:?}",
+                    other.map(|r| r.status)
+                );
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    };
+    let s = Scrape::parse(metrics.lines().map(|l| Ok(l.to_string()))).expect("parse");
+    assert!(
+        value(&s, "vspc_http_connections_refused_total", &[]) >= Some(1.0),
+        "{metrics}"
+    );
+    drop(idle);
+}
+
+/// Token files: a `#` inside a token is part of it (the review's
+/// `a#verylongsecret rw name=ops` was the token `a`), a token shorter
+/// than 16 characters stops start-up naming the file and line, a
+/// group-writable file stops it, and a world-readable one is warned about.
+#[tokio::test]
+async fn token_files_keep_hashes_refuse_short_tokens_and_loose_modes() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let file = dir.path().join("tokens");
+    write_token_file(&file, "a#verylongsecret rw name=ops\n");
+    let path = file.display().to_string();
+    let (_d, http) = daemon(&["--http-token-file", &path]);
+    let r = request(http, "GET", "/api/v1/vms", Some("a#verylongsecret")).await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    let r = request(http, "GET", "/api/v1/vms", Some("a")).await;
+    assert_eq!(r.status, 401, "the cut token was taken: {}", r.text());
+
+    let (proxy, admin, port) = (free_port(), free_port(), free_port());
+    let run = |extra: &[&str]| {
+        let mut args = vec![
+            "--proxy-iface".to_string(),
+            "127.0.0.1".into(),
+            "--proxy-port".into(),
+            proxy.to_string(),
+            "--admin-port".into(),
+            admin.to_string(),
+            "--http-port".into(),
+            port.to_string(),
+        ];
+        args.extend(extra.iter().map(|s| s.to_string()));
+        let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+        run_to_exit(&refs, Duration::from_secs(10))
+    };
+    let short = dir.path().join("short");
+    write_token_file(&short, "# the ops team\na #verylongsecret rw name=ops\n");
+    let short = short.display().to_string();
+    let out = run(&["--http-token-file", &short]);
+    assert_eq!(out.status.and_then(|s| s.code()), Some(1), "{}", out.stderr);
+    assert!(
+        out.stderr.contains(&short) && out.stderr.contains("line 2") && out.stderr.contains("16"),
+        "{}",
+        out.stderr
+    );
+
+    let loose = dir.path().join("loose");
+    write_token_file(&loose, "a-long-enough-token\n");
+    std::fs::set_permissions(&loose, std::fs::Permissions::from_mode(0o664)).expect("chmod");
+    let loose_path = loose.display().to_string();
+    let out = run(&["--http-token-file", &loose_path]);
+    assert_eq!(out.status.and_then(|s| s.code()), Some(1), "{}", out.stderr);
+    assert!(
+        out.stderr.contains(&loose_path) && out.stderr.contains("group-writable"),
+        "{}",
+        out.stderr
+    );
+
+    std::fs::set_permissions(&loose, std::fs::Permissions::from_mode(0o644)).expect("chmod");
+    let (d, http) = daemon(&["--http-token-file", &loose_path]);
+    assert!(
+        d.wait_log("world-readable", T).await,
+        "no warning: {}",
+        d.log()
+    );
+    let warning = d
+        .log()
+        .lines()
+        .find(|l| l.contains("world-readable"))
+        .unwrap_or("")
+        .to_string();
+    assert!(
+        warning.contains("WARN") && warning.contains(&loose_path),
+        "{warning}"
+    );
+    let r = request(http, "GET", "/api/v1/vms", Some("a-long-enough-token")).await;
+    assert_eq!(r.status, 200, "{}", r.text());
 }

@@ -35,14 +35,14 @@ use vspc_testkit::sim::{Identity, SimVm};
 type Ws = WebSocketStream<MaybeTlsStream<TcpStream>>;
 
 /// The token file of the tests that need one.
-const TOKENS: &str = "rw-secret\nro-secret ro\n";
+const TOKENS: &str = "rw-secret-0123456\nro-secret-0123456 ro\n";
 
 /// A daemon with an HTTP port and the token file [`TOKENS`]; the file's
 /// directory lives as long as the daemon is needed.
 fn daemon_with_tokens() -> (Daemon, SocketAddr, tempfile::TempDir) {
     let dir = tempfile::tempdir().expect("tempdir");
     let path = dir.path().join("tokens");
-    std::fs::write(&path, TOKENS).expect("write the token file");
+    crate::http::write_token_file(&path, TOKENS);
     let file = path.display().to_string();
     let (d, http) = daemon(&["--http-token-file", &file]);
     (d, http, dir)
@@ -334,11 +334,25 @@ async fn tokens_locks_and_unknown_vms() {
         401
     );
     assert_eq!(
-        refused_with(ws_connect(http, "/api/v1/vms/no-such-vm/console", Some("rw-secret")).await),
+        refused_with(
+            ws_connect(
+                http,
+                "/api/v1/vms/no-such-vm/console",
+                Some("rw-secret-0123456")
+            )
+            .await
+        ),
         404
     );
     assert_eq!(
-        refused_with(ws_connect(http, &console_path(&id, "?mode=shared"), Some("rw-secret")).await),
+        refused_with(
+            ws_connect(
+                http,
+                &console_path(&id, "?mode=shared"),
+                Some("rw-secret-0123456")
+            )
+            .await
+        ),
         400
     );
     // A page of another site may not open a console, even with a token.
@@ -349,7 +363,7 @@ async fn tokens_locks_and_unknown_vms() {
         .insert("origin", HeaderValue::from_static("https://evil.example"));
     req.headers_mut().insert(
         "authorization",
-        HeaderValue::from_static("Bearer rw-secret"),
+        HeaderValue::from_static("Bearer rw-secret-0123456"),
     );
     let r = tokio::time::timeout(T, tokio_tungstenite::connect_async(req))
         .await
@@ -360,7 +374,7 @@ async fn tokens_locks_and_unknown_vms() {
         refused_with(
             ws_connect(
                 http,
-                &console_path(&id, "?mode=write&token=ro-secret"),
+                &console_path(&id, "?mode=write&token=ro-secret-0123456"),
                 None
             )
             .await
@@ -370,13 +384,13 @@ async fn tokens_locks_and_unknown_vms() {
 
     // A read-only token (here in the address, as a browser gives it) gets a
     // read-only session: it sees output, its typing never reaches the VM.
-    let mut ro = ws_connect(http, &console_path(&id, "?token=ro-secret"), None)
+    let mut ro = ws_connect(http, &console_path(&id, "?token=ro-secret-0123456"), None)
         .await
         .expect("the read-only console opens");
     assert_eq!(next_json(&mut ro).await["access"], "read-only");
     send(&mut ro, Message::binary(b"LEAK".to_vec())).await;
     send(&mut ro, Message::text("leak")).await;
-    let mut rw = ws_connect(http, &path, Some("rw-secret"))
+    let mut rw = ws_connect(http, &path, Some("rw-secret-0123456"))
         .await
         .expect("the read-write console opens");
     assert_eq!(next_json(&mut rw).await["access"], "free-for-all");
@@ -396,7 +410,7 @@ async fn tokens_locks_and_unknown_vms() {
     let mut ex = ws_connect(
         http,
         &console_path(&id, "?mode=exclusive"),
-        Some("rw-secret"),
+        Some("rw-secret-0123456"),
     )
     .await
     .expect("the handshake itself succeeds");
@@ -423,7 +437,7 @@ async fn tokens_locks_and_unknown_vms() {
         let mut ex = ws_connect(
             http,
             &console_path(&id, "?mode=exclusive"),
-            Some("rw-secret"),
+            Some("rw-secret-0123456"),
         )
         .await
         .expect("handshake");
@@ -456,7 +470,7 @@ async fn tokens_locks_and_unknown_vms() {
         http,
         "POST",
         &format!("/api/v1/vms/{}/clear", id.name),
-        Some("rw-secret"),
+        Some("rw-secret-0123456"),
     )
     .await;
     assert_eq!(r.json()["cleared"], 1, "{}", r.text());
@@ -488,7 +502,7 @@ async fn pages_list_the_vms_and_carry_the_token() {
     let r = request(http, "GET", "/", None).await;
     assert_eq!(r.status, 401);
     assert!(r.text().contains("?token="), "{}", r.text());
-    let r = request(http, "GET", "/?token=ro-secret", None).await;
+    let r = request(http, "GET", "/?token=ro-secret-0123456", None).await;
     assert_eq!(r.status, 200, "{}", r.text());
     assert!(r
         .header("content-type")
@@ -496,7 +510,7 @@ async fn pages_list_the_vms_and_carry_the_token() {
     let html = r.text();
     assert!(html.contains(&id.name), "{html}");
     assert!(html.contains("connected"), "{html}");
-    let link = format!("/vms/{}?token=ro-secret", id.uuid_display());
+    let link = format!("/vms/{}?token=ro-secret-0123456", id.uuid_display());
     assert!(html.contains(&link), "no link {link} in {html}");
 
     let r = request(http, "GET", &link, None).await;
@@ -509,7 +523,7 @@ async fn pages_list_the_vms_and_carry_the_token() {
     ] {
         assert!(html.contains(needle), "{needle} missing from {html}");
     }
-    let r = request(http, "GET", "/vms/no-such-vm", Some("ro-secret")).await;
+    let r = request(http, "GET", "/vms/no-such-vm", Some("ro-secret-0123456")).await;
     assert_eq!(r.status, 404);
 
     // The scripts need no token (a script tag cannot send one) and come
@@ -625,8 +639,9 @@ impl Said {
     }
 }
 
-#[tokio::test]
-async fn chromium_shows_the_output_and_types_to_the_vm() {
+/// Fail, naming what to install, if Chromium, node or playwright-core is
+/// missing.
+fn check_browser() -> PathBuf {
     let browser = chromium();
     assert!(
         browser.is_file(),
@@ -648,32 +663,26 @@ async fn chromium_shows_the_output_and_types_to_the_vm() {
         web_dir().join("node_modules/playwright-core").is_dir(),
         "tests/web/node_modules/playwright-core is missing: run `npm ci` in tests/web (.ci/run does)"
     );
+    browser
+}
 
-    let (d, http, _dir) = daemon_with_tokens();
-    let id = Identity::numbered(7303);
-    let (vm, _) = vm_up(&d, &id).await;
-    let profile = tempfile::tempdir().expect("a browser profile directory");
-    let marker = "hello from the VM, in the browser";
-    let url = format!("http://{http}/vms/{}?token=rw-secret", id.name);
+/// Run a browser driver script of `tests/web/` with `args`; its process
+/// group is stopped when the [`Driver`] is dropped.
+fn drive(browser: &std::path::Path, script: &str, args: &[&std::ffi::OsStr]) -> (Driver, Said) {
     let mut cmd = Command::new("node");
     cmd.current_dir(web_dir())
-        .arg("console_test.mjs")
-        .arg(&url)
-        .arg(marker)
-        .arg(profile.path())
-        .env("CHROMIUM", &browser)
+        .arg(script)
+        .args(args)
+        .env("CHROMIUM", browser)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
-    if let Some(shot) = std::env::var_os("VSPC_WEB_SCREENSHOT") {
-        cmd.arg(shot);
-    }
     std::os::unix::process::CommandExt::process_group(&mut cmd, 0);
     let mut child = cmd.spawn().expect("run node");
     let (tx, lines) = tokio::sync::mpsc::unbounded_channel::<String>();
     let stdout = child.stdout.take().expect("stdout");
     let stderr = child.stderr.take().expect("stderr");
-    let mut driver = Driver { child };
+    let driver = Driver { child };
     for pipe in [
         Box::new(stdout) as Box<dyn std::io::Read + Send>,
         Box::new(stderr),
@@ -690,11 +699,45 @@ async fn chromium_shows_the_output_and_types_to_the_vm() {
     }
     drop(tx);
     // Browsers start slowly on a busy 2-core machine: a step may take 30 s.
-    let mut said = Said {
+    let said = Said {
         lines,
         seen: Vec::new(),
         step: Duration::from_secs(30),
     };
+    (driver, said)
+}
+
+impl Said {
+    /// Fail if the page's console reported something the Content Security
+    /// Policy blocked.
+    fn assert_no_csp_violation(&self) {
+        assert!(
+            !self
+                .seen
+                .iter()
+                .any(|l| l.contains("Content Security Policy") || l.contains("Refused to")),
+            "the Content-Security-Policy blocked something:\n{}",
+            self.seen.join("\n")
+        );
+    }
+}
+
+#[tokio::test]
+async fn chromium_shows_the_output_and_types_to_the_vm() {
+    let browser = check_browser();
+    let (d, http, _dir) = daemon_with_tokens();
+    let id = Identity::numbered(7303);
+    let (vm, _) = vm_up(&d, &id).await;
+    let profile = tempfile::tempdir().expect("a browser profile directory");
+    let marker = "hello from the VM, in the browser";
+    let url = format!("http://{http}/vms/{}?token=rw-secret-0123456", id.name);
+    let mut args: Vec<&std::ffi::OsStr> =
+        vec![url.as_ref(), marker.as_ref(), profile.path().as_os_str()];
+    let shot = std::env::var_os("VSPC_WEB_SCREENSHOT");
+    if let Some(shot) = &shot {
+        args.push(shot);
+    }
+    let (mut driver, mut said) = drive(&browser, "console_test.mjs", &args);
 
     let ready = said.wait_for("READY").await;
     assert_eq!(ready, "READY free-for-all");
@@ -720,8 +763,73 @@ async fn chromium_shows_the_output_and_types_to_the_vm() {
     let _vm = SimVm::connect(d.proxy, &id).await.expect("VM reconnects");
     said.wait_for("VMUP").await;
     said.wait_for("DONE").await;
+    said.assert_no_csp_violation();
     assert!(
         driver.wait_exit(T),
         "the browser driver did not exit after DONE"
     );
+}
+
+/// The name DNS rebinding uses, made to resolve to 127.0.0.1 in Chromium.
+const REBIND: &str = "rebind.attacker.example";
+
+/// Chromium opens the daemon's list page as `http://REBIND:PORT/` and, from
+/// that page, asks the API and opens a console (`tests/web/rebind_test.mjs`).
+fn rebind_browser(http: SocketAddr, vm: &str, profile: &std::path::Path) -> (Driver, Said) {
+    let browser = check_browser();
+    let base = format!("http://{REBIND}:{}", http.port());
+    let rules = format!("MAP {REBIND} 127.0.0.1");
+    let args: Vec<&std::ffi::OsStr> = vec![
+        base.as_ref(),
+        vm.as_ref(),
+        profile.as_os_str(),
+        rules.as_ref(),
+    ];
+    drive(&browser, "rebind_test.mjs", &args)
+}
+
+/// DNS rebinding against a loopback daemon without a token file: a page
+/// of the attacker's, by a name of the attacker's that now resolves to
+/// 127.0.0.1, is same-origin with the daemon as far as the browser knows.
+/// The daemon answers such a Host with 421: no page, no API, no console.
+#[tokio::test]
+async fn chromium_by_a_rebound_name_gets_no_page_and_no_console() {
+    let (d, http) = daemon(&[]);
+    let id = Identity::numbered(7310);
+    let (_vm, _) = vm_up(&d, &id).await;
+    let profile = tempfile::tempdir().expect("a browser profile directory");
+    let (mut driver, mut said) = rebind_browser(http, &id.name, profile.path());
+    assert_eq!(said.wait_for("PAGE").await, "PAGE 421 unlisted");
+    assert_eq!(said.wait_for("API").await, "API 421");
+    assert_eq!(said.wait_for("WS").await, "WS refused");
+    assert_eq!(said.wait_for("CONSOLE").await, "CONSOLE none");
+    said.wait_for("DONE").await;
+    // Refused by the daemon, not by the browser's policy.
+    said.assert_no_csp_violation();
+    assert!(driver.wait_exit(T), "the browser driver did not exit");
+    let row = request(http, "GET", &format!("/api/v1/vms/{}", id.name), None)
+        .await
+        .json();
+    assert_eq!(row["consoles"], 0, "a console was opened: {row}");
+}
+
+/// With `--http-host rebind.attacker.example` the name is the server's
+/// own: the page, the API and the console work by it, and the pages'
+/// Content-Security-Policy (the list page's script, the console's
+/// WebSocket by that name) blocks nothing.
+#[tokio::test]
+async fn chromium_by_an_http_host_name_gets_the_page_and_a_console() {
+    let (d, http) = daemon(&["--http-host", REBIND]);
+    let id = Identity::numbered(7311);
+    let (_vm, _) = vm_up(&d, &id).await;
+    let profile = tempfile::tempdir().expect("a browser profile directory");
+    let (mut driver, mut said) = rebind_browser(http, &id.name, profile.path());
+    assert_eq!(said.wait_for("PAGE").await, "PAGE 200 listed");
+    assert_eq!(said.wait_for("INDEXJS").await, "INDEXJS yes");
+    assert_eq!(said.wait_for("API").await, "API 200");
+    assert_eq!(said.wait_for("WS").await, "WS open");
+    assert_eq!(said.wait_for("CONSOLE").await, "CONSOLE free-for-all");
+    said.wait_for("DONE").await;
+    said.assert_no_csp_violation();
+    assert!(driver.wait_exit(T), "the browser driver did not exit");
 }

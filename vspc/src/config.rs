@@ -223,6 +223,24 @@ pub struct Config {
     #[arg(long, value_name = "FILE", requires = "http_cert")]
     pub http_key: Option<PathBuf>,
 
+    /// A name this server is reached by over HTTP (repeatable,
+    /// comma-separated). Requests are answered only when their Host is an
+    /// IP address, `localhost` or one of these names; any other Host gets
+    /// 421 (a defence against DNS rebinding).
+    #[arg(long, value_name = "NAME", value_delimiter = ',', action = clap::ArgAction::Append, value_parser = parse_host_name)]
+    pub http_host: Vec<String>,
+
+    /// Seconds an HTTP client has to send a request's header (the first
+    /// one, and each next one on a kept-alive connection); then the
+    /// connection is closed.
+    #[arg(long, default_value = "10", value_name = "SECONDS", value_parser = parse_duration)]
+    pub http_header_timeout: Duration,
+
+    /// Most HTTP connections open at once (browser consoles included);
+    /// past it a new connection is closed at once, and counted.
+    #[arg(long, default_value_t = 1024, value_name = "N", value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
+    pub http_max_connections: u32,
+
     /// Port of the SSH front door (`ssh -p PORT VM@host`); off unless
     /// given.
     #[arg(long, value_name = "PORT")]
@@ -328,6 +346,8 @@ fn file_args(path: &std::path::Path) -> Result<Vec<String>, String> {
         .collect();
     let mut out = Vec::new();
     for (key, value) in table {
+        // `http_host` reads as `http-host`.
+        let key = key.replace('_', "-");
         if key == "config" || !known.contains(&key) {
             return Err(format!(
                 "config file {}: unknown setting '{key}' (use the long flag names, e.g. proxy-port)",
@@ -365,6 +385,41 @@ fn file_args(path: &std::path::Path) -> Result<Vec<String>, String> {
         }
     }
     Ok(out)
+}
+
+/// An `--http-host` name: a DNS name (letters, digits, `-`, `.`), without
+/// a port; kept lowercased, without a trailing dot.
+pub fn parse_host_name(s: &str) -> Result<String, String> {
+    let name = s.trim().trim_end_matches('.').to_ascii_lowercase();
+    if name.is_empty() {
+        return Err(format!("'{s}' is not a host name: it is empty"));
+    }
+    if name.len() > 253 {
+        return Err(format!(
+            "'{s}' is not a host name: longer than 253 characters"
+        ));
+    }
+    if name.contains(':') {
+        return Err(format!(
+            "'{s}' is not a host name: give the name without a port (any port is accepted)"
+        ));
+    }
+    for label in name.split('.') {
+        let ok = !label.is_empty()
+            && label.len() <= 63
+            && label
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+            && !label.starts_with('-')
+            && !label.ends_with('-');
+        if !ok {
+            return Err(format!(
+                "'{s}' is not a host name: each dot-separated part needs 1-63 letters, digits \
+                 or '-' (not first or last)"
+            ));
+        }
+    }
+    Ok(name)
 }
 
 /// A `--proxy-allow` range; the error names it and says what is wrong.

@@ -23,6 +23,16 @@
 //! Listening beyond loopback without a token file is refused at start-up
 //! ([`check_exposure`]). The HTTP code never opens files: transcripts come
 //! from the backends ([`crate::backend_host::Backends::console_log`]).
+//!
+//! In front of every route ([`guard`]): a request whose `Host` is not an IP
+//! address, `localhost` or an `--http-host` name gets 421 (DNS
+//! rebinding, [`host_allowed`]); a request that changes state from
+//! another site's page, or with a form's content type, gets 403
+//! ([`cross_site`]); every answer carries `nosniff`, `X-Frame-Options` and a
+//! Content-Security-Policy. Connections are served by hyper directly
+//! ([`serve`]): a header-read timeout, and at most `--http-max-connections`
+//! at once. At most [`MAX_LOG_REQUESTS`] `/console_log` answers are in
+//! flight (503 past that).
 
 use crate::hub::{Hub, VmStatus};
 use crate::metrics::Listener as Which;
@@ -34,12 +44,17 @@ use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
+use hyper::body::Incoming;
+use hyper::server::conn::http1::Builder as Http1;
+use hyper_util::rt::{TokioIo, TokioTimer};
 use serde_json::{json, Value};
 use std::net::{IpAddr, SocketAddr};
 use std::path::Path as FsPath;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::net::TcpListener;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_rustls::TlsAcceptor;
 
 /// The HTTP port when `--http-port` is not given.
@@ -80,7 +95,10 @@ impl std::fmt::Debug for Tokens {
 impl Tokens {
     /// Read a token file: one token per line, `TOKEN`, `TOKEN rw` (the
     /// same) or `TOKEN ro`; `#` starts a comment; blank lines are skipped.
+    /// A file others may write is refused, one others may read is warned
+    /// about ([`check_token_file_mode`]).
     pub fn load(path: &FsPath) -> Result<Tokens, String> {
+        check_token_file_mode(path)?;
         let text = std::fs::read_to_string(path)
             .map_err(|e| format!("cannot read HTTP token file {}: {e}", path.display()))?;
         Tokens::parse(&text, &path.display().to_string())
@@ -91,7 +109,7 @@ impl Tokens {
         let mut list = Vec::new();
         for (i, raw) in text.lines().enumerate() {
             let at = |why: String| format!("HTTP token file {file}, line {}: {why}", i + 1);
-            let line = raw.split('#').next().unwrap_or("").trim();
+            let line = strip_comment(raw).trim();
             if line.is_empty() {
                 continue;
             }
@@ -127,6 +145,14 @@ impl Tokens {
                         .into(),
                 ));
             }
+            if token.len() < MIN_TOKEN_LEN {
+                return Err(at(format!(
+                    "the token is {} characters long; a token needs at least {MIN_TOKEN_LEN} \
+                     (a short one can be guessed; `#` starts a comment only at the start of a \
+                     line or after a space)",
+                    token.len()
+                )));
+            }
             let name = name.unwrap_or_else(|| format!("token#{}", list.len() + 1));
             list.push((token.to_string(), right, name));
         }
@@ -152,6 +178,62 @@ impl Tokens {
         }
         found
     }
+}
+
+/// The shortest token a token file may hold.
+pub const MIN_TOKEN_LEN: usize = 16;
+
+/// A token-file line without its comment: `#` starts one at the start of
+/// the line or after whitespace, so a `#` inside a token is part of it.
+fn strip_comment(line: &str) -> &str {
+    let mut after_space = true;
+    for (i, c) in line.char_indices() {
+        if c == '#' && after_space {
+            return &line[..i];
+        }
+        after_space = c.is_whitespace();
+    }
+    line
+}
+
+/// A token file that others may write could hand them a token: refuse a
+/// group- or world-writable one. Warn (but start) when others may read it,
+/// or when its folder is group- or world-writable (without the sticky
+/// bit), so that it could be replaced.
+pub fn check_token_file_mode(path: &FsPath) -> Result<(), String> {
+    use std::os::unix::fs::PermissionsExt;
+    let shown = path.display();
+    let meta =
+        std::fs::metadata(path).map_err(|e| format!("cannot read HTTP token file {shown}: {e}"))?;
+    let mode = meta.permissions().mode() & 0o7777;
+    if mode & 0o022 != 0 {
+        let who = if mode & 0o002 != 0 { "world" } else { "group" };
+        return Err(format!(
+            "HTTP token file {shown} is {who}-writable (mode {mode:04o}): whoever can change it \
+             can give themselves a token; make it writable by its owner only (chmod go-w {shown})"
+        ));
+    }
+    if mode & 0o004 != 0 {
+        tracing::warn!(
+            "HTTP token file {shown} is world-readable (mode {mode:04o}): every local user can \
+             read the tokens; chmod o-r {shown} (0600 or 0640)"
+        );
+    }
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => FsPath::new("."),
+    };
+    if let Ok(d) = std::fs::metadata(dir) {
+        let dmode = d.permissions().mode() & 0o7777;
+        if dmode & 0o022 != 0 && dmode & 0o1000 == 0 {
+            tracing::warn!(
+                "the folder {} of HTTP token file {shown} is group- or world-writable (mode \
+                 {dmode:04o}): whoever can write there can replace the file",
+                dir.display()
+            );
+        }
+    }
+    Ok(())
 }
 
 /// Constant-time comparison for equal lengths.
@@ -187,6 +269,14 @@ pub struct HttpConfig {
     /// start-up. The default port is best effort, so that several vspc
     /// instances on one host (which never had an HTTP port) still start.
     pub required: bool,
+    /// `--http-host`: names requests may carry in `Host` besides IP
+    /// addresses and `localhost` (lowercase, no trailing dot).
+    pub hosts: Vec<String>,
+    /// `--http-header-timeout`: time a client has to send a request's
+    /// header.
+    pub header_timeout: Duration,
+    /// `--http-max-connections`: connections open at once, at most.
+    pub max_connections: usize,
 }
 
 /// The routes' shared state.
@@ -196,16 +286,34 @@ struct App {
     hub: Arc<Hub>,
     /// `None`: no token needed.
     tokens: Option<Arc<Tokens>>,
+    /// `--http-host` names (see [`host_allowed`]).
+    hosts: Arc<[String]>,
+    /// `/console_log` requests being answered, at most
+    /// [`MAX_LOG_REQUESTS`]: each may hold [`MAX_LOG_BYTES`] until its
+    /// answer is sent.
+    log_slots: Arc<Semaphore>,
 }
+
+/// `/console_log` requests answered at once; more get 503.
+pub const MAX_LOG_REQUESTS: usize = 4;
+
+/// `/console_log` answers go out in pieces of this size.
+const LOG_CHUNK: usize = 64 * 1024;
 
 /// An error answer: `{"error": "..."}` with its status.
 fn error(status: StatusCode, msg: impl Into<String>) -> Response {
     (status, Json(json!({ "error": msg.into() }))).into_response()
 }
 
-/// The routes, with the token check in front of them.
-pub fn router(hub: Arc<Hub>, tokens: Option<Arc<Tokens>>) -> Router {
-    let app = App { hub, tokens };
+/// The routes, with the token check in front of them, and the Host and
+/// cross-site checks ([`guard`]) in front of everything.
+pub fn router(hub: Arc<Hub>, tokens: Option<Arc<Tokens>>, hosts: &[String]) -> Router {
+    let app = App {
+        hub,
+        tokens,
+        hosts: hosts.into(),
+        log_slots: Arc::new(Semaphore::new(MAX_LOG_REQUESTS)),
+    };
     Router::new()
         .route("/healthz", get(healthz))
         .route("/metrics", get(metrics))
@@ -225,7 +333,174 @@ pub fn router(hub: Arc<Hub>, tokens: Option<Arc<Tokens>>) -> Router {
             )
         })
         .layer(middleware::from_fn_with_state(app.clone(), authorize))
+        .layer(middleware::from_fn_with_state(app.clone(), guard))
         .with_state(app)
+}
+
+/// Whether `value` (a `Host` header, or the authority of an absolute
+/// request target) names this server: an IP address (`192.0.2.1`,
+/// `[2001:db8::1]`), `localhost`, or one of the `--http-host` names, each
+/// with or without a port. Any other name may be a DNS-rebinding attack: a
+/// name of the attacker's, made to resolve to this host, so that a page of
+/// the attacker's counts as this server's own (same origin).
+pub fn host_allowed(value: &str, names: &[String]) -> bool {
+    let port_ok = |p: &str| !p.is_empty() && p.len() <= 5 && p.parse::<u16>().is_ok();
+    let value = value.trim();
+    if let Some(rest) = value.strip_prefix('[') {
+        let Some((ip, after)) = rest.split_once(']') else {
+            return false;
+        };
+        let after_ok = after.is_empty() || after.strip_prefix(':').is_some_and(port_ok);
+        return after_ok && ip.parse::<std::net::Ipv6Addr>().is_ok();
+    }
+    let name = match value.split_once(':') {
+        Some((name, port)) if port_ok(port) => name,
+        Some(_) => return false,
+        None => value,
+    };
+    if name.parse::<std::net::Ipv4Addr>().is_ok() {
+        return true;
+    }
+    let name = name.strip_suffix('.').unwrap_or(name).to_ascii_lowercase();
+    !name.is_empty() && (name == "localhost" || names.contains(&name))
+}
+
+/// The host a request is for, if this server answers it; else why not,
+/// naming the host and the flag that would allow it (for the 421).
+fn checked_host(req: &Request, names: &[String]) -> Result<String, String> {
+    let mut hosts = req.headers().get_all(header::HOST).iter();
+    let header = hosts.next();
+    if hosts.next().is_some() {
+        return Err("the request has more than one Host header".into());
+    }
+    let header = match header.map(|h| h.to_str()) {
+        None => None,
+        Some(Ok(h)) => Some(h.trim().to_string()),
+        Some(Err(_)) => return Err("the request's Host header is not readable text".into()),
+    };
+    let target = req.uri().authority().map(|a| a.as_str().to_string());
+    let Some(host) = target.clone().or(header.clone()) else {
+        return Err(
+            "the request has no Host header (HTTP/1.0 without Host is not answered): \
+             send Host: ADDRESS:PORT"
+                .into(),
+        );
+    };
+    for h in [target, header].into_iter().flatten() {
+        if !host_allowed(&h, names) {
+            let name = match h.rsplit_once(':') {
+                Some((n, p))
+                    if !p.is_empty()
+                        && p.bytes().all(|b| b.is_ascii_digit())
+                        && (n.ends_with(']') || !n.contains(':')) =>
+                {
+                    n
+                }
+                _ => h.as_str(),
+            };
+            return Err(format!(
+                "this server does not answer for the host {h:?}: it answers requests for its IP \
+                 addresses, localhost and the names given with --http-host (a guard against DNS \
+                 rebinding); if {name:?} is a name of this server, start vspc with \
+                 --http-host {name} (http-host in the config file)"
+            ));
+        }
+    }
+    Ok(host)
+}
+
+/// Why a request that changes state (any method but GET, HEAD and
+/// OPTIONS) is refused as cross-site, if it is: an `Origin` that is not
+/// this server, or a body type an HTML form can send (which needs no CORS
+/// preflight) without `X-Vspc: 1` or `Authorization: Bearer`, which no
+/// form or simple request can carry.
+fn cross_site(req: &Request) -> Option<String> {
+    if matches!(*req.method(), Method::GET | Method::HEAD | Method::OPTIONS) {
+        return None;
+    }
+    let headers = req.headers();
+    if let Some(origin) = headers.get(header::ORIGIN) {
+        if !crate::web::same_origin(headers) {
+            return Some(format!(
+                "a page of another site (Origin {:?}) may not make this request; only this \
+                 server's own pages, or clients that send no Origin (curl), may",
+                String::from_utf8_lossy(origin.as_bytes())
+            ));
+        }
+    }
+    let kind = headers
+        .get(header::CONTENT_TYPE)
+        .map(|v| String::from_utf8_lossy(v.as_bytes()).to_ascii_lowercase())
+        .unwrap_or_default();
+    let kind = kind.split(';').next().unwrap_or("").trim().to_string();
+    let form = matches!(
+        kind.as_str(),
+        "application/x-www-form-urlencoded" | "multipart/form-data" | "text/plain"
+    );
+    let custom = headers
+        .get("x-vspc")
+        .is_some_and(|v| v.as_bytes().trim_ascii() == b"1");
+    let bearer = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().split_once(' '))
+        .is_some_and(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"));
+    if form && !custom && !bearer {
+        return Some(format!(
+            "a request that changes state may not have the content type {kind:?}, which any web \
+             page's form can send; send no Content-Type (as curl -X POST does), or add the \
+             header X-Vspc: 1"
+        ));
+    }
+    None
+}
+
+/// The Content-Security-Policy of every answer: nothing from elsewhere,
+/// no framing, no inline script; inline styles for xterm.js (it sizes the
+/// terminal with `<style>` elements); the console's WebSocket on `host`.
+fn content_security_policy(host: Option<&str>) -> String {
+    let connect = host.map_or(String::new(), |h| format!(" ws://{h} wss://{h}"));
+    format!(
+        "default-src 'self'; script-src 'self'; style-src 'self' 'unsafe-inline'; \
+         connect-src 'self'{connect}; frame-ancestors 'none'; base-uri 'none'; \
+         form-action 'none'"
+    )
+}
+
+/// The headers every answer carries: no content sniffing, no framing
+/// (clickjacking), and the [`content_security_policy`].
+fn secure_headers(mut r: Response, host: Option<&str>) -> Response {
+    let h = r.headers_mut();
+    h.insert(
+        header::X_CONTENT_TYPE_OPTIONS,
+        HeaderValue::from_static("nosniff"),
+    );
+    h.insert(header::X_FRAME_OPTIONS, HeaderValue::from_static("DENY"));
+    let csp = HeaderValue::from_str(&content_security_policy(host))
+        .or_else(|_| HeaderValue::from_str(&content_security_policy(None)));
+    if let Ok(csp) = csp {
+        h.insert(header::CONTENT_SECURITY_POLICY, csp);
+    }
+    r
+}
+
+/// In front of every route, before the token check: answer only requests
+/// for this server's own names ([`checked_host`], 421), refuse cross-site
+/// requests that change state ([`cross_site`], 403), and add
+/// [`secure_headers`] to every answer.
+async fn guard(State(app): State<App>, req: Request, next: Next) -> Response {
+    let host = match checked_host(&req, &app.hosts) {
+        Ok(h) => h.to_ascii_lowercase(),
+        Err(why) => {
+            tracing::debug!("HTTP request refused (421): {why}");
+            return secure_headers(error(StatusCode::MISDIRECTED_REQUEST, why), None);
+        }
+    };
+    if let Some(why) = cross_site(&req) {
+        tracing::info!(path = %req.uri().path(), "cross-site HTTP request refused: {why}");
+        return secure_headers(error(StatusCode::FORBIDDEN, why), Some(&host));
+    }
+    secure_headers(next.run(req).await, Some(&host))
 }
 
 /// `?token=` in an address.
@@ -254,22 +529,10 @@ fn presented_token(req: &Request) -> Option<String> {
     })
 }
 
-/// The client's address as the listeners ([`Plain`], [`Tls`]) report
-/// it, handed to the routes as connection info.
+/// The client's address as the listener reports it, handed to the routes
+/// as connection info.
 #[derive(Debug, Clone, Copy)]
 struct PeerAddr(SocketAddr);
-
-impl axum::extract::connect_info::Connected<axum::serve::IncomingStream<'_, Plain>> for PeerAddr {
-    fn connect_info(stream: axum::serve::IncomingStream<'_, Plain>) -> PeerAddr {
-        PeerAddr(*stream.remote_addr())
-    }
-}
-
-impl axum::extract::connect_info::Connected<axum::serve::IncomingStream<'_, Tls>> for PeerAddr {
-    fn connect_info(stream: axum::serve::IncomingStream<'_, Tls>) -> PeerAddr {
-        PeerAddr(*stream.remote_addr())
-    }
-}
 
 /// Who made a request, for the audit lines of browser consoles.
 #[derive(Debug, Clone, Default)]
@@ -406,6 +669,20 @@ async fn console_log(
     Path(uuid): Path<String>,
     Query(q): Query<LogQuery>,
 ) -> Response {
+    // Each answer may hold MAX_LOG_BYTES, read on a backend's thread: only
+    // a few at once, each slot held until its answer is sent.
+    let Ok(slot) = app.log_slots.clone().try_acquire_owned() else {
+        let mut r = error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!(
+                "{MAX_LOG_REQUESTS} /console_log requests are being answered already; \
+                 try again in a moment"
+            ),
+        );
+        r.headers_mut()
+            .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+        return r;
+    };
     let max = match q.bytes.as_deref().map(str::parse::<usize>) {
         None => DEFAULT_LOG_BYTES,
         Some(Ok(n)) if n > 0 => n.min(MAX_LOG_BYTES),
@@ -420,7 +697,14 @@ async fn console_log(
         return unknown_vm(&uuid);
     };
     match app.hub.backend().console_log(vm.record(), max).await {
-        Some(log) => ([(header::CONTENT_TYPE, "application/octet-stream")], log).into_response(),
+        Some(log) => (
+            [(header::CONTENT_TYPE, "application/octet-stream")],
+            axum::body::Body::new(LogBody {
+                rest: bytes::Bytes::from(log),
+                _slot: slot,
+            }),
+        )
+            .into_response(),
         None => error(
             StatusCode::NOT_FOUND,
             format!(
@@ -428,6 +712,39 @@ async fn console_log(
                 vm.name()
             ),
         ),
+    }
+}
+
+/// A `/console_log` answer: sent in [`LOG_CHUNK`] pieces, holding its
+/// slot (of [`MAX_LOG_REQUESTS`]) until the last piece is taken or the
+/// client goes.
+struct LogBody {
+    rest: bytes::Bytes,
+    _slot: OwnedSemaphorePermit,
+}
+
+impl http_body::Body for LogBody {
+    type Data = bytes::Bytes;
+    type Error = std::convert::Infallible;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        _cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<bytes::Bytes>, Self::Error>>> {
+        if self.rest.is_empty() {
+            return std::task::Poll::Ready(None);
+        }
+        let n = self.rest.len().min(LOG_CHUNK);
+        let piece = self.rest.split_to(n);
+        std::task::Poll::Ready(Some(Ok(http_body::Frame::data(piece))))
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.rest.is_empty()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        http_body::SizeHint::with_exact(self.rest.len() as u64)
     }
 }
 
@@ -496,119 +813,147 @@ pub fn rfc3339(t: SystemTime) -> String {
     )
 }
 
-/// The plain TCP listener, counting accepts and accept errors.
-struct Plain {
-    /// The bound HTTP port.
-    inner: TcpListener,
-    /// Whose metrics count the accepts.
-    hub: Arc<Hub>,
-    /// When an accept error was last logged (at most once a second).
-    last_warn: Option<Instant>,
+/// A connection's stream, holding its place among the
+/// `--http-max-connections` for as long as it lives: through the TLS
+/// handshake, the requests, and a WebSocket it is upgraded to.
+struct Held<S> {
+    io: S,
+    _slot: OwnedSemaphorePermit,
 }
 
-impl axum::serve::Listener for Plain {
-    type Io = TcpStream;
-    type Addr = SocketAddr;
-
-    async fn accept(&mut self) -> (TcpStream, SocketAddr) {
-        loop {
-            match self.inner.accept().await {
-                Ok(conn) => {
-                    self.hub.metrics().accepted(Which::Http);
-                    return conn;
-                }
-                Err(e) => {
-                    self.hub.metrics().accept_error(Which::Http);
-                    let pause =
-                        crate::net::acceptor::accept_failed("HTTP port", &e, &mut self.last_warn);
-                    tokio::time::sleep(pause).await;
-                }
-            }
-        }
-    }
-
-    fn local_addr(&self) -> std::io::Result<SocketAddr> {
-        self.inner.local_addr()
+impl<S: AsyncRead + Unpin> AsyncRead for Held<S> {
+    fn poll_read(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.get_mut().io).poll_read(cx, buf)
     }
 }
 
-/// The TLS listener: handshakes run in tasks of their own (a slow client
-/// never holds up the next), finished streams come through a channel.
-struct Tls {
-    /// Connections whose handshake finished, from the accepting task.
-    rx: tokio::sync::mpsc::Receiver<(tokio_rustls::server::TlsStream<TcpStream>, SocketAddr)>,
-    /// The listener's own address.
-    addr: SocketAddr,
-}
+impl<S: AsyncWrite + Unpin> AsyncWrite for Held<S> {
+    fn poll_write(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        std::pin::Pin::new(&mut self.get_mut().io).poll_write(cx, buf)
+    }
 
-impl Tls {
-    fn start(plain: Plain, acceptor: TlsAcceptor, limit: Duration) -> std::io::Result<Tls> {
-        let addr = plain.inner.local_addr()?;
-        let (tx, rx) = tokio::sync::mpsc::channel(64);
-        let hub = plain.hub.clone();
-        let mut plain = plain;
-        tokio::spawn(async move {
-            loop {
-                let (tcp, peer) = axum::serve::Listener::accept(&mut plain).await;
-                let (tx, acceptor, hub) = (tx.clone(), acceptor.clone(), hub.clone());
-                tokio::spawn(async move {
-                    match tokio::time::timeout(limit, acceptor.accept(tcp)).await {
-                        Ok(Ok(tls)) => {
-                            let _ = tx.send((tls, peer)).await;
-                        }
-                        Ok(Err(e)) => {
-                            hub.metrics().tls_failure(Which::Http);
-                            tracing::debug!(%peer, "HTTP TLS handshake failed: {e}");
-                        }
-                        Err(_) => {
-                            hub.metrics().tls_failure(Which::Http);
-                            tracing::debug!(%peer, "HTTP TLS handshake timed out");
-                        }
-                    }
-                });
-            }
-        });
-        Ok(Tls { rx, addr })
+    fn poll_write_vectored(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        std::pin::Pin::new(&mut self.get_mut().io).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+
+    fn poll_flush(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.get_mut().io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.get_mut().io).poll_shutdown(cx)
     }
 }
 
-impl axum::serve::Listener for Tls {
-    type Io = tokio_rustls::server::TlsStream<TcpStream>;
-    type Addr = SocketAddr;
-
-    async fn accept(&mut self) -> (Self::Io, SocketAddr) {
-        match self.rx.recv().await {
-            Some(conn) => conn,
-            // The accepting task is gone (it never ends): accept nothing.
-            None => std::future::pending().await,
-        }
-    }
-
-    fn local_addr(&self) -> std::io::Result<SocketAddr> {
-        Ok(self.addr)
+/// Serve HTTP/1 on one connection (upgrades to WebSocket included), with
+/// the client's address handed to the routes.
+async fn serve_connection<S>(http1: Http1, app: Router, io: S, peer: SocketAddr)
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let routes = tower::ServiceExt::map_request(app, move |mut req: Request<Incoming>| {
+        req.extensions_mut().insert(ConnectInfo(PeerAddr(peer)));
+        req
+    });
+    let service = hyper_util::service::TowerToHyperService::new(routes);
+    let conn = http1
+        .serve_connection(TokioIo::new(io), service)
+        .with_upgrades();
+    if let Err(e) = conn.await {
+        // A header not sent in time, a client gone, a malformed request.
+        tracing::debug!(%peer, "HTTP connection ended: {e}");
     }
 }
 
 /// Serve the API on `listener` (bound by the caller) until the process
-/// stops.
+/// stops. Each connection is served by hyper in a task of its own (a TLS
+/// handshake first, within `handshake_timeout`); a client gets
+/// `header_timeout` to send each request's header, and at most
+/// `max_connections` are open at once (a connection past that is closed
+/// at once, and counted).
 pub async fn serve(listener: TcpListener, hub: Arc<Hub>, cfg: HttpConfig) {
-    let app = router(hub.clone(), cfg.tokens.clone());
-    let plain = Plain {
-        inner: listener,
-        hub,
-        last_warn: None,
-    };
-    // The client's address reaches the handlers (for audit lines).
-    let app = app.into_make_service_with_connect_info::<PeerAddr>();
-    let result = match cfg.tls {
-        None => axum::serve(plain, app).await,
-        Some(acceptor) => match Tls::start(plain, acceptor, cfg.handshake_timeout) {
-            Ok(tls) => axum::serve(tls, app).await,
-            Err(e) => Err(e),
-        },
-    };
-    if let Err(e) = result {
-        tracing::error!("the HTTP listener stopped: {e}");
+    let app = router(hub.clone(), cfg.tokens.clone(), &cfg.hosts);
+    let slots = Arc::new(Semaphore::new(cfg.max_connections));
+    let mut http1 = Http1::new();
+    http1
+        .timer(TokioTimer::new())
+        .header_read_timeout(cfg.header_timeout);
+    let mut last_warn = None;
+    let mut last_full = None::<Instant>;
+    loop {
+        let (tcp, peer) = match listener.accept().await {
+            Ok(conn) => conn,
+            Err(e) => {
+                hub.metrics().accept_error(Which::Http);
+                let pause = crate::net::acceptor::accept_failed("HTTP port", &e, &mut last_warn);
+                tokio::time::sleep(pause).await;
+                continue;
+            }
+        };
+        hub.metrics().accepted(Which::Http);
+        let Ok(slot) = slots.clone().try_acquire_owned() else {
+            hub.metrics().http_refused();
+            if last_full.is_none_or(|t| t.elapsed() >= Duration::from_secs(1)) {
+                last_full = Some(Instant::now());
+                tracing::warn!(
+                    %peer,
+                    "HTTP connection closed at once: {} are open (--http-max-connections)",
+                    cfg.max_connections
+                );
+            }
+            drop(tcp);
+            continue;
+        };
+        let (app, http1, hub) = (app.clone(), http1.clone(), hub.clone());
+        let (tls, limit) = (cfg.tls.clone(), cfg.handshake_timeout);
+        tokio::spawn(async move {
+            let Some(acceptor) = tls else {
+                let io = Held {
+                    io: tcp,
+                    _slot: slot,
+                };
+                return serve_connection(http1, app, io, peer).await;
+            };
+            match tokio::time::timeout(limit, acceptor.accept(tcp)).await {
+                Ok(Ok(tls)) => {
+                    let io = Held {
+                        io: tls,
+                        _slot: slot,
+                    };
+                    serve_connection(http1, app, io, peer).await;
+                }
+                Ok(Err(e)) => {
+                    hub.metrics().tls_failure(Which::Http);
+                    tracing::debug!(%peer, "HTTP TLS handshake failed: {e}");
+                }
+                Err(_) => {
+                    hub.metrics().tls_failure(Which::Http);
+                    tracing::debug!(%peer, "HTTP TLS handshake timed out");
+                }
+            }
+        });
     }
 }
 
@@ -616,37 +961,37 @@ pub async fn serve(listener: TcpListener, hub: Arc<Hub>, cfg: HttpConfig) {
 mod tests {
     use super::*;
 
+    /// Tokens of the length a token file needs, for the tests.
+    const A: &str = "alpha-0123456789";
+    const B: &str = "beta-0123456789a";
+    const G: &str = "gamma-0123456789";
+
     #[test]
     fn token_files_parse_with_rights_and_comments() {
-        let t = Tokens::parse(
-            "# operators\nalpha\nbeta rw   # the CI\n\n  gamma ro\r\n",
-            "t.txt",
-        )
-        .expect("valid");
-        assert_eq!(t.check("alpha"), Some(Right::ReadWrite));
-        assert_eq!(t.check("beta"), Some(Right::ReadWrite));
-        assert_eq!(t.check("gamma"), Some(Right::ReadOnly));
-        assert_eq!(t.check("gamm"), None);
+        let text = format!("# operators\n{A}\n{B} rw   # the CI\n\n  {G} ro\r\n");
+        let t = Tokens::parse(&text, "t.txt").expect("valid");
+        assert_eq!(t.check(A), Some(Right::ReadWrite));
+        assert_eq!(t.check(B), Some(Right::ReadWrite));
+        assert_eq!(t.check(G), Some(Right::ReadOnly));
+        assert_eq!(t.check(&G[..G.len() - 1]), None);
         assert_eq!(t.check(""), None);
-        assert!(
-            !format!("{t:?}").contains("alpha"),
-            "tokens must not be printed"
-        );
+        assert!(!format!("{t:?}").contains(A), "tokens must not be printed");
     }
 
     #[test]
     fn tokens_are_named_for_the_audit_lines() {
-        let t = Tokens::parse("alpha name=ops\nbeta ro\ngamma name=ci rw\n", "t").expect("valid");
-        assert_eq!(t.check_named("alpha"), Some((Right::ReadWrite, "ops")));
-        assert_eq!(t.check_named("beta"), Some((Right::ReadOnly, "token#2")));
-        assert_eq!(t.check_named("gamma"), Some((Right::ReadWrite, "ci")));
-        let e = Tokens::parse("alpha name=\n", "t").unwrap_err();
+        let text = format!("{A} name=ops\n{B} ro\n{G} name=ci rw\n");
+        let t = Tokens::parse(&text, "t").expect("valid");
+        assert_eq!(t.check_named(A), Some((Right::ReadWrite, "ops")));
+        assert_eq!(t.check_named(B), Some((Right::ReadOnly, "token#2")));
+        assert_eq!(t.check_named(G), Some((Right::ReadWrite, "ci")));
+        let e = Tokens::parse(&format!("{A} name=\n"), "t").unwrap_err();
         assert!(e.contains("line 1") && e.contains("name="), "{e}");
     }
 
     #[test]
     fn malformed_token_lines_name_the_file_and_line() {
-        let e = Tokens::parse("ok\n\nbad rx\n", "/etc/vspc/tokens").unwrap_err();
+        let e = Tokens::parse(&format!("{A}\n\n{B} rx\n"), "/etc/vspc/tokens").unwrap_err();
         assert!(
             e.contains("/etc/vspc/tokens, line 3") && e.contains("\"rx\""),
             "{e}"
@@ -655,8 +1000,117 @@ mod tests {
         assert!(e.contains("f, line 1") && e.contains("3 words"), "{e}");
         let e = Tokens::parse("# only a comment\n\n", "f").unwrap_err();
         assert!(e.contains("holds no token"), "{e}");
-        let e = Tokens::parse("caf\u{e9}\n", "f").unwrap_err();
+        let e = Tokens::parse("caf\u{e9}-0123456789abcdef\n", "f").unwrap_err();
         assert!(e.contains("line 1"), "{e}");
+    }
+
+    /// The review's finding: `a#verylongsecret rw name=ops` was the token
+    /// `a`. A `#` inside a word is part of it; one at the start of the
+    /// line or after whitespace starts a comment.
+    #[test]
+    fn a_hash_inside_a_token_is_part_of_it() {
+        let t = Tokens::parse("a#verylongsecret rw name=ops\n", "f").expect("valid");
+        assert_eq!(
+            t.check_named("a#verylongsecret"),
+            Some((Right::ReadWrite, "ops"))
+        );
+        assert_eq!(t.check("a"), None);
+        let t = Tokens::parse(&format!("{A}#x ro #comment\n\t# note\n#{B}\n"), "f").expect("valid");
+        assert_eq!(t.check(&format!("{A}#x")), Some(Right::ReadOnly));
+        assert_eq!(t.check(B), None, "a line starting with # is a comment");
+        assert_eq!(strip_comment("tok#en  # c"), "tok#en  ");
+        assert_eq!(strip_comment("# all"), "");
+        assert_eq!(strip_comment("x\t#y"), "x\t");
+    }
+
+    #[test]
+    fn short_tokens_are_refused_naming_the_file_and_line() {
+        let e = Tokens::parse(&format!("{A}\n# fine\nshort-token ro\n"), "/etc/t").unwrap_err();
+        assert!(
+            e.contains("/etc/t, line 3") && e.contains("11 characters") && e.contains("16"),
+            "{e}"
+        );
+        // The cut token of the finding: what was left of it is refused too.
+        let e = Tokens::parse("a #verylongsecret rw\n", "f").unwrap_err();
+        assert!(e.contains("f, line 1") && e.contains("1 characters"), "{e}");
+        assert!(Tokens::parse("exactly-16-chars\n", "f").is_ok());
+    }
+
+    #[test]
+    fn token_file_modes() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("tokens");
+        std::fs::write(&path, format!("{A}\n")).expect("write");
+        let chmod = |m: u32| {
+            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(m)).expect("chmod")
+        };
+        chmod(0o600);
+        assert!(Tokens::load(&path).is_ok());
+        chmod(0o644);
+        assert!(
+            Tokens::load(&path).is_ok(),
+            "world-readable: a warning only"
+        );
+        for (mode, who) in [(0o620, "group-writable"), (0o646, "world-writable")] {
+            chmod(mode);
+            let e = Tokens::load(&path).unwrap_err();
+            assert!(
+                e.contains(&path.display().to_string()) && e.contains(who),
+                "{mode:o}: {e}"
+            );
+        }
+    }
+
+    #[test]
+    fn hosts_this_server_answers_for() {
+        let names = vec!["vspc.example.com".to_string()];
+        for ok in [
+            "127.0.0.1",
+            "127.0.0.1:13372",
+            "10.1.2.3:80",
+            "[::1]",
+            "[::1]:13372",
+            "[2001:db8::1]:8080",
+            "localhost",
+            "LocalHost:13372",
+            "localhost.:1",
+            "vspc.example.com",
+            "VSPC.example.com.:443",
+        ] {
+            assert!(host_allowed(ok, &names), "{ok} should be answered");
+        }
+        for bad in [
+            "",
+            ":80",
+            "rebind.attacker.example",
+            "rebind.attacker.example:13372",
+            "localhost.attacker.example",
+            "127.0.0.1.nip.io",
+            "2130706433",
+            "::1",
+            "[::1",
+            "[::1]x",
+            "[::1]:",
+            "[evil]:80",
+            "127.0.0.1:99999",
+            "127.0.0.1:80:80",
+            "localhost:http",
+            "example.com",
+        ] {
+            assert!(!host_allowed(bad, &names), "{bad:?} should be refused");
+        }
+    }
+
+    #[test]
+    fn the_security_policy_names_the_websocket() {
+        let p = content_security_policy(Some("127.0.0.1:13372"));
+        assert!(p.contains("frame-ancestors 'none'"), "{p}");
+        assert!(
+            p.contains("connect-src 'self' ws://127.0.0.1:13372 wss://127.0.0.1:13372"),
+            "{p}"
+        );
+        assert!(!p.contains("script-src 'self' 'unsafe-inline'"), "{p}");
     }
 
     #[test]
@@ -671,8 +1125,9 @@ mod tests {
     /// One request over a fresh connection; (status, body).
     async fn ask(addr: SocketAddr, head: &str) -> (u16, String) {
         use tokio::io::{AsyncReadExt, AsyncWriteExt};
-        let mut s = TcpStream::connect(addr).await.expect("connect");
-        let req = format!("{head}\r\nHost: x\r\nConnection: close\r\nContent-Length: 0\r\n\r\n");
+        let mut s = tokio::net::TcpStream::connect(addr).await.expect("connect");
+        let req =
+            format!("{head}\r\nHost: {addr}\r\nConnection: close\r\nContent-Length: 0\r\n\r\n");
         s.write_all(req.as_bytes()).await.expect("write");
         let mut raw = String::new();
         s.read_to_string(&mut raw).await.expect("read");
@@ -708,7 +1163,7 @@ mod tests {
         };
         let peer = hub.new_peer(1 << 20, crate::outbox::Encoding::Raw);
         hub.attach_vm(&id, peer).expect("attach");
-        let tokens = Tokens::parse("rw-token\nro-token ro\n", "t").expect("tokens");
+        let tokens = Tokens::parse("rw-token-0123456\nro-token-0123456 ro\n", "t").expect("tokens");
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let addr = listener.local_addr().expect("addr");
         let cfg = HttpConfig {
@@ -717,6 +1172,9 @@ mod tests {
             tls: None,
             handshake_timeout: Duration::from_secs(1),
             required: true,
+            hosts: Vec::new(),
+            header_timeout: Duration::from_secs(10),
+            max_connections: 16,
         };
         tokio::spawn(serve(listener, hub.clone(), cfg));
 
@@ -726,7 +1184,7 @@ mod tests {
         assert!(body.contains("\"error\""), "{body}");
         let (code, body) = ask(
             addr,
-            "GET /api/v1/vms HTTP/1.1\r\nAuthorization: Bearer ro-token",
+            "GET /api/v1/vms HTTP/1.1\r\nAuthorization: Bearer ro-token-0123456",
         )
         .await;
         assert_eq!(code, 200, "{body}");
@@ -739,31 +1197,31 @@ mod tests {
         assert_eq!(code, 401);
         let (code, body) = ask(
             addr,
-            "POST /api/v1/vms/web-1/clear HTTP/1.1\r\nAuthorization: Bearer ro-token",
+            "POST /api/v1/vms/web-1/clear HTTP/1.1\r\nAuthorization: Bearer ro-token-0123456",
         )
         .await;
         assert_eq!(code, 403, "{body}");
         let (code, body) = ask(
             addr,
-            "POST /api/v1/vms/web-1/clear HTTP/1.1\r\nAuthorization: bearer rw-token",
+            "POST /api/v1/vms/web-1/clear HTTP/1.1\r\nAuthorization: bearer rw-token-0123456",
         )
         .await;
         assert_eq!((code, body.as_str()), (200, "{\"cleared\":0}"));
         let (code, body) = ask(
             addr,
-            "GET /api/v1/vms/nope HTTP/1.1\r\nAuthorization: Bearer rw-token",
+            "GET /api/v1/vms/nope HTTP/1.1\r\nAuthorization: Bearer rw-token-0123456",
         )
         .await;
         assert_eq!(code, 404, "{body}");
         let (code, body) = ask(
             addr,
-            "GET /console_log/00000000-0000-0000-0000-000000000000 HTTP/1.1\r\nAuthorization: Bearer rw-token",
+            "GET /console_log/00000000-0000-0000-0000-000000000000 HTTP/1.1\r\nAuthorization: Bearer rw-token-0123456",
         )
         .await;
         assert_eq!(code, 404, "no backend keeps transcripts: {body}");
         let (code, body) = ask(
             addr,
-            "GET /metrics HTTP/1.1\r\nAuthorization: Bearer ro-token",
+            "GET /metrics HTTP/1.1\r\nAuthorization: Bearer ro-token-0123456",
         )
         .await;
         assert_eq!(code, 200);
@@ -803,6 +1261,39 @@ mod tests {
         );
         let c = Config::from_argv(argv(&["vspc", "--no-http"])).expect("--no-http");
         assert!(c.no_http);
+
+        let c = Config::from_argv(argv(&["vspc"])).expect("defaults");
+        assert!(c.http_host.is_empty());
+        assert_eq!(c.http_header_timeout, Duration::from_secs(10));
+        assert_eq!(c.http_max_connections, 1024);
+        std::fs::write(
+            &path,
+            "http_host = [\"Vspc.Example.com.\", \"b.example\"]\n\
+             http-header-timeout = 2\nhttp-max-connections = 8\n",
+        )
+        .expect("write");
+        let c = Config::from_argv(argv(&[
+            "vspc",
+            "--config",
+            &file,
+            "--http-host",
+            "c.example",
+        ]))
+        .expect("config file");
+        assert_eq!(c.http_host, ["vspc.example.com", "b.example", "c.example"]);
+        assert_eq!(c.http_header_timeout, Duration::from_secs(2));
+        assert_eq!(c.http_max_connections, 8);
+        for bad in ["a b", "x.example:80", "x-.example", "a..b"] {
+            let e = Config::from_argv(argv(&["vspc", "--http-host", bad]))
+                .expect_err(bad)
+                .to_string();
+            assert!(
+                e.contains("--http-host") && e.contains("host name"),
+                "{bad}: {e}"
+            );
+        }
+        assert!(Config::from_argv(argv(&["vspc", "--http-max-connections", "0"])).is_err());
+        assert!(Config::from_argv(argv(&["vspc", "--http-header-timeout", "0"])).is_err());
         assert!(Config::from_argv(argv(&["vspc", "--http-key", "k.pem"])).is_err());
     }
 

@@ -177,6 +177,9 @@ fn http_config(cfg: &Config) -> Result<Option<vspc::http::HttpConfig>, String> {
         tls,
         handshake_timeout: cfg.handshake_timeout,
         required: cfg.http_port.is_some(),
+        hosts: cfg.http_host.clone(),
+        header_timeout: cfg.http_header_timeout,
+        max_connections: cfg.http_max_connections as usize,
     }))
 }
 

@@ -234,6 +234,9 @@ pub struct Metrics {
     /// Proxy-port connections closed at accept because their address is
     /// not in `--proxy-allow`: someone else trying to be a VM.
     proxy_refused: AtomicU64,
+    /// HTTP connections closed at accept: `--http-max-connections` were
+    /// open.
+    http_refused: AtomicU64,
 }
 
 impl Default for Metrics {
@@ -250,6 +253,7 @@ impl Default for Metrics {
             retired_out: AtomicU64::new(0),
             retired_in: AtomicU64::new(0),
             proxy_refused: AtomicU64::new(0),
+            http_refused: AtomicU64::new(0),
         }
     }
 }
@@ -288,6 +292,11 @@ impl Metrics {
     /// A proxy-port connection from outside `--proxy-allow` was closed.
     pub fn proxy_refused(&self) {
         self.proxy_refused.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// An HTTP connection was closed at accept: the most allowed were open.
+    pub fn http_refused(&self) {
+        self.http_refused.fetch_add(1, Ordering::Relaxed);
     }
 
     /// Connections accepted on `l` so far.
@@ -329,6 +338,8 @@ struct Snapshot {
     backends: Vec<(String, u64, u64)>,
     /// Proxy connections refused by `--proxy-allow`.
     proxy_refused: u64,
+    /// HTTP connections refused by `--http-max-connections`.
+    http_refused: u64,
 }
 
 fn load_all<const N: usize>(
@@ -371,6 +382,7 @@ impl Snapshot {
             disconnects: load_all(&m.disconnects, Disconnect::ALL.iter().map(|r| r.label())),
             backends: hub.backend().stats(),
             proxy_refused: m.proxy_refused.load(Ordering::Relaxed),
+            http_refused: m.http_refused.load(Ordering::Relaxed),
         }
     }
 }
@@ -460,6 +472,13 @@ impl prometheus_client::collector::Collector for Snapshot {
             "Proxy-port connections closed at accept: their address is not in --proxy-allow.",
             None,
             self.proxy_refused,
+        )?;
+        counter(
+            e,
+            "http_connections_refused",
+            "HTTP connections closed at accept: --http-max-connections were open.",
+            None,
+            self.http_refused,
         )?;
         labelled_counters(
             e,

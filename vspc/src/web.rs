@@ -74,6 +74,7 @@ const XTERM_CSS: &str = include_str!("../web/vendor/xterm.css");
 const FIT_JS: &str = include_str!("../web/vendor/addon-fit.js");
 /// The pages' own script and style.
 const CONSOLE_JS: &str = include_str!("../web/console.js");
+const INDEX_JS: &str = include_str!("../web/index.js");
 const PAGE_CSS: &str = include_str!("../web/vspc.css");
 const INDEX_HTML: &str = include_str!("../web/index.html");
 const CONSOLE_HTML: &str = include_str!("../web/console.html");
@@ -85,6 +86,7 @@ pub fn asset(file: &str) -> Response {
         "xterm.css" => (XTERM_CSS, "text/css; charset=utf-8"),
         "addon-fit.js" => (FIT_JS, "text/javascript; charset=utf-8"),
         "console.js" => (CONSOLE_JS, "text/javascript; charset=utf-8"),
+        "index.js" => (INDEX_JS, "text/javascript; charset=utf-8"),
         "vspc.css" => (PAGE_CSS, "text/css; charset=utf-8"),
         _ => return not_found_page("no such file"),
     };
@@ -283,7 +285,7 @@ pub fn console(
 /// `Origin`: refuse one from another site, so that a web page cannot type
 /// into a console on a loopback daemon without a token file. Clients that
 /// are not browsers send no `Origin`.
-fn same_origin(headers: &HeaderMap) -> bool {
+pub(crate) fn same_origin(headers: &HeaderMap) -> bool {
     let Some(origin) = headers.get(header::ORIGIN) else {
         return true;
     };
@@ -471,6 +473,7 @@ mod tests {
             "xterm.css",
             "addon-fit.js",
             "console.js",
+            "index.js",
             "vspc.css",
         ] {
             assert_eq!(asset(f).status(), StatusCode::OK, "{f}");
