@@ -1172,3 +1172,36 @@ async fn token_files_keep_hashes_refuse_short_tokens_and_loose_modes() {
     let r = request(http, "GET", "/api/v1/vms", Some("a-long-enough-token")).await;
     assert_eq!(r.status, 200, "{}", r.text());
 }
+
+/// A name two VMs have finds neither over HTTP: 409 with both uuids, for
+/// the API, the clear and the console page; a uuid finds the real one.
+#[tokio::test]
+async fn an_ambiguous_name_gets_409_with_the_uuids() {
+    let (d, http) = daemon(&[]);
+    let real = Identity::numbered(1701);
+    let mut impostor = Identity::numbered(1702);
+    impostor.name = real.name.clone();
+    let (_real_vm, _) = vm_up(&d, &real).await;
+    let _impostor_vm = SimVm::connect(d.proxy, &impostor).await.expect("impostor");
+    assert!(
+        d.wait_log("claims the name of a connected VM", T).await,
+        "{}",
+        d.log()
+    );
+    for (method, path) in [
+        ("GET", format!("/api/v1/vms/{}", real.name)),
+        ("POST", format!("/api/v1/vms/{}/clear", real.name)),
+        ("GET", format!("/vms/{}", real.name)),
+    ] {
+        let r = request(http, method, &path, None).await;
+        assert_eq!(r.status, 409, "{method} {path}");
+        let body = String::from_utf8_lossy(&r.body).into_owned();
+        assert!(
+            body.contains(&real.uuid_display()) && body.contains(&impostor.uuid_display()),
+            "{method} {path}: {body}"
+        );
+    }
+    let r = get(http, &format!("/api/v1/vms/{}", real.uuid_display())).await;
+    assert_eq!(r.status, 200);
+    assert_eq!(r.json()["uuid"], real.uuid_display());
+}

@@ -639,16 +639,33 @@ fn unknown_vm(what: &str) -> Response {
     )
 }
 
+/// 404 for an unknown VM; 409 for a name more than one VM has, with their
+/// uuids (ask by uuid).
+pub fn lookup_failed(what: &str, why: crate::hub::Lookup) -> Response {
+    match why {
+        crate::hub::Lookup::NotFound => unknown_vm(what),
+        crate::hub::Lookup::Ambiguous(uuids) => (
+            StatusCode::CONFLICT,
+            Json(json!({
+                "error": crate::hub::Lookup::Ambiguous(uuids.clone()).explain(what),
+                "uuids": uuids,
+            })),
+        )
+            .into_response(),
+    }
+}
+
 async fn one_vm(State(app): State<App>, Path(vm): Path<String>) -> Response {
-    match app.hub.find(&vm) {
-        Some(v) => Json(vm_json(&v.status())).into_response(),
-        None => unknown_vm(&vm),
+    match app.hub.lookup(&vm) {
+        Ok(v) => Json(vm_json(&v.status())).into_response(),
+        Err(why) => lookup_failed(&vm, why),
     }
 }
 
 async fn clear_vm(State(app): State<App>, Path(vm): Path<String>) -> Response {
-    let Some(v) = app.hub.find(&vm) else {
-        return unknown_vm(&vm);
+    let v = match app.hub.lookup(&vm) {
+        Ok(v) => v,
+        Err(why) => return lookup_failed(&vm, why),
     };
     let n = app.hub.clear_consoles(
         &v,

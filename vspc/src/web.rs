@@ -211,8 +211,14 @@ pub fn index(hub: &Hub, token: Option<&str>) -> Response {
 
 /// `GET /vms/{vm}`: the terminal page; 404 for an unknown VM.
 pub fn console_page(hub: &Hub, what: &str) -> Response {
-    let Some(vm) = hub.find(what) else {
-        return not_found_page(&format!("No VM named or with uuid {what:?}."));
+    let vm = match hub.lookup(what) {
+        Ok(vm) => vm,
+        Err(why @ crate::hub::Lookup::Ambiguous(_)) => {
+            return error_page(StatusCode::CONFLICT, &format!("{}.", why.explain(what)))
+        }
+        Err(crate::hub::Lookup::NotFound) => {
+            return not_found_page(&format!("No VM named or with uuid {what:?}."))
+        }
     };
     page(
         CONSOLE_HTML,
@@ -241,11 +247,9 @@ pub fn console(
             "a page from another site may not open a console (the Origin is not this server)",
         );
     }
-    let Some(vm) = hub.find(what) else {
-        return api_error(
-            StatusCode::NOT_FOUND,
-            format!("no VM named or with uuid {what:?}"),
-        );
+    let vm = match hub.lookup(what) {
+        Ok(vm) => vm,
+        Err(why) => return crate::http::lookup_failed(what, why),
     };
     let asked = match mode.filter(|m| !m.is_empty()) {
         None => LockMode::FreeForAllOrReadOnly,
