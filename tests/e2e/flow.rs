@@ -288,7 +288,7 @@ async fn wait_consoles(d: &Daemon, name: &str, n: usize) {
 }
 
 /// One native admin command's answer line.
-async fn admin_line(d: &Daemon, cmd: &str) -> String {
+pub(crate) async fn admin_line(d: &Daemon, cmd: &str) -> String {
     let mut s = TcpStream::connect(d.admin).await.expect("admin port");
     s.write_all(format!("{cmd}\n").as_bytes())
         .await

@@ -10,24 +10,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use vspc_testkit::sim::{Identity, SimVm};
 
-/// One native admin command's answer line.
-async fn admin(d: &Daemon, cmd: &str) -> String {
-    let mut s = TcpStream::connect(d.admin).await.expect("admin port");
-    s.write_all(format!("{cmd}\n").as_bytes())
-        .await
-        .expect("admin write");
-    let mut out = Vec::new();
-    let mut b = [0u8; 4096];
-    while !out.ends_with(b"\n") {
-        let n = tokio::time::timeout(T, s.read(&mut b))
-            .await
-            .expect("admin answer in time")
-            .expect("admin read");
-        assert!(n > 0, "admin port closed");
-        out.extend_from_slice(&b[..n]);
-    }
-    String::from_utf8_lossy(&out).into_owned()
-}
+use crate::flow::admin_line as admin;
 
 /// Wait until the daemon's log contains `needle`.
 async fn logged(d: &Daemon, needle: &str) {
