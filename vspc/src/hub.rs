@@ -242,6 +242,11 @@ impl Vm {
         self.lock().active.is_some()
     }
 
+    /// The connection that carries this port now, if any.
+    pub fn active_conn(&self) -> Option<ConnId> {
+        self.lock().active.as_ref().map(|p| p.id)
+    }
+
     /// Serial output bytes read from this VM so far.
     pub fn bytes_from_vm(&self) -> u64 {
         self.bytes_out.load(Ordering::Relaxed)

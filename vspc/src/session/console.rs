@@ -119,6 +119,19 @@ impl ConsoleSession {
         seed: Option<&[u8]>,
         protocol: ConsoleProtocol,
     ) -> Result<ConsoleSession, AttachError> {
+        Self::join_at(hub, vm, mode, seed, protocol, Instant::now())
+    }
+
+    /// [`ConsoleSession::join`] at time `now` (the clock is read by the
+    /// caller, so the detection timers can be driven with synthetic time).
+    pub fn join_at(
+        hub: &Arc<Hub>,
+        vm: &Arc<Vm>,
+        mode: LockMode,
+        seed: Option<&[u8]>,
+        protocol: ConsoleProtocol,
+        now: Instant,
+    ) -> Result<ConsoleSession, AttachError> {
         let (encoding, start) = match protocol {
             ConsoleProtocol::Auto => (Encoding::Hold, Mode::Silent),
             ConsoleProtocol::Telnet => (Encoding::Telnet, Mode::Telnet),
@@ -142,7 +155,7 @@ impl ConsoleSession {
             decoder: Decoder::default(),
             neg,
             mode: start,
-            detect_at: (start == Mode::Silent).then(|| Instant::now() + DETECT_WINDOW),
+            detect_at: (start == Mode::Silent).then(|| now + DETECT_WINDOW),
             access,
             nvt_in: false,
             after_cr: false,
@@ -385,5 +398,127 @@ impl Session for ConsoleSession {
 
     fn on_stall(&mut self) {
         self.stalled = true;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    //! The console session in-process, with synthetic time: telling raw and
+    //! telnet clients apart, the offer and its wait, NVT, and read-only
+    //! input, driven through [`Session`] with a made-up `now`.
+    use super::*;
+    use crate::hub::{Identity, Peer};
+    use crate::testing::written;
+
+    const OFFER: &[u8] = b"\xff\xfb\x01\xff\xfb\x03\xff\xfb\x00\xff\xfd\x00\xff\xfd\x03";
+
+    fn vm() -> (Arc<Hub>, Arc<Vm>, Peer) {
+        let h = crate::testing::hub(Duration::from_secs(60), Duration::from_secs(30), 1 << 20);
+        let p = h.new_peer(1 << 20, Encoding::Telnet);
+        let id = Identity {
+            key: "k".into(),
+            uuid: "u".into(),
+            name: "vm".into(),
+        };
+        let vm = h.attach_vm(&id, p.clone()).expect("attach");
+        (h, vm, p)
+    }
+
+    fn join(h: &Arc<Hub>, vm: &Arc<Vm>, p: ConsoleProtocol, t0: Instant) -> ConsoleSession {
+        ConsoleSession::join_at(h, vm, LockMode::FreeForAll, None, p, t0).expect("join")
+    }
+
+    #[test]
+    fn a_silent_client_is_offered_telnet_then_served_raw() {
+        let (h, vm, _) = vm();
+        let t0 = Instant::now();
+        let mut c = join(&h, &vm, ConsoleProtocol::Auto, t0);
+        let out = c.outbox();
+        assert_eq!(c.deadline(), Some(t0 + DETECT_WINDOW));
+        // Output waits while it is told apart.
+        h.vm_output(
+            &vm,
+            vm_conn(&h, &vm),
+            bytes::Bytes::from_static(b"boot\xff"),
+        );
+        assert_eq!(written(&out).0, b"", "output went out before the decision");
+        c.on_deadline(t0 + DETECT_WINDOW);
+        assert_eq!(written(&out).0, OFFER, "the offer, and nothing else yet");
+        assert_eq!(c.deadline(), Some(t0 + DETECT_WINDOW + ANSWER_WAIT));
+        c.on_deadline(t0 + DETECT_WINDOW + ANSWER_WAIT);
+        assert_eq!(c.deadline(), None);
+        assert_eq!(written(&out).0, b"boot\xff", "raw after no answer");
+    }
+
+    /// The VM's connection id (the hub's `vm_output` wants it).
+    fn vm_conn(_h: &Hub, vm: &Vm) -> crate::hub::ConnId {
+        vm.active_conn().expect("connected")
+    }
+
+    #[test]
+    fn the_first_byte_decides_telnet_or_raw() {
+        let (h, vm, vm_peer) = vm();
+        let t0 = Instant::now();
+        // IAC: telnet, offered at once, 0xFF doubled from then on.
+        let mut telnet = join(&h, &vm, ConsoleProtocol::Auto, t0);
+        telnet.on_input(b"\xff\xfd\x03");
+        assert_eq!(telnet.deadline(), None);
+        assert_eq!(telnet.outbox().encoding(), Encoding::Telnet);
+        assert!(written(&telnet.outbox()).0.starts_with(OFFER));
+        // Anything else: raw, and the first bytes go to the VM at once.
+        let mut raw = join(&h, &vm, ConsoleProtocol::Auto, t0);
+        raw.on_input(b"+$qSupported#37");
+        assert_eq!(raw.outbox().encoding(), Encoding::Raw);
+        assert_eq!(written(&vm_peer.outbox).0, b"+$qSupported#37");
+        assert_eq!(
+            written(&raw.outbox()).0,
+            b"",
+            "a raw client saw negotiation"
+        );
+    }
+
+    #[test]
+    fn forced_modes_skip_the_guess() {
+        let (h, vm, _) = vm();
+        let t0 = Instant::now();
+        let telnet = join(&h, &vm, ConsoleProtocol::Telnet, t0);
+        assert_eq!(telnet.deadline(), None);
+        assert_eq!(written(&telnet.outbox()).0, OFFER);
+        let raw = join(&h, &vm, ConsoleProtocol::Raw, t0);
+        assert_eq!(raw.deadline(), None);
+        assert_eq!(raw.outbox().encoding(), Encoding::Raw);
+        assert_eq!(written(&raw.outbox()).0, b"");
+    }
+
+    #[test]
+    fn a_client_that_refuses_binary_gets_nvt_both_ways() {
+        let (h, vm, vm_peer) = vm();
+        let mut c = join(&h, &vm, ConsoleProtocol::Telnet, Instant::now());
+        written(&c.outbox());
+        // DONT BINARY, WONT BINARY, then Enter as CR NUL and CR LF.
+        c.on_input(b"\xff\xfe\x00\xff\xfc\x00a\r\0b\r\n");
+        assert_eq!(c.outbox().encoding(), Encoding::Nvt);
+        assert_eq!(written(&vm_peer.outbox).0, b"a\rb\r");
+    }
+
+    #[test]
+    fn a_read_only_console_types_nothing() {
+        let (h, vm, vm_peer) = vm();
+        let t0 = Instant::now();
+        let _writer =
+            ConsoleSession::join_at(&h, &vm, LockMode::Write, None, ConsoleProtocol::Raw, t0)
+                .expect("writer");
+        let mut watcher = ConsoleSession::join_at(
+            &h,
+            &vm,
+            LockMode::FreeForAllOrReadOnly,
+            None,
+            ConsoleProtocol::Raw,
+            t0,
+        )
+        .expect("watcher");
+        assert_eq!(watcher.access(), Access::ReadOnly);
+        watcher.on_input(b"rm -rf /\r");
+        assert_eq!(written(&vm_peer.outbox).0, b"");
     }
 }
