@@ -15,7 +15,6 @@
 //!   and the jsonl plugin gets the same events.
 
 use std::net::SocketAddr;
-use std::time::{Duration, Instant};
 
 use crate::common::*;
 use futures_util::{SinkExt, StreamExt};
@@ -62,18 +61,6 @@ fn lines_with(d: &Daemon, needles: &[&str]) -> Vec<String> {
         .filter(|l| needles.iter().all(|n| l.contains(n)))
         .map(str::to_string)
         .collect()
-}
-
-/// Poll `done` until it holds or `limit` passes.
-async fn eventually(limit: Duration, mut done: impl FnMut() -> bool) -> bool {
-    let deadline = Instant::now() + limit;
-    while !done() {
-        if Instant::now() >= deadline {
-            return false;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    true
 }
 
 #[tokio::test]

@@ -203,21 +203,6 @@ async fn native_row(d: &Daemon, name: &str) -> Option<Json> {
         .find(|r| r["name"] == json!(name))
 }
 
-/// Poll the native listing until `name` has `n` consoles.
-async fn wait_consoles(d: &Daemon, name: &str, n: u64) {
-    let deadline = Instant::now() + T;
-    loop {
-        let row = native_row(d, name).await;
-        if row.as_ref().is_some_and(|r| r["consoles"] == json!(n)) {
-            return;
-        }
-        if Instant::now() > deadline {
-            panic!("VM {name} did not get to {n} consoles within {T:?}; row {row:?}");
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
-
 /// `connect VM [MODE]` on a new connection: the answer and the console, or
 /// the error answer.
 async fn native_connect(
@@ -906,7 +891,7 @@ async fn lock_matrix_native() {
                     expected(held, req)
                 ));
             }
-            wait_consoles(&d, &id.name, 1 + u64::from(extra.is_some())).await;
+            wait_consoles(&d, &id.name, 1 + usize::from(extra.is_some())).await;
             let refused_or_limited = got != req.alone();
             close_all([holder, extra]).await;
             wait_consoles(&d, &id.name, 0).await;

@@ -138,20 +138,6 @@ fn named(index: u32, name: &str) -> Identity {
     }
 }
 
-/// Poll `done` every 20 ms until it holds or `limit` passes.
-async fn eventually(limit: Duration, mut done: impl FnMut() -> bool) -> bool {
-    let deadline = Instant::now() + limit;
-    loop {
-        if done() {
-            return true;
-        }
-        if Instant::now() >= deadline {
-            return false;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
-
 /// Where two byte strings first differ, for failure messages.
 fn first_difference(a: &[u8], b: &[u8]) -> String {
     match a.iter().zip(b).position(|(x, y)| x != y) {

@@ -159,10 +159,6 @@ impl Drop for Client {
     }
 }
 
-fn ms(n: u64) -> Duration {
-    Duration::from_millis(n)
-}
-
 /// Run the client to completion with stdin closed: (exit code, stdout, stderr).
 async fn run_client(d: &Daemon, args: &[&str]) -> (i32, String, String) {
     let mut c = Client::start(d, args);
@@ -193,32 +189,6 @@ async fn native(admin: SocketAddr, command: &str) -> Value {
     tokio::time::timeout(T, work)
         .await
         .unwrap_or_else(|_| panic!("no answer to {command:?} within {T:?}"))
-}
-
-/// The number of consoles attached to the VM called `name`.
-async fn consoles(admin: SocketAddr, name: &str) -> u64 {
-    let list = native(admin, "list").await;
-    list["vms"]
-        .as_array()
-        .and_then(|vms| vms.iter().find(|v| v["name"] == name))
-        .and_then(|v| v["consoles"].as_u64())
-        .unwrap_or(0)
-}
-
-/// Wait until the VM has exactly `n` consoles.
-async fn wait_consoles(admin: SocketAddr, name: &str, n: u64, limit: Duration) {
-    let deadline = Instant::now() + limit;
-    loop {
-        let now = consoles(admin, name).await;
-        if now == n {
-            return;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "{name} has {now} consoles, not {n}, after {limit:?}"
-        );
-        tokio::time::sleep(ms(25)).await;
-    }
 }
 
 fn all_bytes() -> Vec<u8> {
@@ -270,7 +240,7 @@ async fn session_through_a_pipe_is_byte_exact() {
     let id = Identity::numbered(110);
     let (vm, _) = vm_up(&d, &id).await;
     let mut c = Client::start(&d, &[&id.name]);
-    wait_consoles(d.admin, &id.name, 1, T).await;
+    wait_consoles_within(d.admin, &id.name, 1, T).await;
 
     // VM to client: every byte value, 0xFF and telnet-looking bytes included.
     let all = all_bytes();
@@ -300,7 +270,7 @@ async fn session_through_a_pipe_is_byte_exact() {
         "end of input is our close, not the server's: {}",
         c.stderr()
     );
-    wait_consoles(d.admin, &id.name, 0, T).await;
+    wait_consoles_within(d.admin, &id.name, 0, T).await;
 }
 
 #[tokio::test]
@@ -341,7 +311,7 @@ async fn locks_refused_and_read_only() {
 
     // An exclusive holder keeps a write lock out.
     let mut excl = Client::start(&d, &["--client-lock-mode", "exclusive", &id.name]);
-    wait_consoles(d.admin, &id.name, 1, T).await;
+    wait_consoles_within(d.admin, &id.name, 1, T).await;
     let (code, _, err) = run_client(&d, &["--client-lock-mode", "write", &id.name]).await;
     assert_eq!(code, 3, "stderr: {err}");
     assert!(
@@ -354,11 +324,11 @@ async fn locks_refused_and_read_only() {
     assert!(err.contains("exclusive"), "{err}");
     excl.close_stdin();
     assert_eq!(excl.code(T).await, 0, "stderr: {}", excl.stderr());
-    wait_consoles(d.admin, &id.name, 0, T).await;
+    wait_consoles_within(d.admin, &id.name, 0, T).await;
 
     // A writer, then a default client: read-only, its input is discarded.
     let mut writer = Client::start(&d, &["--client-lock-mode", "write", &id.name]);
-    wait_consoles(d.admin, &id.name, 1, T).await;
+    wait_consoles_within(d.admin, &id.name, 1, T).await;
     let mut reader = Client::start(&d, &[&id.name]);
     assert!(
         reader.wait_stderr("read-only", T).await,
@@ -373,7 +343,7 @@ async fn locks_refused_and_read_only() {
         "{}",
         reader.stderr()
     );
-    wait_consoles(d.admin, &id.name, 2, T).await;
+    wait_consoles_within(d.admin, &id.name, 2, T).await;
     reader.write(b"from-the-reader");
     tokio::time::sleep(SHORT).await;
     writer.write(b"from-the-writer");
@@ -397,7 +367,7 @@ async fn clear_ends_sessions() {
     let id = Identity::numbered(140);
     let (_vm, _) = vm_up(&d, &id).await;
     let mut c = Client::start(&d, &[&id.name]);
-    wait_consoles(d.admin, &id.name, 1, T).await;
+    wait_consoles_within(d.admin, &id.name, 1, T).await;
 
     let (code, out, err) = run_client(&d, &["--clear", &id.name]).await;
     assert_eq!(code, 0, "stderr: {err}");
@@ -415,7 +385,7 @@ async fn clear_ends_sessions() {
         "the server's goodbye should reach stdout: {:?}",
         String::from_utf8_lossy(&c.stdout())
     );
-    wait_consoles(d.admin, &id.name, 0, T).await;
+    wait_consoles_within(d.admin, &id.name, 0, T).await;
 
     let (code, out, err) = run_client(&d, &["--clear", &id.uuid_display()]).await;
     assert_eq!(code, 0, "stderr: {err}");
@@ -548,7 +518,7 @@ async fn terminal_is_restored() {
     };
 
     // Run 1: output, typing, the menu (continue), more typing, quit.
-    wait_consoles(d.admin, &id.name, 1, 2 * T).await;
+    wait_consoles_within(d.admin, &id.name, 1, 2 * T).await;
     vm.send(b"hello-from-vm-1\r\n").await.expect("VM send");
     let got = vm.read_exact_data(14, 3 * T).await.unwrap_or_else(|e| {
         panic!(
@@ -558,7 +528,7 @@ async fn terminal_is_restored() {
     });
     assert_eq!(got, b"typed-1typed-2", "only the typed text reaches the VM");
     script.wait_mark("run1-done", 2 * T).await;
-    wait_consoles(d.admin, &id.name, 0, T).await;
+    wait_consoles_within(d.admin, &id.name, 0, T).await;
     assert!(
         vm.recv_data(SHORT).await.is_empty(),
         "nothing else reached the VM"
@@ -569,7 +539,7 @@ async fn terminal_is_restored() {
         stdin.write_all(b"go\n").expect("tell the script to go on");
         stdin.flush().expect("flush");
     }
-    wait_consoles(d.admin, &id.name, 1, 2 * T).await;
+    wait_consoles_within(d.admin, &id.name, 1, 2 * T).await;
     vm.send(b"hello-from-vm-2\r\n").await.expect("VM send");
     script.wait_mark("run2-ready", T).await;
     let answer = native(d.admin, &format!("clear {}", id.name)).await;

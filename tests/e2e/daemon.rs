@@ -17,10 +17,6 @@ use vspc_testkit::sim::{
 
 const SHORT: Duration = Duration::from_millis(300);
 
-fn ms(n: u64) -> Duration {
-    Duration::from_millis(n)
-}
-
 /// BEGIN `seq` and insist on GOAHEAD; returns the cookie.
 async fn goahead(vm: &SimVm, seq: &[u8]) -> Vec<u8> {
     match vm.begin_vmotion(seq).await {

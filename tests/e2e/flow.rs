@@ -270,42 +270,6 @@ async fn small_console(d: &Daemon, port: u16, rcvbuf: u32) -> TcpStream {
     s.connect(d.console(port)).await.expect("connect console")
 }
 
-/// Until `n` consoles are attached to the VM on `port`.
-async fn wait_consoles(d: &Daemon, name: &str, n: usize) {
-    let deadline = Instant::now() + T;
-    loop {
-        let out = admin_line(d, "list").await;
-        let row = out.split("},{").find(|r| r.contains(name)).unwrap_or("");
-        if row.contains(&format!("\"consoles\":{n}")) {
-            return;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "{n} consoles never attached: {out}"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
-
-/// One native admin command's answer line.
-pub(crate) async fn admin_line(d: &Daemon, cmd: &str) -> String {
-    let mut s = TcpStream::connect(d.admin).await.expect("admin port");
-    s.write_all(format!("{cmd}\n").as_bytes())
-        .await
-        .expect("admin write");
-    let mut out = Vec::new();
-    let mut b = [0u8; 4096];
-    while !out.ends_with(b"\n") {
-        let n = tokio::time::timeout(T, s.read(&mut b))
-            .await
-            .expect("admin answer in time")
-            .expect("admin read");
-        assert!(n > 0, "admin port closed");
-        out.extend_from_slice(&b[..n]);
-    }
-    String::from_utf8_lossy(&out).into_owned()
-}
-
 const MIB: u64 = 1 << 20;
 
 /// A burst of `total` bytes to `fast` reading consoles, with `stuck`
@@ -725,7 +689,7 @@ async fn admin_connect_raw_gives_a_raw_session() {
         .expect("in time")
         .expect("read");
     assert_eq!(got, data);
-    let bad = admin_line(&d, &format!("connect {} write ascii", id.name)).await;
+    let bad = admin_line(d.admin, &format!("connect {} write ascii", id.name)).await;
     assert!(bad.contains("unknown console protocol 'ascii'"), "{bad}");
 }
 

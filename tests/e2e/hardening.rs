@@ -10,8 +10,6 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use vspc_testkit::sim::{Identity, SimVm};
 
-use crate::flow::admin_line as admin;
-
 /// Wait until the daemon's log contains `needle`.
 async fn logged(d: &Daemon, needle: &str) {
     assert!(
@@ -93,7 +91,7 @@ async fn a_second_vm_claiming_a_name_makes_it_ambiguous_not_captured() {
         format!("connect {}", real.name),
         format!("clear {}", real.name),
     ] {
-        let answer = admin(&d, &cmd).await;
+        let answer = admin_line(d.admin, &cmd).await;
         assert!(
             answer.contains("\"code\":\"vm_ambiguous\""),
             "{cmd}: {answer}"
@@ -102,7 +100,7 @@ async fn a_second_vm_claiming_a_name_makes_it_ambiguous_not_captured() {
         assert!(answer.contains(&impostor.uuid_display()), "{answer}");
     }
     // By uuid: the real one.
-    let answer = admin(&d, &format!("clear {}", real.uuid_display())).await;
+    let answer = admin_line(d.admin, &format!("clear {}", real.uuid_display())).await;
     assert!(answer.contains("\"ok\":true"), "{answer}");
     // Their transcripts never mix.
     real_vm.send(b"real output\n").await.expect("real output");

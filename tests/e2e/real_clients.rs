@@ -44,8 +44,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use crate::common::*;
-use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
-use tokio::net::TcpStream;
+
 use vspc_testkit::sim::{Identity, SimVm};
 
 /// The daemon's opening telnet negotiation to a console that stays silent:
@@ -62,10 +61,6 @@ const GDB_LIMIT: Duration = Duration::from_secs(20);
 /// The most any one test may take, whatever happens (each step has its own,
 /// shorter limit; this is the backstop against a hang).
 const TEST_LIMIT: Duration = Duration::from_secs(60);
-
-fn ms(n: u64) -> Duration {
-    Duration::from_millis(n)
-}
 
 /// Run a test's steps within [`TEST_LIMIT`]. When it runs out, the steps are
 /// dropped, and with them every process guard (which kills its process).
@@ -411,35 +406,6 @@ fn assert_same_bytes(what: &str, got: &[u8], want: &[u8]) {
 
 // ---------------------------------------------------------------------------
 // The daemon's admin port.
-
-/// How many consoles the VM called `name` has, from the native `list`.
-async fn console_count(d: &Daemon, name: &str) -> Option<u64> {
-    let ask = async {
-        let mut s = TcpStream::connect(d.admin).await.ok()?;
-        s.write_all(b"list\n").await.ok()?;
-        let mut line = String::new();
-        BufReader::new(s).read_line(&mut line).await.ok()?;
-        let v: serde_json::Value = serde_json::from_str(&line).ok()?;
-        v["vms"].as_array()?.iter().find(|vm| vm["name"] == name)?["consoles"].as_u64()
-    };
-    tokio::time::timeout(T, ask).await.ok().flatten()
-}
-
-/// Wait until the VM `name` has `n` consoles attached.
-async fn wait_consoles(d: &Daemon, name: &str, n: u64) {
-    let deadline = Instant::now() + T;
-    loop {
-        let now = console_count(d, name).await;
-        if now == Some(n) {
-            return;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "VM {name} should have {n} console(s) within {T:?}; the admin port says {now:?}"
-        );
-        tokio::time::sleep(ms(20)).await;
-    }
-}
 
 // ---------------------------------------------------------------------------
 // A process as the VM's serial line.

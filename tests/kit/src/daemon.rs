@@ -827,3 +827,79 @@ pub async fn vm_up(d: &Daemon, id: &Identity) -> (SimVm, u16) {
     let (_, port) = wait_for_vm(d.admin, &id.name, T).await;
     (vm, port)
 }
+
+// ---------------------------------------------------------------------------
+// Waiting for the daemon: the one set of helpers every test uses.
+
+/// Milliseconds, for short waits in tests.
+pub fn ms(n: u64) -> Duration {
+    Duration::from_millis(n)
+}
+
+/// Poll `done` every 20 ms until it holds (true) or `limit` passes (false).
+pub async fn eventually(limit: Duration, mut done: impl FnMut() -> bool) -> bool {
+    let deadline = std::time::Instant::now() + limit;
+    loop {
+        if done() {
+            return true;
+        }
+        if std::time::Instant::now() >= deadline {
+            return false;
+        }
+        tokio::time::sleep(ms(20)).await;
+    }
+}
+
+/// The line the native admin protocol answers to `cmd` (on a connection
+/// of its own).
+pub async fn admin_line(admin: SocketAddr, cmd: &str) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(admin)
+        .await
+        .expect("admin port");
+    s.write_all(format!("{cmd}\n").as_bytes())
+        .await
+        .expect("admin write");
+    let mut out = Vec::new();
+    let mut b = [0u8; 4096];
+    while !out.ends_with(b"\n") {
+        let n = tokio::time::timeout(T, s.read(&mut b))
+            .await
+            .expect("admin answer in time")
+            .expect("admin read");
+        assert!(n > 0, "admin port closed");
+        out.extend_from_slice(&b[..n]);
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// How many consoles the VM called `name` has (the native `list`), if it
+/// is listed.
+pub async fn console_count(admin: SocketAddr, name: &str) -> Option<usize> {
+    let line = admin_line(admin, "list").await;
+    let v: serde_json::Value = serde_json::from_str(&line).ok()?;
+    let row = v["vms"].as_array()?.iter().find(|vm| vm["name"] == name)?;
+    row["consoles"].as_u64().map(|n| n as usize)
+}
+
+/// Wait until the VM called `name` has exactly `n` consoles attached, for
+/// at most [`T`].
+pub async fn wait_consoles(d: &Daemon, name: &str, n: usize) {
+    wait_consoles_within(d.admin, name, n, T).await
+}
+
+/// [`wait_consoles`] on any admin port, for at most `limit`.
+pub async fn wait_consoles_within(admin: SocketAddr, name: &str, n: usize, limit: Duration) {
+    let deadline = std::time::Instant::now() + limit;
+    loop {
+        let now = console_count(admin, name).await;
+        if now == Some(n) {
+            return;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "VM {name} should have {n} console(s) within {limit:?}; the admin port says {now:?}"
+        );
+        tokio::time::sleep(ms(20)).await;
+    }
+}
