@@ -50,7 +50,7 @@
 
 use crate::hub::{Access, ConsoleProtocol, Hub, LockMode, Vm};
 use crate::metrics::{Listener, SshClosed};
-use crate::net::conn::{serve as serve_stream, Stream};
+use crate::net::conn::{serve_console, Stream};
 use crate::session::console::ConsoleSession;
 use bytes::{Buf, Bytes};
 use russh::keys::{HashAlg, PrivateKey, PublicKey};
@@ -1241,9 +1241,7 @@ async fn console(
             .await;
     }
     let (ours, theirs) = tokio::io::duplex(PIPE_BYTES);
-    let outbox = session.outbox();
-    let stall = session.stall_timeout();
-    let conn = serve_stream(Stream::Pipe(ours), &mut session, outbox, None, stall);
+    let conn = serve_console(Stream::Pipe(ours), &mut session);
     let pump = pump(channel, theirs, &shared, &closer);
     tokio::pin!(conn, pump);
     tokio::select! {

@@ -38,7 +38,7 @@
 
 use crate::http::{Caller, Right};
 use crate::hub::{Access, AttachError, ConsoleProtocol, Hub, LockMode, Vm};
-use crate::net::conn::{serve as serve_stream, Stream};
+use crate::net::conn::{serve_console, Stream};
 use crate::session::console::ConsoleSession;
 use axum::extract::ws::{CloseFrame, Message, WebSocket, WebSocketUpgrade};
 use axum::http::{header, HeaderMap, StatusCode};
@@ -341,9 +341,7 @@ async fn run(mut ws: WebSocket, hub: Arc<Hub>, vm: Arc<Vm>, mode: LockMode, call
         return;
     }
     let (ours, theirs) = tokio::io::duplex(PIPE_BYTES);
-    let outbox = session.outbox();
-    let stall = session.stall_timeout();
-    let conn = serve_stream(Stream::Pipe(ours), &mut session, outbox, None, stall);
+    let conn = serve_console(Stream::Pipe(ours), &mut session);
     let pump = pump(ws, theirs, &vm, access);
     tokio::pin!(conn, pump);
     tokio::select! {

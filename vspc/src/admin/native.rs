@@ -21,7 +21,7 @@
 
 use crate::config::shell_words;
 use crate::hub::{AttachError, ConsoleProtocol, Hub, LockMode, Vm};
-use crate::net::conn::{serve as serve_stream, Stream};
+use crate::net::conn::{serve_console, Stream};
 use crate::session::console::ConsoleSession;
 use crate::session::Session;
 use serde_json::{json, Value};
@@ -282,9 +282,7 @@ async fn run_console(mut session: ConsoleSession, tcp: TcpStream, leftover: Vec<
         access = session.access().as_str(),
         "admin console session (native protocol)"
     );
-    let outbox = session.outbox();
-    let stall = session.stall_timeout();
-    serve_stream(Stream::Tcp(tcp), &mut session, outbox, None, stall).await;
+    serve_console(Stream::Tcp(tcp), &mut session).await;
 }
 
 /// The `stats` answer: the hub's counts and the allocator's figures.

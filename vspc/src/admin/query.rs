@@ -10,7 +10,7 @@
 
 use super::pickle::{self, Value};
 use crate::hub::{Access, AttachError, ConsoleProtocol, Hub, LockMode, Vm};
-use crate::net::conn::{serve as serve_stream, Stream};
+use crate::net::conn::{serve_console, Stream};
 use crate::session::console::ConsoleSession;
 use crate::session::Session;
 use std::sync::Arc;
@@ -204,8 +204,6 @@ async fn console_session(
     if !rest.is_empty() {
         session.on_input(&rest);
     }
-    let outbox = session.outbox();
-    let stall = session.stall_timeout();
-    serve_stream(Stream::Tcp(c.tcp), &mut session, outbox, None, stall).await;
+    serve_console(Stream::Tcp(c.tcp), &mut session).await;
     Ok(())
 }

@@ -578,17 +578,13 @@ impl<S: Session + ?Sized> Session for &mut S {
     }
 }
 
-/// Serve `stream` with `session` until either side closes. `pace` limits
-/// writes to that many bytes per second; `stall` gives up on a peer that
-/// takes nothing for that long while output waits.
-pub async fn serve<S: Session + Unpin>(
-    stream: Stream,
-    session: &mut S,
-    outbox: Arc<Outbox>,
-    pace: Option<u64>,
-    stall: Option<Duration>,
-) {
-    Conn::new(stream, session, outbox, pace)
+/// Serve a console session on `stream` until either side closes: the
+/// session's own outbox and stall timeout, no pacing (the one way every
+/// door that hands a console a stream of its own serves it).
+pub async fn serve_console(stream: Stream, session: &mut crate::session::console::ConsoleSession) {
+    let outbox = session.outbox();
+    let stall = session.stall_timeout();
+    Conn::new(stream, session, outbox, None)
         .stall_timeout(stall)
         .await
 }

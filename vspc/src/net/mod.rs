@@ -127,7 +127,7 @@ impl ConsoleOpener {
         let acceptor = acceptor::Acceptor::start("console port", move |vm: &Arc<Vm>, tcp| {
             if let Some(hub) = hub.upgrade() {
                 hub.metrics().accepted(Listener::Console);
-                rt.spawn(serve_console(hub, vm.clone(), tcp));
+                rt.spawn(console_port(hub, vm.clone(), tcp));
             }
         })?;
         Ok(ConsoleOpener {
@@ -358,7 +358,7 @@ pub fn vm_read_slice(console_queue: usize) -> usize {
 
 /// Serve a console-port connection: fetch the recent output and join the
 /// VM here, then give the connection a task of its own.
-async fn serve_console(hub: Arc<Hub>, vm: Arc<Vm>, tcp: std::net::TcpStream) {
+async fn console_port(hub: Arc<Hub>, vm: Arc<Vm>, tcp: std::net::TcpStream) {
     let tcp = match TcpStream::from_std(tcp) {
         Ok(tcp) => tcp,
         Err(e) => {
