@@ -1223,6 +1223,13 @@ impl Hub {
 
     /// Expire idle VMs and stale vMotions. Run periodically.
     pub fn sweep(&self, now: Instant) {
+        self.expire_vmotions(now);
+        self.expire_vms(now);
+    }
+
+    /// Drop the vMotions pending longer than `--vmotion-timeout`: held
+    /// console input goes to the source, a bound destination is closed.
+    fn expire_vmotions(&self, now: Instant) {
         let stale: Vec<(Vec<u8>, Pending)> = {
             let mut table = self.vmotions();
             let keys: Vec<Vec<u8>> = table
@@ -1249,7 +1256,11 @@ impl Hub {
                 d.outbox.close(None);
             }
         }
+    }
 
+    /// Forget the VMs idle (no connection, no console, no vMotion) longer
+    /// than `--vm-expire-time`, and return their ports to the pool.
+    fn expire_vms(&self, now: Instant) {
         let mut expired = Vec::new();
         {
             let mut reg = self.reg();
