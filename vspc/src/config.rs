@@ -177,9 +177,10 @@ pub struct Config {
     #[arg(long, default_value_t = 1 << 20, value_name = "BYTES", value_parser = clap::value_parser!(u64).range(4096..=(1u64 << 32)))]
     pub console_queue: u64,
 
-    /// Seconds a console's socket may take no byte while output waits for
-    /// it; then it is told why (if it can still take that) and
-    /// disconnected. 0 never disconnects.
+    /// Seconds a console that is behind has to take at least 1 KiB/s on
+    /// average while output waits for it (or to catch up); then it is told
+    /// why (if it can still take that) and disconnected. 0 never
+    /// disconnects.
     #[arg(long, default_value = "30", value_name = "SECONDS", value_parser = parse_duration_or_zero)]
     pub console_stall_timeout: Duration,
 
