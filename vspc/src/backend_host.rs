@@ -26,7 +26,7 @@
 //! Every call goes through the backend's stable-ABI object, built-in or
 //! plugin alike; panics are caught on the backend's side of that boundary.
 
-use crate::session::WaitFuture;
+use crate::wait::WaitFuture;
 use bytes::Bytes;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{mpsc, Arc};

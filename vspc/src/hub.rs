@@ -21,7 +21,7 @@
 use crate::backend_host::Backends;
 use crate::metrics::{Disconnect, Metrics, Vmotion};
 use crate::outbox::{Encoding, Outbox};
-use crate::session::WaitFuture;
+use crate::wait::WaitFuture;
 use bytes::Bytes;
 use std::collections::{BTreeSet, HashMap, VecDeque};
 use std::net::{IpAddr, SocketAddr};

@@ -28,6 +28,7 @@ pub mod shown;
 pub mod ssh;
 #[cfg(test)]
 mod testing;
+pub mod wait;
 pub mod web;
 
 pub use vspc_codec::{vmware, wire};

@@ -5,13 +5,10 @@
 pub mod console;
 pub mod vm;
 
-use std::future::Future;
-use std::pin::Pin;
 use std::task::{Context, Poll};
 use std::time::Instant;
 
-/// Something a session waits for (backpressure), driven by its connection.
-pub type WaitFuture = Pin<Box<dyn Future<Output = ()> + Send>>;
+pub use crate::wait::WaitFuture;
 
 /// What the connection should do after a session handled input.
 pub enum Flow {
