@@ -642,14 +642,12 @@ fn unknown_vm(what: &str) -> Response {
 /// 404 for an unknown VM; 409 for a name more than one VM has, with their
 /// uuids (ask by uuid).
 pub fn lookup_failed(what: &str, why: crate::hub::Lookup) -> Response {
+    let error = why.explain(what);
     match why {
         crate::hub::Lookup::NotFound => unknown_vm(what),
         crate::hub::Lookup::Ambiguous(uuids) => (
             StatusCode::CONFLICT,
-            Json(json!({
-                "error": crate::hub::Lookup::Ambiguous(uuids.clone()).explain(what),
-                "uuids": uuids,
-            })),
+            Json(json!({ "error": error, "uuids": uuids })),
         )
             .into_response(),
     }

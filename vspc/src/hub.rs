@@ -10,13 +10,13 @@
 //! Fan-out is where the flow-control rule lives ([`Hub::vm_output`]): a
 //! VM's output goes to every console and backend, as fast as its
 //! **fastest** reading console (and any lossless backend) takes it. Output
-//! read while they are full waits in the VM's backlog; a console whose
-//! queue fills while the fastest one still has room skips the oldest
-//! output and is told. A console not yet told apart (raw or telnet) is
-//! never skipped: the VM waits for it. Consoles are compared with each
-//! other, never with a clock: a console that takes nothing at all is the
-//! network layer's business (its stall timeout), and once dropped it no
-//! longer paces anyone.
+//! read while they are full waits in the VM's backlog. A console whose
+//! queue fills is waited for while the lag is the daemon's (its socket
+//! takes more), and for at most [`PATIENCE`] while its client is behind;
+//! then it skips the oldest output and is told. A console not yet told
+//! apart (raw or telnet) is never skipped: the VM waits for it. A console
+//! that takes (next to) nothing at all is the network layer's business
+//! (its stall timeout), and once dropped it no longer paces anyone.
 
 use crate::backend_host::Backends;
 use crate::metrics::{Disconnect, Metrics, Vmotion};
@@ -473,15 +473,15 @@ impl Hub {
         self.unidentified.load(Ordering::Relaxed)
     }
 
-    /// One more (`1`) or one fewer (`-1`) unidentified VM connection.
-    pub fn count_unidentified(&self, delta: isize) {
-        if delta >= 0 {
-            self.unidentified
-                .fetch_add(delta as usize, Ordering::Relaxed);
-        } else {
-            self.unidentified
-                .fetch_sub(delta.unsigned_abs(), Ordering::Relaxed);
-        }
+    /// A VM connection opened, not yet identified.
+    pub fn unidentified_opened(&self) {
+        self.unidentified.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// A VM connection counted by [`Hub::unidentified_opened`] was
+    /// identified or closed.
+    pub fn unidentified_done(&self) {
+        self.unidentified.fetch_sub(1, Ordering::Relaxed);
     }
 
     fn addrs(&self) -> MutexGuard<'_, HashMap<ConnId, SocketAddr>> {
@@ -754,27 +754,26 @@ impl Hub {
     }
 
     /// Hand the backlog's pieces, oldest first, to every console and
-    /// backend while there is room: while no lossless backend is over its
-    /// budget, no console still being told apart has more than its
-    /// high-water mark queued, and the fastest decided console (the one
-    /// with the least queued) has at most its high-water mark queued. A
-    /// slower console's queue fills meanwhile, and past its limit it skips
-    /// the oldest output and is told; so a console skips only when it is
-    /// about a whole queue behind the fastest one, and a VM whose consoles
-    /// all lag waits for them. Returns what still holds the rest back, if
-    /// anything is left.
+    /// backend while there is room ([`consoles_have_room`]): while no
+    /// lossless backend is over its budget, no console still being told
+    /// apart has more than its high-water mark queued, the fastest decided
+    /// console (the one with the least queued) has at most its high-water
+    /// mark queued, and no full console is still owed a wait. A slower
+    /// console's queue fills meanwhile, and once it is known to be behind
+    /// it skips the oldest output and is told; a VM whose consoles all lag
+    /// waits for them. Returns what still holds the rest back, if anything
+    /// is left.
     fn deliver(&self, vm: &Vm, st: &mut VmState) -> Option<Blocker> {
         let had = vm.held();
         // A few pieces at most (about VM_HOLD / PIECE).
         let mut left: usize = st.backlog.iter().map(Bytes::len).sum();
         let blocker = loop {
-            if st.backlog.is_empty() {
+            let Some(next) = st.backlog.front().map(Bytes::len) else {
                 break None;
-            }
+            };
             if let Some(w) = self.backend.over_budget() {
                 break Some(Blocker::Backend(w));
             }
-            let next = st.backlog.front().map_or(0, Bytes::len);
             if !st.room {
                 match consoles_have_room(&st.consoles, next) {
                     Room::Yes => {}
@@ -1335,7 +1334,7 @@ fn consoles_have_room(consoles: &[Console], piece: usize) -> Room {
             }
             continue;
         }
-        if lvl.queued + piece > lvl.limit && !lvl.behind {
+        if lvl.queued + piece > o.limit() && !lvl.behind {
             if !o.client_behind() {
                 return Room::No;
             }

@@ -117,8 +117,6 @@ pub struct Level {
     pub closed: bool,
     /// Output was skipped and the console has not caught up since.
     pub behind: bool,
-    /// The most data that may wait before the oldest is skipped.
-    pub limit: usize,
 }
 
 /// What the writer took: `control` encoded messages first, then data
@@ -367,7 +365,6 @@ impl Outbox {
             undecided: self.encoding() == Encoding::Hold,
             closed: inner.closed,
             behind: inner.behind,
-            limit: self.limit,
         }
     }
 

@@ -138,7 +138,7 @@ impl VmSession {
             pace: None,
             unidentified: true,
         };
-        s.hub.count_unidentified(1);
+        s.hub.unidentified_opened();
         // The capture's opening: WILL BINARY, SGA, ECHO; DO BINARY, SGA, 232.
         let mut out = std::mem::take(&mut s.out);
         for o in [opt::BINARY, opt::SGA, opt::ECHO] {
@@ -167,7 +167,7 @@ impl VmSession {
     /// against `--max-unidentified`.
     fn identified(&mut self) {
         if std::mem::take(&mut self.unidentified) {
-            self.hub.count_unidentified(-1);
+            self.hub.unidentified_done();
         }
     }
 
