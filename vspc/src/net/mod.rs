@@ -63,14 +63,14 @@ pub fn check_exposure(
 ) -> Result<(), String> {
     if !admin.ip().is_loopback() && admin_allow.is_open() {
         return Err(format!(
-            "--admin-iface {} is not a loopback address, and the admin port attaches and clears              consoles without authentication: give --admin-allow CIDR (the admin hosts'              networks; 0.0.0.0/0 for anyone) or listen on 127.0.0.1",
+            "--admin-iface {} is not a loopback address, and the admin port attaches and clears consoles without authentication: give --admin-allow CIDR (the admin hosts' networks; 0.0.0.0/0 for anyone) or listen on 127.0.0.1",
             admin.ip()
         ));
     }
     if !proxy.ip().is_loopback() && proxy_allow.is_open() {
         tracing::warn!(
             %proxy,
-            "the proxy port listens beyond loopback and takes VM connections from anyone:              anyone who can reach it can claim to be a VM; give --proxy-allow CIDR with the              ESXi hosts' networks"
+            "the proxy port listens beyond loopback and takes VM connections from anyone: anyone who can reach it can claim to be a VM; give --proxy-allow CIDR with the ESXi hosts' networks"
         );
     }
     Ok(())
@@ -305,7 +305,7 @@ fn serve_vm(hub: &Arc<Hub>, cfg: &ServerConfig, tcp: TcpStream, addr: SocketAddr
             tracing::warn!(
                 %addr,
                 refused = n,
-                "proxy port: {} connections are open and not yet identified                  (--max-unidentified); closing new ones",
+                "proxy port: {} connections are open and not yet identified (--max-unidentified); closing new ones",
                 cfg.max_unidentified
             );
         }
