@@ -1513,7 +1513,7 @@ mod tests {
 
         assert_eq!(h.clear_consoles(&vm, b"bye"), 1);
         h.detach_console(&vm, c.id);
-        let text = crate::metrics::render(&h);
+        let text = crate::doors::http::prometheus::render(&h);
         for line in [
             "vspc_vmotions_total{outcome=\"complete\"} 1",
             "vspc_vmotions_total{outcome=\"notnow\"} 1",

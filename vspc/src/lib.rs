@@ -8,14 +8,13 @@
 
 #![forbid(unsafe_code)]
 
-pub mod admin;
 pub mod argv;
 pub mod audit;
 pub mod backend_host;
 pub mod backend_setup;
 pub mod cidr;
 pub mod config;
-pub mod http;
+pub mod doors;
 pub mod hub;
 pub mod logging;
 pub mod memory;
@@ -23,12 +22,11 @@ pub mod metrics;
 pub mod net;
 pub mod outbox;
 pub mod plugins;
+pub mod server;
 pub mod session;
 pub mod shown;
-pub mod ssh;
 #[cfg(test)]
 mod testing;
 pub mod wait;
-pub mod web;
 
 pub use vspc_codec::{vmware, wire};

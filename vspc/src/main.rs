@@ -11,7 +11,8 @@ use vspc::backend_setup::{self, Named, SetupError};
 use vspc::config::Config;
 use vspc::hub::{Hub, HubConfig};
 use vspc::logging;
-use vspc::net::{self, ServerConfig};
+use vspc::net;
+use vspc::server::{self, Listeners, ServerConfig};
 use vspc::session::vm::VmSessionConfig;
 
 /// jemalloc rather than glibc's malloc: 3.5 instead of 3.7 KiB per idle
@@ -82,7 +83,7 @@ fn start(cfg: Config) -> Result<(), String> {
 
     let http = http_config(&cfg)?;
     let ssh = ssh_config(&cfg)?;
-    net::check_exposure(
+    server::check_exposure(
         (cfg.admin_iface, cfg.admin_port).into(),
         &vspc::cidr::AllowList::new(cfg.admin_allow.clone()),
         (cfg.proxy_iface, cfg.proxy_port).into(),
@@ -122,18 +123,20 @@ fn start(cfg: Config) -> Result<(), String> {
     let server = ServerConfig {
         proxy: (cfg.proxy_iface, cfg.proxy_port).into(),
         admin: (cfg.admin_iface, cfg.admin_port).into(),
-        tls,
-        vm: VmSessionConfig {
-            handshake_timeout: cfg.handshake_timeout,
-            identify_timeout: cfg.identify_timeout,
-            multi_console: cfg.multi_console,
+        vms: vspc::doors::proxy::ProxyConfig {
+            tls,
+            vm: VmSessionConfig {
+                handshake_timeout: cfg.handshake_timeout,
+                identify_timeout: cfg.identify_timeout,
+                multi_console: cfg.multi_console,
+            },
+            vm_tx_rate: cfg.vm_tx_rate,
+            allow: vspc::cidr::AllowList::new(cfg.proxy_allow.clone()),
+            max_unidentified: cfg.max_unidentified as usize,
         },
-        vm_tx_rate: cfg.vm_tx_rate,
         http,
-        proxy_allow: vspc::cidr::AllowList::new(cfg.proxy_allow.clone()),
         ssh,
         admin_allow: vspc::cidr::AllowList::new(cfg.admin_allow.clone()),
-        max_unidentified: cfg.max_unidentified as usize,
     };
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -141,7 +144,7 @@ fn start(cfg: Config) -> Result<(), String> {
         .map_err(|e| format!("cannot start the runtime: {e}"))?;
     let result = rt.block_on(async {
         let hub: Arc<Hub> = Hub::new(hub_cfg, host);
-        let result = net::run(hub.clone(), server, preload).await;
+        let result = serve(hub.clone(), server, preload).await;
         hub.backend().shutdown(std::time::Duration::from_secs(5));
         result
     });
@@ -152,25 +155,51 @@ fn start(cfg: Config) -> Result<(), String> {
     result
 }
 
+/// Bind every port, then serve until SIGTERM or SIGINT; SIGHUP reloads.
+async fn serve(
+    hub: Arc<Hub>,
+    cfg: ServerConfig,
+    preload: Vec<vspc_backend_api::VmRecord>,
+) -> Result<(), String> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let sig = |k: SignalKind| signal(k).map_err(|e| format!("cannot install signal handler: {e}"));
+    let mut term = sig(SignalKind::terminate())?;
+    let mut int = sig(SignalKind::interrupt())?;
+    let mut hup = sig(SignalKind::hangup())?;
+    let listeners = Listeners::bind(&cfg)?;
+    let ssh = cfg.ssh.as_ref().map(|s| s.state.clone());
+    let h = hub.clone();
+    let shutdown = async move {
+        loop {
+            tokio::select! {
+                _ = term.recv() => { tracing::info!("SIGTERM: shutting down"); return; }
+                _ = int.recv() => { tracing::info!("SIGINT: shutting down"); return; }
+                _ = hup.recv() => server::reload(&h, ssh.as_deref()),
+            }
+        }
+    };
+    server::run(hub, cfg, listeners, preload, shutdown).await
+}
+
 /// The HTTP listener's settings, with everything that can fail checked
 /// before anything starts: the token file, the exposure rule, TLS files.
-fn http_config(cfg: &Config) -> Result<Option<vspc::http::HttpConfig>, String> {
+fn http_config(cfg: &Config) -> Result<Option<vspc::doors::http::HttpConfig>, String> {
     if cfg.no_http {
         return Ok(None);
     }
     let tokens = match &cfg.http_token_file {
-        Some(path) => Some(Arc::new(vspc::http::Tokens::load(path)?)),
+        Some(path) => Some(Arc::new(vspc::doors::http::Tokens::load(path)?)),
         None => None,
     };
-    vspc::http::check_exposure(cfg.http_iface, tokens.is_some())?;
+    vspc::doors::http::check_exposure(cfg.http_iface, tokens.is_some())?;
     let tls = match &cfg.http_cert {
         Some(cert) => Some(net::tls::acceptor(cert, cfg.http_key.as_deref())?),
         None => None,
     };
-    Ok(Some(vspc::http::HttpConfig {
+    Ok(Some(vspc::doors::http::HttpConfig {
         addr: (
             cfg.http_iface,
-            cfg.http_port.unwrap_or(vspc::http::DEFAULT_PORT),
+            cfg.http_port.unwrap_or(vspc::doors::http::DEFAULT_PORT),
         )
             .into(),
         tokens,
@@ -185,7 +214,7 @@ fn http_config(cfg: &Config) -> Result<Option<vspc::http::HttpConfig>, String> {
 
 /// The SSH front door's settings, with its files read (and the host key
 /// made if missing) before anything starts; `None` without `--ssh-port`.
-fn ssh_config(cfg: &Config) -> Result<Option<vspc::ssh::SshConfig>, String> {
+fn ssh_config(cfg: &Config) -> Result<Option<vspc::doors::ssh::SshConfig>, String> {
     let Some(port) = cfg.ssh_port else {
         return Ok(None);
     };
@@ -193,13 +222,13 @@ fn ssh_config(cfg: &Config) -> Result<Option<vspc::ssh::SshConfig>, String> {
         .ssh_authorized_keys
         .as_deref()
         .ok_or("--ssh-port needs --ssh-authorized-keys FILE (the public keys allowed in)")?;
-    let limits = vspc::ssh::SshLimits {
+    let limits = vspc::doors::ssh::SshLimits {
         auth_timeout: cfg.ssh_auth_timeout,
         max_unauthenticated: usize::try_from(cfg.ssh_max_unauthenticated).unwrap_or(usize::MAX),
         idle_timeout: Some(cfg.ssh_idle_timeout).filter(|t| !t.is_zero()),
     };
-    let state = vspc::ssh::SshState::new(&cfg.ssh_host_key, keys, limits)?;
-    Ok(Some(vspc::ssh::SshConfig {
+    let state = vspc::doors::ssh::SshState::new(&cfg.ssh_host_key, keys, limits)?;
+    Ok(Some(vspc::doors::ssh::SshConfig {
         addr: (cfg.ssh_iface, port).into(),
         state: Arc::new(state),
     }))

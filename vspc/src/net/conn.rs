@@ -79,7 +79,7 @@ pub enum Stream {
     Tcp(TcpStream),
     Tls(Box<TlsStream<TcpStream>>),
     /// One end of an in-process pipe whose other end an adapter serves
-    /// (the browser console: [`crate::web`] moves bytes between the pipe
+    /// (the browser console: [`crate::doors::http::web`] moves bytes between the pipe
     /// and a WebSocket). The pipe's buffer is the socket buffer: a pipe the
     /// adapter does not empty fills, and the console stalls as on TCP.
     Pipe(DuplexStream),
@@ -587,6 +587,36 @@ pub async fn serve_console(stream: Stream, session: &mut crate::session::console
     Conn::new(stream, session, outbox, None)
         .stall_timeout(stall)
         .await
+}
+
+/// What the pipe of [`serve_console_over_pipe`] holds each way (a socket
+/// buffer's worth).
+pub const PIPE_BYTES: usize = 64 * 1024;
+
+/// Serve a console over an in-process pipe, for a door whose client is not
+/// a byte stream of its own (an SSH channel, a WebSocket): `adapter` gets
+/// the pipe's other end and moves bytes between it and the client, with
+/// the same driver, flow control and stall rule as a TCP console. When the
+/// client goes, the adapter returns and drops its end, and the driver ends
+/// when it reads that; when the console ends first (cleared, stalled), the
+/// adapter gets [`CLOSE_GRACE`] to pass on the last bytes.
+pub async fn serve_console_over_pipe<F, A>(
+    session: &mut crate::session::console::ConsoleSession,
+    adapter: A,
+) where
+    A: FnOnce(tokio::io::DuplexStream) -> F,
+    F: std::future::Future<Output = ()>,
+{
+    let (ours, theirs) = tokio::io::duplex(PIPE_BYTES);
+    let conn = serve_console(Stream::Pipe(ours), session);
+    let pump = adapter(theirs);
+    tokio::pin!(conn, pump);
+    tokio::select! {
+        _ = &mut pump => conn.await,
+        _ = &mut conn => {
+            let _ = tokio::time::timeout(CLOSE_GRACE, pump).await;
+        }
+    }
 }
 
 /// Write `msg` to a stream that gets no session, then close it.

@@ -1,4 +1,4 @@
-//! TLS for the proxy port (`telnets://`): rustls with the ring provider,
+//! TLS for the proxy and HTTP ports: rustls with the ring provider,
 //! certificates and keys read as PEM. Every failure names the file.
 
 use rustls::pki_types::pem::PemObject;
@@ -45,4 +45,32 @@ pub fn acceptor(cert: &Path, key: Option<&Path>) -> Result<TlsAcceptor, String> 
             )
         })?;
     Ok(TlsAcceptor::from(Arc::new(config)))
+}
+
+/// The TLS handshake of a connection accepted on `door`, within `limit`;
+/// `None` (logged at `debug` and counted) when it fails or times out, so a
+/// scanner or a client that never speaks costs one task for `limit` at most.
+pub async fn handshake(
+    acceptor: &TlsAcceptor,
+    tcp: tokio::net::TcpStream,
+    limit: std::time::Duration,
+    peer: std::net::SocketAddr,
+    door: crate::metrics::Door,
+    metrics: &crate::metrics::Metrics,
+) -> Option<tokio_rustls::server::TlsStream<tokio::net::TcpStream>> {
+    let why = match tokio::time::timeout(limit, acceptor.accept(tcp)).await {
+        Ok(Ok(tls)) => return Some(tls),
+        Ok(Err(e)) => format!("failed: {e}"),
+        Err(_) => format!("timed out after {limit:?}"),
+    };
+    metrics.tls_failure(door);
+    match door {
+        // A VM that cannot connect is worth a warning; a browser or a
+        // scanner on the HTTP port is not.
+        crate::metrics::Door::Proxy => {
+            tracing::warn!(%peer, "{}: TLS handshake {why}", door.port_name())
+        }
+        _ => tracing::debug!(%peer, "{}: TLS handshake {why}", door.port_name()),
+    }
+    None
 }

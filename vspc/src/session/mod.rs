@@ -3,6 +3,7 @@
 //! and timer ticks and never looks inside.
 
 pub mod console;
+pub mod open;
 pub mod vm;
 
 use std::task::{Context, Poll};

@@ -11,8 +11,8 @@
 //! | `GET /api/v1/vms/{vm}` | one VM, by name or uuid in any spelling |
 //! | `POST /api/v1/vms/{vm}/clear` | disconnect the VM's consoles (a write) |
 //! | `GET /console_log/{uuid}?bytes=N` | the tail of the VM's transcript, from the backends |
-//! | `GET /api/v1/vms/{vm}/console` | the VM's console as a WebSocket ([`crate::web`]) |
-//! | `GET /`, `GET /vms/{vm}`, `GET /static/{file}` | the browser pages ([`crate::web`]) |
+//! | `GET /api/v1/vms/{vm}/console` | the VM's console as a WebSocket ([`crate::doors::http::web`]) |
+//! | `GET /`, `GET /vms/{vm}`, `GET /static/{file}` | the browser pages ([`crate::doors::http::web`]) |
 //!
 //! With `--http-token-file`, every route but `/healthz` and `/static/`
 //! needs `Authorization: Bearer TOKEN`, or `?token=TOKEN` in the address
@@ -34,8 +34,11 @@
 //! at once. At most [`MAX_LOG_REQUESTS`] `/console_log` answers are in
 //! flight (503 past that).
 
+pub mod prometheus;
+pub mod web;
+
 use crate::hub::{Hub, VmStatus};
-use crate::metrics::Listener as Which;
+use crate::metrics::Door;
 use axum::extract::ws::rejection::WebSocketUpgradeRejection;
 use axum::extract::ws::WebSocketUpgrade;
 use axum::extract::{ConnectInfo, Extension, Path, Query, Request, State};
@@ -420,7 +423,7 @@ fn cross_site(req: &Request) -> Option<String> {
     }
     let headers = req.headers();
     if let Some(origin) = headers.get(header::ORIGIN) {
-        if !crate::web::same_origin(headers) {
+        if !crate::doors::http::web::same_origin(headers) {
             return Some(format!(
                 "a page of another site (Origin {:?}) may not make this request; only this \
                  server's own pages, or clients that send no Origin (curl), may",
@@ -570,7 +573,7 @@ async fn authorize(State(app): State<App>, mut req: Request, next: Next) -> Resp
     let page = is_page(path);
     let unauthorized = |msg: &str| {
         let mut r = if page {
-            crate::web::unauthorized_page(msg)
+            crate::doors::http::web::unauthorized_page(msg)
         } else {
             error(StatusCode::UNAUTHORIZED, msg)
         };
@@ -606,8 +609,8 @@ async fn healthz(State(app): State<App>) -> Response {
 
 async fn metrics(State(app): State<App>) -> Response {
     (
-        [(header::CONTENT_TYPE, crate::metrics::CONTENT_TYPE)],
-        crate::metrics::render(&app.hub),
+        [(header::CONTENT_TYPE, prometheus::CONTENT_TYPE)],
+        prometheus::render(&app.hub),
     )
         .into_response()
 }
@@ -781,7 +784,7 @@ async fn console_ws(
     // No extension only on an open route, which this is not: least right.
     let right = right.map_or(Right::ReadOnly, |Extension(r)| r);
     let caller = caller.map(|Extension(c)| c).unwrap_or_default();
-    crate::web::console(
+    crate::doors::http::web::console(
         app.hub,
         &vm,
         q.mode.as_deref(),
@@ -792,15 +795,15 @@ async fn console_ws(
 }
 
 async fn index_page(State(app): State<App>, Query(q): Query<TokenQuery>) -> Response {
-    crate::web::index(&app.hub, q.token.as_deref())
+    crate::doors::http::web::index(&app.hub, q.token.as_deref())
 }
 
 async fn console_page(State(app): State<App>, Path(vm): Path<String>) -> Response {
-    crate::web::console_page(&app.hub, &vm)
+    crate::doors::http::web::console_page(&app.hub, &vm)
 }
 
 async fn asset(Path(file): Path<String>) -> Response {
-    crate::web::asset(&file)
+    crate::doors::http::web::asset(&file)
 }
 
 /// RFC 3339 in UTC, to the second (`2026-11-30T12:00:00Z`).
@@ -915,21 +918,11 @@ pub async fn serve(listener: TcpListener, hub: Arc<Hub>, cfg: HttpConfig) {
     http1
         .timer(TokioTimer::new())
         .header_read_timeout(cfg.header_timeout);
-    let mut last_warn = None;
     let mut last_full = None::<Instant>;
-    loop {
-        let (tcp, peer) = match listener.accept().await {
-            Ok(conn) => conn,
-            Err(e) => {
-                hub.metrics().accept_error(Which::Http);
-                let pause = crate::net::acceptor::accept_failed("HTTP port", &e, &mut last_warn);
-                tokio::time::sleep(pause).await;
-                continue;
-            }
-        };
-        hub.metrics().accepted(Which::Http);
+    let h = hub.clone();
+    crate::net::listen::accept_loop(listener, Door::Http, hub, move |tcp, peer| {
         let Ok(slot) = slots.clone().try_acquire_owned() else {
-            hub.metrics().http_refused();
+            h.metrics().http_refused();
             if last_full.is_none_or(|t| t.elapsed() >= Duration::from_secs(1)) {
                 last_full = Some(Instant::now());
                 tracing::warn!(
@@ -939,9 +932,9 @@ pub async fn serve(listener: TcpListener, hub: Arc<Hub>, cfg: HttpConfig) {
                 );
             }
             drop(tcp);
-            continue;
+            return;
         };
-        let (app, http1, hub) = (app.clone(), http1.clone(), hub.clone());
+        let (app, http1, hub) = (app.clone(), http1.clone(), h.clone());
         let (tls, limit) = (cfg.tls.clone(), cfg.handshake_timeout);
         tokio::spawn(async move {
             let Some(acceptor) = tls else {
@@ -951,25 +944,19 @@ pub async fn serve(listener: TcpListener, hub: Arc<Hub>, cfg: HttpConfig) {
                 };
                 return serve_connection(http1, app, io, peer).await;
             };
-            match tokio::time::timeout(limit, acceptor.accept(tcp)).await {
-                Ok(Ok(tls)) => {
-                    let io = Held {
-                        io: tls,
-                        _slot: slot,
-                    };
-                    serve_connection(http1, app, io, peer).await;
-                }
-                Ok(Err(e)) => {
-                    hub.metrics().tls_failure(Which::Http);
-                    tracing::debug!(%peer, "HTTP TLS handshake failed: {e}");
-                }
-                Err(_) => {
-                    hub.metrics().tls_failure(Which::Http);
-                    tracing::debug!(%peer, "HTTP TLS handshake timed out");
-                }
+            let metrics = hub.metrics();
+            if let Some(tls) =
+                crate::net::tls::handshake(&acceptor, tcp, limit, peer, Door::Http, metrics).await
+            {
+                let io = Held {
+                    io: tls,
+                    _slot: slot,
+                };
+                serve_connection(http1, app, io, peer).await;
             }
         });
-    }
+    })
+    .await
 }
 
 #[cfg(test)]

@@ -20,11 +20,13 @@
 //! (with `"known"`: the VM names), `lock_invalid`, `lock_failed`.
 
 use crate::config::shell_words;
-use crate::hub::{AttachError, ConsoleProtocol, Hub, LockMode, Vm};
+use crate::hub::{ConsoleProtocol, Hub, LockMode};
 use crate::net::conn::{serve_console, Stream};
 use crate::session::console::ConsoleSession;
+use crate::session::open::{self, Find, History, Opened, Request};
 use crate::session::Session;
 use serde_json::{json, Value};
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -162,7 +164,7 @@ enum Outcome {
 }
 
 /// Run one command.
-async fn run(hub: &Arc<Hub>, cmd: Command) -> Outcome {
+async fn run(hub: &Arc<Hub>, peer: Option<SocketAddr>, cmd: Command) -> Outcome {
     let answer = match cmd {
         Command::List => json!({ "ok": true, "vms": listing(hub).await }),
         Command::Version => json!({
@@ -175,7 +177,7 @@ async fn run(hub: &Arc<Hub>, cmd: Command) -> Outcome {
         Command::Quit => return Outcome::Close,
         Command::Clear { vm } => clear(hub, &vm),
         Command::Connect { vm, mode, protocol } => {
-            return run_connect(hub, &vm, mode, protocol).await
+            return run_connect(hub, peer, &vm, mode, protocol).await
         }
     };
     Outcome::Answer(answer)
@@ -192,6 +194,7 @@ fn clear(hub: &Hub, name: &str) -> Value {
 
 async fn run_connect(
     hub: &Arc<Hub>,
+    peer: Option<SocketAddr>,
     name: &str,
     mode: Result<LockMode, Reject>,
     protocol: ConsoleProtocol,
@@ -204,8 +207,17 @@ async fn run_connect(
         Ok(mode) => mode,
         Err(reject) => return Outcome::Answer(reject.answer()),
     };
-    match connect(hub, &vm, mode, protocol).await {
-        Ok(session) => {
+    let request = Request {
+        vm: Find::Vm(vm.clone()),
+        mode,
+        protocol,
+        history: History::Inline,
+        door: crate::audit::Kind::AdminNative,
+        peer,
+        user: None,
+    };
+    match open::open(hub, request).await {
+        Ok(Opened { session, .. }) => {
             let answer = json!({
                 "ok": true,
                 "vm": row(hub, &vm.record()),
@@ -219,6 +231,7 @@ async fn run_connect(
 
 /// Serve one native-protocol connection.
 pub async fn serve(hub: Arc<Hub>, mut tcp: TcpStream) {
+    let peer = tcp.peer_addr().ok();
     let mut buf: Vec<u8> = Vec::new();
     loop {
         let line = match read_line(&mut tcp, &mut buf).await {
@@ -231,7 +244,7 @@ pub async fn serve(hub: Arc<Hub>, mut tcp: TcpStream) {
         };
         let outcome = match parse(&line) {
             Ok(None) => continue,
-            Ok(Some(cmd)) => run(&hub, cmd).await,
+            Ok(Some(cmd)) => run(&hub, peer, cmd).await,
             Err(reject) => Outcome::Answer(reject.answer()),
         };
         match outcome {
@@ -256,22 +269,11 @@ async fn hand_over(
     mut tcp: TcpStream,
     leftover: Vec<u8>,
 ) {
-    session.audit(crate::audit::Kind::AdminNative, tcp.peer_addr().ok(), None);
     if reply(&mut tcp, answer).await.is_err() {
         session.on_close();
         return;
     }
     run_console(session, tcp, leftover).await;
-}
-
-async fn connect(
-    hub: &Arc<Hub>,
-    vm: &Arc<Vm>,
-    mode: LockMode,
-    protocol: ConsoleProtocol,
-) -> Result<ConsoleSession, AttachError> {
-    let seed = hub.backend().seed_data(vm.record()).await;
-    ConsoleSession::join(hub, vm, mode, Some(&seed), protocol)
 }
 
 async fn run_console(mut session: ConsoleSession, tcp: TcpStream, leftover: Vec<u8>) {

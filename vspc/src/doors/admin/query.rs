@@ -11,7 +11,7 @@
 use super::pickle::{self, Value};
 use crate::hub::{Access, AttachError, ConsoleProtocol, Hub, LockMode, Vm};
 use crate::net::conn::{serve_console, Stream};
-use crate::session::console::ConsoleSession;
+use crate::session::open::{self, Find, History, OpenError, Request};
 use crate::session::Session;
 use std::sync::Arc;
 use std::time::Duration;
@@ -174,20 +174,29 @@ async fn console_session(
     mode: LockMode,
     mut c: Conn,
 ) -> Result<(), AdminError> {
-    let seed = hub.backend().seed_data(vm.record()).await;
     // The seed travels in a pickle here, not in the telnet stream.
-    let mut session = match ConsoleSession::join(&hub, &vm, mode, None, ConsoleProtocol::Telnet) {
-        Ok(s) => s,
-        Err(e @ AttachError::LockFailed { .. }) | Err(e @ AttachError::Full { .. }) => {
-            tracing::info!(vm = %vm.name(), "admin console refused: {e}");
-            return c.send(&Value::Str("lock_failed".into())).await;
-        }
+    let request = Request {
+        vm: Find::Vm(vm.clone()),
+        mode,
+        protocol: ConsoleProtocol::Telnet,
+        history: History::Apart,
+        door: crate::audit::Kind::AdminVspc,
+        peer: c.tcp.peer_addr().ok(),
+        user: None,
+    };
+    let (mut session, seed) = match open::open(&hub, request).await {
+        Ok(opened) => (opened.session, opened.history),
         Err(e) => {
             tracing::info!(vm = %vm.name(), "admin console refused: {e}");
-            return c.send(&Value::Str("vm_not_found".into())).await;
+            let answer = match e {
+                OpenError::Refused(AttachError::LockFailed { .. } | AttachError::Full { .. }) => {
+                    "lock_failed"
+                }
+                _ => "vm_not_found",
+            };
+            return c.send(&Value::Str(answer.into())).await;
         }
     };
-    session.audit(crate::audit::Kind::AdminVspc, c.tcp.peer_addr().ok(), None);
     let answers = [
         Value::Str("vm_found".into()),
         Value::Str(granted_name(session.access()).into()),

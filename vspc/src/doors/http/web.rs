@@ -1,5 +1,5 @@
 //! The browser console: a VM's console over a WebSocket, and two small
-//! pages that use it, served on the HTTP listener ([`crate::http`]).
+//! pages that use it, served on the HTTP listener ([`crate::doors::http`]).
 //!
 //! | route | what |
 //! | --- | --- |
@@ -36,10 +36,10 @@
 //! Every session is audited ([`crate::audit`]) with the browser's address
 //! and the name of the token it came with.
 
-use crate::http::{Caller, Right};
+use super::{Caller, Right};
 use crate::hub::{Access, AttachError, ConsoleProtocol, Hub, LockMode, Vm};
-use crate::net::conn::{serve_console, Stream};
-use crate::session::console::ConsoleSession;
+use crate::net::conn::{serve_console_over_pipe, PIPE_BYTES};
+use crate::session::open::{self, Find, History, OpenError, Request};
 use axum::extract::ws::{CloseFrame, Message, WebSocket, WebSocketUpgrade};
 use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{Html, IntoResponse, Response};
@@ -50,10 +50,6 @@ use std::sync::Arc;
 use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt, DuplexStream};
 
-/// The pipe between the connection driver and the WebSocket holds this
-/// much each way (a socket buffer's worth).
-const PIPE_BYTES: usize = 64 * 1024;
-
 /// The largest message the browser may send (a paste); larger ones close
 /// the session.
 const MAX_MESSAGE: usize = 1 << 20;
@@ -61,23 +57,20 @@ const MAX_MESSAGE: usize = 1 << 20;
 /// How often the adapter looks whether the VM's connection came or went.
 const STATUS_EVERY: Duration = Duration::from_millis(250);
 
-/// How long the adapter may take to pass on a closed console's last bytes.
-const CLOSE_GRACE: Duration = Duration::from_secs(5);
-
 /// The close code for a refused console: the lock, or a full or gone VM
 /// (the private-use range, 4000-4999).
 pub const LOCK_FAILED: u16 = 4409;
 
 /// The vendored xterm.js (see `vspc/web/vendor/README.md`).
-const XTERM_JS: &str = include_str!("../web/vendor/xterm.js");
-const XTERM_CSS: &str = include_str!("../web/vendor/xterm.css");
-const FIT_JS: &str = include_str!("../web/vendor/addon-fit.js");
+const XTERM_JS: &str = include_str!("../../../web/vendor/xterm.js");
+const XTERM_CSS: &str = include_str!("../../../web/vendor/xterm.css");
+const FIT_JS: &str = include_str!("../../../web/vendor/addon-fit.js");
 /// The pages' own script and style.
-const CONSOLE_JS: &str = include_str!("../web/console.js");
-const INDEX_JS: &str = include_str!("../web/index.js");
-const PAGE_CSS: &str = include_str!("../web/vspc.css");
-const INDEX_HTML: &str = include_str!("../web/index.html");
-const CONSOLE_HTML: &str = include_str!("../web/console.html");
+const CONSOLE_JS: &str = include_str!("../../../web/console.js");
+const INDEX_JS: &str = include_str!("../../../web/index.js");
+const PAGE_CSS: &str = include_str!("../../../web/vspc.css");
+const INDEX_HTML: &str = include_str!("../../../web/index.html");
+const CONSOLE_HTML: &str = include_str!("../../../web/console.html");
 
 /// `GET /static/{file}`: the pages' scripts and styles.
 pub fn asset(file: &str) -> Response {
@@ -249,7 +242,7 @@ pub fn console(
     }
     let vm = match hub.lookup(what) {
         Ok(vm) => vm,
-        Err(why) => return crate::http::lookup_failed(what, why),
+        Err(why) => return crate::doors::http::lookup_failed(what, why),
     };
     let asked = match mode.filter(|m| !m.is_empty()) {
         None => LockMode::FreeForAllOrReadOnly,
@@ -302,18 +295,25 @@ pub(crate) fn same_origin(headers: &HeaderMap) -> bool {
     matches!((authority, host), (Some(a), Some(h)) if a.eq_ignore_ascii_case(h.trim()))
 }
 
-/// Join the console and serve it until either side ends.
+/// Open the console and serve it until either side ends.
 async fn run(mut ws: WebSocket, hub: Arc<Hub>, vm: Arc<Vm>, mode: LockMode, caller: Caller) {
-    let seed = hub.backend().seed_data(vm.record()).await;
-    let mut session = match ConsoleSession::join(&hub, &vm, mode, Some(&seed), ConsoleProtocol::Raw)
-    {
-        Ok(s) => s,
+    let request = Request {
+        vm: Find::Vm(vm.clone()),
+        mode,
+        protocol: ConsoleProtocol::Raw,
+        history: History::Inline,
+        door: crate::audit::Kind::Web,
+        peer: caller.peer,
+        user: caller.token,
+    };
+    let mut session = match open::open(&hub, request).await {
+        Ok(opened) => opened.session,
         Err(e) => {
             tracing::info!(vm = %vm.name(), "browser console refused: {e}");
             let code = match e {
-                AttachError::Full { .. } => "vm_full",
-                AttachError::Gone { .. } => "vm_gone",
-                AttachError::LockFailed { .. } | AttachError::NoPort { .. } => "lock_failed",
+                OpenError::Refused(AttachError::Full { .. }) => "vm_full",
+                OpenError::Refused(AttachError::Gone { .. }) | OpenError::NotFound(_) => "vm_gone",
+                OpenError::Refused(_) | OpenError::Ambiguous { .. } => "lock_failed",
             };
             let msg = json!({ "error": e.to_string(), "code": code });
             let _ = ws.send(Message::text(msg.to_string())).await;
@@ -328,7 +328,6 @@ async fn run(mut ws: WebSocket, hub: Arc<Hub>, vm: Arc<Vm>, mode: LockMode, call
     };
     let access = session.access();
     tracing::info!(vm = %vm.name(), access = access.as_str(), "browser console session");
-    session.audit(crate::audit::Kind::Web, caller.peer, caller.token);
     let hello = json!({
         "vm": vm.name(),
         "uuid": vm.uuid,
@@ -340,22 +339,10 @@ async fn run(mut ws: WebSocket, hub: Arc<Hub>, vm: Arc<Vm>, mode: LockMode, call
         session.on_close();
         return;
     }
-    let (ours, theirs) = tokio::io::duplex(PIPE_BYTES);
-    let conn = serve_console(Stream::Pipe(ours), &mut session);
-    let pump = pump(ws, theirs, &vm, access);
-    tokio::pin!(conn, pump);
-    tokio::select! {
-        // The browser went: the pipe's end is dropped, and the driver ends
-        // when it reads that (at once, unless the console's input waits
-        // for the VM, as on TCP).
-        _ = &mut pump => conn.await,
-        // The console ended (cleared, stalled): the adapter gets a moment
-        // to pass on the last bytes and the close, then the socket goes,
-        // even if the browser takes nothing.
-        _ = &mut conn => {
-            let _ = tokio::time::timeout(CLOSE_GRACE, pump).await;
-        }
-    }
+    // The browser going ends the adapter; a console that ends first
+    // (cleared, stalled) gives it a moment to pass on the last bytes and
+    // the close, then the socket goes, even if the browser takes nothing.
+    serve_console_over_pipe(&mut session, |pipe| pump(ws, pipe, &vm, access)).await;
 }
 
 /// Why [`pump`] stopped.

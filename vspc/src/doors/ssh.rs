@@ -32,8 +32,8 @@
 //! A session is an ordinary console of the VM: a [`ConsoleSession`] with
 //! [`ConsoleProtocol::Raw`], shown the backend's recent output first, and
 //! served by the same connection driver as every console
-//! ([`crate::net::conn`]) over an in-process pipe ([`Stream::Pipe`]), as the
-//! browser console is ([`crate::web`]). The adapter here ([`pump`]) moves
+//! ([`crate::net::conn`]) over an in-process pipe ([`serve_console_over_pipe`]), as the
+//! browser console is ([`crate::doors::http::web`]). The adapter here ([`pump`]) moves
 //! bytes between the pipe and the SSH channel: the channel's window holds
 //! the adapter back, the pipe then fills, and the driver sees a console
 //! that does not keep up (the VM waits, then skip-and-tell and stalls as
@@ -49,9 +49,9 @@
 //! supported" by russh; exec and subsystem requests are refused.
 
 use crate::hub::{Access, ConsoleProtocol, Hub, LockMode, Vm};
-use crate::metrics::{Listener, SshClosed};
-use crate::net::conn::{serve_console, Stream};
-use crate::session::console::ConsoleSession;
+use crate::metrics::{Door, SshClosed};
+use crate::net::conn::{serve_console_over_pipe, PIPE_BYTES};
+use crate::session::open::{self, Find, History, Request};
 use bytes::{Buf, Bytes};
 use russh::keys::{HashAlg, PrivateKey, PublicKey};
 use russh::server::{Auth, ChannelOpenHandle, Msg, PublicKeyOffer, Session, VerifiedPublicKey};
@@ -64,11 +64,8 @@ use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt, DuplexStream};
 use tokio::net::TcpListener;
 
-/// The pipe between the connection driver and the channel holds this much
-/// each way (a socket buffer's worth, as the browser console's).
-const PIPE_BYTES: usize = 64 * 1024;
-
-/// How long the adapter may take to pass on a closed console's last bytes.
+/// How long a closing connection's sessions may take to pass on their last
+/// bytes.
 const CLOSE_GRACE: Duration = Duration::from_secs(5);
 
 /// The user name that lists VMs instead of opening a console.
@@ -752,39 +749,31 @@ impl Drop for UnauthSlot {
     }
 }
 
-/// Accept SSH connections on `listener` forever.
+/// Serve SSH on `listener` until the task is dropped: a connection past
+/// `--ssh-max-unauthenticated` waiting ones is closed at once.
 pub async fn serve(listener: TcpListener, hub: Arc<Hub>, state: Arc<SshState>) {
-    let mut last_warn = None;
     let mut last_full: Option<std::time::Instant> = None;
-    loop {
-        match listener.accept().await {
-            Ok((tcp, peer)) => {
-                hub.metrics().accepted(Listener::Ssh);
-                let waiting = state.unauthenticated.fetch_add(1, Ordering::SeqCst);
-                let slot = UnauthSlot(state.clone());
-                if waiting >= state.limits.max_unauthenticated {
-                    // Dropping the socket closes it.
-                    drop((slot, tcp));
-                    hub.metrics().ssh_closed(SshClosed::Unauthenticated);
-                    if last_full.is_none_or(|t| t.elapsed() >= Duration::from_secs(1)) {
-                        last_full = Some(std::time::Instant::now());
-                        tracing::warn!(
-                            %peer,
-                            "SSH port: closed a connection at once: {} connections are already waiting to authenticate (--ssh-max-unauthenticated)",
-                            state.limits.max_unauthenticated
-                        );
-                    }
-                    continue;
-                }
-                tokio::spawn(connection(hub.clone(), state.clone(), tcp, peer, slot));
+    let h = hub.clone();
+    crate::net::listen::accept_loop(listener, Door::Ssh, hub, move |tcp, peer| {
+        let waiting = state.unauthenticated.fetch_add(1, Ordering::SeqCst);
+        let slot = UnauthSlot(state.clone());
+        if waiting >= state.limits.max_unauthenticated {
+            // Dropping the socket closes it.
+            drop((slot, tcp));
+            h.metrics().ssh_closed(SshClosed::Unauthenticated);
+            if last_full.is_none_or(|t| t.elapsed() >= Duration::from_secs(1)) {
+                last_full = Some(std::time::Instant::now());
+                tracing::warn!(
+                    %peer,
+                    "SSH port: closed a connection at once: {} connections are already waiting to authenticate (--ssh-max-unauthenticated)",
+                    state.limits.max_unauthenticated
+                );
             }
-            Err(e) => {
-                hub.metrics().accept_error(Listener::Ssh);
-                let wait = crate::net::acceptor::accept_failed("SSH port", &e, &mut last_warn);
-                tokio::time::sleep(wait).await;
-            }
+            return;
         }
-    }
+        tokio::spawn(connection(h.clone(), state.clone(), tcp, peer, slot));
+    })
+    .await
 }
 
 /// What a connection's task and its handler share.
@@ -1197,17 +1186,23 @@ async fn console(
         let msg = format!("vspc: no VM named {what:?} for this key (ssh list@host shows them)\r\n");
         return refuse(channel, msg).await;
     };
-    let seed = hub.backend().seed_data(vm.record()).await;
-    let mut session =
-        match ConsoleSession::join(&hub, &vm, key.mode, Some(&seed), ConsoleProtocol::Raw) {
-            Ok(s) => s,
-            Err(e) => {
-                tracing::info!(%peer, vm = ?vm.name(), "SSH console refused: {e}");
-                return refuse(channel, format!("vspc: {e}\r\n")).await;
-            }
-        };
+    let request = Request {
+        vm: Find::Vm(vm.clone()),
+        mode: key.mode,
+        protocol: ConsoleProtocol::Raw,
+        history: History::Inline,
+        door: crate::audit::Kind::Ssh,
+        peer: Some(peer),
+        user: Some(key.who()),
+    };
+    let mut session = match open::open(&hub, request).await {
+        Ok(opened) => opened.session,
+        Err(e) => {
+            tracing::info!(%peer, vm = ?vm.name(), "SSH console refused: {e}");
+            return refuse(channel, format!("vspc: {e}\r\n")).await;
+        }
+    };
     let access = session.access();
-    session.audit(crate::audit::Kind::Ssh, Some(peer), Some(key.who()));
     let closer = Arc::new(Closer::default());
     let id = state.next_live.fetch_add(1, Ordering::Relaxed);
     let live = Live {
@@ -1240,21 +1235,10 @@ async fn console(
             )
             .await;
     }
-    let (ours, theirs) = tokio::io::duplex(PIPE_BYTES);
-    let conn = serve_console(Stream::Pipe(ours), &mut session);
-    let pump = pump(channel, theirs, &shared, &closer);
-    tokio::pin!(conn, pump);
-    tokio::select! {
-        // The client went (or typed ~.), the connection closed, or a
-        // reload closed the session: the pipe's end is dropped, and the
-        // driver ends when it reads that.
-        _ = &mut pump => conn.await,
-        // The console ended (cleared, stalled): the adapter gets a moment
-        // to pass on the last bytes, then the channel closes.
-        _ = &mut conn => {
-            let _ = tokio::time::timeout(CLOSE_GRACE, pump).await;
-        }
-    }
+    // The client going (or typing ~.), the connection closing, or a reload
+    // closing the session ends the adapter; a console that ends first
+    // (cleared, stalled) gives it a moment to pass on the last bytes.
+    serve_console_over_pipe(&mut session, |pipe| pump(channel, pipe, &shared, &closer)).await;
 }
 
 /// OpenSSH's escape, done on the server: `~.` at the start of a line ends
