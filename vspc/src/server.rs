@@ -113,7 +113,7 @@ pub async fn run(
     let opener = ConsoleOpener::start(Arc::downgrade(&hub), hub.config().interface)
         .map_err(|e| format!("cannot start accepting console connections: {e}"))?;
     hub.set_opener(Box::new(opener));
-    let failed = hub.preload(preload);
+    let failed = hub.preload(preload, Instant::now());
     if failed > 0 {
         tracing::warn!(failed, "some persisted console ports could not be reopened");
     }

@@ -115,7 +115,9 @@ impl Io {
                     let slice = max.clamp(1, buf.len());
                     match tcp.try_read(&mut buf[..slice]) {
                         Ok(0) => Ok(Some(Got::Eof)),
-                        Ok(n) => Ok(Some(Got::Input(session.on_input(&buf[..n])))),
+                        Ok(n) => Ok(Some(Got::Input(
+                            session.on_input(&buf[..n], Instant::now().into_std()),
+                        ))),
                         Err(e) if e.kind() == io::ErrorKind::WouldBlock => Ok(None),
                         Err(e) => Err(e),
                     }
@@ -133,7 +135,7 @@ impl Io {
                 Poll::Ready(Ok(if data.is_empty() {
                     Got::Eof
                 } else {
-                    Got::Input(session.on_input(data))
+                    Got::Input(session.on_input(data, Instant::now().into_std()))
                 }))
             }
             // A pipe read copies what is buffered at once, so the shared
@@ -147,7 +149,7 @@ impl Io {
                 Poll::Ready(Ok(if data.is_empty() {
                     Got::Eof
                 } else {
-                    Got::Input(session.on_input(data))
+                    Got::Input(session.on_input(data, Instant::now().into_std()))
                 }))
             }),
         }
@@ -488,7 +490,7 @@ impl<S: Session + Unpin> Conn<S> {
         self.done = true;
         // Nothing more will be written: refuse further pushes.
         self.outbox.close(None);
-        self.session.on_close();
+        self.session.on_close(Instant::now().into_std());
         Poll::Ready(())
     }
 }
@@ -558,8 +560,8 @@ impl<S: Session + Unpin> Future for Conn<S> {
 
 /// A session borrowed for the length of a [`Conn`].
 impl<S: Session + ?Sized> Session for &mut S {
-    fn on_input(&mut self, data: &[u8]) -> Flow {
-        (**self).on_input(data)
+    fn on_input(&mut self, data: &[u8], now: std::time::Instant) -> Flow {
+        (**self).on_input(data, now)
     }
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<()> {
         (**self).poll_ready(cx)
@@ -570,8 +572,8 @@ impl<S: Session + ?Sized> Session for &mut S {
     fn on_deadline(&mut self, now: std::time::Instant) -> Flow {
         (**self).on_deadline(now)
     }
-    fn on_close(&mut self) {
-        (**self).on_close()
+    fn on_close(&mut self, now: std::time::Instant) {
+        (**self).on_close(now)
     }
     fn on_stall(&mut self) {
         (**self).on_stall()
@@ -639,7 +641,7 @@ mod size_budget {
 
     struct Nop;
     impl Session for Nop {
-        fn on_input(&mut self, _d: &[u8]) -> Flow {
+        fn on_input(&mut self, _d: &[u8], _now: std::time::Instant) -> Flow {
             Flow::Continue
         }
         fn deadline(&self) -> Option<std::time::Instant> {
@@ -648,7 +650,7 @@ mod size_budget {
         fn on_deadline(&mut self, _n: std::time::Instant) -> Flow {
             Flow::Continue
         }
-        fn on_close(&mut self) {}
+        fn on_close(&mut self, _now: std::time::Instant) {}
     }
 
     #[tokio::test]

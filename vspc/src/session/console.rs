@@ -321,7 +321,7 @@ fn offer(neg: &mut Negotiator, out: &mut Vec<u8>) {
 }
 
 impl Session for ConsoleSession {
-    fn on_input(&mut self, data: &[u8]) -> Flow {
+    fn on_input(&mut self, data: &[u8], _now: Instant) -> Flow {
         if matches!(self.mode, Mode::Silent | Mode::Offered) {
             if let Some(&first) = data.first() {
                 self.decide(first);
@@ -384,13 +384,14 @@ impl Session for ConsoleSession {
         Flow::Continue
     }
 
-    fn on_close(&mut self) {
+    fn on_close(&mut self, now: Instant) {
         let reason = if self.stalled {
             crate::metrics::Disconnect::Stall
         } else {
             crate::metrics::Disconnect::Closed
         };
-        self.hub.detach_console_for(&self.vm, self.peer.id, reason);
+        self.hub
+            .detach_console_for(&self.vm, self.peer.id, reason, now);
         tracing::info!(vm = %self.vm.name(), "console disconnected");
         // Logs the audit end line.
         self.audit.take();
@@ -461,13 +462,13 @@ mod tests {
         let t0 = Instant::now();
         // IAC: telnet, offered at once, 0xFF doubled from then on.
         let mut telnet = join(&h, &vm, ConsoleProtocol::Auto, t0);
-        telnet.on_input(b"\xff\xfd\x03");
+        telnet.on_input(b"\xff\xfd\x03", t0);
         assert_eq!(telnet.deadline(), None);
         assert_eq!(telnet.outbox().encoding(), Encoding::Telnet);
         assert!(written(&telnet.outbox()).0.starts_with(OFFER));
         // Anything else: raw, and the first bytes go to the VM at once.
         let mut raw = join(&h, &vm, ConsoleProtocol::Auto, t0);
-        raw.on_input(b"+$qSupported#37");
+        raw.on_input(b"+$qSupported#37", t0);
         assert_eq!(raw.outbox().encoding(), Encoding::Raw);
         assert_eq!(written(&vm_peer.outbox).0, b"+$qSupported#37");
         assert_eq!(
@@ -493,10 +494,11 @@ mod tests {
     #[test]
     fn a_client_that_refuses_binary_gets_nvt_both_ways() {
         let (h, vm, vm_peer) = vm();
-        let mut c = join(&h, &vm, ConsoleProtocol::Telnet, Instant::now());
+        let t0 = Instant::now();
+        let mut c = join(&h, &vm, ConsoleProtocol::Telnet, t0);
         written(&c.outbox());
         // DONT BINARY, WONT BINARY, then Enter as CR NUL and CR LF.
-        c.on_input(b"\xff\xfe\x00\xff\xfc\x00a\r\0b\r\n");
+        c.on_input(b"\xff\xfe\x00\xff\xfc\x00a\r\0b\r\n", t0);
         assert_eq!(c.outbox().encoding(), Encoding::Nvt);
         assert_eq!(written(&vm_peer.outbox).0, b"a\rb\r");
     }
@@ -518,7 +520,7 @@ mod tests {
         )
         .expect("watcher");
         assert_eq!(watcher.access(), Access::ReadOnly);
-        watcher.on_input(b"rm -rf /\r");
+        watcher.on_input(b"rm -rf /\r", t0);
         assert_eq!(written(&vm_peer.outbox).0, b"");
     }
 }

@@ -20,8 +20,8 @@ pub enum Flow {
 
 /// The interface the network layer drives.
 pub trait Session: Send {
-    /// Bytes from the peer.
-    fn on_input(&mut self, data: &[u8]) -> Flow;
+    /// Bytes from the peer, read at `now`.
+    fn on_input(&mut self, data: &[u8], now: Instant) -> Flow;
     /// Drive the session's own waits (backpressure: the VM's queue for
     /// console input; the VM's consoles and lossless backends for its
     /// output); `Ready` when it may be handed more input. The connection
@@ -33,8 +33,8 @@ pub trait Session: Send {
     /// When [`Session::on_deadline`] should next run, if ever.
     fn deadline(&self) -> Option<Instant>;
     fn on_deadline(&mut self, now: Instant) -> Flow;
-    /// The connection is gone (either side closed it).
-    fn on_close(&mut self);
+    /// The connection is gone (either side closed it), noticed at `now`.
+    fn on_close(&mut self, now: Instant);
     /// The connection is being closed because its socket took no output
     /// for the stall timeout (before [`Session::on_close`]).
     fn on_stall(&mut self) {}

@@ -228,7 +228,7 @@ impl VmSession {
         }
     }
 
-    fn handle(&mut self, ev: Event<'_>) {
+    fn handle(&mut self, ev: Event<'_>, now: Instant) {
         if !matches!(ev, Event::Data(_)) {
             self.send_output();
         }
@@ -237,7 +237,7 @@ impl VmSession {
             Event::Negotiate(verb, option) => self.on_negotiate(verb, option),
             Event::Subneg { option, payload } if option == opt::VMWARE_EXT => {
                 match Msg::decode(payload) {
-                    Ok(msg) => self.on_msg(msg),
+                    Ok(msg) => self.on_msg(msg, now),
                     Err(e) => tracing::warn!(conn = self.peer.id, error = %e, "bad VMware message"),
                 }
             }
@@ -294,14 +294,14 @@ impl VmSession {
         self.send(Msg::GetVmName);
     }
 
-    fn on_msg(&mut self, msg: Msg<'_>) {
+    fn on_msg(&mut self, msg: Msg<'_>, now: Instant) {
         let id = self.peer.id;
         match msg {
             Msg::KnownSuboptions1(list) => {
                 tracing::debug!(conn = id, ?list, "VM's known suboptions");
                 self.start_extension();
             }
-            Msg::DoProxy { direction, uri } => self.on_do_proxy(direction, uri),
+            Msg::DoProxy { direction, uri } => self.on_do_proxy(direction, uri, now),
             Msg::VmVcUuid(text) if text.len() > MAX_UUID => {
                 tracing::warn!(
                     conn = id,
@@ -334,9 +334,9 @@ impl VmSession {
                 }
                 self.uuid = Some(uuid);
                 if self.name.is_none() {
-                    self.name_deadline = Some(Instant::now() + NAME_WAIT);
+                    self.name_deadline = Some(now + NAME_WAIT);
                 }
-                self.try_identify();
+                self.try_identify(now);
             }
             Msg::VmName(raw) => {
                 // Shown in logs, listings and terminals: control characters
@@ -355,10 +355,10 @@ impl VmSession {
                 if let Link::Active(vm) = &self.link {
                     self.hub.rename(vm, id, &shown);
                 } else {
-                    self.try_identify();
+                    self.try_identify(now);
                 }
             }
-            Msg::VmotionBegin(seq) => self.on_begin(seq),
+            Msg::VmotionBegin(seq) => self.on_begin(seq, now),
             Msg::VmotionPeer(cookie) => self.on_peer(cookie),
             Msg::VmotionComplete(seq) => self.on_complete(seq),
             Msg::VmotionAbort => match &self.link {
@@ -394,7 +394,7 @@ impl VmSession {
         }
     }
 
-    fn on_do_proxy(&mut self, direction: u8, uri: &[u8]) {
+    fn on_do_proxy(&mut self, direction: u8, uri: &[u8], now: Instant) {
         let (uri_text, changed) = crate::shown::from_peer(uri, MAX_URI);
         let refuse = if uri.len() > MAX_URI {
             Some(format!("the service URI is longer than {MAX_URI} bytes"))
@@ -420,7 +420,7 @@ impl VmSession {
         }
         self.send(Msg::WillProxy);
         self.proxy_uri = Some(uri_text);
-        self.try_identify();
+        self.try_identify(now);
     }
 
     fn compose_name(&self, name: &str) -> String {
@@ -430,14 +430,14 @@ impl VmSession {
         }
     }
 
-    fn try_identify(&mut self) {
+    fn try_identify(&mut self, now: Instant) {
         if !matches!(self.link, Link::Handshake) {
             return;
         }
         let (Some(uri), Some(uuid)) = (&self.proxy_uri, &self.uuid) else {
             return;
         };
-        if self.name.is_none() && self.name_deadline.is_some_and(|d| Instant::now() < d) {
+        if self.name.is_none() && self.name_deadline.is_some_and(|d| now < d) {
             return;
         }
         let base_name = self.name.clone().unwrap_or_else(|| uuid.display.clone());
@@ -503,9 +503,9 @@ impl VmSession {
         }
     }
 
-    fn on_begin(&mut self, seq: &[u8]) {
+    fn on_begin(&mut self, seq: &[u8], now: Instant) {
         let answer = match &self.link {
-            Link::Active(vm) => self.hub.vmotion_begin(vm, self.peer.id, seq),
+            Link::Active(vm) => self.hub.vmotion_begin(vm, self.peer.id, seq, now),
             _ => Begin::NotNow("the connection is not identified"),
         };
         match answer {
@@ -577,9 +577,9 @@ impl VmSession {
 }
 
 impl Session for VmSession {
-    fn on_input(&mut self, data: &[u8]) -> Flow {
+    fn on_input(&mut self, data: &[u8], now: Instant) -> Flow {
         let mut decoder = std::mem::take(&mut self.decoder);
-        let result = decoder.decode(data, |ev| self.handle(ev));
+        let result = decoder.decode(data, |ev| self.handle(ev, now));
         self.decoder = decoder;
         if let Err(e) = result {
             tracing::warn!(conn = self.peer.id, "closing VM connection: {e}");
@@ -627,7 +627,7 @@ impl Session for VmSession {
         if self.name_deadline.is_some_and(|d| now >= d) {
             self.name_deadline = None;
             tracing::info!(conn = self.peer.id, "VM sent no name; using its uuid");
-            self.try_identify();
+            self.try_identify(now);
         }
         if self.identify_deadline.is_some_and(|d| now >= d) {
             self.identify_deadline = None;
@@ -639,7 +639,7 @@ impl Session for VmSession {
         self.finish()
     }
 
-    fn on_close(&mut self) {
+    fn on_close(&mut self, now: Instant) {
         self.identified();
         self.hub.forget_addr(self.peer.id);
         // Output already read is delivered after the connection is gone.
@@ -649,7 +649,7 @@ impl Session for VmSession {
             }
         }
         match std::mem::replace(&mut self.link, Link::Retired) {
-            Link::Active(vm) => self.hub.detach_vm(&vm, self.peer.id),
+            Link::Active(vm) => self.hub.detach_vm(&vm, self.peer.id, now),
             Link::Destination { cookie, .. } => self.hub.vmotion_dest_closed(&cookie, self.peer.id),
             Link::Handshake | Link::Retired => {}
         }
@@ -727,7 +727,7 @@ mod tests {
         let t0 = Instant::now();
         let (mut s, _) = session(&h, t0);
         // The extension comes on, but no DO-PROXY and no uuid ever do.
-        assert!(matches!(s.on_input(b"\xff\xfb\xe8"), Flow::Continue));
+        assert!(matches!(s.on_input(b"\xff\xfb\xe8", t0), Flow::Continue));
         assert_eq!(s.deadline(), Some(t0 + IDENTIFY));
         assert!(matches!(s.on_deadline(t0 + IDENTIFY), Flow::Close));
         assert!(h.is_empty());
@@ -746,10 +746,12 @@ mod tests {
         bytes.extend(msg(Msg::VmVcUuid(UUID)));
         // Output before identification is held, not lost.
         bytes.extend_from_slice(b"early");
-        s.on_input(&bytes);
+        s.on_input(&bytes, t0);
         assert!(h.is_empty(), "identified before the name wait");
         let due = s.deadline().expect("the name wait");
-        assert!(due > t0 && due <= Instant::now() + NAME_WAIT);
+        assert_eq!(due, t0 + NAME_WAIT, "the name wait counts from the uuid");
+        s.on_deadline(due - Duration::from_millis(1));
+        assert!(h.is_empty(), "identified before the name wait ended");
         s.on_deadline(due);
         let vm = h.find("0123456789abcdef-fedcba9800000000").expect("listed");
         assert_eq!(vm.name(), "0123456789abcdef-fedcba9800000000");
@@ -764,7 +766,8 @@ mod tests {
     fn the_captured_power_on_connection_gets_the_captured_replies() {
         let text = include_str!("../../../tests/captures/stream0.txt");
         let h = hub();
-        let (mut s, out) = session(&h, Instant::now());
+        let t0 = Instant::now();
+        let (mut s, out) = session(&h, t0);
         let mut theirs = Vec::new();
         let mut begin = None;
         for line in text.lines().map(str::trim).filter(|l| !l.is_empty()) {
@@ -781,7 +784,7 @@ mod tests {
                 if bytes.starts_with(b"\xff\xfa\xe8\x28") {
                     begin = Some(bytes.clone());
                 }
-                s.on_input(&bytes);
+                s.on_input(&bytes, t0);
             } else {
                 theirs.extend(bytes);
             }

@@ -188,7 +188,7 @@ fn clear(hub: &Hub, name: &str) -> Value {
         Ok(vm) => vm,
         Err(e) => return not_found(hub, name, &e),
     };
-    let n = hub.clear_consoles(&vm, super::CLEARED_MSG);
+    let n = hub.clear_consoles(&vm, super::CLEARED_MSG, std::time::Instant::now());
     json!({ "ok": true, "cleared": n })
 }
 
@@ -270,7 +270,7 @@ async fn hand_over(
     leftover: Vec<u8>,
 ) {
     if reply(&mut tcp, answer).await.is_err() {
-        session.on_close();
+        session.on_close(std::time::Instant::now());
         return;
     }
     run_console(session, tcp, leftover).await;
@@ -278,7 +278,7 @@ async fn hand_over(
 
 async fn run_console(mut session: ConsoleSession, tcp: TcpStream, leftover: Vec<u8>) {
     if !leftover.is_empty() {
-        session.on_input(&leftover);
+        session.on_input(&leftover, std::time::Instant::now());
     }
     tracing::info!(
         access = session.access().as_str(),

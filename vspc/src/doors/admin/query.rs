@@ -204,14 +204,14 @@ async fn console_session(
     ];
     for answer in &answers {
         if let Err(e) = c.send(answer).await {
-            session.on_close();
+            session.on_close(std::time::Instant::now());
             return Err(e);
         }
     }
     tracing::info!(vm = %vm.name(), access = session.access().as_str(), "admin console session (vSPC.py protocol)");
     let rest = c.pickles.take_rest();
     if !rest.is_empty() {
-        session.on_input(&rest);
+        session.on_input(&rest, std::time::Instant::now());
     }
     serve_console(Stream::Tcp(c.tcp), &mut session).await;
     Ok(())

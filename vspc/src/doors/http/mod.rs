@@ -671,6 +671,7 @@ async fn clear_vm(State(app): State<App>, Path(vm): Path<String>) -> Response {
     let n = app.hub.clear_consoles(
         &v,
         b"\r\nvspc: this console was cleared through the HTTP API; disconnecting.\r\n",
+        Instant::now(),
     );
     Json(json!({ "cleared": n })).into_response()
 }

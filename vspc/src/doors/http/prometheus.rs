@@ -100,140 +100,136 @@ fn gauge_i(v: u64) -> i64 {
     i64::try_from(v).unwrap_or(i64::MAX)
 }
 
+/// One family's value, as [`Snapshot::families`] lists it.
+enum Family<'a> {
+    Gauge(u64),
+    Counter(u64),
+    /// A counter in bytes (`_bytes_total`).
+    Bytes(u64),
+    /// A counter per value of one label.
+    Labelled(&'static str, &'a [(&'static str, u64)]),
+    Histogram(&'a HistogramSnapshot),
+}
+
+impl Snapshot {
+    /// Every family but the per-backend ones: (name, help, value).
+    fn families(&self) -> Vec<(&'static str, &'static str, Family<'_>)> {
+        use Family::*;
+        let c = &self.counts;
+        vec![
+            (
+                "vms",
+                "VM serial ports known (each holds a console port).",
+                Gauge(self.vms),
+            ),
+            (
+                "vms_connected",
+                "VM serial ports with an ESXi connection now.",
+                Gauge(self.vms_connected),
+            ),
+            (
+                "consoles",
+                "Consoles attached now, over all VMs.",
+                Gauge(self.consoles),
+            ),
+            (
+                "connections_accepted",
+                "Connections accepted, by listener.",
+                Labelled("listener", &c.accepted),
+            ),
+            (
+                "proxy_refused",
+                "Proxy-port connections closed at accept: their address is not in --proxy-allow.",
+                Counter(c.proxy_refused),
+            ),
+            (
+                "http_connections_refused",
+                "HTTP connections closed at accept: --http-max-connections were open.",
+                Counter(c.http_refused),
+            ),
+            (
+                "accept_errors",
+                "Failed accept() calls, by listener.",
+                Labelled("listener", &c.accept_errors),
+            ),
+            (
+                "tls_handshake_failures",
+                "TLS handshakes that failed or timed out, by listener.",
+                Labelled("listener", &c.tls_failures),
+            ),
+            (
+                "ssh_closed",
+                "SSH connections and sessions closed by vspc, by reason.",
+                Labelled("reason", &c.ssh_closed),
+            ),
+            (
+                "vm_to_console",
+                "Serial output read from VMs (counted once, however many consoles see it).",
+                Bytes(self.bytes_out),
+            ),
+            (
+                "console_to_vm",
+                "Console input accepted for VMs.",
+                Bytes(self.bytes_in),
+            ),
+            (
+                "console_skipped",
+                "Output skipped for consoles that fell a whole queue behind.",
+                Bytes(self.skipped),
+            ),
+            (
+                "console_disconnects",
+                "Consoles gone, by reason.",
+                Labelled("reason", &c.disconnects),
+            ),
+            (
+                "vmotions",
+                "vMotions, by outcome.",
+                Labelled("outcome", &c.vmotions),
+            ),
+            (
+                "vmotion_goahead",
+                "Time from VMOTION-BEGIN to the GOAHEAD answer.",
+                Histogram(&c.goahead),
+            ),
+            (
+                "vmotion_complete",
+                "Time from VMOTION-BEGIN to COMPLETE.",
+                Histogram(&c.complete),
+            ),
+        ]
+    }
+}
+
 impl prometheus_client::collector::Collector for Snapshot {
     fn encode(&self, mut e: DescriptorEncoder) -> Fmt {
         let e = &mut e;
         let info = [("version", env!("CARGO_PKG_VERSION"))];
-        {
-            let mut m = e.encode_descriptor(
-                "build_info",
-                "The running vspc's version.",
-                None,
-                MetricType::Gauge,
-            )?;
-            ConstGauge::new(1i64).encode(m.encode_family(&info)?)?;
-        }
-        gauge(
-            e,
-            "vms",
-            "VM serial ports known (each holds a console port).",
+        let mut m = e.encode_descriptor(
+            "build_info",
+            "The running vspc's version.",
             None,
-            gauge_i(self.vms),
+            MetricType::Gauge,
         )?;
-        gauge(
-            e,
-            "vms_connected",
-            "VM serial ports with an ESXi connection now.",
-            None,
-            gauge_i(self.vms_connected),
-        )?;
-        gauge(
-            e,
-            "consoles",
-            "Consoles attached now, over all VMs.",
-            None,
-            gauge_i(self.consoles),
-        )?;
-        labelled_counters(
-            e,
-            "connections_accepted",
-            "Connections accepted, by listener.",
-            "listener",
-            &self.counts.accepted,
-        )?;
-        counter(
-            e,
-            "proxy_refused",
-            "Proxy-port connections closed at accept: their address is not in --proxy-allow.",
-            None,
-            self.counts.proxy_refused,
-        )?;
-        counter(
-            e,
-            "http_connections_refused",
-            "HTTP connections closed at accept: --http-max-connections were open.",
-            None,
-            self.counts.http_refused,
-        )?;
-        labelled_counters(
-            e,
-            "accept_errors",
-            "Failed accept() calls, by listener.",
-            "listener",
-            &self.counts.accept_errors,
-        )?;
-        labelled_counters(
-            e,
-            "tls_handshake_failures",
-            "TLS handshakes that failed or timed out, by listener.",
-            "listener",
-            &self.counts.tls_failures,
-        )?;
-        labelled_counters(
-            e,
-            "ssh_closed",
-            "SSH connections and sessions closed by vspc, by reason.",
-            "reason",
-            &self.counts.ssh_closed,
-        )?;
-        counter(
-            e,
-            "vm_to_console",
-            "Serial output read from VMs (counted once, however many consoles see it).",
-            Some(&Unit::Bytes),
-            self.bytes_out,
-        )?;
-        counter(
-            e,
-            "console_to_vm",
-            "Console input accepted for VMs.",
-            Some(&Unit::Bytes),
-            self.bytes_in,
-        )?;
-        counter(
-            e,
-            "console_skipped",
-            "Output skipped for consoles that fell a whole queue behind.",
-            Some(&Unit::Bytes),
-            self.skipped,
-        )?;
-        labelled_counters(
-            e,
-            "console_disconnects",
-            "Consoles gone, by reason.",
-            "reason",
-            &self.counts.disconnects,
-        )?;
-        labelled_counters(
-            e,
-            "vmotions",
-            "vMotions, by outcome.",
-            "outcome",
-            &self.counts.vmotions,
-        )?;
-        histogram(
-            e,
-            "vmotion_goahead",
-            "Time from VMOTION-BEGIN to the GOAHEAD answer.",
-            &self.counts.goahead,
-        )?;
-        histogram(
-            e,
-            "vmotion_complete",
-            "Time from VMOTION-BEGIN to COMPLETE.",
-            &self.counts.complete,
-        )?;
-        {
-            let mut m = e.encode_descriptor(
-                "backend_queued",
-                "Console output queued for a backend.",
-                Some(&Unit::Bytes),
-                MetricType::Gauge,
-            )?;
-            for (name, queued, _) in &self.backends {
-                let labels = [("backend", name.as_str())];
-                ConstGauge::new(gauge_i(*queued)).encode(m.encode_family(&labels)?)?;
+        ConstGauge::new(1i64).encode(m.encode_family(&info)?)?;
+        for (name, help, family) in self.families() {
+            match family {
+                Family::Gauge(v) => gauge(e, name, help, None, gauge_i(v))?,
+                Family::Counter(v) => counter(e, name, help, None, v)?,
+                Family::Bytes(v) => counter(e, name, help, Some(&Unit::Bytes), v)?,
+                Family::Labelled(label, values) => labelled_counters(e, name, help, label, values)?,
+                Family::Histogram(h) => histogram(e, name, help, h)?,
             }
+        }
+        let mut m = e.encode_descriptor(
+            "backend_queued",
+            "Console output queued for a backend.",
+            Some(&Unit::Bytes),
+            MetricType::Gauge,
+        )?;
+        for (name, queued, _) in &self.backends {
+            let labels = [("backend", name.as_str())];
+            ConstGauge::new(gauge_i(*queued)).encode(m.encode_family(&labels)?)?;
         }
         let mut m = e.encode_descriptor(
             "backend_dropped_events",

@@ -336,7 +336,7 @@ async fn run(mut ws: WebSocket, hub: Arc<Hub>, vm: Arc<Vm>, mode: LockMode, call
     });
     if ws.send(Message::text(hello.to_string())).await.is_err() {
         use crate::session::Session;
-        session.on_close();
+        session.on_close(std::time::Instant::now());
         return;
     }
     // The browser going ends the adapter; a console that ends first

@@ -1,0 +1,105 @@
+//! Consoles joining and leaving a VM, under vSPC.py's lock rules
+//! (exclusive, write, free-for-all, free-for-all-or-read-only), and admins
+//! clearing them.
+
+use super::*;
+
+impl Hub {
+    /// Attach a console to `vm` with the lock it asks for, unless the VM is
+    /// full or gone or the lock cannot be had. Returns what was granted.
+    pub fn attach_console(
+        &self,
+        vm: &Vm,
+        peer: Peer,
+        mode: LockMode,
+    ) -> Result<Access, AttachError> {
+        let mut st = vm.lock();
+        let name = st.name.clone();
+        if st.gone {
+            return Err(AttachError::Gone { name });
+        }
+        if let Some(limit) = self.cfg.client_limit {
+            if st.consoles.len() >= limit {
+                return Err(AttachError::Full { name, limit });
+            }
+        }
+        let held = |a: Access| st.consoles.iter().any(|c| c.access == a);
+        let fail = |why| {
+            Err(AttachError::LockFailed {
+                name: name.clone(),
+                why,
+            })
+        };
+        if held(Access::Exclusive) {
+            return fail("someone holds an exclusive lock on it");
+        }
+        let access = match mode {
+            LockMode::Exclusive if !st.consoles.is_empty() => {
+                return fail("an exclusive lock needs no other console attached")
+            }
+            LockMode::Exclusive => Access::Exclusive,
+            LockMode::Write if st.consoles.iter().any(|c| c.access.writes()) => {
+                return fail("someone else may write to it (a write lock needs no other writer)")
+            }
+            LockMode::Write => Access::Write,
+            LockMode::FreeForAll if held(Access::Write) => {
+                return fail("someone holds a write lock on it")
+            }
+            LockMode::FreeForAll => Access::FreeForAll,
+            LockMode::FreeForAllOrReadOnly if held(Access::Write) => Access::ReadOnly,
+            LockMode::FreeForAllOrReadOnly => Access::FreeForAll,
+            LockMode::ReadOnly => Access::ReadOnly,
+        };
+        peer.outbox.pace_with(vm.pace.clone());
+        // It may come with output queued already (recent output).
+        st.room = false;
+        st.consoles.push(Console { peer, access });
+        st.idle_since = None;
+        drop(st);
+        // An empty console is the fastest one: output held back may flow.
+        vm.pace.notify_waiters();
+        self.backend.console_attached(vm.record());
+        Ok(access)
+    }
+
+    /// Disconnect every console of `vm` (vSPC.py's "port clear"), telling
+    /// each why. Returns how many there were.
+    pub fn clear_consoles(&self, vm: &Vm, msg: &[u8], now: Instant) -> usize {
+        let mut st = vm.lock();
+        let gone: Vec<Console> = std::mem::take(&mut st.consoles);
+        if st.active.is_none() && st.vmotion.is_none() {
+            st.idle_since.get_or_insert(now);
+        }
+        let name = st.name.clone();
+        drop(st);
+        for c in &gone {
+            c.peer.outbox.close(Some(Bytes::copy_from_slice(msg)));
+            self.metrics.disconnect(Disconnect::Cleared);
+            self.backend.console_detached(vm.record());
+        }
+        tracing::info!(vm = %name, consoles = gone.len(), "consoles cleared");
+        gone.len()
+    }
+
+    /// A console of `vm` went away.
+    pub fn detach_console(&self, vm: &Vm, conn: ConnId, now: Instant) {
+        self.detach_console_for(vm, conn, Disconnect::Closed, now);
+    }
+
+    /// A console of `vm` went away, for `reason` (as the metrics count it;
+    /// a console already cleared is not counted again).
+    pub fn detach_console_for(&self, vm: &Vm, conn: ConnId, reason: Disconnect, now: Instant) {
+        let mut st = vm.lock();
+        let before = st.consoles.len();
+        st.consoles.retain(|c| c.peer.id != conn);
+        let removed = st.consoles.len() != before;
+        if st.consoles.is_empty() && st.active.is_none() && st.vmotion.is_none() {
+            st.idle_since.get_or_insert(now);
+        }
+        drop(st);
+        if removed {
+            self.metrics.disconnect(reason);
+            self.backend.console_detached(vm.record());
+        }
+    }
+}
