@@ -1,10 +1,12 @@
 //! vspc: a virtual Serial Port Concentrator for VMware ESXi.
 //!
-//! Data flows one way: socket -> [`wire`] -> [`session`] -> [`hub`] -> other
-//! sockets, with [`backend_host`] beside the hub receiving events. Nothing
-//! below [`net`] knows about sockets; nothing in [`wire`] knows about VMs.
-//! [`http`] serves the HTTP API and the [`metrics`] the hub and the network
-//! layer count; [`web`] the browser console and its pages.
+//! Imports point one way: [`server`] (the composition root) -> [`doors`]
+//! (proxy, console ports, admin, HTTP and the browser console, SSH) ->
+//! [`session`] and [`net`] -> [`hub`], [`outbox`], [`wait`], [`metrics`],
+//! [`backend_host`]. Bytes flow socket -> [`net::conn`] -> [`wire`] ->
+//! [`session`] -> [`hub`] -> other connections' outboxes, with the backends
+//! beside the hub receiving events. Nothing in [`wire`] knows about VMs;
+//! nothing below the doors knows which door it serves.
 
 #![forbid(unsafe_code)]
 

@@ -29,7 +29,7 @@
 //!
 //! # The console
 //!
-//! A session is an ordinary console of the VM: a [`ConsoleSession`] with
+//! A session is an ordinary console of the VM: a [`crate::session::console::ConsoleSession`] with
 //! [`ConsoleProtocol::Raw`], shown the backend's recent output first, and
 //! served by the same connection driver as every console
 //! ([`crate::net::conn`]) over an in-process pipe ([`serve_console_over_pipe`]), as the

@@ -10,7 +10,7 @@ impl Hub {
     pub fn attach_console(
         &self,
         vm: &Vm,
-        peer: Peer,
+        peer: Attached,
         mode: LockMode,
     ) -> Result<Access, AttachError> {
         let mut st = vm.lock();

@@ -4,7 +4,7 @@
 //! Locks are taken in one order only: the registry, then a VM's state, then
 //! the vMotion table. Console fan-out takes just the VM's own lock, so VMs
 //! never contend with each other. Nothing here touches a socket: connections
-//! are [`Peer`]s (an id and an [`Outbox`]), and console listeners are opened
+//! are [`Attached`]s (an id and an [`Outbox`]), and console listeners are opened
 //! through the [`PortOpener`] the network layer installs.
 //!
 //! Fan-out is where the flow-control rule lives ([`Hub::vm_output`]): a
@@ -44,9 +44,10 @@ pub use fanout::Blocker;
 /// Identifies one connection for the life of the process.
 pub type ConnId = u64;
 
-/// A connection as the hub sees it.
+/// A connection as the hub sees it: its id and the queue its output goes
+/// to (who is at the other end, and where, is the door's business).
 #[derive(Debug, Clone)]
-pub struct Peer {
+pub struct Attached {
     pub id: ConnId,
     pub outbox: Arc<Outbox>,
 }
@@ -184,7 +185,7 @@ struct VmState {
     /// output costs no string copies.
     rec: Arc<FfiRecord>,
     /// The connection from ESXi that currently carries this serial port.
-    active: Option<Peer>,
+    active: Option<Attached>,
     consoles: Vec<Console>,
     /// Cookie of the pending vMotion, if any.
     vmotion: Option<Vec<u8>>,
@@ -312,7 +313,7 @@ pub struct Totals {
 
 /// A console and what it may do.
 struct Console {
-    peer: Peer,
+    peer: Attached,
     access: Access,
 }
 
@@ -379,7 +380,7 @@ struct Pending {
     vm: Arc<Vm>,
     seq: Vec<u8>,
     source: ConnId,
-    dest: Option<Peer>,
+    dest: Option<Attached>,
     started: Instant,
 }
 
@@ -546,8 +547,8 @@ impl Hub {
     }
 
     /// A new peer with an outbox of `limit` bytes.
-    pub fn new_peer(&self, limit: usize, encoding: Encoding) -> Peer {
-        Peer {
+    pub fn new_peer(&self, limit: usize, encoding: Encoding) -> Attached {
+        Attached {
             id: self.new_id(),
             outbox: Arc::new(Outbox::new(limit, encoding)),
         }

@@ -97,7 +97,7 @@ impl Hub {
     /// (and its console port) on first sight. A connection the VM had
     /// before is closed: the newest one wins (a host restart leaves the old
     /// socket half-open).
-    pub fn attach_vm(&self, id: &Identity, peer: Peer) -> Result<Arc<Vm>, AttachError> {
+    pub fn attach_vm(&self, id: &Identity, peer: Attached) -> Result<Arc<Vm>, AttachError> {
         let addr = self.addr_of(peer.id);
         let mut reg = self.reg();
         let (vm, renamed) = match reg.vms.get(&id.key) {

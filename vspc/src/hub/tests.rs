@@ -26,7 +26,7 @@ fn id(n: u32) -> Identity {
     }
 }
 
-fn peer(h: &Hub) -> Peer {
+fn peer(h: &Hub) -> Attached {
     h.new_peer(1 << 20, Encoding::Raw)
 }
 
@@ -268,7 +268,7 @@ fn lock_rules_follow_vspc_py() {
 
 /// A console with the test hub's queue (4096 bytes: high-water mark
 /// 512).
-fn console(h: &Hub, vm: &Vm, encoding: Encoding) -> Peer {
+fn console(h: &Hub, vm: &Vm, encoding: Encoding) -> Attached {
     let c = h.new_peer(h.config().console_queue, encoding);
     h.attach_console(vm, c.clone(), LockMode::FreeForAll)
         .expect("console");

@@ -57,7 +57,7 @@ impl Hub {
 
     /// VMOTION-PEER on a new connection: the VM and sequence if the cookie
     /// is pending.
-    pub fn vmotion_peer(&self, cookie: &[u8], dest: Peer) -> Option<(Arc<Vm>, Vec<u8>)> {
+    pub fn vmotion_peer(&self, cookie: &[u8], dest: Attached) -> Option<(Arc<Vm>, Vec<u8>)> {
         let mut table = self.vmotions();
         let Some(p) = table.get_mut(cookie) else {
             drop(table);
@@ -73,7 +73,7 @@ impl Hub {
 
     /// VMOTION-COMPLETE on the destination `dest`: it becomes the VM's
     /// connection, held input goes to it, and the source is closed.
-    pub fn vmotion_complete(&self, vm: &Vm, cookie: &[u8], seq: &[u8], dest: &Peer) -> bool {
+    pub fn vmotion_complete(&self, vm: &Vm, cookie: &[u8], seq: &[u8], dest: &Attached) -> bool {
         let addr = self.addr_of(dest.id);
         let mut st = vm.lock();
         if st.vmotion.as_deref() != Some(cookie) {

@@ -30,7 +30,7 @@
 //! and CR as they are, and the first bytes go to the VM at once.
 
 use super::{Flow, Session, WaitFuture};
-use crate::hub::{Access, AttachError, ConsoleProtocol, Hub, LockMode, Peer, Vm};
+use crate::hub::{Access, AttachError, Attached, ConsoleProtocol, Hub, LockMode, Vm};
 use crate::outbox::Encoding;
 use crate::wire::{encode, opt, Change, Decoder, Event, Negotiator, OptionSet, IAC};
 use bytes::Bytes;
@@ -72,7 +72,7 @@ enum Mode {
 pub struct ConsoleSession {
     hub: Arc<Hub>,
     vm: Arc<Vm>,
-    peer: Peer,
+    peer: Attached,
     decoder: Decoder,
     neg: Negotiator,
     mode: Mode,
@@ -408,12 +408,12 @@ mod tests {
     //! telnet clients apart, the offer and its wait, NVT, and read-only
     //! input, driven through [`Session`] with a made-up `now`.
     use super::*;
-    use crate::hub::{Identity, Peer};
+    use crate::hub::{Attached, Identity};
     use crate::testing::written;
 
     const OFFER: &[u8] = b"\xff\xfb\x01\xff\xfb\x03\xff\xfb\x00\xff\xfd\x00\xff\xfd\x03";
 
-    fn vm() -> (Arc<Hub>, Arc<Vm>, Peer) {
+    fn vm() -> (Arc<Hub>, Arc<Vm>, Attached) {
         let h = crate::testing::hub(Duration::from_secs(60), Duration::from_secs(30), 1 << 20);
         let p = h.new_peer(1 << 20, Encoding::Telnet);
         let id = Identity {

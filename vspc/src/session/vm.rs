@@ -8,7 +8,7 @@
 //! DO-PROXY (§4.2).
 
 use super::{Flow, Session, WaitFuture};
-use crate::hub::{Begin, Fanout, Hub, Identity, Peer, Vm};
+use crate::hub::{Attached, Begin, Fanout, Hub, Identity, Vm};
 use crate::vmware::{Msg, VmUuid, PROXY_KNOWN_SUBOPTIONS};
 use crate::wire::{opt, Change, Decoder, Event, Negotiator, OptionSet, Verb};
 use bytes::Bytes;
@@ -71,7 +71,7 @@ enum Link {
 /// The state of one ESXi connection.
 pub struct VmSession {
     hub: Arc<Hub>,
-    peer: Peer,
+    peer: Attached,
     cfg: VmSessionConfig,
     decoder: Decoder,
     neg: Negotiator,
@@ -113,7 +113,7 @@ struct Paced {
 
 impl VmSession {
     /// A session for a new connection; queues the opening negotiation.
-    pub fn new(hub: Arc<Hub>, peer: Peer, cfg: VmSessionConfig, now: Instant) -> VmSession {
+    pub fn new(hub: Arc<Hub>, peer: Attached, cfg: VmSessionConfig, now: Instant) -> VmSession {
         let identify = cfg.identify_timeout.max(cfg.handshake_timeout);
         let mut s = VmSession {
             hub,

@@ -11,11 +11,11 @@
 //! # The WebSocket
 //!
 //! A browser console is an ordinary console of the VM: a
-//! [`ConsoleSession`] with [`ConsoleProtocol::Raw`], joined to the hub with
+//! [`crate::session::console::ConsoleSession`] with [`ConsoleProtocol::Raw`], joined to the hub with
 //! the lock `?mode=` asks for (as the admin port's `connect`), shown the
 //! backend's recent output first. It is served by the same connection
 //! driver as every console ([`crate::net::conn`]) over an in-process pipe
-//! ([`Stream::Pipe`]); the adapter here ([`pump`]) moves bytes between the
+//! ([`serve_console_over_pipe`]); the adapter here ([`pump`]) moves bytes between the
 //! pipe and the WebSocket. So output reaches it through the console's
 //! outbox, with the same fan-out, skip-and-tell and stall rules, and its
 //! input waits while the VM's queue is full (the adapter then stops reading
