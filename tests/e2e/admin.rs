@@ -205,7 +205,7 @@ async fn native_row(d: &Daemon, name: &str) -> Option<Json> {
 
 /// `connect VM [MODE]` on a new connection: the answer and the console, or
 /// the error answer.
-async fn native_connect(
+pub(crate) async fn native_connect(
     d: &Daemon,
     vm: &str,
     mode: Option<&str>,
@@ -726,6 +726,11 @@ async fn native_session_byte_exact() {
     // Then the recent output, then live output.
     let got = console.read_exact_data(seed.len(), T).await.expect("seed");
     assert_eq!(got, seed, "seed");
+    let marker = console
+        .read_exact_data(LIVE.len(), T)
+        .await
+        .expect("marker");
+    assert_eq!(marker, LIVE, "the end of the replay is marked");
     sync_console(&vm, &console).await;
     assert!(console.binary(), "the console should be in BINARY mode");
 

@@ -603,6 +603,11 @@ async fn logging_transcript_exact_and_seed() {
         "16",
         "-m",
         "0640",
+        // Logging's own context, shown to telnet clients on the console
+        // port: with no replay ring, a backend's scrollback is the history.
+        "--replay-bytes",
+        "0",
+        "--console-replay",
     ]);
     let (vm, port) = vm_up(&d, &named(400, "log-vm")).await;
     let sent = all_values_x3();
@@ -624,6 +629,11 @@ async fn logging_transcript_exact_and_seed() {
         sent[sent.len() - 16..],
         "context shown to a new console"
     );
+    let marker = console
+        .read_exact_data(LIVE.len(), T)
+        .await
+        .expect("marker");
+    assert_eq!(marker, LIVE, "the end of the context is marked");
     let extra = console.recv_data(SHORT).await;
     assert!(
         extra.is_empty(),

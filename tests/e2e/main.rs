@@ -30,5 +30,6 @@ mod flow;
 mod hardening;
 mod http;
 mod real_clients;
+mod replay;
 mod ssh;
 mod web;

@@ -344,17 +344,18 @@ async fn a_permitted_key_gets_the_console_byte_exact_and_tilde_dot_closes_it() {
     }
 
     let mut ssh = Ssh::spawn(ssh_command(port, &key, &id.name, &[]));
-    // The recent output first.
+    // The recent output first, then the marker where live output begins.
     assert_eq!(
-        ssh.read_out(20, T * 2).await,
-        b"before the console\r\n",
+        ssh.read_out(20 + LIVE.len(), T * 2).await,
+        [&b"before the console\r\n"[..], LIVE].concat(),
         "stderr: {}",
         ssh.err()
     );
     // VM -> client: every byte value.
     let out = all_bytes(8);
     vm.send(&out).await.expect("VM output");
-    assert_eq!(&ssh.read_out(20 + out.len(), T).await[20..], &out[..]);
+    let seen = 20 + LIVE.len();
+    assert_eq!(&ssh.read_out(seen + out.len(), T).await[seen..], &out[..]);
     // Client -> VM: every byte value (no `~` at a line's start in it).
     let typed = all_bytes(4);
     ssh.write(&typed);
@@ -393,7 +394,7 @@ async fn a_permitted_key_gets_the_console_byte_exact_and_tilde_dot_closes_it() {
     let typed_total = typed.len() + 7 + 5;
     assert!(end.contains(&format!("bytes_to_vm={typed_total}")), "{end}");
     assert!(
-        end.contains(&format!("bytes_from_vm={}", 20 + out.len())),
+        end.contains(&format!("bytes_from_vm={}", seen + out.len())),
         "{end}"
     );
     assert!(end.contains("duration_s="), "{end}");

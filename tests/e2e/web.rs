@@ -158,8 +158,8 @@ async fn websocket_console_is_byte_exact_both_ways_and_survives_a_reconnect() {
     assert_eq!(hello["access"], "free-for-all", "{hello}");
     assert_eq!(hello["vm_connected"], true, "{hello}");
     // The recent output comes first.
-    let seed = read_bytes(&mut ws, 20).await;
-    assert_eq!(seed, b"before the console\r\n");
+    let seed = read_bytes(&mut ws, 20 + LIVE.len()).await;
+    assert_eq!(seed, [&b"before the console\r\n"[..], LIVE].concat());
 
     // VM -> browser: every byte value, as it is (no telnet escaping).
     let out = all_bytes(8);

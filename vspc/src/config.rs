@@ -190,6 +190,18 @@ pub struct Config {
     #[arg(long, value_enum, default_value = "auto", value_name = "MODE")]
     pub console_protocol: crate::hub::ConsoleProtocol,
 
+    /// Bytes of each VM's most recent output kept in memory and shown, then
+    /// a `-- live --` line, to a browser console, an SSH session or an
+    /// admin session when it opens (so a panic printed before anyone came
+    /// is seen); 0 keeps none.
+    #[arg(long, default_value_t = 16384, value_name = "BYTES", value_parser = clap::value_parser!(u64).range(0..=(64u64 << 20)))]
+    pub replay_bytes: u64,
+
+    /// Show that recent output to telnet clients on the console ports too
+    /// (raw clients, such as gdb and scripts, never get it).
+    #[arg(long)]
+    pub console_replay: bool,
+
     /// Bytes of console output that may wait for one backend. A backend
     /// that needs every byte (Logging) makes the VMs that write wait past
     /// this; any other backend has output dropped for it.

@@ -119,6 +119,8 @@ fn start(cfg: Config) -> Result<(), String> {
         console_queue: cfg.console_queue as usize,
         console_protocol: cfg.console_protocol,
         console_stall: Some(cfg.console_stall_timeout).filter(|d| !d.is_zero()),
+        replay_bytes: cfg.replay_bytes as usize,
+        console_replay: cfg.console_replay,
     };
     let server = ServerConfig {
         proxy: (cfg.proxy_iface, cfg.proxy_port).into(),

@@ -274,6 +274,21 @@ impl Outbox {
         true
     }
 
+    /// Queue `data` ahead of every data chunk queued, regardless of the
+    /// limit (a console's history, once it is known to want it, goes
+    /// before the live output held meanwhile). Returns false if the outbox
+    /// is closed.
+    pub fn push_front_always(&self, data: Bytes) -> bool {
+        let mut inner = self.lock();
+        if inner.closed {
+            return false;
+        }
+        inner.bytes += data.len();
+        inner.queue.push_front(data);
+        unlock_and_wake(inner);
+        true
+    }
+
     /// Queue an encoded protocol message ahead of any queued data.
     pub fn push_control(&self, msg: Bytes) -> bool {
         let mut inner = self.lock();

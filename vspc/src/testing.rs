@@ -22,6 +22,8 @@ pub fn hub(expire: Duration, vmotion_timeout: Duration, console_queue: usize) ->
             console_queue,
             console_protocol: ConsoleProtocol::Auto,
             console_stall: None,
+            replay_bytes: 16384,
+            console_replay: false,
         },
         Backends::spawn(Vec::new(), 1 << 20).expect("backend threads"),
     )

@@ -66,7 +66,12 @@ async fn serve(hub: Arc<Hub>, vm: Arc<Vm>, tcp: std::net::TcpStream) {
         vm: Find::Vm(vm.clone()),
         mode: LockMode::FreeForAllOrReadOnly,
         protocol: hub.config().console_protocol,
-        history: History::Inline,
+        // gdb and scripts must not see old bytes.
+        history: if hub.config().console_replay {
+            History::TelnetOnly
+        } else {
+            History::None
+        },
         door: crate::audit::Kind::ConsolePort,
         peer: tcp.peer_addr().ok(),
         user: None,

@@ -148,6 +148,8 @@ mod size_budget {
                 console_queue: 1 << 20,
                 console_protocol: crate::hub::ConsoleProtocol::Auto,
                 console_stall: None,
+                replay_bytes: 16384,
+                console_replay: false,
             },
             crate::backend_host::Backends::spawn(vec![], 1 << 20).unwrap(),
         );
@@ -184,7 +186,7 @@ mod size_budget {
             &hub,
             &vm,
             LockMode::FreeForAll,
-            None,
+            crate::hub::Replay::None,
             crate::hub::ConsoleProtocol::Auto,
         )
         .unwrap();

@@ -12,7 +12,8 @@ impl Hub {
         vm: &Vm,
         peer: Attached,
         mode: LockMode,
-    ) -> Result<Access, AttachError> {
+        replay: Replay<'_>,
+    ) -> Result<(Access, Vec<u8>), AttachError> {
         let mut st = vm.lock();
         let name = st.name.clone();
         if st.gone {
@@ -50,6 +51,24 @@ impl Hub {
             LockMode::FreeForAllOrReadOnly => Access::FreeForAll,
             LockMode::ReadOnly => Access::ReadOnly,
         };
+        // The ring is read under the lock the fan-out takes, so what it
+        // holds is history and everything after it is live.
+        let past = |fallback: &[u8]| match st.replay.as_deref() {
+            Some(ring) if !ring.is_empty() => ring.replay(),
+            _ => fallback.to_vec(),
+        };
+        let returned = match replay {
+            Replay::None => Vec::new(),
+            Replay::Return(fallback) => past(fallback),
+            Replay::Show(fallback) => {
+                let mut shown = past(fallback);
+                if !shown.is_empty() {
+                    shown.extend_from_slice(replay::MARKER);
+                    peer.outbox.push_always(Bytes::from(shown));
+                }
+                Vec::new()
+            }
+        };
         peer.outbox.pace_with(vm.pace.clone());
         // It may come with output queued already (recent output).
         st.room = false;
@@ -59,7 +78,7 @@ impl Hub {
         // An empty console is the fastest one: output held back may flow.
         vm.pace.notify_waiters();
         self.backend.console_attached(vm.record());
-        Ok(access)
+        Ok((access, returned))
     }
 
     /// Disconnect every console of `vm` (vSPC.py's "port clear"), telling

@@ -77,6 +77,12 @@ impl Hub {
                 all_fit &= q + PIECE <= o.limit();
             }
             st.room = all_fit && (fastest_fits || !decided);
+            let cap = self.cfg.replay_bytes;
+            if cap > 0 {
+                st.replay
+                    .get_or_insert_with(Default::default)
+                    .push(&piece, cap);
+            }
             if self.backend.wants_data() {
                 self.backend.console_data(&st.rec, piece);
             }

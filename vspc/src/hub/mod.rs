@@ -36,6 +36,7 @@ mod consoles;
 mod expiry;
 mod fanout;
 mod registry;
+pub mod replay;
 mod vmotion;
 
 use fanout::flush_held;
@@ -85,6 +86,25 @@ pub struct HubConfig {
     /// A console whose socket takes nothing for this long while output
     /// waits is disconnected (`None`: never).
     pub console_stall: Option<Duration>,
+    /// Bytes of each VM's recent output kept for consoles that join later
+    /// (`--replay-bytes`; 0: none).
+    pub replay_bytes: usize,
+    /// Telnet clients on the console ports get the recent output too
+    /// (`--console-replay`).
+    pub console_replay: bool,
+}
+
+/// What a joining console is given of what its VM said before.
+#[derive(Debug, Clone, Copy)]
+pub enum Replay<'a> {
+    /// Nothing.
+    None,
+    /// Queued ahead of live output and followed by [`replay::MARKER`]: the
+    /// VM's replay ring, or these bytes (a backend's scrollback) when the
+    /// ring is empty.
+    Show(&'a [u8]),
+    /// The same bytes, handed back to the caller rather than queued.
+    Return(&'a [u8]),
 }
 
 /// How console clients are served.
@@ -212,6 +232,9 @@ struct VmState {
     peer_addr: Option<SocketAddr>,
     /// Removed from the registry (expired); late arrivals are turned away.
     gone: bool,
+    /// The VM's most recent output ([`replay`]); allocated at its first
+    /// output.
+    replay: Option<Box<replay::Ring>>,
 }
 
 impl Vm {
@@ -557,6 +580,26 @@ impl Hub {
     /// The rows the admin listing shows (the backend may edit them).
     pub async fn listing(&self) -> Vec<VmRecord> {
         self.backend.list_rows(self.records()).await
+    }
+
+    /// What `vm`'s replay ring holds now, as it was sent (`GET
+    /// /api/v1/vms/{vm}/recent`); empty when nothing was said or the ring
+    /// is off.
+    pub fn recent(&self, vm: &Vm) -> Vec<u8> {
+        vm.lock()
+            .replay
+            .as_deref()
+            .map(replay::Ring::contents)
+            .unwrap_or_default()
+    }
+
+    /// Whether `vm`'s replay ring holds nothing (then a backend's
+    /// scrollback is worth fetching).
+    pub fn replay_is_empty(&self, vm: &Vm) -> bool {
+        vm.lock()
+            .replay
+            .as_deref()
+            .is_none_or(replay::Ring::is_empty)
     }
 
     /// Failed accepts on the console ports so far (counted by the network

@@ -313,5 +313,6 @@ pub(super) fn new_state(name: String, rec: Arc<FfiRecord>, idle_since: Option<In
         connected_since: None,
         peer_addr: None,
         gone: false,
+        replay: None,
     }
 }

@@ -69,7 +69,7 @@ async fn one_run(seed: u64) {
     let vm = h.attach_vm(&id, vm_peer.clone()).expect("attach");
     let join = |enc| {
         let c = h.new_peer(1 << 20, enc);
-        h.attach_console(&vm, c.clone(), LockMode::FreeForAll)
+        h.attach_console(&vm, c.clone(), LockMode::FreeForAll, Replay::None)
             .expect("console");
         c
     };

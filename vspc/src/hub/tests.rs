@@ -74,7 +74,7 @@ fn metrics_follow_traffic_vmotions_and_consoles_and_survive_expiry() {
     assert!(s.vm_connected && s.connected_since.is_some());
     output(&h, &vm, p.id, b"12345");
     let c = peer(&h);
-    h.attach_console(&vm, c.clone(), LockMode::FreeForAll)
+    h.attach_console(&vm, c.clone(), LockMode::FreeForAll, Replay::None)
         .expect("console");
     h.console_input(&vm, b"ab");
     let t = h.totals();
@@ -141,7 +141,7 @@ fn an_idle_vm_expires_after_the_expire_time_and_not_before() {
     // A console arriving late finds the VM gone.
     let c = peer(&h);
     assert!(matches!(
-        h.attach_console(&vm, c, LockMode::FreeForAll),
+        h.attach_console(&vm, c, LockMode::FreeForAll, Replay::None),
         Err(AttachError::Gone { .. })
     ));
 }
@@ -152,7 +152,7 @@ fn a_console_keeps_a_disconnected_vm_from_expiring() {
     let p = peer(&h);
     let vm = h.attach_vm(&id(3), p.clone()).expect("attach");
     let c = peer(&h);
-    h.attach_console(&vm, c.clone(), LockMode::FreeForAll)
+    h.attach_console(&vm, c.clone(), LockMode::FreeForAll, Replay::None)
         .expect("console");
     h.detach_vm(&vm, p.id, epoch());
     let t0 = epoch();
@@ -247,7 +247,10 @@ fn lock_rules_follow_vspc_py() {
     use LockMode::*;
     let h = hub();
     let vm = h.attach_vm(&id(7), peer(&h)).expect("attach");
-    let attach = |m| h.attach_console(&vm, peer(&h), m);
+    let attach = |m| {
+        h.attach_console(&vm, peer(&h), m, Replay::None)
+            .map(|(a, _)| a)
+    };
     // Writer first: free-for-all is refused, the fallback is read-only,
     // a second writer and exclusive are refused.
     assert_eq!(attach(Write), Ok(Access::Write));
@@ -259,7 +262,10 @@ fn lock_rules_follow_vspc_py() {
     assert_eq!(attach(ReadOnly), Ok(Access::ReadOnly));
     assert_eq!(LockMode::parse("read-only"), None);
     let vm2 = h.attach_vm(&id(8), peer(&h)).expect("attach");
-    let attach2 = |m| h.attach_console(&vm2, peer(&h), m);
+    let attach2 = |m| {
+        h.attach_console(&vm2, peer(&h), m, Replay::None)
+            .map(|(a, _)| a)
+    };
     assert_eq!(attach2(Exclusive), Ok(Access::Exclusive));
     for m in [Exclusive, Write, FreeForAll, FreeForAllOrReadOnly, ReadOnly] {
         assert!(attach2(m).is_err(), "{m:?} beside an exclusive lock");
@@ -270,7 +276,7 @@ fn lock_rules_follow_vspc_py() {
 /// 512).
 fn console(h: &Hub, vm: &Vm, encoding: Encoding) -> Attached {
     let c = h.new_peer(h.config().console_queue, encoding);
-    h.attach_console(vm, c.clone(), LockMode::FreeForAll)
+    h.attach_console(vm, c.clone(), LockMode::FreeForAll, Replay::None)
         .expect("console");
     c
 }

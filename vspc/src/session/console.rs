@@ -30,7 +30,7 @@
 //! and CR as they are, and the first bytes go to the VM at once.
 
 use super::{Flow, Session, WaitFuture};
-use crate::hub::{Access, AttachError, Attached, ConsoleProtocol, Hub, LockMode, Vm};
+use crate::hub::{Access, AttachError, Attached, ConsoleProtocol, Hub, LockMode, Replay, Vm};
 use crate::outbox::Encoding;
 use crate::wire::{encode, opt, Change, Decoder, Event, Negotiator, OptionSet, IAC};
 use bytes::Bytes;
@@ -93,6 +93,10 @@ pub struct ConsoleSession {
     stalled: bool,
     /// Input is not read until the VM's queue for console input drains.
     wait: Option<WaitFuture>,
+    /// The VM's recent output: held back for a console still being told
+    /// apart (a telnet client gets it ahead of live output, a raw one
+    /// never), or handed to the door ([`ConsoleSession::take_history`]).
+    past: Option<Box<[u8]>>,
     /// The session's audit record: its end line is logged (with the bytes
     /// each way) when the session closes. `None` until the caller, which
     /// knows who the client is, starts it.
@@ -108,18 +112,20 @@ impl ConsoleSession {
         (neg, out)
     }
 
-    /// Open a console on `vm`: queue `seed` (the recent output) and, for a
-    /// telnet session, the opening negotiation; then join the fan-out with
-    /// the lock `mode` asks for. Nothing is written to the peer until the
-    /// caller starts serving the session, so protocol answers can go first.
+    /// Open a console on `vm`: queue the opening negotiation for a telnet
+    /// session, and what the VM said before as `replay` asks; then join the
+    /// fan-out with the lock `mode` asks for. A console still being told
+    /// apart (`Auto`) gets the history only once it turns out to speak
+    /// telnet. Nothing is written to the peer until the caller starts
+    /// serving the session, so protocol answers can go first.
     pub fn join(
         hub: &Arc<Hub>,
         vm: &Arc<Vm>,
         mode: LockMode,
-        seed: Option<&[u8]>,
+        replay: Replay<'_>,
         protocol: ConsoleProtocol,
     ) -> Result<ConsoleSession, AttachError> {
-        Self::join_at(hub, vm, mode, seed, protocol, Instant::now())
+        Self::join_at(hub, vm, mode, replay, protocol, Instant::now())
     }
 
     /// [`ConsoleSession::join`] at time `now` (the clock is read by the
@@ -128,7 +134,7 @@ impl ConsoleSession {
         hub: &Arc<Hub>,
         vm: &Arc<Vm>,
         mode: LockMode,
-        seed: Option<&[u8]>,
+        replay: Replay<'_>,
         protocol: ConsoleProtocol,
         now: Instant,
     ) -> Result<ConsoleSession, AttachError> {
@@ -144,10 +150,12 @@ impl ConsoleSession {
             offer(&mut neg, &mut opening);
             peer.outbox.push_control(opening.into());
         }
-        if let Some(seed) = seed.filter(|s| !s.is_empty()) {
-            peer.outbox.push_always(Bytes::copy_from_slice(seed));
-        }
-        let access = hub.attach_console(vm, peer.clone(), mode)?;
+        // Told apart later: the history waits in the session.
+        let replay = match replay {
+            Replay::Show(fallback) if start == Mode::Silent => Replay::Return(fallback),
+            other => other,
+        };
+        let (access, past) = hub.attach_console(vm, peer.clone(), mode, replay)?;
         Ok(ConsoleSession {
             hub: hub.clone(),
             vm: vm.clone(),
@@ -164,8 +172,15 @@ impl ConsoleSession {
             closing: false,
             stalled: false,
             wait: None,
+            past: (!past.is_empty()).then(|| past.into_boxed_slice()),
             audit: None,
         })
+    }
+
+    /// The history handed back by a [`Replay::Return`] join (for a door
+    /// that sends it its own way); empty if there was none.
+    pub fn take_history(&mut self) -> Vec<u8> {
+        self.past.take().map(Vec::from).unwrap_or_default()
     }
 
     /// How long this console's socket may take nothing while output waits
@@ -229,10 +244,15 @@ impl ConsoleSession {
                 self.out = out;
             }
             self.mode = Mode::Telnet;
+            if let Some(past) = self.past.take() {
+                let shown = [&past[..], crate::hub::replay::MARKER].concat();
+                self.peer.outbox.push_front_always(Bytes::from(shown));
+            }
             self.peer.outbox.set_encoding(Encoding::Telnet);
             tracing::debug!(conn = self.peer.id, "console speaks telnet");
         } else {
             self.mode = Mode::Raw;
+            self.past = None;
             self.peer.outbox.set_encoding(Encoding::Raw);
             tracing::debug!(
                 conn = self.peer.id,
@@ -376,6 +396,8 @@ impl Session for ConsoleSession {
             Mode::Offered => {
                 // No answer: not a telnet client. Output flows raw; the
                 // client's first byte, whenever it comes, still decides.
+                // History is for telnet clients only.
+                self.past = None;
                 self.peer.outbox.set_encoding(Encoding::Raw);
                 self.detect_at = None;
             }
@@ -426,7 +448,7 @@ mod tests {
     }
 
     fn join(h: &Arc<Hub>, vm: &Arc<Vm>, p: ConsoleProtocol, t0: Instant) -> ConsoleSession {
-        ConsoleSession::join_at(h, vm, LockMode::FreeForAll, None, p, t0).expect("join")
+        ConsoleSession::join_at(h, vm, LockMode::FreeForAll, Replay::None, p, t0).expect("join")
     }
 
     #[test]
@@ -507,14 +529,20 @@ mod tests {
     fn a_read_only_console_types_nothing() {
         let (h, vm, vm_peer) = vm();
         let t0 = Instant::now();
-        let _writer =
-            ConsoleSession::join_at(&h, &vm, LockMode::Write, None, ConsoleProtocol::Raw, t0)
-                .expect("writer");
+        let _writer = ConsoleSession::join_at(
+            &h,
+            &vm,
+            LockMode::Write,
+            Replay::None,
+            ConsoleProtocol::Raw,
+            t0,
+        )
+        .expect("writer");
         let mut watcher = ConsoleSession::join_at(
             &h,
             &vm,
             LockMode::FreeForAllOrReadOnly,
-            None,
+            Replay::None,
             ConsoleProtocol::Raw,
             t0,
         )
@@ -522,5 +550,92 @@ mod tests {
         assert_eq!(watcher.access(), Access::ReadOnly);
         watcher.on_input(b"rm -rf /\r", t0);
         assert_eq!(written(&vm_peer.outbox).0, b"");
+    }
+
+    /// A console joined with the VM's history shown (as the console ports
+    /// do with `--console-replay`).
+    fn join_replay(h: &Arc<Hub>, vm: &Arc<Vm>, p: ConsoleProtocol, t0: Instant) -> ConsoleSession {
+        ConsoleSession::join_at(h, vm, LockMode::FreeForAll, Replay::Show(b""), p, t0)
+            .expect("join")
+    }
+
+    #[test]
+    fn history_then_the_marker_then_live_output_for_a_telnet_client() {
+        let (h, vm, _) = vm();
+        let t0 = Instant::now();
+        let conn = vm_conn(&h, &vm);
+        h.vm_output(&vm, conn, bytes::Bytes::from_static(b"panic: boom\r\n"));
+        // Told apart later: nothing, not even the history, goes out yet.
+        let mut c = join_replay(&h, &vm, ConsoleProtocol::Auto, t0);
+        h.vm_output(&vm, conn, bytes::Bytes::from_static(b"live"));
+        assert_eq!(written(&c.outbox()).0, b"");
+        c.on_input(b"\xff\xfd\x03", t0);
+        let (out, _) = written(&c.outbox());
+        let want = [
+            OFFER,
+            b"panic: boom\r\n",
+            crate::hub::replay::MARKER,
+            b"live",
+        ]
+        .concat();
+        assert_eq!(out, want, "offer, history, marker, then live");
+    }
+
+    #[test]
+    fn a_raw_client_never_gets_the_history() {
+        let (h, vm, _) = vm();
+        let t0 = Instant::now();
+        let conn = vm_conn(&h, &vm);
+        h.vm_output(&vm, conn, bytes::Bytes::from_static(b"old"));
+        // Speaks first, not telnet.
+        let mut gdb = join_replay(&h, &vm, ConsoleProtocol::Auto, t0);
+        h.vm_output(&vm, conn, bytes::Bytes::from_static(b"new"));
+        gdb.on_input(b"+$qSupported#37", t0);
+        assert_eq!(written(&gdb.outbox()).0, b"new");
+        // Silent, and does not answer the offer.
+        let mut nc = join_replay(&h, &vm, ConsoleProtocol::Auto, t0);
+        h.vm_output(&vm, conn, bytes::Bytes::from_static(b"newer"));
+        nc.on_deadline(t0 + DETECT_WINDOW);
+        nc.on_deadline(t0 + DETECT_WINDOW + ANSWER_WAIT);
+        assert_eq!(written(&nc.outbox()).0, [OFFER, b"newer"].concat());
+        // Its first byte, even IAC, comes too late for the history.
+        nc.on_input(b"\xff\xfd\x03", t0 + DETECT_WINDOW + ANSWER_WAIT);
+        h.vm_output(&vm, conn, bytes::Bytes::from_static(b"x"));
+        assert_eq!(written(&nc.outbox()).0, b"x");
+    }
+
+    #[test]
+    fn returned_history_is_handed_to_the_door_and_not_queued() {
+        let (h, vm, _) = vm();
+        let t0 = Instant::now();
+        let conn = vm_conn(&h, &vm);
+        h.vm_output(&vm, conn, bytes::Bytes::from_static(b"login: "));
+        let mut c = ConsoleSession::join_at(
+            &h,
+            &vm,
+            LockMode::FreeForAll,
+            Replay::Return(b"scrollback"),
+            ConsoleProtocol::Telnet,
+            t0,
+        )
+        .expect("join");
+        assert_eq!(
+            c.take_history(),
+            b"login: ",
+            "the ring wins over a backend's scrollback"
+        );
+        assert_eq!(written(&c.outbox()).0, OFFER);
+        // A VM that said nothing yet: the backend's scrollback instead.
+        let (h2, vm2, _) = self::vm();
+        let mut c2 = ConsoleSession::join_at(
+            &h2,
+            &vm2,
+            LockMode::FreeForAll,
+            Replay::Return(b"scrollback"),
+            ConsoleProtocol::Telnet,
+            t0,
+        )
+        .expect("join");
+        assert_eq!(c2.take_history(), b"scrollback");
     }
 }

@@ -1,5 +1,5 @@
-//! The one way to open a console, whatever the door: find the VM, fetch
-//! what it said before (the seed), join its fan-out under the lock the
+//! The one way to open a console, whatever the door: find the VM, take
+//! what it said before (its replay ring, or a backend's scrollback), join its fan-out under the lock the
 //! client asked for, and start the session's audit record. A door turns
 //! its client's request into a [`Request`], serves the [`Opened`] session
 //! on its own transport, and maps an [`OpenError`] to its wire's reply in
@@ -8,7 +8,7 @@
 
 use super::console::ConsoleSession;
 use crate::audit::Kind;
-use crate::hub::{AttachError, ConsoleProtocol, Hub, LockMode, Lookup, Vm};
+use crate::hub::{AttachError, ConsoleProtocol, Hub, LockMode, Lookup, Replay, Vm};
 use std::net::SocketAddr;
 use std::sync::Arc;
 
@@ -21,15 +21,20 @@ pub enum Find<'a> {
     Named(&'a str),
 }
 
-/// Where the VM's recent output goes.
+/// Where the VM's recent output (its replay ring, or a backend's
+/// scrollback when the ring is empty) goes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum History {
-    /// Queued ahead of the live output on the console itself.
+    /// Queued ahead of the live output on the console itself, then a
+    /// marker line (the browser, SSH, the native admin protocol).
     Inline,
+    /// Queued as with `Inline` for a telnet client; a raw client (gdb, a
+    /// script) never gets it (console ports with `--console-replay`).
+    TelnetOnly,
     /// Handed back in [`Opened::history`] for the door to send its own way
     /// (vSPC.py's query protocol sends it in a pickle).
     Apart,
-    /// Not fetched.
+    /// Not given (console ports by default).
     None,
 }
 
@@ -82,15 +87,25 @@ pub async fn open(hub: &Arc<Hub>, req: Request<'_>) -> Result<Opened, OpenError>
             },
         })?,
     };
-    let history = match req.history {
-        History::None => Vec::new(),
-        History::Inline | History::Apart => hub.backend().seed_data(vm.record()).await,
+    // A backend's scrollback is asked for only when the ring has nothing.
+    let scrollback = if req.history != History::None && hub.replay_is_empty(&vm) {
+        hub.backend().seed_data(vm.record()).await
+    } else {
+        Vec::new()
     };
-    let inline = (req.history == History::Inline).then_some(history.as_slice());
-    let mut session = ConsoleSession::join(hub, &vm, req.mode, inline, req.protocol)?;
+    let replay = match req.history {
+        History::None => Replay::None,
+        History::Inline => Replay::Show(&scrollback),
+        History::TelnetOnly => match req.protocol {
+            ConsoleProtocol::Raw => Replay::None,
+            ConsoleProtocol::Telnet | ConsoleProtocol::Auto => Replay::Show(&scrollback),
+        },
+        History::Apart => Replay::Return(&scrollback),
+    };
+    let mut session = ConsoleSession::join(hub, &vm, req.mode, replay, req.protocol)?;
     session.audit(req.door, req.peer, req.user);
     let history = match req.history {
-        History::Apart => history,
+        History::Apart => session.take_history(),
         _ => Vec::new(),
     };
     Ok(Opened {

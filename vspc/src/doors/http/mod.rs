@@ -10,7 +10,8 @@
 //! | `GET /api/v1/vms` | every VM, as the admin listing plus connection facts |
 //! | `GET /api/v1/vms/{vm}` | one VM, by name or uuid in any spelling |
 //! | `POST /api/v1/vms/{vm}/clear` | disconnect the VM's consoles (a write) |
-//! | `GET /console_log/{uuid}?bytes=N` | the tail of the VM's transcript, from the backends |
+//! | `GET /api/v1/vms/{vm}/recent` | the VM's recent output (its replay ring, `--replay-bytes`), any backend |
+//! | `GET /console_log/{uuid}?bytes=N` | the tail of the VM's transcript, from the backends, else its replay ring |
 //! | `GET /api/v1/vms/{vm}/console` | the VM's console as a WebSocket ([`crate::doors::http::web`]) |
 //! | `GET /`, `GET /vms/{vm}`, `GET /static/{file}` | the browser pages ([`crate::doors::http::web`]) |
 //!
@@ -323,6 +324,7 @@ pub fn router(hub: Arc<Hub>, tokens: Option<Arc<Tokens>>, hosts: &[String]) -> R
         .route("/api/v1/vms", get(list_vms))
         .route("/api/v1/vms/{vm}", get(one_vm))
         .route("/api/v1/vms/{vm}/clear", post(clear_vm))
+        .route("/api/v1/vms/{vm}/recent", get(recent))
         .route("/console_log/{uuid}", get(console_log))
         .route("/api/v1/vms/{vm}/console", get(console_ws))
         .route("/", get(index_page))
@@ -676,6 +678,20 @@ async fn clear_vm(State(app): State<App>, Path(vm): Path<String>) -> Response {
     Json(json!({ "cleared": n })).into_response()
 }
 
+/// The VM's replay ring: its last `--replay-bytes` of output, as it sent
+/// them, whatever the backends.
+async fn recent(State(app): State<App>, Path(vm): Path<String>) -> Response {
+    let v = match app.hub.lookup(&vm) {
+        Ok(v) => v,
+        Err(why) => return lookup_failed(&vm, why),
+    };
+    (
+        [(header::CONTENT_TYPE, "application/octet-stream")],
+        app.hub.recent(&v),
+    )
+        .into_response()
+}
+
 /// `?bytes=N` of `/console_log`.
 #[derive(Debug, serde::Deserialize)]
 struct LogQuery {
@@ -715,7 +731,16 @@ async fn console_log(
     let Some(vm) = app.hub.find(&uuid) else {
         return unknown_vm(&uuid);
     };
-    match app.hub.backend().console_log(vm.record(), max).await {
+    // No backend keeps a transcript: the replay ring is the log.
+    let log = match app.hub.backend().console_log(vm.record(), max).await {
+        Some(log) => Some(log),
+        None if app.hub.config().replay_bytes > 0 => {
+            let ring = app.hub.recent(&vm);
+            Some(ring[ring.len().saturating_sub(max)..].to_vec())
+        }
+        None => None,
+    };
+    match log {
         Some(log) => (
             [(header::CONTENT_TYPE, "application/octet-stream")],
             axum::body::Body::new(LogBody {
@@ -727,7 +752,7 @@ async fn console_log(
         None => error(
             StatusCode::NOT_FOUND,
             format!(
-                "no transcript of VM {:?} (the backends keep none: use --backend Logging)",
+                "no transcript of VM {:?} (the backends keep none and --replay-bytes is 0: use --backend Logging)",
                 vm.name()
             ),
         ),
@@ -1156,6 +1181,8 @@ mod tests {
                 console_queue: 1 << 20,
                 console_protocol: crate::hub::ConsoleProtocol::Auto,
                 console_stall: None,
+                replay_bytes: 0,
+                console_replay: false,
             },
             crate::backend_host::Backends::spawn(Vec::new(), 1 << 20).expect("backends"),
         );

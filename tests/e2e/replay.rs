@@ -1,0 +1,203 @@
+//! What the VM said before you came: every VM's replay ring
+//! (`--replay-bytes`) shown first to the doors people use, never to a raw
+//! client on a console port, kept across reconnects and vMotions, cut
+//! cleanly, and `/api/v1/vms/{vm}/recent`. The browser and OpenSSH are in
+//! `web.rs` and `ssh.rs` (their first bytes are the replay and its
+//! marker).
+
+use crate::admin::{native_connect, pickle_session, PickleAnswer};
+use crate::common::*;
+use crate::http::{daemon, get};
+use vspc_testkit::sim::{Identity, SimConsole, SimVm};
+
+/// Wait until the VM's ring (`/recent`) holds exactly `want`.
+async fn ring_holds(http: std::net::SocketAddr, vm: &str, want: &[u8]) {
+    let path = format!("/api/v1/vms/{vm}/recent");
+    let deadline = std::time::Instant::now() + T;
+    loop {
+        let got = get(http, &path).await.body;
+        if got == want {
+            return;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the ring holds {} bytes, not the {} wanted",
+            got.len(),
+            want.len()
+        );
+        tokio::time::sleep(ms(20)).await;
+    }
+}
+
+const PANIC: &[u8] = b"Kernel panic - not syncing: VFS: Unable to mount root fs\r\n";
+
+/// A daemon with the default (Memory) backend and the HTTP API, a VM that
+/// printed [`PANIC`] with no console attached, and its console port.
+async fn panicked(extra: &[&str], n: u32) -> (Daemon, std::net::SocketAddr, Identity, SimVm, u16) {
+    let (d, http) = daemon(extra);
+    let id = Identity::numbered(n);
+    let (vm, port) = vm_up(&d, &id).await;
+    vm.send(PANIC).await.expect("VM output");
+    // Delivered to the (absent) consoles, so in the ring, when the
+    // listing counts it.
+    ring_holds(http, &id.name, PANIC).await;
+    (d, http, id, vm, port)
+}
+
+#[tokio::test]
+async fn the_admin_protocols_show_what_the_vm_printed_before_then_live_output() {
+    let (d, _, id, vm, _) = panicked(&[], 9501).await;
+    // The native protocol (vspc-client): history, the marker, then live.
+    let (_, console) = native_connect(&d, &id.name, None)
+        .await
+        .unwrap_or_else(|e| panic!("connect: {e}"));
+    let want = [PANIC, LIVE].concat();
+    let got = console
+        .read_exact_data(want.len(), T)
+        .await
+        .expect("replay");
+    assert_eq!(got, want);
+    vm.send(b"still alive\r\n").await.expect("VM output");
+    let live = console.read_exact_data(13, T).await.expect("live");
+    assert_eq!(live, b"still alive\r\n");
+    // vSPC.py's query protocol (vSPCClient): the history is the seed.
+    match pickle_session(&d, &id.name, "free_for_all").await {
+        PickleAnswer::Found { seed, .. } => assert_eq!(
+            seed.as_bytes(),
+            [PANIC, b"still alive\r\n"].concat(),
+            "the seed is the ring"
+        ),
+        PickleAnswer::Other(status, rest) => panic!("pickle session: {status} {rest:?}"),
+    }
+}
+
+#[tokio::test]
+async fn console_ports_replay_only_to_telnet_clients_and_only_when_asked() {
+    // By default no console-port client sees old bytes.
+    let (d, _, _, vm, port) = panicked(&[], 9502).await;
+    let telnet = SimConsole::connect(d.console(port)).await.expect("telnet");
+    vm.send(b"new\r\n").await.expect("VM output");
+    assert_eq!(
+        telnet.read_exact_data(5, T).await.expect("live"),
+        b"new\r\n"
+    );
+    drop((telnet, vm, d));
+
+    // With --console-replay: a telnet client gets it; gdb (raw, speaks
+    // first) and a silent raw client (nc) never do.
+    let (d, _, _, vm, port) = panicked(&["--console-replay"], 9503).await;
+    let telnet = SimConsole::connect(d.console(port)).await.expect("telnet");
+    let want = [PANIC, LIVE].concat();
+    assert_eq!(
+        telnet.read_exact_data(want.len(), T).await.expect("replay"),
+        want
+    );
+    let mut gdb = tokio::net::TcpStream::connect(d.console(port))
+        .await
+        .expect("gdb");
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    gdb.write_all(b"+$qSupported#37").await.expect("gdb writes");
+    let mut nc = tokio::net::TcpStream::connect(d.console(port))
+        .await
+        .expect("nc");
+    // Both are decided raw before the VM speaks again (gdb at once; nc
+    // after the detection window and the unanswered offer).
+    let typed = vm.read_exact_data(15, T).await.expect("gdb's bytes");
+    assert_eq!(typed, b"+$qSupported#37");
+    let mut offer = [0u8; 15];
+    nc.read_exact(&mut offer).await.expect("the telnet offer");
+    tokio::time::sleep(ms(1500)).await;
+    vm.send(b"after\r\n").await.expect("VM output");
+    for (who, s) in [("gdb", &mut gdb), ("nc", &mut nc)] {
+        let mut got = [0u8; 7];
+        s.read_exact(&mut got).await.expect("live output");
+        assert_eq!(&got, b"after\r\n", "{who} saw old bytes");
+    }
+}
+
+#[tokio::test]
+async fn the_ring_survives_a_reconnect_and_a_vmotion() {
+    let (d, http, id, vm, _) = panicked(&[], 9504).await;
+    vm.close().await;
+    let (vm2, _) = vm_up(&d, &id).await;
+    vm2.send(b"rebooted\r\n").await.expect("VM output");
+    let seq = [7, 7, 7, 7];
+    let cookie = match vm2.begin_vmotion(&seq).await {
+        Ok(vspc_testkit::sim::VmotionReply::GoAhead { cookie }) => cookie,
+        other => panic!("BEGIN: {other:?}"),
+    };
+    let dst = SimVm::connect_destination(d.proxy, &id, &cookie)
+        .await
+        .expect("PEER");
+    dst.complete(&seq).await.expect("COMPLETE");
+    dst.send(b"moved\r\n").await.expect("VM output");
+    let want = [PANIC, b"rebooted\r\n", b"moved\r\n"].concat();
+    ring_holds(http, &id.name, &want).await;
+    let (_, console) = native_connect(&d, &id.name, None)
+        .await
+        .unwrap_or_else(|e| panic!("connect: {e}"));
+    let shown = [&want[..], LIVE].concat();
+    assert_eq!(
+        console
+            .read_exact_data(shown.len(), T)
+            .await
+            .expect("replay"),
+        shown
+    );
+}
+
+#[tokio::test]
+async fn a_burst_leaves_exactly_the_last_bytes_cut_at_a_line() {
+    let (d, http) = daemon(&["--replay-bytes", "1000"]);
+    let id = Identity::numbered(9505);
+    let (vm, _) = vm_up(&d, &id).await;
+    // 1 MiB of numbered lines, every byte value inside them.
+    let mut burst = Vec::new();
+    let mut n = 0u32;
+    while burst.len() < 1 << 20 {
+        burst.extend_from_slice(format!("line {n} ").as_bytes());
+        burst.extend((0u8..=255).filter(|&b| b != b'\n'));
+        burst.extend_from_slice(b"\r\n");
+        n += 1;
+    }
+    vm.send(&burst).await.expect("VM output");
+    let last = &burst[burst.len() - 1000..];
+    ring_holds(http, &id.name, last).await;
+    // Shown from the first line break in it: no half line.
+    let start = last.iter().position(|&b| b == b'\n').expect("a line break") + 1;
+    let (_, console) = native_connect(&d, &id.name, None)
+        .await
+        .unwrap_or_else(|e| panic!("connect: {e}"));
+    let shown = [&last[start..], LIVE].concat();
+    assert_eq!(
+        console
+            .read_exact_data(shown.len(), T)
+            .await
+            .expect("replay"),
+        shown
+    );
+}
+
+#[tokio::test]
+async fn replay_bytes_zero_keeps_todays_behaviour() {
+    let (d, http, id, vm, _) = {
+        let (d, http) = daemon(&["--replay-bytes", "0"]);
+        let id = Identity::numbered(9506);
+        let (vm, port) = vm_up(&d, &id).await;
+        vm.send(PANIC).await.expect("VM output");
+        (d, http, id, vm, port)
+    };
+    let (_, console) = native_connect(&d, &id.name, None)
+        .await
+        .unwrap_or_else(|e| panic!("connect: {e}"));
+    vm.send(b"live\r\n").await.expect("VM output");
+    assert_eq!(
+        console.read_exact_data(6, T).await.expect("live"),
+        b"live\r\n"
+    );
+    let log = get(http, &format!("/console_log/{}", id.uuid_display())).await;
+    assert_eq!(log.status, 404, "{}", log.text());
+    let recent = get(http, &format!("/api/v1/vms/{}/recent", id.name)).await;
+    assert_eq!(recent.status, 200);
+    assert!(recent.body.is_empty());
+}
