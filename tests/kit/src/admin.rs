@@ -234,12 +234,38 @@ pub async fn admin_line(admin: SocketAddr, cmd: &str) -> String {
     String::from_utf8_lossy(&out).into_owned()
 }
 
+/// The native `list` row of the VM called `name` (its `name`, `uuid`,
+/// `port`, `vm_connected` and `consoles`), if it is listed.
+pub async fn native_vm(admin: SocketAddr, name: &str) -> Option<serde_json::Value> {
+    let line = admin_line(admin, "list").await;
+    let mut v: serde_json::Value = serde_json::from_str(&line).ok()?;
+    let rows = v.get_mut("vms")?.as_array_mut()?;
+    let at = rows.iter().position(|vm| vm["name"] == name)?;
+    Some(rows.swap_remove(at))
+}
+
+/// Wait until the native `list` shows the VM called `name` listed but
+/// without its connection (`vm_connected` false): the daemon has handled
+/// the VM's close. Panics after [`T`].
+pub async fn wait_vm_disconnected(admin: SocketAddr, name: &str) {
+    crate::wait::wait_for(
+        T,
+        &format!("VM {name} listed as disconnected"),
+        async || {
+            let row = native_vm(admin, name).await;
+            match row.as_ref().map(|r| &r["vm_connected"]) {
+                Some(serde_json::Value::Bool(false)) => Ok(()),
+                _ => Err(format!("its row is {row:?}")),
+            }
+        },
+    )
+    .await
+}
+
 /// How many consoles the VM called `name` has (the native `list`), if it
 /// is listed.
 pub async fn console_count(admin: SocketAddr, name: &str) -> Option<usize> {
-    let line = admin_line(admin, "list").await;
-    let v: serde_json::Value = serde_json::from_str(&line).ok()?;
-    let row = v["vms"].as_array()?.iter().find(|vm| vm["name"] == name)?;
+    let row = native_vm(admin, name).await?;
     row["consoles"].as_u64().map(|n| n as usize)
 }
 

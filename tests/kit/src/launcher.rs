@@ -273,6 +273,11 @@ impl Daemon {
         self.log().contains(needle)
     }
 
+    /// Wait until the log holds at least `n` lines with `needle`.
+    pub async fn wait_log_count(&self, needle: &str, n: usize, limit: Duration) -> bool {
+        crate::wait::eventually(limit, || self.log().matches(needle).count() >= n).await
+    }
+
     /// A console port's address (`--interface` is 127.0.0.1).
     pub fn console(&self, port: u16) -> SocketAddr {
         SocketAddr::new(self.local, port)

@@ -92,6 +92,21 @@ pub fn eventually_blocking(limit: Duration, mut done: impl FnMut() -> bool) -> b
     }
 }
 
+/// Wait up to `limit` for `child` to exit; `None` if it is still running
+/// (it is left running: the caller kills it or lets its guard do so).
+pub async fn child_exit(
+    child: &mut std::process::Child,
+    limit: Duration,
+) -> Option<std::process::ExitStatus> {
+    let mut status = None;
+    eventually(limit, || {
+        status = child.try_wait().ok().flatten();
+        status.is_some()
+    })
+    .await;
+    status
+}
+
 /// The length of the file at `path`, 0 if it is missing (transcripts and
 /// stores appear when first written).
 pub fn file_len(path: &std::path::Path) -> u64 {
