@@ -259,11 +259,6 @@ async fn sighup_until(d: &Daemon, needle: &str) {
     );
 }
 
-/// Wait until the log holds `n` lines with `needle`.
-async fn log_count(d: &Daemon, needle: &str, n: usize, limit: Duration) -> bool {
-    d.wait_log_count(needle, n, limit).await
-}
-
 /// Wait until `path` exists (a control socket).
 async fn wait_path(path: &Path, limit: Duration) -> bool {
     eventually(limit, || path.exists()).await
@@ -745,13 +740,8 @@ async fn after_eof_output_flows_and_a_killed_client_frees_its_exclusive_lock() {
     // The lock is free: a second exclusive session gets the console.
     let mut second = Ssh::spawn(ssh_command(port, &key, &id.name, &[]));
     assert!(
-        log_count(
-            &d,
-            "audit: console session started",
-            2,
-            Duration::from_secs(2)
-        )
-        .await,
+        d.wait_log_count("audit: console session started", 2, Duration::from_secs(2))
+            .await,
         "the second exclusive session did not start: {}\n{}",
         second.err(),
         d.log()
@@ -843,7 +833,8 @@ async fn a_reload_closes_revoked_and_narrowed_sessions_and_refuses_their_channel
 
     let mut session = Ssh::spawn(over(&m1));
     assert!(
-        log_count(&d, "audit: console session started", 1, T * 2).await,
+        d.wait_log_count("audit: console session started", 1, T * 2)
+            .await,
         "no session over the master: {}",
         session.err()
     );
@@ -852,7 +843,8 @@ async fn a_reload_closes_revoked_and_narrowed_sessions_and_refuses_their_channel
     let mut narrowed = Ssh::spawn(ssh_command(port, &narrow, "cm-2", &[]));
     let mut stays = Ssh::spawn(ssh_command(port, &stay, "cm-3", &[]));
     assert!(
-        log_count(&d, "audit: console session started", 3, T * 2).await,
+        d.wait_log_count("audit: console session started", 3, T * 2)
+            .await,
         "the sessions did not start: {} / {}",
         narrowed.err(),
         stays.err()
@@ -866,7 +858,8 @@ async fn a_reload_closes_revoked_and_narrowed_sessions_and_refuses_their_channel
     .expect("rewrite");
     sighup_until(&d, "SSH authorized keys loaded").await;
     assert!(
-        log_count(&d, "audit: console session closed by a reload", 2, T).await,
+        d.wait_log_count("audit: console session closed by a reload", 2, T)
+            .await,
         "the revoked and narrowed sessions were not closed:\n{}",
         d.log()
     );
@@ -876,7 +869,7 @@ async fn a_reload_closes_revoked_and_narrowed_sessions_and_refuses_their_channel
         assert!(ssh.err().contains(why), "stderr: {}", ssh.err());
     }
     assert!(
-        log_count(&d, "audit: console session ended", 2, T).await,
+        d.wait_log_count("audit: console session ended", 2, T).await,
         "no audit end lines:\n{}",
         d.log()
     );

@@ -15,12 +15,14 @@
 //! connection at once; [`SimVm::close`] / [`SimConsole::close`] first deliver
 //! what was queued and then shut the write side down.
 //!
-//! By job: [`link`] is the machinery both peers share (the reader and
-//! writer tasks, the inbox, [`RawConn`]); [`vm`] is the ESXi side
-//! ([`SimVm`], [`Identity`]); [`console`] is the telnet user
+//! By job: `link` is the machinery both peers share (the reader and
+//! writer tasks, the inbox, [`RawConn`]); `vm` is the ESXi side
+//! ([`SimVm`], [`Identity`]); `console` is the telnet user
 //! ([`SimConsole`]); [`capture`] reads the captured streams. The admin
 //! port's listing is [`crate::try_list_vms`] (also [`list_vms`] here, the
 //! name the load tool uses).
+//!
+//! [`Negotiator`]: vspc_codec::wire::Negotiator
 
 use std::io;
 use std::time::Duration;
