@@ -20,8 +20,6 @@ use vspc_codec::pickle::{self, Value};
 use vspc_codec::wire::{opt, Verb};
 use vspc_testkit::sim::{hex, ConsoleOptions, Identity, Received, SimConsole, SimVm};
 
-/// How long "nothing more arrives" is watched for.
-const SHORT: Duration = Duration::from_millis(250);
 /// What `clear` tells every console.
 const CLEARED: &str = "vspc: this console was cleared by an administrator.";
 /// Part of what a read-only port console is told.
@@ -197,10 +195,7 @@ async fn native_list(d: &Daemon) -> Vec<Json> {
 
 /// The native `list` row of the VM called `name`, if listed.
 async fn native_row(d: &Daemon, name: &str) -> Option<Json> {
-    native_list(d)
-        .await
-        .into_iter()
-        .find(|r| r["name"] == json!(name))
+    native_vm(d.admin, name).await
 }
 
 /// `connect VM [MODE]` on a new connection: the answer and the console, or
@@ -489,18 +484,12 @@ fn tempdir() -> tempfile::TempDir {
 /// `needle`: from then on it is in the context new consoles are shown.
 async fn wait_transcript(dir: &Path, name: &str, needle: &[u8]) {
     let path = dir.join(format!("{name}.log"));
-    let deadline = Instant::now() + T;
-    loop {
-        if let Ok(bytes) = std::fs::read(&path) {
-            if bytes.windows(needle.len()).any(|w| w == needle) {
-                return;
-            }
-        }
-        if Instant::now() > deadline {
-            panic!("{} never held {needle:?}", path.display());
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    let held = |bytes: &[u8]| bytes.windows(needle.len()).any(|w| w == needle);
+    assert!(
+        eventually(T, || file_holds(&path, held)).await,
+        "{} never held {needle:?}",
+        path.display()
+    );
 }
 
 /// A marker no other call returns.
@@ -517,14 +506,11 @@ async fn type_and_sync(console: &SimConsole, data: &[u8]) {
     let mut bytes = vspc_codec::wire::encode::escaped(data);
     bytes.extend_from_slice(&[0xff, 0xfd, 99]);
     console.send_raw(&bytes).await.expect("console write");
-    let deadline = Instant::now() + T;
-    while console.events().iter().filter(|e| **e == wont).count() == before {
-        assert!(
-            Instant::now() < deadline,
-            "the daemon never answered IAC DO 99"
-        );
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    let answered = || console.events().iter().filter(|e| **e == wont).count() > before;
+    assert!(
+        eventually(T, answered).await,
+        "the daemon never answered IAC DO 99"
+    );
 }
 
 /// Input typed on `console` reaches `vm` exactly.
@@ -711,10 +697,7 @@ async fn native_session_byte_exact() {
             "vm_connected": true, "consoles": 1}})
     );
     // The telnet opening comes first, in this order.
-    let deadline = Instant::now() + T;
-    while console.events().len() < 5 && Instant::now() < deadline {
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    eventually(T, || console.events().len() >= 5).await;
     let opening = [
         Received::Negotiate(Verb::Will, opt::ECHO),
         Received::Negotiate(Verb::Will, opt::SGA),
@@ -1174,14 +1157,10 @@ async fn no_vm_ports_mode() {
     let vm = SimVm::connect(d.proxy, &id)
         .await
         .unwrap_or_else(|e| panic!("VM: {e}"));
-    let deadline = Instant::now() + T;
-    let row = loop {
-        if let Some(row) = native_row(&d, &id.name).await {
-            break row;
-        }
-        assert!(Instant::now() < deadline, "VM never listed");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    };
+    let row = wait_for(T, "VM listed", async || {
+        native_row(&d, &id.name).await.ok_or("not yet".to_string())
+    })
+    .await;
     assert_eq!(
         row,
         json!({"name": id.name, "uuid": id.uuid_display(), "port": null,
@@ -1329,8 +1308,10 @@ async fn malicious_pickle_refused() {
     // Still serving, both protocols.
     assert_eq!(native_list(&d).await.len(), 1);
     assert_eq!(list_vms(d.admin).await.len(), 1);
-    tokio::time::sleep(SHORT).await;
-    assert!(!target.exists(), "a pickle ran a command");
+    assert!(
+        !eventually(SHORT, || target.exists()).await,
+        "a pickle ran a command"
+    );
 }
 
 // ---------------------------------------------------------------------------

@@ -16,8 +16,6 @@ use std::time::{Duration, Instant};
 use crate::common::*;
 use vspc_testkit::sim::{Identity, SimConsole, SimVm};
 
-const SHORT: Duration = Duration::from_millis(300);
-
 /// How many console ports [`port_args`] sets aside.
 const RANGE: u16 = 16;
 
@@ -169,13 +167,6 @@ async fn wait_file_eq(path: &Path, want: &[u8], limit: Duration) {
         ),
         Err(e) => panic!("{} cannot be read after {limit:?}: {e}", path.display()),
     }
-}
-
-/// Every byte value three times, then CR LF CR NUL.
-fn all_values_x3() -> Vec<u8> {
-    let mut v: Vec<u8> = (0..3).flat_map(|_| 0..=255u8).collect();
-    v.extend_from_slice(b"\r\n\r\0");
-    v
 }
 
 /// One `[[vm]]` of a File backend store.
@@ -457,13 +448,14 @@ async fn file_kill9_at_random_moments() {
             let id = ids[idx].clone();
             attempted.insert(id.name.clone());
             let proxy = d.proxy;
-            // Three at once, then one every 25 ms.
+            // Three at once, then one every 25 ms: spreading the
+            // connections over the kill window is the test.
             let delay = Duration::from_millis(25 * k.saturating_sub(2) as u64);
             tasks.spawn(async move {
                 tokio::time::sleep(delay).await;
-                let vm = SimVm::connect(proxy, &id).await;
-                tokio::time::sleep(Duration::from_secs(30)).await;
-                drop(vm);
+                let _vm = SimVm::connect(proxy, &id).await;
+                // Connected until the daemon dies and the task is shut down.
+                std::future::pending::<()>().await;
             });
         }
         let admin = d.admin;
@@ -478,9 +470,11 @@ async fn file_kill9_at_random_moments() {
                         }
                     }
                 }
+                // A sampler, not a wait: it runs until shut down.
                 tokio::time::sleep(Duration::from_millis(15)).await;
             }
         });
+        // The kill at a random moment is the test.
         let delay = rng.next_u64() % 301;
         tokio::time::sleep(Duration::from_millis(delay)).await;
         d.kill9();
@@ -610,7 +604,8 @@ async fn logging_transcript_exact_and_seed() {
         "--console-replay",
     ]);
     let (vm, port) = vm_up(&d, &named(400, "log-vm")).await;
-    let sent = all_values_x3();
+    // Every byte value three times, then CR LF CR NUL.
+    let sent = [every_byte(3), b"\r\n\r\0".to_vec()].concat();
     vm.send(&sent).await.expect("VM send");
     let log = dir.path().join("log-vm.log");
     wait_file_eq(&log, &sent, T).await;

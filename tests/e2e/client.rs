@@ -8,7 +8,7 @@ use std::net::SocketAddr;
 use std::process::{Child, ChildStdin, Command, ExitStatus, Stdio};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use crate::common::*;
 use serde_json::Value;
@@ -18,7 +18,6 @@ use vspc_testkit::sim::Identity;
 
 /// The client under test.
 const CLIENT: &str = env!("CARGO_BIN_EXE_vspc-client");
-const SHORT: Duration = Duration::from_millis(300);
 
 // ---------------------------------------------------------------------------
 // Helpers.
@@ -98,17 +97,12 @@ impl Client {
     /// Wait for the client to exit; panics (with its output) if it does not
     /// within `limit`. Its output is complete afterwards.
     async fn exit(&mut self, limit: Duration) -> ExitStatus {
-        let deadline = Instant::now() + limit;
-        let status = loop {
-            match self.child.try_wait() {
-                Ok(Some(status)) => break status,
-                Ok(None) if Instant::now() < deadline => tokio::time::sleep(ms(20)).await,
-                _ => panic!(
-                    "the client did not exit within {limit:?}\nstdout: {:?}\nstderr: {}",
-                    String::from_utf8_lossy(&self.stdout()),
-                    self.stderr()
-                ),
-            }
+        let Some(status) = child_exit(&mut self.child, limit).await else {
+            panic!(
+                "the client did not exit within {limit:?}\nstdout: {:?}\nstderr: {}",
+                String::from_utf8_lossy(&self.stdout()),
+                self.stderr()
+            )
         };
         self.status = Some(status);
         for t in self.threads.drain(..) {
@@ -130,22 +124,12 @@ impl Client {
 
     /// Wait until stderr contains `needle`.
     async fn wait_stderr(&self, needle: &str, limit: Duration) -> bool {
-        let deadline = Instant::now() + limit;
-        while Instant::now() < deadline {
-            if self.stderr().contains(needle) {
-                return true;
-            }
-            tokio::time::sleep(ms(20)).await;
-        }
-        self.stderr().contains(needle)
+        eventually(limit, || self.stderr().contains(needle)).await
     }
 
     /// Wait until stdout holds at least `n` bytes.
     async fn wait_stdout(&self, n: usize, limit: Duration) -> Vec<u8> {
-        let deadline = Instant::now() + limit;
-        while self.stdout().len() < n && Instant::now() < deadline {
-            tokio::time::sleep(ms(20)).await;
-        }
+        eventually(limit, || self.stdout().len() >= n).await;
         self.stdout()
     }
 }
@@ -189,10 +173,6 @@ async fn native(admin: SocketAddr, command: &str) -> Value {
     tokio::time::timeout(T, work)
         .await
         .unwrap_or_else(|_| panic!("no answer to {command:?} within {T:?}"))
-}
-
-fn all_bytes() -> Vec<u8> {
-    (0..=255u8).collect()
 }
 
 // ---------------------------------------------------------------------------
@@ -243,14 +223,14 @@ async fn session_through_a_pipe_is_byte_exact() {
     wait_consoles_within(d.admin, &id.name, 1, T).await;
 
     // VM to client: every byte value, 0xFF and telnet-looking bytes included.
-    let all = all_bytes();
+    let all = every_byte(1);
     vm.send(&all).await.expect("VM send");
     let got = c.wait_stdout(all.len(), T).await;
     assert_eq!(got, all, "client stdout differs from what the VM sent");
 
     // Client to VM: every byte value (0x1d too: a pipe has no escape key),
     // then IAC pairs and a CR alone.
-    let mut input = all_bytes();
+    let mut input = every_byte(1);
     input.extend_from_slice(b"\xff\xff\r\x00\r");
     c.write(&input);
     let got = vm
@@ -345,7 +325,10 @@ async fn locks_refused_and_read_only() {
     );
     wait_consoles_within(d.admin, &id.name, 2, T).await;
     reader.write(b"from-the-reader");
-    tokio::time::sleep(SHORT).await;
+    assert!(
+        vm.recv_data(SHORT).await.is_empty(),
+        "the read-only client's input reached the VM"
+    );
     writer.write(b"from-the-writer");
     let got = vm.read_exact_data(15, T).await.expect("the writer's input");
     assert_eq!(got, b"from-the-writer");
@@ -445,15 +428,11 @@ impl Script {
 
     async fn wait_mark(&self, mark: &str, limit: Duration) {
         let line = format!("MARK {mark}\n");
-        let deadline = Instant::now() + limit;
-        while !self.output().contains(&line) {
-            assert!(
-                Instant::now() < deadline,
-                "no {line:?} from the script within {limit:?}; its output:\n{}",
-                self.output()
-            );
-            tokio::time::sleep(ms(20)).await;
-        }
+        assert!(
+            eventually(limit, || self.output().contains(&line)).await,
+            "no {line:?} from the script within {limit:?}; its output:\n{}",
+            self.output()
+        );
     }
 }
 
@@ -545,20 +524,14 @@ async fn terminal_is_restored() {
     let answer = native(d.admin, &format!("clear {}", id.name)).await;
     assert_eq!(answer["cleared"], 1, "{answer}");
 
-    let deadline = Instant::now() + 3 * T;
-    let status = loop {
-        if let Ok(Some(status)) = script.child.try_wait() {
-            break status;
-        }
-        assert!(
-            Instant::now() < deadline,
+    let Some(status) = child_exit(&mut script.child, 3 * T).await else {
+        panic!(
             "the script did not finish; its output:\n{}",
             script.output()
-        );
-        tokio::time::sleep(ms(20)).await;
+        )
     };
-    // Let the reader threads collect the last lines.
-    tokio::time::sleep(ms(100)).await;
+    // The reader threads may still be collecting the last lines.
+    eventually(T, || script.output().contains("ALL OK")).await;
     assert!(
         status.success(),
         "client_pty.py failed ({status}); its output:\n{}",

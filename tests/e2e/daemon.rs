@@ -15,8 +15,6 @@ use vspc_testkit::sim::{
     VmOptions, VmotionReply,
 };
 
-const SHORT: Duration = Duration::from_millis(300);
-
 /// BEGIN `seq` and insist on GOAHEAD; returns the cookie.
 async fn goahead(vm: &SimVm, seq: &[u8]) -> Vec<u8> {
     match vm.begin_vmotion(seq).await {
@@ -112,6 +110,8 @@ async fn feed_bytes(conn: &mut Raw, segments: &[Vec<u8>], feed: Feed) {
             let all = segments.concat();
             conn.send(&all).await.expect("write");
         }
+        // A pause after each write, so the daemon reads the pieces one by
+        // one: the split is the test.
         Feed::Segments => {
             for s in segments {
                 conn.send(s).await.expect("write");
@@ -540,8 +540,11 @@ async fn vm_reconnect_keeps_port_and_console() {
     vm.send(b"one").await.unwrap();
     assert_eq!(c.read_exact_data(3, T).await.unwrap(), b"one");
     vm.close().await;
-    tokio::time::sleep(SHORT).await;
-    assert!(c.closed().is_none(), "console closed when the VM left");
+    wait_vm_disconnected(d.admin, &id.name).await;
+    assert!(
+        !eventually(SHORT, || c.closed().is_some()).await,
+        "console closed when the VM left"
+    );
 
     // Reconnect without a name: identification waits ~2 s for it, and the
     // data sent meanwhile must be held and delivered afterwards.
@@ -574,24 +577,18 @@ async fn vm_without_name_is_listed_by_uuid() {
         .await
         .unwrap();
     let hex = vspc_testkit::sim::hex(&id.uuid);
-    let deadline = Instant::now() + T;
-    loop {
+    let row = wait_for(T, "nameless VM listed", async || {
         let rows = list_vms(d.admin).await;
-        if let Some(row) = rows.iter().find(|r| r.1 == id.uuid_display()) {
-            assert_eq!(
-                row.0.replace(['-', ' '], ""),
-                hex,
-                "name should be the uuid"
-            );
-            assert!(row.2.is_some());
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "nameless VM never listed: {rows:?}"
-        );
-        tokio::time::sleep(ms(100)).await;
-    }
+        let row = rows.iter().find(|r| r.1 == id.uuid_display()).cloned();
+        row.ok_or(format!("listing {rows:?}"))
+    })
+    .await;
+    assert_eq!(
+        row.0.replace(['-', ' '], ""),
+        hex,
+        "name should be the uuid"
+    );
+    assert!(row.2.is_some());
 }
 
 #[tokio::test]
@@ -601,8 +598,9 @@ async fn expiry_frees_the_port() {
     let (va, pa) = vm_up(&d, &a).await;
     let c = console_synced(&va, &d, pa).await;
     va.close().await;
-    // A connected console keeps the mapping alive.
-    tokio::time::sleep(ms(2000)).await;
+    // A connected console keeps the mapping alive (for longer than the
+    // expire time: hub::tests::a_console_keeps_a_disconnected_vm_from_expiring).
+    wait_vm_disconnected(d.admin, &a.name).await;
     let rows = list_vms(d.admin).await;
     assert!(
         rows.iter().any(|r| r.0 == a.name && r.2 == Some(pa)),
@@ -800,7 +798,7 @@ async fn vmotion_source_closes_before_complete() {
     let seq = [7, 7, 7, 7];
     let cookie = goahead(&src, &seq).await;
     src.close().await;
-    tokio::time::sleep(ms(100)).await;
+    wait_vm_disconnected(d.admin, &id.name).await;
     let dst = SimVm::connect_destination(d.proxy, &id, &cookie)
         .await
         .unwrap();
@@ -823,17 +821,19 @@ async fn vmotion_timeout_drops_pending() {
         src.begin_vmotion(&[8, 8, 8, 2]).await.unwrap(),
         VmotionReply::NotNow
     );
+    // The one real-time run of this timer (the rule itself:
+    // hub::tests::a_pending_vmotion_times_out_and_held_input_goes_to_the_source).
     let t0 = Instant::now();
-    let mut n = 3u8;
-    loop {
-        tokio::time::sleep(ms(250)).await;
-        match src.begin_vmotion(&[8, 8, 8, n]).await.unwrap() {
-            VmotionReply::GoAhead { .. } => break,
-            VmotionReply::NotNow => {}
-        }
+    let mut n = 2u16;
+    wait_for(ms(4000), "pending vMotion expired", async || {
         n += 1;
-        assert!(t0.elapsed() < ms(4000), "pending vMotion never expired");
-    }
+        let [hi, lo] = n.to_be_bytes();
+        match src.begin_vmotion(&[8, 8, hi, lo]).await.unwrap() {
+            VmotionReply::GoAhead { .. } => Ok(()),
+            VmotionReply::NotNow => Err("still NOTNOW".into()),
+        }
+    })
+    .await;
     assert!(
         t0.elapsed() >= ms(600),
         "expired too early: {:?}",
@@ -1320,15 +1320,11 @@ async fn out_of_descriptors_refuses_new_and_keeps_existing() {
             extra.push(s);
         }
     }
-    let deadline = Instant::now() + T;
-    while !d.log().contains("out of file descriptors") {
-        assert!(
-            Instant::now() < deadline,
-            "no log line about descriptors:\n{}",
-            d.log()
-        );
-        tokio::time::sleep(ms(50)).await;
-    }
+    assert!(
+        d.wait_log("out of file descriptors", T).await,
+        "no log line about descriptors:\n{}",
+        d.log()
+    );
     // What was connected before goes on, both ways.
     vm.send(b"still here").await.unwrap();
     assert_eq!(c.read_exact_data(10, T).await.unwrap(), b"still here");
@@ -1337,8 +1333,13 @@ async fn out_of_descriptors_refuses_new_and_keeps_existing() {
 
     // Once descriptors are free again, new consoles are served.
     drop(extra);
-    tokio::time::sleep(ms(300)).await;
-    let c2 = console_synced(&vm, &d, port).await;
+    let c2 = wait_for(T, "a console served again", async || {
+        SimConsole::connect(d.console(port))
+            .await
+            .map_err(|e| e.to_string())
+    })
+    .await;
+    sync_console(&vm, &c2).await;
     vm.send(b"again").await.unwrap();
     assert_eq!(c2.read_exact_data(5, T).await.unwrap(), b"again");
 }
@@ -1346,6 +1347,10 @@ async fn out_of_descriptors_refuses_new_and_keeps_existing() {
 #[tokio::test]
 async fn unidentified_connection_is_closed_after_identify_timeout() {
     let d = Daemon::start(&["--identify-timeout", "1", "--handshake-timeout", "1"]);
+    // An identified VM, connected first: the timeouts that close the
+    // connection below would have closed it first.
+    let id = Identity::numbered(122);
+    let (vm, port) = vm_up(&d, &id).await;
     // Enables the extension, then never says who it is.
     let mut c = Raw::connect(d.proxy).await;
     c.until_bytes(18, T).await;
@@ -1360,10 +1365,7 @@ async fn unidentified_connection_is_closed_after_identify_timeout() {
         "closed too early: {:?}",
         t0.elapsed()
     );
-    // An identified VM on the same daemon is not affected.
-    let id = Identity::numbered(122);
-    let (vm, port) = vm_up(&d, &id).await;
-    tokio::time::sleep(ms(1500)).await;
+    // The identified VM on the same daemon is not affected.
     let c = console_synced(&vm, &d, port).await;
     vm.send(b"ok").await.unwrap();
     assert_eq!(c.read_exact_data(2, T).await.unwrap(), b"ok");
@@ -1420,43 +1422,39 @@ fn daemon_mode_pidfile_and_signals() {
         "the parent should exit 0 after detaching: {status}"
     );
 
-    let deadline = Instant::now() + T;
-    let pid = loop {
-        if let Some(pid) = std::fs::read_to_string(&pidfile)
+    let read_pid = || {
+        std::fs::read_to_string(&pidfile)
             .ok()
             .and_then(|s| s.trim().parse::<u32>().ok())
-        {
-            break pid;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "no pid file at {}",
-            pidfile.display()
-        );
-        std::thread::sleep(ms(50));
     };
+    assert!(
+        eventually_blocking(T, || read_pid().is_some()),
+        "no pid file at {}",
+        pidfile.display()
+    );
+    let pid = read_pid().expect("the pid file");
     let _reaper = Reaper(Some(pid));
     assert!(alive(pid), "daemon {pid} is not running");
     let admin_addr = std::net::SocketAddr::from(([127, 0, 0, 1], admin));
-    let deadline = Instant::now() + T;
-    while std::net::TcpStream::connect(admin_addr).is_err() {
-        assert!(Instant::now() < deadline, "detached daemon does not listen");
-        std::thread::sleep(ms(50));
-    }
+    assert!(
+        eventually_blocking(T, || std::net::TcpStream::connect(admin_addr).is_ok()),
+        "detached daemon does not listen"
+    );
 
     // SIGHUP reopens backend files and keeps serving.
     signal(pid, "-HUP");
-    std::thread::sleep(ms(200));
-    assert!(alive(pid), "SIGHUP killed the daemon");
+    assert!(
+        !eventually_blocking(SHORT, || !alive(pid)),
+        "SIGHUP killed the daemon"
+    );
     assert!(std::net::TcpStream::connect(admin_addr).is_ok());
 
     // SIGTERM stops it and removes the pid file.
     signal(pid, "-TERM");
-    let deadline = Instant::now() + T;
-    while alive(pid) {
-        assert!(Instant::now() < deadline, "SIGTERM did not stop the daemon");
-        std::thread::sleep(ms(50));
-    }
+    assert!(
+        eventually_blocking(T, || !alive(pid)),
+        "SIGTERM did not stop the daemon"
+    );
     assert!(!pidfile.exists(), "pid file left behind");
 }
 

@@ -511,14 +511,7 @@ async fn logging_keeps_every_byte_of_a_flood_with_a_tiny_budget() {
         let path = dir
             .path()
             .join(format!("{}.log", Identity::numbered(910 + i).name));
-        let deadline = Instant::now() + Duration::from_secs(20);
-        loop {
-            let len = std::fs::metadata(&path).map(|m| m.len()).unwrap_or(0);
-            if len >= EACH || Instant::now() > deadline {
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+        eventually(Duration::from_secs(20), || file_len(&path) >= EACH).await;
         let got = std::fs::read(&path).unwrap_or_default();
         assert_eq!(
             got.len() as u64,
@@ -539,11 +532,6 @@ async fn logging_keeps_every_byte_of_a_flood_with_a_tiny_budget() {
         d.log()
     );
     assert!(!d.log().contains("being dropped"));
-}
-
-/// Every byte value, `reps` times, starting at 0x00.
-fn every_byte(reps: usize) -> Vec<u8> {
-    (0..256 * reps).map(|i| i as u8).collect()
 }
 
 #[tokio::test]
@@ -896,6 +884,7 @@ async fn a_lone_console_that_starts_reading_late_gets_every_byte() {
     let c = small_console(&d, port, 16 * 1024).await;
     wait_consoles(&d, &Identity::numbered(963).name, 1).await;
     let writer = spawn_writer(vm, TOTAL);
+    // Reading nothing for a while (under the stall timeout) is the test.
     tokio::time::sleep(Duration::from_millis(2500)).await;
     assert!(
         !writer.is_finished(),
@@ -979,6 +968,8 @@ async fn a_vmotion_during_a_flood_to_a_pacing_console_gets_goahead_at_once() {
     // of its queue plus its socket), less than the VM's hold.
     let flood = pattern(0, 768 * 1024);
     vm.write_all(&flood).await.expect("flood");
+    // Time for the daemon to take the flood in (nothing to wait for says
+    // so), so that the time to GOAHEAD below is the answer's alone.
     tokio::time::sleep(Duration::from_millis(200)).await;
     let mut begin = Vec::new();
     Msg::VmotionBegin(b"\x01\x02\x03\x04").encode(&mut begin);

@@ -3,7 +3,7 @@
 //! floods of connections that never identify, and an admin port beyond
 //! loopback.
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use crate::common::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -109,10 +109,7 @@ async fn a_second_vm_claiming_a_name_makes_it_ambiguous_not_captured() {
         .await
         .expect("forged output");
     let real_log = dir.path().join(format!("{}.log", real.name));
-    let deadline = Instant::now() + T;
-    while std::fs::metadata(&real_log).map_or(0, |m| m.len()) < 12 && Instant::now() < deadline {
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    eventually(T, || file_len(&real_log) >= 12).await;
     // SIGHUP flushes and reopens: both files are whole.
     let _ = std::process::Command::new("kill")
         .args(["-HUP", &d.pid().to_string()])
@@ -154,18 +151,16 @@ async fn connections_that_never_identify_are_capped() {
     logged(&d, "--max-unidentified").await;
     // A real VM still gets in once the idle ones go.
     drop(idle);
-    let deadline = Instant::now() + T;
-    loop {
-        if let Ok(vm) = SimVm::connect(d.proxy, &Identity::numbered(1606)).await {
-            drop(vm);
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "no VM got in after the idle ones left"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    assert!(
+        eventually_async(T, async || SimVm::connect(
+            d.proxy,
+            &Identity::numbered(1606)
+        )
+        .await
+        .is_ok())
+        .await,
+        "no VM got in after the idle ones left"
+    );
 }
 
 #[test]

@@ -208,17 +208,15 @@ fn must(s: &Scrape, name: &str, labels: &[(&str, &str)]) -> f64 {
 
 /// Scrape until `ok` holds (the daemon counts asynchronously).
 async fn scrape_until(addr: SocketAddr, what: &str, ok: impl Fn(&Scrape) -> bool) -> Scrape {
-    let deadline = Instant::now() + T;
-    loop {
+    wait_for(T, &format!("metrics showing {what}"), async || {
         let s = scrape(addr).await;
         if ok(&s) {
-            return s;
+            Ok(s)
+        } else {
+            Err("not yet".into())
         }
-        if Instant::now() > deadline {
-            panic!("metrics never showed {what}");
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    })
+    .await
 }
 
 fn hex32(id: &Identity) -> String {
@@ -492,20 +490,15 @@ async fn console_log_returns_the_tail_of_a_logging_transcript() {
     vm.send(b"first line\r\nsecond line\r\n")
         .await
         .expect("VM output");
-    let deadline = Instant::now() + T;
-    let whole = loop {
+    let whole = wait_for(T, "the transcript", async || {
         let r = get(http, &format!("/console_log/{}", hex32(&id))).await;
         if r.status == 200 && r.body.ends_with(b"second line\r\n") {
-            break r;
+            Ok(r)
+        } else {
+            Err(format!("{} {}", r.status, r.text()))
         }
-        assert!(
-            Instant::now() < deadline,
-            "no transcript: {} {}",
-            r.status,
-            r.text()
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    };
+    })
+    .await;
     assert_eq!(whole.body, b"first line\r\nsecond line\r\n");
     assert_eq!(
         whole.header("content-type"),
@@ -595,26 +588,19 @@ async fn the_http_port_speaks_tls_with_http_cert() {
         .expect("write");
     let mut sink = Vec::new();
     let _ = tokio::time::timeout(T, plain.read_to_end(&mut sink)).await;
-    let deadline = Instant::now() + T;
-    loop {
+    let counted = eventually_async(T, async || {
         let tls = tls_connect(http).await.expect("TLS handshake");
         let r = exchange(tls, http, "GET", "/metrics", None).await;
         assert_eq!(r.status, 200);
         let s = Scrape::parse(r.text().lines().map(|l| Ok(l.to_string()))).expect("parse");
-        if value(
+        value(
             &s,
             "vspc_tls_handshake_failures_total",
             &[("listener", "http")],
         ) >= Some(1.0)
-        {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "the failed handshake was not counted"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    })
+    .await;
+    assert!(counted, "the failed handshake was not counted");
 }
 
 #[test]
@@ -964,14 +950,12 @@ async fn console_log_answers_four_at_once_and_503_past_that() {
         vm.send(chunk).await.expect("VM output");
     }
     let transcript = logs.path().join(format!("{}.log", id.name));
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while std::fs::metadata(&transcript).map_or(0, |m| m.len()) < size as u64 {
-        assert!(
-            Instant::now() < deadline,
-            "the transcript never held the output"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    assert!(
+        eventually(Duration::from_secs(30), || file_len(&transcript)
+            >= size as u64)
+        .await,
+        "the transcript never held the output"
+    );
     let path = format!("/console_log/{}?bytes=16777216", hex32(&id));
     let ask = handmade("GET", &path, &http.to_string(), &[], "");
     // Four clients that read the status line, then nothing more.
@@ -1003,8 +987,7 @@ async fn console_log_answers_four_at_once_and_503_past_that() {
     // Other routes are not held up.
     assert_eq!(get(http, "/healthz").await.status, 200);
     drop(stuck);
-    let deadline = Instant::now() + T;
-    loop {
+    let tail = wait_for(T, "the slots back", async || {
         let r = raw(
             http,
             &handmade(
@@ -1017,13 +1000,13 @@ async fn console_log_answers_four_at_once_and_503_past_that() {
         )
         .await;
         if r.status == 200 {
-            assert_eq!(r.body, out[size - 10..]);
-            break;
+            return Ok(r.body);
         }
         assert_eq!(r.status, 503, "{}", r.text());
-        assert!(Instant::now() < deadline, "the slots never came back");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+        Err("still 503".into())
+    })
+    .await;
+    assert_eq!(tail, out[size - 10..]);
 }
 
 /// A client that sends half a header is disconnected after
@@ -1076,21 +1059,14 @@ async fn connections_past_the_cap_are_closed_and_counted() {
     );
     // One goes: its place is free again.
     drop(idle.pop());
-    let deadline = Instant::now() + T;
-    let metrics = loop {
+    let metrics = wait_for(T, "a place free again", async || {
         let s = TcpStream::connect(http).await.expect("connect");
         match send_raw(s, &handmade("GET", "/metrics", &http.to_string(), &[], "")).await {
-            Ok(r) if r.status == 200 => break r.text(),
-            other => {
-                assert!(
-                    Instant::now() < deadline,
-                    "no place came free: {:?}",
-                    other.map(|r| r.status)
-                );
-                tokio::time::sleep(Duration::from_millis(50)).await;
-            }
+            Ok(r) if r.status == 200 => Ok(r.text()),
+            other => Err(format!("{:?}", other.map(|r| r.status))),
         }
-    };
+    })
+    .await;
     let s = Scrape::parse(metrics.lines().map(|l| Ok(l.to_string()))).expect("parse");
     assert!(
         value(&s, "vspc_http_connections_refused_total", &[]) >= Some(1.0),

@@ -4,6 +4,44 @@
 //! test starts its own daemon, so they run in parallel; a failing test
 //! prints its daemon's log.
 //!
+//! # Adding a test
+//!
+//! Put it in the module of the door or feature it exercises (the table
+//! below): the proxy port and VM sessions in `daemon`, data flow and slow
+//! consoles in `flow`, the admin port in `admin`, HTTP in `http`, the
+//! browser in `web`, SSH in `ssh`, a third-party program in
+//! `real_clients`. Start from a small test and copy it:
+//! `daemon::byte_exact_both_ways_with_two_consoles` is the pattern most
+//! tests follow. Every helper comes from the test kit (`tests/kit`,
+//! imported by `use crate::common::*`); do not write another one here:
+//!
+//! - a daemon: `Daemon::start(&["--flag", "value"])`, or
+//!   `Daemon::builder()` for ports, environment or a wrapper; its log is
+//!   `d.log()`, `d.wait_log(needle, T)`, `d.wait_log_count(..)`;
+//! - a VM: `vm_up(&d, &Identity::numbered(N))` (connected and listed; use
+//!   an `N` no other test uses), or `sim::SimVm` for handshakes by hand;
+//! - a console: `console_synced(&vm, &d, port)` (negotiated and in step
+//!   with the VM), or `sim::SimConsole` / `Raw` for byte-level checks;
+//! - waiting: never a fixed `sleep`. Wait for the thing itself:
+//!   `wait_consoles(&d, name, n)`, `wait_for_vm`, `wait_vm_gone`,
+//!   `wait_vm_disconnected`, `eventually(T, || ..)`, `eventually_async`,
+//!   `wait_for(T, what, async || ..)` (panics with the last reason), and
+//!   `eventually_blocking` in a plain `#[test]`; a child process with
+//!   `child_exit`;
+//! - "nothing (more) arrives": `x.recv_data(SHORT)` is empty, or
+//!   `assert!(!eventually(SHORT, || ..).await)`;
+//! - time: `T` (5 s, one step's limit), `SHORT` (300 ms, a negative
+//!   check), `DETECT_WINDOW` (the daemon's telnet-or-raw guess), `ms(n)`;
+//! - data: `all_bytes(reps)` (every byte value plus CR/NUL/IAC pairs),
+//!   `all_bytes_down(reps)`, `every_byte(reps)`, `XorShift` for
+//!   reproducible garbage.
+//!
+//! A timer rule (expiry, the vMotion, identify or handshake timeout) is
+//! tested in synthetic time by the unit tests in `vspc/src` (`hub.rs`,
+//! `session/vm.rs`); here each timer runs once in real time, set short by
+//! its flag. A sleep is only right when it is the thing under test (a
+//! client that stalls, trickles or reads late), and then says so.
+//!
 //! | module | what it covers |
 //! | --- | --- |
 //! | [`daemon`] | the proxy port: captures replayed, negotiation, identity, vMotion, reconnects, expiry, TLS, flags, signals |

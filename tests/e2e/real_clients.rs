@@ -51,9 +51,6 @@ use vspc_testkit::sim::{Identity, SimVm};
 /// IAC WILL ECHO, IAC WILL SGA, IAC WILL BINARY, IAC DO BINARY, IAC DO SGA.
 const OFFER: &[u8] = b"\xff\xfb\x01\xff\xfb\x03\xff\xfb\x00\xff\xfd\x00\xff\xfd\x03";
 
-/// How long a console may stay silent before the daemon offers telnet.
-const SILENCE: Duration = Duration::from_millis(300);
-
 /// The most a gdb session may take (it takes well under a second when no
 /// byte is stalled).
 const GDB_LIMIT: Duration = Duration::from_secs(20);
@@ -225,16 +222,7 @@ impl Proc {
 
     /// Wait until `done(stdout so far)` holds; false after `limit`.
     async fn wait_out(&self, limit: Duration, done: impl Fn(&[u8]) -> bool) -> bool {
-        let deadline = Instant::now() + limit;
-        loop {
-            if done(&self.out()) {
-                return true;
-            }
-            if Instant::now() > deadline {
-                return false;
-            }
-            tokio::time::sleep(ms(10)).await;
-        }
+        eventually(limit, || done(&self.out())).await
     }
 
     /// Wait until stdout holds `needle`; false after `limit`.
@@ -276,23 +264,11 @@ impl Proc {
     /// Wait for the program to exit; `None` if it is still running after
     /// `limit` (it is then left to the guard).
     async fn wait_exit(&mut self, limit: Duration) -> Option<ExitStatus> {
-        let deadline = Instant::now() + limit;
-        loop {
-            match self.child.try_wait() {
-                Ok(Some(status)) => {
-                    // Everything it wrote is in once the readers reach EOF
-                    // (bounded: a descendant could still hold a pipe).
-                    let drained = Instant::now() + T;
-                    while self.readers.iter().any(|r| !r.is_finished()) && Instant::now() < drained
-                    {
-                        tokio::time::sleep(ms(5)).await;
-                    }
-                    return Some(status);
-                }
-                Ok(None) if Instant::now() < deadline => tokio::time::sleep(ms(10)).await,
-                _ => return None,
-            }
-        }
+        let status = child_exit(&mut self.child, limit).await?;
+        // Everything it wrote is in once the readers reach EOF (bounded: a
+        // descendant could still hold a pipe).
+        eventually(T, || self.readers.iter().all(|r| r.is_finished())).await;
+        Some(status)
     }
 
     /// Kill the program and everything it started, and reap it.
@@ -364,17 +340,6 @@ fn on_pty(what: &str, argv: &[&str]) -> Proc {
 
 fn contains(hay: &[u8], needle: &[u8]) -> bool {
     memchr::memmem::find(hay, needle).is_some()
-}
-
-/// Every byte value `reps` times, counting down from 0xFF (so IAC comes
-/// first), then the tricky pairs of [`all_bytes`].
-fn all_bytes_down(reps: usize) -> Vec<u8> {
-    let mut v = Vec::with_capacity(reps * 256 + 16);
-    for _ in 0..reps {
-        v.extend((0..=255u8).rev());
-    }
-    v.extend_from_slice(b"\xff\xff\r\n\r\0\0\xff\r");
-    v
 }
 
 /// Assert `got == want` with a readable message: lengths, the first
@@ -710,7 +675,8 @@ async fn socat_raw_both_ways_every_byte_value_steps() {
     );
     assert_same_bytes("socat's first bytes at the VM", &first, &up[..256]);
 
-    // Both directions at once, in pieces.
+    // Both directions at once, in pieces with a pause between them, so
+    // that they cross (the pauses are the test, not a wait).
     let mut stdin = client.stdin.take().expect("socat stdin");
     let rest = up[256..].to_vec();
     let writer = tokio::task::spawn_blocking(move || {
@@ -735,7 +701,7 @@ async fn socat_raw_both_ways_every_byte_value_steps() {
     assert_same_bytes("console -> VM", &[first, got].concat(), &up);
     let arrived = client.wait_out(T, |o| o.len() >= down.len()).await;
     assert!(arrived, "socat got too few bytes\n{}", client.transcript());
-    tokio::time::sleep(SILENCE).await;
+    client.wait_out(SHORT, |o| o.len() > down.len()).await;
     assert_same_bytes("VM -> socat", &client.out(), &down);
     let extra = vm.recv_data(ms(100)).await;
     assert!(
@@ -770,13 +736,17 @@ async fn socat_read_only_with_console_protocol_raw_steps() {
         Command::new(&socat).args(["-u", &format!("TCP:127.0.0.1:{port}"), "-"]),
     );
     wait_consoles(&d, &id.name, 1).await;
-    // Well past the time a silent console would be offered telnet.
-    tokio::time::sleep(SILENCE * 2).await;
+    // Nothing, well past the time a silent console would be offered telnet.
+    assert!(
+        !client.wait_out(DETECT_WINDOW * 2, |o| !o.is_empty()).await,
+        "a raw-mode console was sent something before the VM spoke\n{}",
+        client.transcript()
+    );
     let down = all_bytes_down(8);
     vm.send(&down).await.expect("VM send");
     let arrived = client.wait_out(T, |o| o.len() >= down.len()).await;
     assert!(arrived, "socat got too few bytes\n{}", client.transcript());
-    tokio::time::sleep(SILENCE).await;
+    client.wait_out(SHORT, |o| o.len() > down.len()).await;
     assert_same_bytes("VM -> read-only socat (raw mode)", &client.out(), &down);
 }
 
@@ -817,7 +787,9 @@ async fn socat_silent_console_is_offered_telnet_then_served_raw_steps() {
         "the VM's output did not reach the silent console within {limit:?}\n{}",
         client.transcript()
     );
-    tokio::time::sleep(SILENCE).await;
+    client
+        .wait_out(SHORT, |o| o.len() > OFFER.len() + down.len())
+        .await;
     assert_same_bytes(
         "silent console: the offer, then the VM's bytes raw",
         &client.out(),
@@ -862,7 +834,7 @@ async fn socat_and_nc_that_never_speak_get_every_byte_of_a_burst_at_connect_step
             client.out().len(),
             d.log()
         );
-        tokio::time::sleep(SILENCE).await;
+        client.wait_out(SHORT, |o| o.len() > want).await;
         assert_same_bytes(
             &format!("{program}: the offer, then every byte raw"),
             &client.out(),
@@ -956,7 +928,7 @@ async fn inetutils_telnet_binary_session_steps() {
         .await
         .unwrap_or_else(|e| panic!("VM did not get Enter: {e}\n{}", client.transcript()));
     assert_same_bytes("Enter in telnet, at the VM", &got, b"\r");
-    let extra = vm.recv_data(SILENCE).await;
+    let extra = vm.recv_data(SHORT).await;
     assert!(
         extra.is_empty(),
         "VM got extra bytes after Enter: [{}]",
@@ -1030,7 +1002,7 @@ async fn busybox_telnet_enter_is_a_bare_cr_steps() {
             client.transcript()
         )
     });
-    let extra = vm.recv_data(SILENCE).await;
+    let extra = vm.recv_data(SHORT).await;
     assert_same_bytes(
         "`echo hi` + Enter in busybox telnet, at the VM",
         &[got, extra].concat(),

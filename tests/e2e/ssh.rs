@@ -37,7 +37,7 @@
 //! Every ssh process a test starts is killed when the test ends (a guard),
 //! and every wait is bounded.
 
-use std::io::{Read, Write};
+use std::io::Write;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStdin, Command, ExitStatus, Stdio};
@@ -86,6 +86,8 @@ struct Ssh {
     stdin: Option<ChildStdin>,
     stdout: Arc<Mutex<Vec<u8>>>,
     stderr: Arc<Mutex<Vec<u8>>>,
+    /// The threads copying stdout and stderr.
+    readers: Vec<std::thread::JoinHandle<()>>,
 }
 
 impl Drop for Ssh {
@@ -93,21 +95,6 @@ impl Drop for Ssh {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
-}
-
-fn collect(mut from: impl Read + Send + 'static) -> Arc<Mutex<Vec<u8>>> {
-    let buf = Arc::new(Mutex::new(Vec::new()));
-    let into = buf.clone();
-    std::thread::spawn(move || {
-        let mut chunk = [0u8; 65536];
-        while let Ok(n) = from.read(&mut chunk) {
-            if n == 0 {
-                break;
-            }
-            into.lock().expect("lock").extend_from_slice(&chunk[..n]);
-        }
-    });
-    buf
 }
 
 /// The options every run uses: no config, no known hosts, never a prompt,
@@ -138,13 +125,17 @@ impl Ssh {
             .stderr(Stdio::piped())
             .spawn()
             .expect("start ssh");
-        let stdout = collect(child.stdout.take().expect("stdout"));
-        let stderr = collect(child.stderr.take().expect("stderr"));
+        let (stdout, stderr) = (Arc::default(), Arc::default());
+        let readers = vec![
+            collect_bytes(child.stdout.take().expect("stdout"), Arc::clone(&stdout)),
+            collect_bytes(child.stderr.take().expect("stderr"), Arc::clone(&stderr)),
+        ];
         Ssh {
             stdin: child.stdin.take(),
             child,
             stdout,
             stderr,
+            readers,
         }
     }
 
@@ -164,37 +155,33 @@ impl Ssh {
 
     /// Wait until stdout holds `n` bytes.
     async fn read_out(&self, n: usize, limit: Duration) -> Vec<u8> {
-        let deadline = Instant::now() + limit;
-        loop {
-            let len = self.stdout.lock().expect("lock").len();
-            if len >= n {
-                return self.out();
-            }
-            assert!(
-                Instant::now() < deadline,
-                "ssh printed {len} of {n} bytes within {limit:?}; stderr: {}",
-                self.err()
-            );
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        let len = || self.stdout.lock().expect("lock").len();
+        assert!(
+            eventually(limit, || len() >= n).await,
+            "ssh printed {} of {n} bytes within {limit:?}; stderr: {}",
+            len(),
+            self.err()
+        );
+        self.out()
+    }
+
+    /// Wait until stdout holds `needle`.
+    async fn wait_out(&self, needle: &str, limit: Duration) -> bool {
+        eventually(limit, || {
+            String::from_utf8_lossy(&self.out()).contains(needle)
+        })
+        .await
     }
 
     /// Wait for the exit.
     async fn exit(&mut self, limit: Duration) -> ExitStatus {
-        let deadline = Instant::now() + limit;
-        loop {
-            if let Some(s) = self.child.try_wait().expect("try_wait") {
-                // Let the readers take the last bytes.
-                tokio::time::sleep(Duration::from_millis(50)).await;
-                return s;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "ssh did not exit within {limit:?}; stderr: {}",
-                self.err()
-            );
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        let Some(status) = child_exit(&mut self.child, limit).await else {
+            panic!("ssh did not exit within {limit:?}; stderr: {}", self.err())
+        };
+        // The readers take the last bytes; briefly, as a ControlMaster
+        // that ssh left behind holds the pipes open.
+        eventually(SHORT, || self.readers.iter().all(|r| r.is_finished())).await;
+        status
     }
 }
 
@@ -232,18 +219,16 @@ async fn daemon(dir: &Path, extra: &[&str]) -> (Daemon, u16) {
     chmod(&dir.join("authorized_keys"), 0o600);
     let refs: Vec<&str> = args.iter().map(String::as_str).collect();
     let d = Daemon::start(&refs);
-    let deadline = Instant::now() + T;
-    while tokio::net::TcpStream::connect(("127.0.0.1", port))
-        .await
-        .is_err()
-    {
-        assert!(
-            Instant::now() < deadline,
-            "the SSH port never opened:\n{}",
-            d.log()
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    let open = async || {
+        tokio::net::TcpStream::connect(("127.0.0.1", port))
+            .await
+            .is_ok()
+    };
+    assert!(
+        eventually_async(T, open).await,
+        "the SSH port never opened:\n{}",
+        d.log()
+    );
     (d, port)
 }
 
@@ -267,41 +252,16 @@ fn signal(sig: &str, pid: u32) {
 async fn sighup_until(d: &Daemon, needle: &str) {
     let before = d.log().matches(needle).count();
     signal("-HUP", d.pid());
-    let deadline = Instant::now() + T;
-    while d.log().matches(needle).count() == before {
-        assert!(
-            Instant::now() < deadline,
-            "no {needle:?} after SIGHUP:\n{}",
-            d.log()
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
-
-/// Wait until the log holds `n` lines with `needle`.
-async fn log_count(d: &Daemon, needle: &str, n: usize, limit: Duration) -> bool {
-    let deadline = Instant::now() + limit;
-    loop {
-        if d.log().matches(needle).count() >= n {
-            return true;
-        }
-        if Instant::now() >= deadline {
-            return false;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    assert!(
+        d.wait_log_count(needle, before + 1, T).await,
+        "no {needle:?} after SIGHUP:\n{}",
+        d.log()
+    );
 }
 
 /// Wait until `path` exists (a control socket).
 async fn wait_path(path: &Path, limit: Duration) -> bool {
-    let deadline = Instant::now() + limit;
-    while !path.exists() {
-        if Instant::now() >= deadline {
-            return false;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    true
+    eventually(limit, || path.exists()).await
 }
 
 /// Wait until the VM has read `n` bytes of console input.
@@ -334,14 +294,11 @@ async fn a_permitted_key_gets_the_console_byte_exact_and_tilde_dot_closes_it() {
     let (vm, _) = vm_up(&d, &id).await;
     vm.send(b"before the console\r\n").await.expect("VM output");
     let transcript = logs.join(format!("{}.log", id.name));
-    let deadline = Instant::now() + T;
-    while !std::fs::read(&transcript).is_ok_and(|t| t.ends_with(b"before the console\r\n")) {
-        assert!(
-            Instant::now() < deadline,
-            "the transcript never held the output"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    let held = || file_holds(&transcript, |t| t.ends_with(b"before the console\r\n"));
+    assert!(
+        eventually(T, held).await,
+        "the transcript never held the output"
+    );
 
     let mut ssh = Ssh::spawn(ssh_command(port, &key, &id.name, &[]));
     // The recent output first, then the marker where live output begins.
@@ -482,15 +439,11 @@ async fn keys_are_held_to_their_vms_and_modes_and_reloaded_on_sighup() {
 
     // Read-only: output comes, typing never reaches the VM.
     let mut watch = Ssh::spawn(ssh_command(port, &ro, "db-1", &[]));
-    let deadline = Instant::now() + T * 2;
-    while !watch.err().contains("read-only") {
-        assert!(
-            Instant::now() < deadline,
-            "not told read-only: {}",
-            watch.err()
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    assert!(
+        eventually(T * 2, || watch.err().contains("read-only")).await,
+        "not told read-only: {}",
+        watch.err()
+    );
     db_vm.send(b"output").await.expect("VM output");
     assert_eq!(watch.read_out(6, T).await, b"output");
     watch.write(b"rm -rf /\r");
@@ -529,11 +482,12 @@ async fn keys_are_held_to_their_vms_and_modes_and_reloaded_on_sighup() {
         .status()
         .is_ok_and(|s| s.success());
     assert!(ok, "kill -HUP failed");
-    let deadline = Instant::now() + T;
-    while d.log().matches("SSH authorized keys loaded").count() == loaded {
-        assert!(Instant::now() < deadline, "no reload:\n{}", d.log());
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    assert!(
+        d.wait_log_count("SSH authorized keys loaded", loaded + 1, T)
+            .await,
+        "no reload:\n{}",
+        d.log()
+    );
     let (status, _, err) = run(ssh_command(port, &web, "list", &[])).await;
     assert_eq!(status.code(), Some(255), "the revoked key got in: {err}");
     assert!(err.contains("Permission denied"), "{err}");
@@ -572,15 +526,11 @@ async fn on_a_pty_the_console_works_and_tilde_dot_closes_it() {
         String::from_utf8_lossy(&tty.out())
     );
     vm.send(b"login: ").await.expect("VM output");
-    let deadline = Instant::now() + T * 2;
-    while !String::from_utf8_lossy(&tty.out()).contains("login: ") {
-        assert!(
-            Instant::now() < deadline,
-            "no output on the pty: {:?}",
-            tty.err()
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    assert!(
+        tty.wait_out("login: ", T * 2).await,
+        "no output on the pty: {:?}",
+        tty.err()
+    );
     tty.write(b"root\r");
     assert_eq!(vm_reads(&vm, 5).await, b"root\r");
     tty.write(b"~.");
@@ -771,16 +721,12 @@ async fn after_eof_output_flows_and_a_killed_client_frees_its_exclusive_lock() {
         first.err()
     );
     vm.send(b"still watching").await.expect("VM output");
-    let deadline = Instant::now() + T;
-    while !String::from_utf8_lossy(&first.out()).contains("still watching") {
-        assert!(
-            Instant::now() < deadline,
-            "no output after EOF: {:?}; stderr: {}",
-            String::from_utf8_lossy(&first.out()),
-            first.err()
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    assert!(
+        first.wait_out("still watching", T).await,
+        "no output after EOF: {:?}; stderr: {}",
+        String::from_utf8_lossy(&first.out()),
+        first.err()
+    );
 
     // SIGKILL: the connection closes, the VM stays quiet.
     first.child.kill().expect("kill ssh");
@@ -795,27 +741,18 @@ async fn after_eof_output_flows_and_a_killed_client_frees_its_exclusive_lock() {
     // The lock is free: a second exclusive session gets the console.
     let mut second = Ssh::spawn(ssh_command(port, &key, &id.name, &[]));
     assert!(
-        log_count(
-            &d,
-            "audit: console session started",
-            2,
-            Duration::from_secs(2)
-        )
-        .await,
+        d.wait_log_count("audit: console session started", 2, Duration::from_secs(2))
+            .await,
         "the second exclusive session did not start: {}\n{}",
         second.err(),
         d.log()
     );
     vm.send(b"second").await.expect("VM output");
-    let deadline = Instant::now() + T;
-    while !String::from_utf8_lossy(&second.out()).contains("second") {
-        assert!(
-            Instant::now() < deadline,
-            "no output on the second session: {}",
-            second.err()
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    assert!(
+        second.wait_out("second", T).await,
+        "no output on the second session: {}",
+        second.err()
+    );
     second.write(b"x");
     assert_eq!(vm_reads(&vm, 1).await, b"x");
 }
@@ -897,7 +834,8 @@ async fn a_reload_closes_revoked_and_narrowed_sessions_and_refuses_their_channel
 
     let mut session = Ssh::spawn(over(&m1));
     assert!(
-        log_count(&d, "audit: console session started", 1, T * 2).await,
+        d.wait_log_count("audit: console session started", 1, T * 2)
+            .await,
         "no session over the master: {}",
         session.err()
     );
@@ -906,7 +844,8 @@ async fn a_reload_closes_revoked_and_narrowed_sessions_and_refuses_their_channel
     let mut narrowed = Ssh::spawn(ssh_command(port, &narrow, "cm-2", &[]));
     let mut stays = Ssh::spawn(ssh_command(port, &stay, "cm-3", &[]));
     assert!(
-        log_count(&d, "audit: console session started", 3, T * 2).await,
+        d.wait_log_count("audit: console session started", 3, T * 2)
+            .await,
         "the sessions did not start: {} / {}",
         narrowed.err(),
         stays.err()
@@ -920,7 +859,8 @@ async fn a_reload_closes_revoked_and_narrowed_sessions_and_refuses_their_channel
     .expect("rewrite");
     sighup_until(&d, "SSH authorized keys loaded").await;
     assert!(
-        log_count(&d, "audit: console session closed by a reload", 2, T).await,
+        d.wait_log_count("audit: console session closed by a reload", 2, T)
+            .await,
         "the revoked and narrowed sessions were not closed:\n{}",
         d.log()
     );
@@ -930,7 +870,7 @@ async fn a_reload_closes_revoked_and_narrowed_sessions_and_refuses_their_channel
         assert!(ssh.err().contains(why), "stderr: {}", ssh.err());
     }
     assert!(
-        log_count(&d, "audit: console session ended", 2, T).await,
+        d.wait_log_count("audit: console session ended", 2, T).await,
         "no audit end lines:\n{}",
         d.log()
     );
@@ -970,11 +910,11 @@ async fn a_reload_closes_revoked_and_narrowed_sessions_and_refuses_their_channel
 
     // The unchanged key's session goes on.
     vm3.send(b"still on").await.expect("VM output");
-    let deadline = Instant::now() + T;
-    while !String::from_utf8_lossy(&stays.out()).contains("still on") {
-        assert!(Instant::now() < deadline, "stderr: {}", stays.err());
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    assert!(
+        stays.wait_out("still on", T).await,
+        "stderr: {}",
+        stays.err()
+    );
     stays.write(b"k");
     assert_eq!(vm_reads(&vm3, 1).await, b"k");
 }
@@ -1043,8 +983,9 @@ async fn unauthenticated_connections_are_timed_out_capped_and_counted() {
         ],
     )
     .await;
-    // The helper's probe of the port took a place until it closed; wait
-    // until the daemon has let it go (its version line, then EOF).
+    // The helper's probe of the port took a place until it closed; give
+    // the daemon time to let it go (its version line, then EOF; nothing
+    // the test can watch says when).
     tokio::time::sleep(Duration::from_millis(100)).await;
 
     let start = Instant::now();
@@ -1130,7 +1071,8 @@ async fn an_idle_connection_is_closed_after_the_idle_timeout() {
         ssh.err()
     );
     let start = Instant::now();
-    // Data every half second keeps it open past the timeout.
+    // Data every half second keeps it open past the timeout (the pauses
+    // are the test).
     for i in 0..6u8 {
         vm.send(&[b'a' + i]).await.expect("VM output");
         tokio::time::sleep(Duration::from_millis(500)).await;
@@ -1299,13 +1241,11 @@ async fn an_impostor_name_reaches_no_one_and_uuid_patterns_hold() {
         "the uuid: key reached the impostor: {err}"
     );
     let console = Ssh::spawn(ssh_command(port, &pinned, &real.uuid_display(), &[]));
-    let deadline = Instant::now() + T;
-    loop {
+    // The VM says it again until the console, attaching meanwhile, shows it.
+    let shown = eventually_async(T, async || {
         real_vm.send(b"real\r\n").await.expect("output");
-        if console.out().windows(4).any(|w| w == b"real") {
-            break;
-        }
-        assert!(Instant::now() < deadline, "no output by uuid:\n{}", d.log());
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+        console.out().windows(4).any(|w| w == b"real")
+    })
+    .await;
+    assert!(shown, "no output by uuid:\n{}", d.log());
 }

@@ -140,14 +140,11 @@ async fn websocket_console_is_byte_exact_both_ways_and_survives_a_reconnect() {
     let (vm, _) = vm_up(&d, &id).await;
     vm.send(b"before the console\r\n").await.expect("VM output");
     let transcript = logs.path().join(format!("{}.log", id.name));
-    let deadline = std::time::Instant::now() + T;
-    while !std::fs::read(&transcript).is_ok_and(|t| t.ends_with(b"before the console\r\n")) {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "the transcript never held the VM's output"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    let held = || file_holds(&transcript, |t| t.ends_with(b"before the console\r\n"));
+    assert!(
+        eventually(T, held).await,
+        "the transcript never held the VM's output"
+    );
 
     let mut ws = ws_connect(http, &console_path(&id, ""), None)
         .await
@@ -207,20 +204,17 @@ async fn websocket_console_is_byte_exact_both_ways_and_survives_a_reconnect() {
         .json();
     assert_eq!(row["consoles"], 1, "{row}");
     send(&mut ws, Message::Close(None)).await;
-    let deadline = std::time::Instant::now() + T;
-    loop {
+    wait_for(T, "the closed browser console detached", async || {
         let row = request(http, "GET", &format!("/api/v1/vms/{}", id.name), None)
             .await
             .json();
         if row["consoles"] == 0 {
-            break;
+            Ok(())
+        } else {
+            Err(format!("still attached: {row}"))
         }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "the closed browser console is still attached: {row}"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    })
+    .await;
 }
 
 /// Bulk both ways through the pipe and its flow control: 6 MiB of output
@@ -290,8 +284,8 @@ async fn a_browser_that_reads_nothing_is_dropped_as_a_stall() {
     for chunk in out.chunks(256 * 1024) {
         vm.send(chunk).await.expect("VM output");
     }
-    let deadline = std::time::Instant::now() + Duration::from_secs(20);
-    loop {
+    let dropped = "the stuck browser console dropped as a stall";
+    wait_for(Duration::from_secs(20), dropped, async || {
         let metrics = request(http, "GET", "/metrics", None).await.text();
         let stalls = metrics
             .lines()
@@ -300,14 +294,12 @@ async fn a_browser_that_reads_nothing_is_dropped_as_a_stall() {
             .await
             .json();
         if stalls && row["consoles"] == 0 {
-            break;
+            Ok(())
+        } else {
+            Err(format!("{row}\n{metrics}"))
         }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "the stuck browser console was not dropped as a stall: {row}\n{metrics}"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    })
+    .await;
     // Reading now, it gets what its socket held, then the end.
     let ended = tokio::time::timeout(Duration::from_secs(20), async {
         while let Some(Ok(_)) = stuck.next().await {}
@@ -431,27 +423,21 @@ async fn tokens_locks_and_unknown_vms() {
     drop(ro);
     drop(rw);
 
-    // Alone, exclusive is granted, and then a telnet console is refused.
-    let deadline = std::time::Instant::now() + T;
-    let mut ex = loop {
-        let mut ex = ws_connect(
-            http,
-            &console_path(&id, "?mode=exclusive"),
-            Some("rw-secret-0123456"),
-        )
-        .await
-        .expect("handshake");
-        let first = next_json(&mut ex).await;
-        if first["access"] == "exclusive" {
-            break ex;
-        }
-        // The closed consoles may still be detaching.
-        assert!(
-            std::time::Instant::now() < deadline,
-            "exclusive never granted: {first}"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    };
+    // Alone (once the closed consoles have detached), exclusive is
+    // granted, and then a telnet console is refused.
+    wait_consoles(&d, &id.name, 0).await;
+    let mut ex = ws_connect(
+        http,
+        &console_path(&id, "?mode=exclusive"),
+        Some("rw-secret-0123456"),
+    )
+    .await
+    .expect("handshake");
+    let first = next_json(&mut ex).await;
+    assert_eq!(
+        first["access"], "exclusive",
+        "exclusive not granted: {first}"
+    );
     let late = vspc_testkit::sim::SimConsole::connect(d.console(port))
         .await
         .expect("connect");
@@ -573,16 +559,7 @@ impl Driver {
 
     /// Wait up to `limit` for the process to exit; true if it did.
     fn wait_exit(&mut self, limit: Duration) -> bool {
-        let deadline = std::time::Instant::now() + limit;
-        loop {
-            if let Ok(Some(_)) = self.child.try_wait() {
-                return true;
-            }
-            if std::time::Instant::now() > deadline {
-                return false;
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        eventually_blocking(limit, || matches!(self.child.try_wait(), Ok(Some(_))))
     }
 }
 
