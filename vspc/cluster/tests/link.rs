@@ -512,3 +512,46 @@ async fn hostile_peers_are_cut_off_and_nothing_breaks() {
     assert!(opened.is_ok());
     let _ = p.a_in;
 }
+
+/// Throughput on loopback, one way, a consumer that keeps up (a
+/// measurement, not a check):
+/// `cargo test --release -p vspc-cluster --test link -- --ignored --nocapture`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore]
+async fn throughput_one_way() {
+    let mut p = pair().await;
+    let (opened, accepted) = tokio::join!(p.a.open("b", req("vm-1")), async {
+        match p.b_in.recv().await {
+            Some(Incoming::Open(o)) => o.accept().expect("accepts"),
+            _ => panic!("no open"),
+        }
+    });
+    let (_ar, aw) = opened.expect("opens").split();
+    let (mut br, _bw) = accepted.split();
+    let n = 256 * 1024 * 1024;
+    let chunk = pattern(1024 * 1024, 3);
+    let t = Instant::now();
+    let sender = tokio::spawn(async move {
+        for _ in 0..n / chunk.len() {
+            aw.send(chunk.clone()).await.expect("sends");
+        }
+        aw.shutdown().await.expect("shuts down");
+        aw
+    });
+    let mut got = 0usize;
+    loop {
+        match br.recv().await {
+            Recv::Data(b) => got += b.len(),
+            Recv::Eof => break,
+            Recv::Closed(why) => panic!("{why}"),
+        }
+    }
+    let took = t.elapsed();
+    let _aw = sender.await.unwrap();
+    assert_eq!(got, n);
+    eprintln!(
+        "{} MiB one way in {took:?}: {:.0} MiB/s",
+        n >> 20,
+        (n >> 20) as f64 / took.as_secs_f64()
+    );
+}

@@ -321,14 +321,17 @@ pub struct Link(Arc<Inner>);
 
 struct Inner {
     cfg: LinkConfig,
+    /// Who may connect, and where peers are dialed.
     dir: Arc<dyn Directory>,
     /// Live connections per peer (normally one; two while a simultaneous
     /// dial settles). The newest is used for new streams.
     conns: Mutex<HashMap<String, Vec<Arc<Conn>>>>,
     /// One dial at a time per peer.
     dialing: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+    /// The peers' requests, for the daemon (bounded: past it, refused).
     incoming: mpsc::Sender<Incoming>,
     counters: Counters,
+    /// Handshakes in progress (bounded: unauthenticated peers cost little).
     pending: Arc<Semaphore>,
 }
 
@@ -771,8 +774,11 @@ enum StreamEvent {
 /// The sender's credit on one stream.
 #[derive(Default)]
 struct SendCredit {
+    /// Bytes the peer has room for.
     avail: Mutex<u64>,
+    /// Wakes the (single) writer waiting for credit.
     notify: Notify,
+    /// The stream is over: the writer stops waiting.
     closed: AtomicBool,
 }
 
@@ -818,34 +824,48 @@ type LogWaiter = (oneshot::Sender<Option<Bytes>>, usize);
 
 #[derive(Default)]
 struct ConnState {
+    /// Open streams (and ones being opened or accepted).
     streams: HashMap<u32, Slot>,
+    /// Opens waiting for Accept or Refuse.
     opens: HashMap<u32, oneshot::Sender<Result<(), String>>>,
+    /// Hand-offs waiting for their answer.
     handoffs: HashMap<u32, oneshot::Sender<Result<(), String>>>,
+    /// Log fetches waiting, with the most bytes asked for.
     logs: HashMap<u32, LogWaiter>,
     /// Highest stream id the peer opened: ids only grow.
     peer_max_id: u32,
     /// Frames for unknown streams logged so far (warn once, then debug).
     unknown_logged: bool,
+    /// Why the connection ended, once it has.
     closed: Option<String>,
 }
 
 /// One authenticated connection to a peer.
 struct Conn {
+    /// Weak: a connection does not keep its link alive.
     link: Weak<Inner>,
+    /// The peer's node name, as its proof established.
     peer: String,
+    /// The peer's socket address, for log lines.
     addr: SocketAddr,
+    /// This side dialed: it numbers its streams odd.
     dialer: bool,
     /// Data frames (bounded: senders wait).
     data: mpsc::Sender<Frame>,
     /// Control frames (credit, answers, pongs): never waited on, so the
     /// reader never blocks on the writer; bounded by [`MAX_CONTROL_QUEUE`].
     ctrl: mpsc::UnboundedSender<Frame>,
+    /// Control frames queued and not yet written.
     ctrl_len: AtomicUsize,
     state: Mutex<ConnState>,
+    /// The next stream id this side opens (steps of 2).
     next_id: AtomicU32,
+    /// The next hand-off or log request id.
     next_req: AtomicU32,
+    /// Tells the writer, reader and keepalive tasks to stop.
     stop: watch::Sender<bool>,
     closed: AtomicBool,
+    /// When the peer last sent a frame (the keepalive's dead-peer check).
     last_rx: Mutex<Instant>,
 }
 
@@ -1448,6 +1468,7 @@ struct StreamCore {
     conn: Arc<Conn>,
     id: u32,
     credit: Arc<SendCredit>,
+    /// Closed already (by either half, or by the peer).
     done: AtomicBool,
 }
 
@@ -1516,7 +1537,9 @@ pub struct StreamReader {
     rx: mpsc::UnboundedReceiver<StreamEvent>,
     /// Bytes taken and not yet credited back.
     unacked: u32,
+    /// The window this side granted (credit goes back in quarters of it).
     window: u32,
+    /// What ended the stream, repeated to later calls.
     ended: Option<Recv>,
 }
 
