@@ -17,6 +17,7 @@
 //! | [`access`] | `--proxy-allow` (refused VMs, a hijack, takeover warnings, bad ranges) and the audit lines and backend events of every console session |
 //! | [`certs`] | the checked-in test certificates |
 //! | [`hardening`] | hostile peers on the proxy and admin ports: forged log lines, 60,000-character names, a second VM claiming a name, unidentified floods, the admin allow-list |
+//! | [`vspcpy`] | a vSPC.py site's first start: its File store (made by Python's shelve) imported, `vspc import`, a broken store refused |
 //! | [`ssh`] | the SSH front door with OpenSSH's client: byte-exact consoles, `~.`, key patterns and modes, `list@`, refused keys and passwords, SIGHUP reload, audit lines, a pty, bulk both ways, a stopped client dropped as a stall, EOF and killed clients, revocation over ControlMaster, auth and idle timeouts, the unauthenticated cap, key file permissions |
 
 mod access;
@@ -31,4 +32,5 @@ mod hardening;
 mod http;
 mod real_clients;
 mod ssh;
+mod vspcpy;
 mod web;

@@ -17,6 +17,7 @@ pub mod cidr;
 pub mod config;
 pub mod http;
 pub mod hub;
+pub mod import_cmd;
 pub mod logging;
 pub mod memory;
 pub mod metrics;

@@ -33,6 +33,10 @@ fn heap() -> Option<vspc::memory::Heap> {
 }
 
 fn main() -> ExitCode {
+    // `vspc import ...`: a command of its own, not the daemon's flags.
+    if std::env::args_os().nth(1).is_some_and(|a| a == "import") {
+        return vspc::import_cmd::main(std::env::args_os().skip(1));
+    }
     vspc::memory::install(heap);
     let cfg = Config::from_args();
     let target = if cfg.syslog {
