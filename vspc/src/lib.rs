@@ -13,6 +13,7 @@ pub mod argv;
 pub mod audit;
 pub mod backend_host;
 pub mod backend_setup;
+pub mod check_config;
 pub mod cidr;
 pub mod config;
 pub mod http;
