@@ -69,6 +69,10 @@ fn generated() -> Result<Vec<(PathBuf, Vec<u8>)>, String> {
             .map_err(|e| format!("cannot render the {name} man page: {e}"))?;
         out.push((PathBuf::from(format!("packaging/man/{name}.1")), buf));
     }
+    out.push((
+        PathBuf::from("packaging/vspc.toml"),
+        conffile(&vspc()).into_bytes(),
+    ));
     use clap_complete::Shell;
     for (name, mut cmd) in [
         // The completions know `vspc import` as a subcommand.
@@ -89,6 +93,77 @@ fn generated() -> Result<Vec<(PathBuf, Vec<u8>)>, String> {
         }
     }
     Ok(out)
+}
+
+/// Settings the package sets, unlike the flags' defaults.
+const PACKAGE_SETTINGS: &[(&str, &str)] = &[("persist-file", "\"/var/lib/vspc\"")];
+
+/// `/etc/vspc/vspc.toml`: every setting, its help as a comment, commented
+/// out at its default (or an example), but for the few the package sets.
+fn conffile(cmd: &Command) -> String {
+    let mut out = String::from(
+        "# vspc's settings: one key per long flag of vspc(1); a flag on the command line\n\
+         # wins. `vspc --check-config /etc/vspc/vspc.toml` checks this file, and the\n\
+         # unit runs that before every start. A commented line shows the default.\n\
+         # Backend options go in backend-args, e.g. the Logging backend's transcripts:\n\
+         #   backend = \"File,Logging\"\n\
+         #   backend-args = \"-l /var/log/vspc -m 0640\"\n",
+    );
+    for arg in cmd.get_arguments() {
+        let Some(long) = arg.get_long() else { continue };
+        if matches!(
+            long,
+            "help" | "version" | "config" | "check-config" | "backend-help"
+        ) {
+            continue;
+        }
+        out.push('\n');
+        let help = arg
+            .get_long_help()
+            .or(arg.get_help())
+            .map(|h| h.to_string())
+            .unwrap_or_default();
+        let mut line = String::from("#");
+        for word in help.split_whitespace() {
+            if line.len() + word.len() + 1 > 78 {
+                out.push_str(&line);
+                out.push('\n');
+                line = String::from("#");
+            }
+            line.push(' ');
+            line.push_str(word);
+        }
+        out.push_str(&line);
+        out.push('\n');
+        if let Some((_, v)) = PACKAGE_SETTINGS.iter().find(|(k, _)| *k == long) {
+            out.push_str(&format!("{long} = {v}\n"));
+            continue;
+        }
+        let takes = arg.get_action().takes_values();
+        let defaults: Vec<String> = arg
+            .get_default_values()
+            .iter()
+            .map(|v| v.to_string_lossy().into_owned())
+            .collect();
+        let value = if !takes {
+            "true".to_string()
+        } else if let [only] = defaults.as_slice() {
+            if only.parse::<f64>().is_ok() {
+                only.clone()
+            } else {
+                format!("{only:?}")
+            }
+        } else {
+            let name = arg
+                .get_value_names()
+                .and_then(|n| n.first())
+                .map(|n| n.to_string())
+                .unwrap_or_else(|| "VALUE".into());
+            format!("{name:?}")
+        };
+        out.push_str(&format!("# {long} = {value}\n"));
+    }
+    out
 }
 
 fn repo_root() -> PathBuf {
