@@ -163,7 +163,7 @@ async fn the_deb_installs_runs_as_vspc_and_purges_clean() {
         "/usr/bin/vspc-client",
         "/etc/vspc/vspc.toml",
         "/etc/logrotate.d/vspc",
-        "/lib/systemd/system/vspc.service",
+        "/usr/lib/systemd/system/vspc.service",
         "/usr/share/man/man1/vspc.1",
         "/usr/share/man/man1/vspc-client.1",
         "/usr/share/man/man1/vspc-import.1",
@@ -190,7 +190,7 @@ async fn the_deb_installs_runs_as_vspc_and_purges_clean() {
     assert_eq!(owner, "vspc:vspc 750\nvspc:vspc 750\n");
 
     // The unit: valid, and hardened.
-    let unit_path = "/lib/systemd/system/vspc.service";
+    let unit_path = "/usr/lib/systemd/system/vspc.service";
     let verify = run("systemd-analyze", &["verify", unit_path]);
     let said = String::from_utf8_lossy(&verify.stderr);
     assert!(

@@ -23,7 +23,7 @@ Files (as the Debian package installs them):
   /etc/vspc/vspc.toml          the settings, one key per long flag (a conffile)
   /var/lib/vspc/               the File backend's port map (StateDirectory=vspc)
   /var/log/vspc/               transcripts of the Logging backend (LogsDirectory=vspc)
-  /lib/systemd/system/vspc.service  the unit; `vspc --check-config` runs before each start
+  /usr/lib/systemd/system/vspc.service  the unit; `vspc --check-config` runs before each start
 
 Commands:
   vspc import --from-vspcpy PREFIX   import vSPC.py's port map (see vspc-import(1))
