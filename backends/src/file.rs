@@ -22,6 +22,12 @@
 //!
 //! `port` is absent for a VM without a console port. Records are written
 //! ordered by port (port-less ones last), then uuid, for stable diffs.
+//!
+//! **vSPC.py's store.** When `-f PREFIX` names vSPC.py's own store (a
+//! `shelve`: PREFIX as a GNU dbm file, or PREFIX.dat and PREFIX.dir), the
+//! map lives beside it in `PREFIX.vspc-map.toml`. The first start, when that
+//! map does not exist yet, imports vSPC.py's records into it ([`crate::vspcpy`]);
+//! later starts read only vspc's map. vSPC.py's files are only ever read.
 
 use serde::Deserialize;
 use std::collections::BTreeMap;
@@ -32,6 +38,9 @@ use vspc_backend_api::{log, Backend, BackendError, OptionSpec, Options, VmRecord
 
 /// The store's name when `-f` names a directory.
 const STORE_NAME: &str = "vspc-map.toml";
+
+/// What follows vSPC.py's prefix in the name of vspc's map beside it.
+pub const BESIDE_VSPCPY: &str = ".vspc-map.toml";
 
 /// The format version this code reads and writes.
 const FORMAT_VERSION: i64 = 1;
@@ -51,6 +60,11 @@ enum LoadState {
 pub struct FileBackend {
     /// The store's absolute path, once configured.
     store: Option<PathBuf>,
+    /// vSPC.py's store prefix, imported when `store` does not exist yet.
+    import_from: Option<PathBuf>,
+    /// A vSPC.py store beside an existing map at PREFIX, which is not
+    /// imported (the map came first); said once at load.
+    ignored_vspcpy: Option<crate::vspcpy::Found>,
     /// uuid -> (name, port).
     vms: BTreeMap<String, (String, Option<u16>)>,
     /// port -> uuid, so no port is written twice.
@@ -97,11 +111,41 @@ impl FileBackend {
                 return Err(missing_store());
             }
         };
-        let records = match read_store(&store) {
+        if let Some(found) = &self.ignored_vspcpy {
+            log::warn(&format!(
+                "a vSPC.py store ({}, {}) is beside vspc's port map {}; it is not imported \
+                 because vspc's map exists: to import it instead, stop vspc, move {} away and \
+                 start again",
+                found.main.display(),
+                found.format,
+                store.display(),
+                store.display()
+            ));
+        }
+        let import = match &self.import_from {
+            Some(prefix) if !store.exists() => Some(prefix.clone()),
+            _ => None,
+        };
+        let imported = import.is_some();
+        let records = match import {
+            Some(prefix) => crate::vspcpy::read(&prefix).map(|got| {
+                log::info(&format!(
+                    "imported {} VMs from vSPC.py's {} store {}; vspc keeps its own map in {} \
+                     from now on and leaves vSPC.py's files as they are",
+                    got.records.len(),
+                    got.format,
+                    files_shown(&got.files),
+                    store.display()
+                ));
+                got.records
+            }),
+            None => read_store(&store).map_err(|e| e.0),
+        };
+        let records = match records {
             Ok(r) => r,
             Err(e) => {
                 self.state = LoadState::Failed;
-                return Err(e);
+                return Err(BackendError(e));
             }
         };
         for r in &records {
@@ -112,6 +156,11 @@ impl FileBackend {
         }
         self.state = LoadState::Loaded;
         remove_stale_temps(&store);
+        if imported {
+            // vspc's own map from the first start on, even with no VM event.
+            self.dirty = true;
+            self.flush();
+        }
         Ok(records)
     }
 
@@ -196,27 +245,12 @@ impl FileBackend {
 
     /// The whole map as the store's text.
     fn render(&self) -> String {
-        let mut rows: Vec<(&String, &String, Option<u16>)> = self
-            .vms
-            .iter()
-            .map(|(uuid, (name, port))| (uuid, name, *port))
-            .collect();
-        rows.sort_by(|a, b| (a.2.is_none(), a.2, a.0).cmp(&(b.2.is_none(), b.2, b.0)));
-        let mut out = String::with_capacity(64 + rows.len() * 96);
-        out.push_str("# vspc port map: the console port of each VM, by uuid.\n");
-        out.push_str("# vspc rewrites this file; edit it only while vspc is stopped.\n");
-        out.push_str(&format!("version = {FORMAT_VERSION}\n"));
-        for (uuid, name, port) in rows {
-            out.push_str("\n[[vm]]\nuuid = ");
-            push_toml_string(&mut out, uuid);
-            out.push_str("\nname = ");
-            push_toml_string(&mut out, name);
-            out.push('\n');
-            if let Some(p) = port {
-                out.push_str(&format!("port = {p}\n"));
-            }
-        }
-        out
+        render_rows(
+            self.vms
+                .iter()
+                .map(|(uuid, (name, port))| (uuid, name, *port))
+                .collect(),
+        )
     }
 
     /// Write the map if it changed; a failure is logged and retried later.
@@ -301,9 +335,11 @@ impl Backend for FileBackend {
             Some(g) if !g.is_empty() => g,
             _ => return Err(missing_store()),
         };
-        let store = resolve_store(given)?;
+        let resolved = resolve(given)?;
         *self = FileBackend {
-            store: Some(store),
+            store: Some(resolved.map),
+            import_from: resolved.import_from,
+            ignored_vspcpy: resolved.ignored_vspcpy,
             ..FileBackend::default()
         };
         Ok(())
@@ -349,8 +385,107 @@ impl Backend for FileBackend {
     }
 }
 
+/// The map's text for these (uuid, name, port) rows.
+fn render_rows(mut rows: Vec<(&String, &String, Option<u16>)>) -> String {
+    rows.sort_by(|a, b| (a.2.is_none(), a.2, a.0).cmp(&(b.2.is_none(), b.2, b.0)));
+    let mut out = String::with_capacity(64 + rows.len() * 96);
+    out.push_str("# vspc port map: the console port of each VM, by uuid.\n");
+    out.push_str("# vspc rewrites this file; edit it only while vspc is stopped.\n");
+    out.push_str(&format!("version = {FORMAT_VERSION}\n"));
+    for (uuid, name, port) in rows {
+        out.push_str("\n[[vm]]\nuuid = ");
+        push_toml_string(&mut out, uuid);
+        out.push_str("\nname = ");
+        push_toml_string(&mut out, name);
+        out.push('\n');
+        if let Some(p) = port {
+            out.push_str(&format!("port = {p}\n"));
+        }
+    }
+    out
+}
+
+/// The files of a vSPC.py store, for a log line.
+fn files_shown(files: &[PathBuf]) -> String {
+    let shown: Vec<String> = files.iter().map(|f| f.display().to_string()).collect();
+    shown.join(" and ")
+}
+
 fn missing_store() -> BackendError {
     BackendError::new("backend File needs a store: give -f PATH or --file PATH")
+}
+
+/// Where `-f PATH` keeps the map, and what it may import.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Resolved {
+    /// vspc's own map (absolute).
+    pub map: PathBuf,
+    /// vSPC.py's store prefix, imported while `map` does not exist.
+    pub import_from: Option<PathBuf>,
+    /// A vSPC.py store beside a map that already exists at PATH.
+    pub ignored_vspcpy: Option<crate::vspcpy::Found>,
+}
+
+/// The map for `-f PATH`: `PATH/vspc-map.toml` if PATH is a directory;
+/// `PATH.vspc-map.toml`, importing vSPC.py's store, if PATH is the prefix of
+/// one (unless vspc's own map is already at PATH); else PATH itself, whose
+/// directory must exist.
+pub fn resolve(given: &str) -> Result<Resolved, BackendError> {
+    let path = resolve_store(given)?;
+    let plain = |ignored| Resolved {
+        map: path.clone(),
+        import_from: None,
+        ignored_vspcpy: ignored,
+    };
+    if std::path::absolute(given).is_ok_and(|p| p.is_dir()) {
+        return Ok(plain(None));
+    }
+    let Some(found) = crate::vspcpy::find(&path) else {
+        return Ok(plain(None));
+    };
+    // The dbm.dumb, ndbm and .db formats leave PATH itself free: a file
+    // there is vspc's map, from a run before this import existed.
+    if found.main != path && path.exists() && !crate::vspcpy::is_dbm_file(&path) {
+        return Ok(plain(Some(found)));
+    }
+    Ok(Resolved {
+        map: crate::vspcpy::with_suffix(&path, BESIDE_VSPCPY),
+        import_from: Some(path),
+        ignored_vspcpy: None,
+    })
+}
+
+/// Check the store `-f PATH` names without changing any file: vspc's map,
+/// or the vSPC.py store it would import. Says what it found.
+pub fn check(given: &str) -> Result<String, String> {
+    let r = resolve(given).map_err(|e| e.0)?;
+    if r.map.exists() {
+        let records = read_store(&r.map).map_err(|e| e.0)?;
+        return Ok(format!(
+            "port map {}: {} VMs",
+            r.map.display(),
+            records.len()
+        ));
+    }
+    if r.import_from.is_none() {
+        return Ok(format!("port map {}: not made yet", r.map.display()));
+    }
+    let prefix = r.import_from.unwrap_or_default();
+    let got = crate::vspcpy::read(&prefix)?;
+    Ok(format!(
+        "vSPC.py's {} store {}: {} VMs, to be imported into {} at the first start",
+        got.format,
+        files_shown(&got.files),
+        got.records.len(),
+        r.map.display()
+    ))
+}
+
+/// Write `records` as a map at `path`, atomically (the `vspc import`
+/// command's output).
+pub fn write_map(path: &Path, records: &[VmRecord]) -> io::Result<()> {
+    let rows = records.iter().map(|r| (&r.uuid, &r.name, r.port)).collect();
+    write_atomically(path, render_rows(rows).as_bytes())
 }
 
 /// The store's path for `-f PATH`: `PATH/vspc-map.toml` if PATH is a
@@ -949,5 +1084,125 @@ mod tests {
             configured(dir.path()).load_map().unwrap(),
             vec![rec("kept", "k", Some(1)), rec("added", "a", Some(2))]
         );
+    }
+
+    /// Every file in `dir` with its bytes.
+    fn snapshot(dir: &Path) -> BTreeMap<String, Vec<u8>> {
+        fs::read_dir(dir)
+            .unwrap()
+            .map(|e| {
+                let e = e.unwrap();
+                (
+                    e.file_name().to_string_lossy().into_owned(),
+                    fs::read(e.path()).unwrap(),
+                )
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_vspc_py_store_is_imported_once_and_never_written() {
+        use crate::vspcpy::tests::{json, make, python_has, sample};
+        for format in ["gnu", "dumb"] {
+            if !python_has(&format!("dbm.{format}")) {
+                continue;
+            }
+            let dir = TempDir::new().unwrap();
+            let prefix = dir.path().join("vspc");
+            make(format, &prefix, None, &json(&sample()));
+            let before = snapshot(dir.path());
+
+            let mut b = configured(&prefix);
+            assert_eq!(b.load_map().unwrap(), sample(), "{format}");
+            // vspc's own map is written at once, beside vSPC.py's files,
+            // which are as they were.
+            let map = dir.path().join("vspc.vspc-map.toml");
+            let mut after = snapshot(dir.path());
+            assert!(after.remove("vspc.vspc-map.toml").is_some(), "{format}");
+            assert_eq!(after, before, "{format}");
+            b.vm_connected(&rec("new", "new", Some(40000)));
+            b.shutdown();
+
+            // From now on the map is read, not the vSPC.py store.
+            make(format, &prefix, None, r#"[["late", "late", 1]]"#);
+            let mut again = configured(&prefix);
+            let got = again.load_map().unwrap();
+            assert_eq!(got.len(), sample().len() + 1, "{format}: {got:?}");
+            assert!(got.iter().all(|r| r.uuid != "late"), "{format}");
+            assert!(map.is_file());
+        }
+    }
+
+    #[test]
+    fn a_broken_vspc_py_store_stops_the_import_and_nothing_is_written() {
+        use crate::vspcpy::tests::{make, python_has};
+        if !python_has("dbm.gnu") {
+            return;
+        }
+        let dir = TempDir::new().unwrap();
+        let prefix = dir.path().join("vspc");
+        make("gnu", &prefix, None, r#"[{"raw": ["7531", "80045d942e"]}]"#);
+        let before = snapshot(dir.path());
+        let mut b = configured(&prefix);
+        let err = b.load_map().unwrap_err().to_string();
+        assert!(err.contains(prefix.to_str().unwrap()), "{err}");
+        assert!(
+            err.contains("dbm.gnu") && err.contains("not vSPC.py's dict"),
+            "{err}"
+        );
+        b.vm_connected(&rec("x", "x", Some(9000)));
+        b.idle();
+        b.shutdown();
+        assert_eq!(snapshot(dir.path()), before);
+    }
+
+    #[test]
+    fn a_map_already_at_the_prefix_wins_over_a_dumb_store_beside_it() {
+        use crate::vspcpy::tests::{json, make, python_has, sample};
+        if !python_has("dbm.dumb") {
+            return;
+        }
+        let dir = TempDir::new().unwrap();
+        let prefix = dir.path().join("vspc");
+        // An earlier vspc ran with -f PREFIX and wrote its map there.
+        let mut b = configured(&prefix);
+        b.load_map().unwrap();
+        b.vm_connected(&rec("mine", "mine", Some(7000)));
+        b.shutdown();
+        make("dumb", &prefix, None, &json(&sample()));
+        let r = resolve(prefix.to_str().unwrap()).unwrap();
+        assert_eq!(r.map, prefix);
+        assert!(r.import_from.is_none());
+        assert_eq!(
+            r.ignored_vspcpy.map(|f| f.format),
+            Some(crate::vspcpy::Format::Dumb)
+        );
+        assert_eq!(
+            configured(&prefix).load_map().unwrap(),
+            vec![rec("mine", "mine", Some(7000))]
+        );
+        assert!(!dir.path().join("vspc.vspc-map.toml").exists());
+        // A directory never imports.
+        let r = resolve(dir.path().to_str().unwrap()).unwrap();
+        assert_eq!(r.map, dir.path().join("vspc-map.toml"));
+    }
+
+    #[test]
+    fn check_reads_and_never_writes() {
+        use crate::vspcpy::tests::{json, make, python_has, sample};
+        let dir = TempDir::new().unwrap();
+        let prefix = dir.path().join("vspc");
+        let said = check(prefix.to_str().unwrap()).unwrap();
+        assert!(said.contains("not made yet"), "{said}");
+        if python_has("dbm.gnu") {
+            make("gnu", &prefix, None, &json(&sample()));
+            let before = snapshot(dir.path());
+            let said = check(prefix.to_str().unwrap()).unwrap();
+            assert!(said.contains("5 VMs") && said.contains("dbm.gnu"), "{said}");
+            assert_eq!(snapshot(dir.path()), before);
+        }
+        fs::write(dir.path().join("map.toml"), "version = 7\n").unwrap();
+        let err = check(dir.path().join("map.toml").to_str().unwrap()).unwrap_err();
+        assert!(err.contains("version 7"), "{err}");
     }
 }

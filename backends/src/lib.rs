@@ -4,9 +4,10 @@
 
 #![forbid(unsafe_code)]
 
-mod file;
+pub mod file;
 mod logging;
 mod memory;
+pub mod vspcpy;
 
 pub use file::FileBackend;
 pub use logging::LoggingBackend;

@@ -55,6 +55,8 @@
 //! | [`access`] | `--proxy-allow` (refused VMs, a hijack, takeover warnings, bad ranges) and the audit lines and backend events of every console session |
 //! | [`certs`] | the checked-in test certificates |
 //! | [`hardening`] | hostile peers on the proxy and admin ports: forged log lines, 60,000-character names, a second VM claiming a name, unidentified floods, the admin allow-list |
+//! | [`vspcpy`] | a vSPC.py site's first start: its File store (made by Python's shelve) imported, `vspc import`, a broken store refused |
+//! | [`packaging`] | the Debian package: cargo-deb, `dpkg -i`, files, the vspc user, `systemd-analyze verify`/`security`, ExecStart as vspc with a VM and a console, remove and purge; logrotate losing no byte |
 //! | [`ssh`] | the SSH front door with OpenSSH's client: byte-exact consoles, `~.`, key patterns and modes, `list@`, refused keys and passwords, SIGHUP reload, audit lines, a pty, bulk both ways, a stopped client dropped as a stall, EOF and killed clients, revocation over ControlMaster, auth and idle timeouts, the unauthenticated cap, key file permissions |
 
 mod access;
@@ -67,7 +69,9 @@ mod daemon;
 mod flow;
 mod hardening;
 mod http;
+mod packaging;
 mod real_clients;
 mod replay;
 mod ssh;
+mod vspcpy;
 mod web;

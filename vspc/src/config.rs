@@ -25,6 +25,13 @@ pub struct Config {
     #[arg(long, value_name = "FILE")]
     pub config: Option<PathBuf>,
 
+    /// Check the configuration and exit: the TOML FILE (or --config's) and
+    /// the flags, naming every problem (unknown keys, bad values, unreadable
+    /// certificates and key files, backend options, the File backend's
+    /// map); exit status 1 if there is one. Nothing is written.
+    #[arg(long, value_name = "FILE", num_args = 0..=1, default_missing_value = "")]
+    pub check_config: Option<PathBuf>,
+
     /// Port for admin queries (vSPC.py's query protocol).
     #[arg(short = 'a', long, default_value_t = 13371, value_name = "PORT")]
     pub admin_port: u16,
@@ -361,7 +368,7 @@ fn file_args(path: &std::path::Path) -> Result<Vec<String>, String> {
     for (key, value) in table {
         // `http_host` reads as `http-host`.
         let key = key.replace('_', "-");
-        if key == "config" || !known.contains(&key) {
+        if key == "config" || key == "check-config" || !known.contains(&key) {
             return Err(format!(
                 "config file {}: unknown setting '{key}' (use the long flag names, e.g. proxy-port)",
                 path.display()

@@ -34,6 +34,14 @@ fn heap() -> Option<vspc::memory::Heap> {
 }
 
 fn main() -> ExitCode {
+    // `vspc import ...`: a command of its own, not the daemon's flags.
+    if std::env::args_os().nth(1).is_some_and(|a| a == "import") {
+        return vspc::import_cmd::main(std::env::args_os().skip(1));
+    }
+    let args: Vec<std::ffi::OsString> = std::env::args_os().collect();
+    if vspc::check_config::wanted(&args) {
+        return vspc::check_config::main(args);
+    }
     vspc::memory::install(heap);
     let cfg = Config::from_args();
     let target = if cfg.syslog {
