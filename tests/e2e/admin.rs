@@ -342,7 +342,7 @@ fn have_python() -> bool {
 }
 
 /// `tests/vspc_session.py`, running; killed when dropped.
-struct PySession {
+pub(crate) struct PySession {
     child: std::process::Child,
     lines: tokio::sync::mpsc::UnboundedReceiver<String>,
     /// Every line so far (stderr lines prefixed `stderr: `).
@@ -350,7 +350,7 @@ struct PySession {
 }
 
 impl PySession {
-    fn start(d: &Daemon, vm: &str, mode: &str, seconds: u32, send: &[u8]) -> PySession {
+    pub(crate) fn start(d: &Daemon, vm: &str, mode: &str, seconds: u32, send: &[u8]) -> PySession {
         let mut cmd = Command::new("python3");
         cmd.arg(repo_root().join("tests/vspc_session.py"))
             .arg(d.admin.ip().to_string())
@@ -410,7 +410,7 @@ impl PySession {
     }
 
     /// The rest of the first line starting with `prefix`.
-    async fn line(&mut self, prefix: &str) -> String {
+    pub(crate) async fn line(&mut self, prefix: &str) -> String {
         let deadline = tokio::time::Instant::now() + T;
         loop {
             if let Some(l) = self.seen.iter().find(|l| l.starts_with(prefix)) {
@@ -435,7 +435,7 @@ impl PySession {
     }
 
     /// Wait until at least `n` data bytes arrived; all of them.
-    async fn data_at_least(&mut self, n: usize) -> Vec<u8> {
+    pub(crate) async fn data_at_least(&mut self, n: usize) -> Vec<u8> {
         let deadline = tokio::time::Instant::now() + T;
         while self.data().len() < n {
             if !self.pull(deadline).await {

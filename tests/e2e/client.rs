@@ -23,7 +23,7 @@ const CLIENT: &str = env!("CARGO_BIN_EXE_vspc-client");
 // Helpers.
 
 /// A running `vspc-client` with piped stdin, stdout and stderr.
-struct Client {
+pub(crate) struct Client {
     child: Child,
     stdin: Option<ChildStdin>,
     out: Arc<Mutex<Vec<u8>>>,
@@ -42,7 +42,7 @@ fn pump<R: Read + Send + 'static>(pipe: Option<R>, into: Arc<Mutex<Vec<u8>>>) ->
 
 impl Client {
     /// Run the client against `d`'s admin port with `args`.
-    fn start(d: &Daemon, args: &[&str]) -> Client {
+    pub(crate) fn start(d: &Daemon, args: &[&str]) -> Client {
         Client::start_at(d.admin, args)
     }
 
@@ -82,7 +82,7 @@ impl Client {
         stdin.flush().expect("flush the client's stdin");
     }
 
-    fn close_stdin(&mut self) {
+    pub(crate) fn close_stdin(&mut self) {
         self.stdin = None;
     }
 
@@ -112,7 +112,7 @@ impl Client {
     }
 
     /// The exit code, insisting that the client exits.
-    async fn code(&mut self, limit: Duration) -> i32 {
+    pub(crate) async fn code(&mut self, limit: Duration) -> i32 {
         let status = self.exit(limit).await;
         status.code().unwrap_or_else(|| {
             panic!(
@@ -128,7 +128,7 @@ impl Client {
     }
 
     /// Wait until stdout holds at least `n` bytes.
-    async fn wait_stdout(&self, n: usize, limit: Duration) -> Vec<u8> {
+    pub(crate) async fn wait_stdout(&self, n: usize, limit: Duration) -> Vec<u8> {
         eventually(limit, || self.stdout().len() >= n).await;
         self.stdout()
     }

@@ -5,7 +5,8 @@
 //! `web.rs` and `ssh.rs` (their first bytes are the replay and its
 //! marker).
 
-use crate::admin::{native_connect, pickle_session, PickleAnswer};
+use crate::admin::{native_connect, pickle_session, PickleAnswer, PySession};
+use crate::client::Client;
 use crate::common::*;
 use crate::http::{daemon, get};
 use vspc_testkit::sim::{Identity, SimConsole, SimVm};
@@ -200,4 +201,25 @@ async fn replay_bytes_zero_keeps_todays_behaviour() {
     let recent = get(http, &format!("/api/v1/vms/{}/recent", id.name)).await;
     assert_eq!(recent.status, 200);
     assert!(recent.body.is_empty());
+}
+
+#[tokio::test]
+async fn vspc_client_and_a_vspc_py_client_show_it_first() {
+    let (d, _, id, vm, _) = panicked(&[], 9507).await;
+    // vspc-client VM (the native protocol), its output through a pipe.
+    let mut c = Client::start(&d, &[&id.name]);
+    let want = [PANIC, LIVE].concat();
+    assert_eq!(c.wait_stdout(want.len(), T).await, want);
+    vm.send(b"live\r\n").await.expect("VM output");
+    let all = [&want[..], b"live\r\n"].concat();
+    assert_eq!(c.wait_stdout(all.len(), T).await, all);
+    c.close_stdin();
+    assert_eq!(c.code(T).await, 0);
+    // vSPC.py's query protocol as its vSPCClient speaks it
+    // (tests/vspc_session.py): the seed is what the VM printed.
+    let mut py = PySession::start(&d, &id.name, "free_for_all", 10, b"");
+    assert_eq!(py.line("status=").await, "vm_found");
+    py.line("mode=").await;
+    let seed = [PANIC, b"live\r\n"].concat();
+    assert_eq!(py.line("seed=").await, vspc_testkit::sim::hex(&seed));
 }

@@ -646,10 +646,21 @@ fn check_browser() -> PathBuf {
 /// Run a browser driver script of `tests/web/` with `args`; its process
 /// group is stopped when the [`Driver`] is dropped.
 fn drive(browser: &std::path::Path, script: &str, args: &[&std::ffi::OsStr]) -> (Driver, Said) {
+    drive_with_env(browser, script, args, &[])
+}
+
+/// [`drive`], with more environment for the script.
+fn drive_with_env(
+    browser: &std::path::Path,
+    script: &str,
+    args: &[&std::ffi::OsStr],
+    env: &[(&str, &str)],
+) -> (Driver, Said) {
     let mut cmd = Command::new("node");
     cmd.current_dir(web_dir())
         .arg(script)
         .args(args)
+        .envs(env.iter().copied())
         .env("CHROMIUM", browser)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
@@ -705,6 +716,12 @@ async fn chromium_shows_the_output_and_types_to_the_vm() {
     let (d, http, _dir) = daemon_with_tokens();
     let id = Identity::numbered(7303);
     let (vm, _) = vm_up(&d, &id).await;
+    // Printed before the page opens: the page shows it first, then the
+    // "-- live --" line (the VM's replay ring).
+    let before = "panic: printed before the browser came";
+    vm.send(format!("{before}\r\n").as_bytes())
+        .await
+        .expect("VM output");
     let profile = tempfile::tempdir().expect("a browser profile directory");
     let marker = "hello from the VM, in the browser";
     let url = format!("http://{http}/vms/{}?token=rw-secret-0123456", id.name);
@@ -714,10 +731,12 @@ async fn chromium_shows_the_output_and_types_to_the_vm() {
     if let Some(shot) = &shot {
         args.push(shot);
     }
-    let (mut driver, mut said) = drive(&browser, "console_test.mjs", &args);
+    let (mut driver, mut said) =
+        drive_with_env(&browser, "console_test.mjs", &args, &[("BEFORE", before)]);
 
     let ready = said.wait_for("READY").await;
     assert_eq!(ready, "READY free-for-all");
+    said.wait_for("BEFORE").await;
     vm.send(format!("{marker}\r\n").as_bytes())
         .await
         .expect("VM output");

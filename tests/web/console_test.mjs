@@ -4,6 +4,8 @@
 // the Rust test waits for:
 //
 //   READY <access>   the page's console WebSocket is open, the VM connected
+//   BEFORE           the terminal shows $BEFORE (what the VM printed before
+//                    the page opened) and then the "-- live --" line
 //   SAW              the terminal shows the marker (the VM's output)
 //   TYPED            the keys below were typed into the terminal
 //   VMDOWN           the page shows the VM disconnected
@@ -58,6 +60,20 @@ try {
       window.vspc.state.vmConnected === true,
     null, { timeout: STEP_MS });
   say('READY ' + (await page.evaluate(() => window.vspc.state.access)));
+
+  if (process.env.BEFORE) {
+    await page.waitForFunction((before) => {
+      const b = window.vspc.term.buffer.active;
+      let text = '';
+      for (let i = 0; i < b.length; i++) {
+        const line = b.getLine(i);
+        if (line) text += line.translateToString(true) + '\n';
+      }
+      const at = text.indexOf(before);
+      return at >= 0 && text.indexOf('-- live --', at) > at;
+    }, process.env.BEFORE, { timeout: STEP_MS });
+    say('BEFORE');
+  }
 
   // The terminal's text, row by row, as xterm.js holds it.
   await page.waitForFunction((m) => {

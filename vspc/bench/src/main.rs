@@ -144,6 +144,13 @@ struct AttachArgs {
           value_parser = clap::value_parser!(u32).range(1..=65536))]
     in_flight: u32,
 
+    /// Bytes of output (lines of text) each VM prints once it is listed,
+    /// before any console attaches: what fills each VM's replay ring
+    /// (`--replay-bytes`), so the RSS figure includes full rings.
+    #[arg(long, value_name = "BYTES", default_value_t = 0,
+          value_parser = clap::value_parser!(u32).range(0..=(64 << 20)))]
+    say: u32,
+
     /// Measure the already running daemon with this process id instead of
     /// starting one (needs --proxy and --admin).
     #[arg(long, value_name = "PID", requires_all = ["proxy", "admin"])]
@@ -441,6 +448,28 @@ async fn run_attach(
         ms(&slowest[1])
     );
 
+    let vms = Arc::new(vms);
+    if args.say > 0 {
+        // Lines of printable text, as a booting VM prints them.
+        let line = b"[    0.000000] vspc-bench: the VM says something before anyone came\r\n";
+        let text: Arc<Vec<u8>> = Arc::new(
+            line.iter()
+                .copied()
+                .cycle()
+                .take(args.say as usize)
+                .collect(),
+        );
+        eprintln!("vspc-bench: each VM prints {} bytes", args.say);
+        let vms = vms.clone();
+        pool("VMs printed", n, width, move |i| {
+            let (vms, text) = (vms.clone(), text.clone());
+            async move { vms[i].send(&text).await.map_err(|e| e.to_string()) }
+        })
+        .await?;
+        // Taken in and delivered (no console holds anything back).
+        tokio::time::sleep(SETTLE).await;
+    }
+
     // Phase 2: C consoles per VM, each proved to receive its VM's line.
     let t1 = Instant::now();
     let ports = Arc::new(ports);
@@ -474,7 +503,6 @@ async fn run_attach(
         })
         .await?
     };
-    let vms = Arc::new(vms);
     let consoles = Arc::new(consoles);
     if c > 0 {
         let nonce = SystemTime::now()
