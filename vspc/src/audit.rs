@@ -104,6 +104,24 @@ pub fn ssh_user(comment: &str, fingerprint: &str) -> String {
     }
 }
 
+/// One audit line: the fields every line has (the session and who, what,
+/// how), then the line's own.
+macro_rules! audit_line {
+    ($ev:expr, $msg:literal $(, $key:ident = $value:expr)*) => {
+        tracing::info!(
+            session = $ev.id,
+            kind = %$ev.kind,
+            vm = ?$ev.vm.name,
+            uuid = %$ev.vm.uuid,
+            access = %$ev.access,
+            peer = %$ev.peer,
+            user = ?$ev.user,
+            $($key = $value,)*
+            $msg
+        )
+    };
+}
+
 /// Log the start of a session and queue the event for the backends; keep
 /// the guard until the session ends.
 pub fn start(hub: &Arc<Hub>, s: Start<'_>) -> Guard {
@@ -118,16 +136,7 @@ pub fn start(hub: &Arc<Hub>, s: Start<'_>) -> Guard {
         bytes_to_vm: 0,
         bytes_from_vm: 0,
     };
-    tracing::info!(
-        session = ev.id,
-        kind = %ev.kind,
-        vm = ?ev.vm.name,
-        uuid = %ev.vm.uuid,
-        access = %ev.access,
-        peer = %ev.peer,
-        user = ?ev.user,
-        "audit: console session started"
-    );
+    audit_line!(ev, "audit: console session started");
     hub.backend().session_started(&ev);
     Guard(Box::new(Inner {
         hub: hub.clone(),
@@ -171,18 +180,13 @@ impl Drop for Guard {
         ev.duration_ms = u64::try_from(took.as_millis()).unwrap_or(u64::MAX);
         ev.bytes_to_vm = inner.to_vm;
         ev.bytes_from_vm = from_vm;
-        tracing::info!(
-            session = ev.id,
-            kind = %ev.kind,
-            vm = ?ev.vm.name,
-            uuid = %ev.vm.uuid,
-            access = %ev.access,
-            peer = %ev.peer,
-            user = ?ev.user,
-            duration_s = %format_args!("{:.3}", took.as_secs_f64()),
+        let duration_s = format!("{:.3}", took.as_secs_f64());
+        audit_line!(
+            ev,
+            "audit: console session ended",
+            duration_s = tracing::field::display(&duration_s),
             bytes_to_vm = ev.bytes_to_vm,
-            bytes_from_vm = ev.bytes_from_vm,
-            "audit: console session ended"
+            bytes_from_vm = ev.bytes_from_vm
         );
         inner.hub.backend().session_ended(ev);
     }
