@@ -30,6 +30,21 @@ async fn ring_holds(http: std::net::SocketAddr, vm: &str, want: &[u8]) {
     }
 }
 
+/// A native admin session (as `vspc-client` opens) on `vm` shows `history`
+/// then the marker first; returns the console.
+async fn replayed_to_native(d: &Daemon, vm: &str, history: &[u8]) -> SimConsole {
+    let (_, console) = native_connect(d, vm, None)
+        .await
+        .unwrap_or_else(|e| panic!("connect: {e}"));
+    let shown = [history, LIVE].concat();
+    let got = console
+        .read_exact_data(shown.len(), T)
+        .await
+        .expect("replay");
+    assert_eq!(got, shown, "the replay, then the marker");
+    console
+}
+
 const PANIC: &[u8] = b"Kernel panic - not syncing: VFS: Unable to mount root fs\r\n";
 
 /// A daemon with the default (Memory) backend and the HTTP API, a VM that
@@ -134,17 +149,7 @@ async fn the_ring_survives_a_reconnect_and_a_vmotion() {
     dst.send(b"moved\r\n").await.expect("VM output");
     let want = [PANIC, b"rebooted\r\n", b"moved\r\n"].concat();
     ring_holds(http, &id.name, &want).await;
-    let (_, console) = native_connect(&d, &id.name, None)
-        .await
-        .unwrap_or_else(|e| panic!("connect: {e}"));
-    let shown = [&want[..], LIVE].concat();
-    assert_eq!(
-        console
-            .read_exact_data(shown.len(), T)
-            .await
-            .expect("replay"),
-        shown
-    );
+    replayed_to_native(&d, &id.name, &want).await;
 }
 
 #[tokio::test]
@@ -166,17 +171,7 @@ async fn a_burst_leaves_exactly_the_last_bytes_cut_at_a_line() {
     ring_holds(http, &id.name, last).await;
     // Shown from the first line break in it: no half line.
     let start = last.iter().position(|&b| b == b'\n').expect("a line break") + 1;
-    let (_, console) = native_connect(&d, &id.name, None)
-        .await
-        .unwrap_or_else(|e| panic!("connect: {e}"));
-    let shown = [&last[start..], LIVE].concat();
-    assert_eq!(
-        console
-            .read_exact_data(shown.len(), T)
-            .await
-            .expect("replay"),
-        shown
-    );
+    replayed_to_native(&d, &id.name, &last[start..]).await;
 }
 
 #[tokio::test]

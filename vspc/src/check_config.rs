@@ -472,14 +472,7 @@ fn check_backends(cfg: &Config, report: &mut Report) {
     };
     let env_path = std::env::var("VSPC_PLUGIN_PATH").ok();
     let dirs = crate::plugins::search_dirs(&cfg.plugin_dir, env_path.as_deref());
-    let mut names = cfg.backend.clone();
-    let mut tokens = cfg.backend_options.clone();
-    if let Some(path) = &cfg.persist_file {
-        if !names.iter().any(|n| n.eq_ignore_ascii_case("file")) {
-            names.push("File".into());
-        }
-        tokens.splice(0..0, ["--file".to_string(), path.display().to_string()]);
-    }
+    let (mut names, tokens) = cfg.backend_request();
     if names.is_empty() {
         names.push("Memory".into());
     }

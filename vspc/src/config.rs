@@ -468,6 +468,21 @@ fn parse_duration(s: &str) -> Result<Duration, String> {
 impl Config {
     /// Parse the command line (and `--config`), then apply vSPC.py's
     /// environment variables. Exits with status 2 and the usage on error.
+    /// The backends asked for by name (none: the caller picks Memory) and
+    /// their option words, with vSPC.py's `-f PATH` as the File backend
+    /// with that store.
+    pub fn backend_request(&self) -> (Vec<String>, Vec<String>) {
+        let mut names = self.backend.clone();
+        let mut tokens = self.backend_options.clone();
+        if let Some(path) = &self.persist_file {
+            if !names.iter().any(|n| n.eq_ignore_ascii_case("file")) {
+                names.push("File".into());
+            }
+            tokens.splice(0..0, ["--file".to_string(), path.display().to_string()]);
+        }
+        (names, tokens)
+    }
+
     pub fn from_args() -> Config {
         let args: Vec<std::ffi::OsString> = std::env::args_os().collect();
         let mut cfg = match Config::from_argv(args) {

@@ -254,15 +254,7 @@ fn setup_backends(
     });
     let env_path = std::env::var("VSPC_PLUGIN_PATH").ok();
     let dirs = vspc::plugins::search_dirs(&cfg.plugin_dir, env_path.as_deref());
-    let mut names = cfg.backend.clone();
-    let mut tokens = cfg.backend_options.clone();
-    // vSPC.py's -f PATH: the File backend with that store.
-    if let Some(path) = &cfg.persist_file {
-        if !names.iter().any(|n| n.eq_ignore_ascii_case("file")) {
-            names.push("File".into());
-        }
-        tokens.splice(0..0, ["--file".to_string(), path.display().to_string()]);
-    }
+    let (mut names, tokens) = cfg.backend_request();
     if names.is_empty() {
         if cfg.backend_help {
             print!("{}", backend_setup::list_text(&dirs));
