@@ -173,3 +173,75 @@ pub fn reload(hub: &Hub, ssh: Option<&ssh::SshState>) {
         ssh.reload(hub);
     }
 }
+
+#[cfg(test)]
+mod tests {
+    //! The whole server in-process: listeners bound here, a shutdown future
+    //! this test completes.
+    use super::*;
+    use crate::session::vm::VmSessionConfig;
+    use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+    use tokio::net::TcpStream;
+
+    fn config(proxy: SocketAddr, admin: SocketAddr) -> ServerConfig {
+        ServerConfig {
+            proxy,
+            admin,
+            vms: proxy::ProxyConfig {
+                tls: None,
+                vm: VmSessionConfig {
+                    handshake_timeout: Duration::from_secs(5),
+                    identify_timeout: Duration::from_secs(5),
+                    multi_console: false,
+                },
+                vm_tx_rate: None,
+                allow: Default::default(),
+                max_unidentified: 16,
+            },
+            http: None,
+            ssh: None,
+            admin_allow: Default::default(),
+        }
+    }
+
+    #[tokio::test]
+    async fn serves_on_given_listeners_until_the_shutdown_future_completes() {
+        let hub = crate::testing::hub(Duration::from_secs(60), Duration::from_secs(30), 1 << 20);
+        let proxy = TcpListener::bind("127.0.0.1:0").await.expect("proxy");
+        let admin = TcpListener::bind("127.0.0.1:0").await.expect("admin");
+        let admin_addr = admin.local_addr().expect("admin address");
+        let cfg = config(proxy.local_addr().expect("proxy address"), admin_addr);
+        let listeners = Listeners {
+            proxy,
+            admin,
+            http: None,
+            ssh: None,
+        };
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let server = tokio::spawn(run(hub, cfg, listeners, Vec::new(), async {
+            let _ = stopped.await;
+        }));
+
+        // The admin door answers on the listener it was given.
+        let mut admin = TcpStream::connect(admin_addr).await.expect("connect");
+        admin.write_all(b"version\n").await.expect("ask");
+        let mut line = String::new();
+        BufReader::new(&mut admin)
+            .read_line(&mut line)
+            .await
+            .expect("answer");
+        assert!(line.contains("\"version\""), "{line}");
+
+        // Shut down: run returns, and the doors accept no more.
+        stop.send(()).expect("the server is running");
+        tokio::time::timeout(Duration::from_secs(5), server)
+            .await
+            .expect("run returned")
+            .expect("no panic")
+            .expect("no error");
+        assert!(
+            TcpStream::connect(admin_addr).await.is_err(),
+            "the admin port still accepts after shutdown"
+        );
+    }
+}
