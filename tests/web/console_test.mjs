@@ -18,41 +18,26 @@
 // usage: node console_test.mjs URL MARKER USER_DATA_DIR [SCREENSHOT.png]
 // env:   CHROMIUM (default /usr/bin/chromium)
 
-import { chromium } from 'playwright-core';
+import { launch, run, say, STEP_MS } from './chromium.mjs';
 
 const [url, marker, userDataDir, screenshot] = process.argv.slice(2);
 if (!url || !marker || !userDataDir) {
   console.log('FAIL usage: node console_test.mjs URL MARKER USER_DATA_DIR [SCREENSHOT.png]');
   process.exit(2);
 }
-const executablePath = process.env.CHROMIUM || '/usr/bin/chromium';
-const STEP_MS = 15000;
 
-const say = (line) => process.stdout.write(line + '\n');
+// The terminal's text, row by row, as xterm.js holds it (run in the page).
+const TERMINAL_TEXT = `window.vspcText = () => {
+  const b = window.vspc.term.buffer.active;
+  let text = '';
+  for (let i = 0; i < b.length; i++) {
+    const line = b.getLine(i);
+    if (line) text += line.translateToString(true) + '\\n';
+  }
+  return text;
+};`;
 
-let context;
-let failed = false;
-try {
-  context = await chromium.launchPersistentContext(userDataDir, {
-    executablePath,
-    headless: true,
-    viewport: { width: 1000, height: 600 },
-    timeout: 30000,
-    args: [
-      '--headless',
-      '--no-sandbox',
-      '--disable-gpu',
-      '--disable-quic',
-      '--no-first-run',
-      '--disable-background-networking',
-      '--disable-component-update',
-      '--disable-sync',
-    ],
-  });
-  const page = context.pages()[0] || (await context.newPage());
-  page.setDefaultTimeout(STEP_MS);
-  page.on('pageerror', (e) => say('LOG pageerror ' + e.message));
-  page.on('console', (m) => say('LOG console ' + m.text()));
+await run(() => launch(userDataDir, [], { viewport: { width: 1000, height: 600 } }), async ({ page }) => {
   await page.goto(url, { waitUntil: 'load' });
 
   await page.waitForFunction(
@@ -60,31 +45,18 @@ try {
       window.vspc.state.vmConnected === true,
     null, { timeout: STEP_MS });
   say('READY ' + (await page.evaluate(() => window.vspc.state.access)));
+  await page.evaluate(TERMINAL_TEXT);
 
   if (process.env.BEFORE) {
     await page.waitForFunction((before) => {
-      const b = window.vspc.term.buffer.active;
-      let text = '';
-      for (let i = 0; i < b.length; i++) {
-        const line = b.getLine(i);
-        if (line) text += line.translateToString(true) + '\n';
-      }
+      const text = window.vspcText();
       const at = text.indexOf(before);
       return at >= 0 && text.indexOf('-- live --', at) > at;
     }, process.env.BEFORE, { timeout: STEP_MS });
     say('BEFORE');
   }
 
-  // The terminal's text, row by row, as xterm.js holds it.
-  await page.waitForFunction((m) => {
-    const b = window.vspc.term.buffer.active;
-    let text = '';
-    for (let i = 0; i < b.length; i++) {
-      const line = b.getLine(i);
-      if (line) text += line.translateToString(true) + '\n';
-    }
-    return text.includes(m);
-  }, marker, { timeout: STEP_MS });
+  await page.waitForFunction((m) => window.vspcText().includes(m), marker, { timeout: STEP_MS });
   say('SAW');
 
   // Typing goes to the terminal's hidden textarea, as a person's keys do.
@@ -111,13 +83,4 @@ try {
   if (screenshot) {
     await page.screenshot({ path: screenshot });
   }
-} catch (e) {
-  failed = true;
-  say('FAIL ' + String(e && e.message ? e.message : e).split('\n')[0]);
-} finally {
-  if (context) {
-    await context.close().catch(() => {});
-  }
-}
-say('DONE');
-process.exit(failed ? 1 : 0);
+});

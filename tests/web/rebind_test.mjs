@@ -18,42 +18,16 @@
 // usage: node rebind_test.mjs BASE_URL VM USER_DATA_DIR RESOLVER_RULES
 // env:   CHROMIUM (default /usr/bin/chromium)
 
-import { chromium } from 'playwright-core';
+import { launch, run, say, STEP_MS } from './chromium.mjs';
 
 const [base, vm, userDataDir, rules] = process.argv.slice(2);
 if (!base || !vm || !userDataDir || !rules) {
   console.log('FAIL usage: node rebind_test.mjs BASE_URL VM USER_DATA_DIR RESOLVER_RULES');
   process.exit(2);
 }
-const executablePath = process.env.CHROMIUM || '/usr/bin/chromium';
-const STEP_MS = 15000;
-const say = (line) => process.stdout.write(line + '\n');
 
-let context;
-let failed = false;
-try {
-  context = await chromium.launchPersistentContext(userDataDir, {
-    executablePath,
-    headless: true,
-    timeout: 30000,
-    args: [
-      '--headless',
-      '--no-sandbox',
-      '--disable-gpu',
-      '--disable-quic',
-      '--no-first-run',
-      '--disable-background-networking',
-      '--disable-component-update',
-      '--disable-sync',
-      '--host-resolver-rules=' + rules,
-      '--no-proxy-server',
-    ],
-  });
-  const page = context.pages()[0] || (await context.newPage());
-  page.setDefaultTimeout(STEP_MS);
-  page.on('pageerror', (e) => say('LOG pageerror ' + e.message));
-  page.on('console', (m) => say('LOG console ' + m.text()));
-
+const start = () => launch(userDataDir, ['--host-resolver-rules=' + rules, '--no-proxy-server']);
+await run(start, async ({ page }) => {
   const resp = await page.goto(base + '/', { waitUntil: 'load' });
   const status = resp ? resp.status() : 0;
   const body = await page.content();
@@ -90,13 +64,4 @@ try {
   } else {
     say('CONSOLE none');
   }
-} catch (e) {
-  failed = true;
-  say('FAIL ' + String(e && e.message ? e.message : e).split('\n')[0]);
-} finally {
-  if (context) {
-    await context.close().catch(() => {});
-  }
-}
-say('DONE');
-process.exit(failed ? 1 : 0);
+});
