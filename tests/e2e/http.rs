@@ -177,6 +177,16 @@ pub(crate) fn daemon(extra: &[&str]) -> (Daemon, SocketAddr) {
     (d, addr)
 }
 
+/// A daemon with the HTTP API and the Logging backend (transcripts in the
+/// returned directory); returns the directory, the daemon and the HTTP
+/// address.
+pub(crate) fn logging_daemon() -> (tempfile::TempDir, Daemon, SocketAddr) {
+    let logs = tempfile::tempdir().expect("tempdir");
+    let dir = logs.path().display().to_string();
+    let (d, http) = daemon(&["--backend", "Logging", "-l", &dir]);
+    (logs, d, http)
+}
+
 /// `/metrics`, parsed.
 async fn scrape(addr: SocketAddr) -> Scrape {
     let r = get(addr, "/metrics").await;
@@ -679,13 +689,7 @@ fn handmade(method: &str, path: &str, host: &str, extra: &[&str], body: &str) ->
 /// `/console_log`, `/metrics`, the pages; and a request without Host.
 #[tokio::test]
 async fn requests_for_a_foreign_host_get_421_whatever_the_route() {
-    let logs = tempfile::tempdir().expect("tempdir");
-    let (d, http) = daemon(&[
-        "--backend",
-        "Logging",
-        "-l",
-        &logs.path().display().to_string(),
-    ]);
+    let (_logs, d, http) = logging_daemon();
     let id = Identity::numbered(7500);
     let (vm, _port) = vm_up(&d, &id).await;
     vm.send(b"secret console output\r\n")
@@ -934,13 +938,7 @@ async fn every_answer_carries_the_security_headers() {
 /// the answers are done.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn console_log_answers_four_at_once_and_503_past_that() {
-    let logs = tempfile::tempdir().expect("tempdir");
-    let (d, http) = daemon(&[
-        "--backend",
-        "Logging",
-        "-l",
-        &logs.path().display().to_string(),
-    ]);
+    let (logs, d, http) = logging_daemon();
     let id = Identity::numbered(7503);
     let (vm, _port) = vm_up(&d, &id).await;
     // More than the socket buffers of a client that reads nothing hold.

@@ -79,6 +79,22 @@ fn keygen(dir: &Path, name: &str) -> (PathBuf, String) {
     (key, public.trim().to_string())
 }
 
+/// A key `label` made in `dir`, and the only one in `dir/authorized_keys`.
+fn only_key(dir: &Path, label: &str) -> PathBuf {
+    let (key, public) = keygen(dir, label);
+    std::fs::write(dir.join("authorized_keys"), format!("{public}\n")).expect("write");
+    key
+}
+
+/// Wait until `ssh` has its console: the session's audit start line.
+async fn session_started(d: &Daemon, ssh: &Ssh) {
+    assert!(
+        d.wait_log("audit: console session started", T * 2).await,
+        "the console did not start: {}",
+        ssh.err()
+    );
+}
+
 /// A running ssh; killed when dropped. Its stdout and stderr are collected
 /// by threads.
 struct Ssh {
@@ -274,8 +290,7 @@ async fn vm_reads(vm: &SimVm, n: usize) -> Vec<u8> {
 #[tokio::test]
 async fn a_permitted_key_gets_the_console_byte_exact_and_tilde_dot_closes_it() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let (key, public) = keygen(dir.path(), "alice");
-    std::fs::write(dir.path().join("authorized_keys"), format!("{public}\n")).expect("write");
+    let key = only_key(dir.path(), "alice");
     let logs = dir.path().join("logs");
     std::fs::create_dir(&logs).expect("mkdir");
     let (d, port) = daemon(
@@ -426,11 +441,7 @@ async fn keys_are_held_to_their_vms_and_modes_and_reloaded_on_sighup() {
     // By uuid, within the patterns (the name matches).
     let mut by_uuid = Ssh::spawn(ssh_command(port, &web, &web_id.uuid_display(), &[]));
     // Output before the console joins is not its to see: wait for it.
-    assert!(
-        d.wait_log("audit: console session started", T * 2).await,
-        "the console did not start: {}",
-        by_uuid.err()
-    );
+    session_started(&d, &by_uuid).await;
     web_vm.send(b"via uuid").await.expect("VM output");
     assert_eq!(by_uuid.read_out(8, T * 2).await, b"via uuid");
     by_uuid.write(b"w");
@@ -499,8 +510,7 @@ async fn keys_are_held_to_their_vms_and_modes_and_reloaded_on_sighup() {
 #[tokio::test]
 async fn on_a_pty_the_console_works_and_tilde_dot_closes_it() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let (key, public) = keygen(dir.path(), "tty");
-    std::fs::write(dir.path().join("authorized_keys"), format!("{public}\n")).expect("write");
+    let key = only_key(dir.path(), "tty");
     let (d, port) = daemon(dir.path(), &[]).await;
     let id = Identity::numbered(8300);
     let (vm, _) = vm_up(&d, &id).await;
@@ -542,17 +552,12 @@ async fn on_a_pty_the_console_works_and_tilde_dot_closes_it() {
 #[tokio::test]
 async fn bulk_both_ways_at_once_arrives_whole() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let (key, public) = keygen(dir.path(), "bulk");
-    std::fs::write(dir.path().join("authorized_keys"), format!("{public}\n")).expect("write");
+    let key = only_key(dir.path(), "bulk");
     let (d, port) = daemon(dir.path(), &[]).await;
     let id = Identity::numbered(8500);
     let (vm, _) = vm_up(&d, &id).await;
     let mut ssh = Ssh::spawn(ssh_command(port, &key, &id.name, &[]));
-    assert!(
-        d.wait_log("audit: console session started", T * 2).await,
-        "the console did not start: {}",
-        ssh.err()
-    );
+    session_started(&d, &ssh).await;
     let out = XorShift::new(8500).bytes(6 << 20);
     // No `~` in the paste: the escape would take `~.` or `~~` after a
     // newline.
@@ -590,17 +595,12 @@ async fn bulk_both_ways_at_once_arrives_whole() {
 #[tokio::test]
 async fn a_stopped_client_is_dropped_as_a_stall() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let (key, public) = keygen(dir.path(), "stuck");
-    std::fs::write(dir.path().join("authorized_keys"), format!("{public}\n")).expect("write");
+    let key = only_key(dir.path(), "stuck");
     let (d, port) = daemon(dir.path(), &["--console-stall-timeout", "1"]).await;
     let id = Identity::numbered(8600);
     let (vm, _) = vm_up(&d, &id).await;
     let mut ssh = Ssh::spawn(ssh_command(port, &key, &id.name, &[]));
-    assert!(
-        d.wait_log("audit: console session started", T * 2).await,
-        "the console did not start: {}",
-        ssh.err()
-    );
+    session_started(&d, &ssh).await;
     let signal = |sig: &str, pid: u32| {
         let ok = Command::new("kill")
             .args([sig, &pid.to_string()])
@@ -715,11 +715,7 @@ async fn after_eof_output_flows_and_a_killed_client_frees_its_exclusive_lock() {
     let mut first = Ssh::spawn(ssh_command(port, &key, &id.name, &[]));
     // Its stdin closes at once: ssh sends EOF on the channel.
     first.stdin = None;
-    assert!(
-        d.wait_log("audit: console session started", T * 2).await,
-        "the console did not start: {}",
-        first.err()
-    );
+    session_started(&d, &first).await;
     vm.send(b"still watching").await.expect("VM output");
     assert!(
         first.wait_out("still watching", T).await,
@@ -965,8 +961,7 @@ async fn until_closed(tcp: &mut tokio::net::TcpStream, limit: Duration) -> (Vec<
 #[tokio::test]
 async fn unauthenticated_connections_are_timed_out_capped_and_counted() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let (key, public) = keygen(dir.path(), "m");
-    std::fs::write(dir.path().join("authorized_keys"), format!("{public}\n")).expect("write");
+    let key = only_key(dir.path(), "m");
     let http = free_port();
     let http_port = http.to_string();
     let (d, port) = daemon(
@@ -1059,17 +1054,12 @@ async fn unauthenticated_connections_are_timed_out_capped_and_counted() {
 #[tokio::test]
 async fn an_idle_connection_is_closed_after_the_idle_timeout() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let (key, public) = keygen(dir.path(), "idle");
-    std::fs::write(dir.path().join("authorized_keys"), format!("{public}\n")).expect("write");
+    let key = only_key(dir.path(), "idle");
     let (d, port) = daemon(dir.path(), &["--ssh-idle-timeout", "2"]).await;
     let id = Identity::numbered(8900);
     let (vm, _) = vm_up(&d, &id).await;
     let mut ssh = Ssh::spawn(ssh_command(port, &key, &id.name, &[]));
-    assert!(
-        d.wait_log("audit: console session started", T * 2).await,
-        "the console did not start: {}",
-        ssh.err()
-    );
+    session_started(&d, &ssh).await;
     let start = Instant::now();
     // Data every half second keeps it open past the timeout (the pauses
     // are the test).

@@ -22,7 +22,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use crate::common::*;
-use crate::http::{daemon, request};
+use crate::http::{daemon, logging_daemon, request};
 use futures_util::{SinkExt, StreamExt};
 use serde_json::Value as Json;
 use tokio::net::TcpStream;
@@ -129,13 +129,7 @@ fn console_path(id: &Identity, query: &str) -> String {
 #[tokio::test]
 async fn websocket_console_is_byte_exact_both_ways_and_survives_a_reconnect() {
     // Logging keeps the recent output a new console is shown first.
-    let logs = tempfile::tempdir().expect("tempdir");
-    let (d, http) = daemon(&[
-        "--backend",
-        "Logging",
-        "-l",
-        &logs.path().display().to_string(),
-    ]);
+    let (logs, d, http) = logging_daemon();
     let id = Identity::numbered(7300);
     let (vm, _) = vm_up(&d, &id).await;
     vm.send(b"before the console\r\n").await.expect("VM output");
