@@ -72,13 +72,15 @@ pub const DEFAULT_LOG_BYTES: usize = 100 * 1024;
 /// memory.
 pub const MAX_LOG_BYTES: usize = 16 << 20;
 
-/// What a token allows.
+/// What a token allows (`ro` or `rw` in the token file). Not a console's
+/// lock: a `Get` token opens consoles read-only, an `All` token with the
+/// lock asked for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Right {
-    /// GET only.
-    ReadOnly,
-    /// Everything.
-    ReadWrite,
+pub enum TokenRight {
+    /// GET only (`ro`).
+    Get,
+    /// Everything (`rw`).
+    All,
 }
 
 /// The bearer tokens of `--http-token-file`.
@@ -86,7 +88,7 @@ pub enum Right {
 pub struct Tokens {
     /// Each token, what it allows and its name for the audit lines (its
     /// `name=` or `token#N`, N its position in the file), in file order.
-    list: Vec<(String, Right, String)>,
+    list: Vec<(String, TokenRight, String)>,
 }
 
 impl std::fmt::Debug for Tokens {
@@ -128,9 +130,9 @@ impl Tokens {
                 }
             }
             let (token, right) = match words.as_slice() {
-                [t] => (*t, Right::ReadWrite),
-                [t, "rw"] => (*t, Right::ReadWrite),
-                [t, "ro"] => (*t, Right::ReadOnly),
+                [t] => (*t, TokenRight::All),
+                [t, "rw"] => (*t, TokenRight::All),
+                [t, "ro"] => (*t, TokenRight::Get),
                 [_, other] => {
                     return Err(at(format!(
                         "unknown access {other:?} (write TOKEN, TOKEN ro or TOKEN rw)"
@@ -168,12 +170,12 @@ impl Tokens {
 
     /// What `presented` allows, if it is one of the tokens. Every token is
     /// compared in full, whatever matches, so timing tells nothing.
-    pub fn check(&self, presented: &str) -> Option<Right> {
+    pub fn check(&self, presented: &str) -> Option<TokenRight> {
         self.check_named(presented).map(|(right, _)| right)
     }
 
     /// What `presented` allows and the token's name (for audit lines).
-    pub fn check_named(&self, presented: &str) -> Option<(Right, &str)> {
+    pub fn check_named(&self, presented: &str) -> Option<(TokenRight, &str)> {
         let mut found = None;
         for (token, right, name) in &self.list {
             if same_bytes(token.as_bytes(), presented.as_bytes()) && found.is_none() {
@@ -556,7 +558,7 @@ fn is_page(path: &str) -> bool {
 
 /// The token check: `/healthz` and `/static/` are open; every other route
 /// needs a token when a token file is configured, and a read-write one
-/// unless it reads. The token's [`Right`] goes to the routes as a request
+/// unless it reads. The token's [`TokenRight`] goes to the routes as a request
 /// extension (read-write when no token file is configured).
 async fn authorize(State(app): State<App>, mut req: Request, next: Next) -> Response {
     let peer = req
@@ -565,7 +567,7 @@ async fn authorize(State(app): State<App>, mut req: Request, next: Next) -> Resp
         .map(|ConnectInfo(PeerAddr(a))| *a);
     let Some(tokens) = &app.tokens else {
         req.extensions_mut().insert(Caller { peer, token: None });
-        req.extensions_mut().insert(Right::ReadWrite);
+        req.extensions_mut().insert(TokenRight::All);
         return next.run(req).await;
     };
     let path = req.uri().path();
@@ -590,7 +592,7 @@ async fn authorize(State(app): State<App>, mut req: Request, next: Next) -> Resp
     };
     match tokens.check_named(&presented) {
         None => unauthorized("the token is not valid"),
-        Some((Right::ReadOnly, _)) if !matches!(*req.method(), Method::GET | Method::HEAD) => {
+        Some((TokenRight::Get, _)) if !matches!(*req.method(), Method::GET | Method::HEAD) => {
             error(
                 StatusCode::FORBIDDEN,
                 "this token is read-only; this request needs a read-write token",
@@ -802,13 +804,13 @@ async fn console_ws(
     State(app): State<App>,
     Path(vm): Path<String>,
     Query(q): Query<ConsoleQuery>,
-    right: Option<Extension<Right>>,
+    right: Option<Extension<TokenRight>>,
     caller: Option<Extension<Caller>>,
     headers: HeaderMap,
     upgrade: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
 ) -> Response {
     // No extension only on an open route, which this is not: least right.
-    let right = right.map_or(Right::ReadOnly, |Extension(r)| r);
+    let right = right.map_or(TokenRight::Get, |Extension(r)| r);
     let caller = caller.map(|Extension(c)| c).unwrap_or_default();
     crate::doors::http::web::console(
         app.hub,
@@ -998,9 +1000,9 @@ mod tests {
     fn token_files_parse_with_rights_and_comments() {
         let text = format!("# operators\n{A}\n{B} rw   # the CI\n\n  {G} ro\r\n");
         let t = Tokens::parse(&text, "t.txt").expect("valid");
-        assert_eq!(t.check(A), Some(Right::ReadWrite));
-        assert_eq!(t.check(B), Some(Right::ReadWrite));
-        assert_eq!(t.check(G), Some(Right::ReadOnly));
+        assert_eq!(t.check(A), Some(TokenRight::All));
+        assert_eq!(t.check(B), Some(TokenRight::All));
+        assert_eq!(t.check(G), Some(TokenRight::Get));
         assert_eq!(t.check(&G[..G.len() - 1]), None);
         assert_eq!(t.check(""), None);
         assert!(!format!("{t:?}").contains(A), "tokens must not be printed");
@@ -1010,9 +1012,9 @@ mod tests {
     fn tokens_are_named_for_the_audit_lines() {
         let text = format!("{A} name=ops\n{B} ro\n{G} name=ci rw\n");
         let t = Tokens::parse(&text, "t").expect("valid");
-        assert_eq!(t.check_named(A), Some((Right::ReadWrite, "ops")));
-        assert_eq!(t.check_named(B), Some((Right::ReadOnly, "token#2")));
-        assert_eq!(t.check_named(G), Some((Right::ReadWrite, "ci")));
+        assert_eq!(t.check_named(A), Some((TokenRight::All, "ops")));
+        assert_eq!(t.check_named(B), Some((TokenRight::Get, "token#2")));
+        assert_eq!(t.check_named(G), Some((TokenRight::All, "ci")));
         let e = Tokens::parse(&format!("{A} name=\n"), "t").unwrap_err();
         assert!(e.contains("line 1") && e.contains("name="), "{e}");
     }
@@ -1040,11 +1042,11 @@ mod tests {
         let t = Tokens::parse("a#verylongsecret rw name=ops\n", "f").expect("valid");
         assert_eq!(
             t.check_named("a#verylongsecret"),
-            Some((Right::ReadWrite, "ops"))
+            Some((TokenRight::All, "ops"))
         );
         assert_eq!(t.check("a"), None);
         let t = Tokens::parse(&format!("{A}#x ro #comment\n\t# note\n#{B}\n"), "f").expect("valid");
-        assert_eq!(t.check(&format!("{A}#x")), Some(Right::ReadOnly));
+        assert_eq!(t.check(&format!("{A}#x")), Some(TokenRight::Get));
         assert_eq!(t.check(B), None, "a line starting with # is a comment");
         assert_eq!(strip_comment("tok#en  # c"), "tok#en  ");
         assert_eq!(strip_comment("# all"), "");

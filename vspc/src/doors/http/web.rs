@@ -36,7 +36,7 @@
 //! Every session is audited ([`crate::audit`]) with the browser's address
 //! and the name of the token it came with.
 
-use super::{Caller, Right};
+use super::{Caller, TokenRight};
 use crate::hub::{Access, AttachError, ConsoleProtocol, Hub, LockMode, Vm};
 use crate::net::conn::{serve_console_over_pipe, PIPE_BYTES};
 use crate::session::open::{self, Find, History, OpenError, Request};
@@ -230,7 +230,7 @@ pub fn console(
     hub: Arc<Hub>,
     what: &str,
     mode: Option<&str>,
-    (right, caller): (Right, Caller),
+    (right, caller): (TokenRight, Caller),
     headers: &HeaderMap,
     upgrade: Result<WebSocketUpgrade, axum::extract::ws::rejection::WebSocketUpgradeRejection>,
 ) -> Response {
@@ -259,14 +259,14 @@ pub fn console(
         },
     };
     let mode = match (right, asked) {
-        (Right::ReadWrite, mode) => mode,
-        (Right::ReadOnly, LockMode::Exclusive | LockMode::Write) => {
+        (TokenRight::All, mode) => mode,
+        (TokenRight::Get, LockMode::Exclusive | LockMode::Write) => {
             return api_error(
                 StatusCode::FORBIDDEN,
                 "this token is read-only; an exclusive or write lock needs a read-write token",
             )
         }
-        (Right::ReadOnly, _) => LockMode::ReadOnly,
+        (TokenRight::Get, _) => LockMode::ReadOnly,
     };
     let upgrade = match upgrade {
         Ok(u) => u,
