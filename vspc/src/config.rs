@@ -292,6 +292,40 @@ pub struct Config {
     /// before it is closed. 0 never closes it.
     #[arg(long, default_value = "0", value_name = "SECONDS", value_parser = parse_duration_or_zero)]
     pub ssh_idle_timeout: Duration,
+
+    /// Cluster mode: the Redis control plane every node of the cluster
+    /// shares, redis://[:PASSWORD@]HOST:PORT[/DB] or rediss://... Without
+    /// it vspc is a single node.
+    #[arg(long, value_name = "URL")]
+    pub cluster: Option<String>,
+
+    /// This node's name in the cluster, unique among its live nodes
+    /// (default: the host name).
+    #[arg(long, value_name = "NAME")]
+    pub node_name: Option<String>,
+
+    /// Port the node link listens on (other nodes relay consoles to it).
+    #[arg(long, default_value_t = 13373, value_name = "PORT")]
+    pub cluster_port: u16,
+
+    /// Address the node link listens on (default: --proxy-iface).
+    #[arg(long, value_name = "ADDR")]
+    pub cluster_iface: Option<IpAddr>,
+
+    /// HOST:PORT other nodes dial to reach this one (default:
+    /// --cluster-iface:--cluster-port; required when that is a wildcard).
+    #[arg(long, value_name = "HOST:PORT")]
+    pub cluster_advertise: Option<String>,
+
+    /// The secret every node of the cluster shares (mode 0600 or stricter);
+    /// required with --cluster.
+    #[arg(long, value_name = "FILE")]
+    pub cluster_secret_file: Option<PathBuf>,
+
+    /// The cluster's name: the namespace of its keys in Redis (several
+    /// clusters may share one Redis).
+    #[arg(long, default_value = "vspc", value_name = "NAME")]
+    pub cluster_name: String,
 }
 
 /// Separate vspc's own flags (and their values) from everything else, which

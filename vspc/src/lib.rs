@@ -15,6 +15,7 @@ pub mod audit;
 pub mod backend_host;
 pub mod backend_setup;
 pub mod cidr;
+pub mod cluster;
 pub mod config;
 pub mod doors;
 pub mod hub;

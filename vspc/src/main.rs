@@ -83,6 +83,7 @@ fn start(cfg: Config) -> Result<(), String> {
 
     let http = http_config(&cfg)?;
     let ssh = ssh_config(&cfg)?;
+    let cluster = cluster_settings(&cfg)?;
     server::check_exposure(
         (cfg.admin_iface, cfg.admin_port).into(),
         &vspc::cidr::AllowList::new(cfg.admin_allow.clone()),
@@ -146,7 +147,7 @@ fn start(cfg: Config) -> Result<(), String> {
         .map_err(|e| format!("cannot start the runtime: {e}"))?;
     let result = rt.block_on(async {
         let hub: Arc<Hub> = Hub::new(hub_cfg, host);
-        let result = serve(hub.clone(), server, preload).await;
+        let result = serve(hub.clone(), server, preload, cluster).await;
         hub.backend().shutdown(std::time::Duration::from_secs(5));
         result
     });
@@ -162,13 +163,17 @@ async fn serve(
     hub: Arc<Hub>,
     cfg: ServerConfig,
     preload: Vec<vspc_backend_api::VmRecord>,
+    cluster: Option<vspc::cluster::ClusterSettings>,
 ) -> Result<(), String> {
     use tokio::signal::unix::{signal, SignalKind};
     let sig = |k: SignalKind| signal(k).map_err(|e| format!("cannot install signal handler: {e}"));
     let mut term = sig(SignalKind::terminate())?;
     let mut int = sig(SignalKind::interrupt())?;
     let mut hup = sig(SignalKind::hangup())?;
-    let listeners = Listeners::bind(&cfg)?;
+    let mut listeners = Listeners::bind(&cfg)?;
+    if let Some(settings) = cluster {
+        listeners.cluster = Some(vspc::cluster::Cluster::connect(settings).await?);
+    }
     let ssh = cfg.ssh.as_ref().map(|s| s.state.clone());
     let h = hub.clone();
     let shutdown = async move {
@@ -181,6 +186,73 @@ async fn serve(
         }
     };
     server::run(hub, cfg, listeners, preload, shutdown).await
+}
+
+/// Cluster mode's settings (`--cluster`), with everything that can fail
+/// without Redis checked: the secret file and its mode, the node name, the
+/// link's address and TLS files. `None` without `--cluster`.
+fn cluster_settings(cfg: &Config) -> Result<Option<vspc::cluster::ClusterSettings>, String> {
+    let Some(url) = &cfg.cluster else {
+        return Ok(None);
+    };
+    let secret_file = cfg.cluster_secret_file.as_deref().ok_or(
+        "--cluster needs --cluster-secret-file FILE (the secret every node shares, mode 0600)",
+    )?;
+    let secret = vspc_cluster::link::Secret::from_file(secret_file)?;
+    let node = match &cfg.node_name {
+        Some(n) => n.clone(),
+        None => {
+            let h = std::fs::read_to_string("/proc/sys/kernel/hostname").map_err(|e| {
+                format!("cannot read the host name for --node-name: {e}; give --node-name")
+            })?;
+            h.trim().to_string()
+        }
+    };
+    let iface = cfg.cluster_iface.unwrap_or(cfg.proxy_iface);
+    let listen = std::net::SocketAddr::new(iface, cfg.cluster_port);
+    let advertise = match &cfg.cluster_advertise {
+        Some(a) => {
+            check_advertise(a)?;
+            a.clone()
+        }
+        None if iface.is_unspecified() => {
+            return Err(format!(
+                "the node link listens on the wildcard {iface} (--cluster-iface, or --proxy-iface by default): give --cluster-advertise HOST:PORT, the address other nodes dial to reach this one"
+            ))
+        }
+        None => listen.to_string(),
+    };
+    let tls = match &cfg.cert {
+        Some(cert) => Some(vspc_cluster::link::LinkTls::from_pem(
+            cert,
+            cfg.key.as_deref(),
+        )?),
+        None => None,
+    };
+    Ok(Some(vspc::cluster::ClusterSettings {
+        url: url.clone(),
+        name: cfg.cluster_name.clone(),
+        node,
+        listen,
+        advertise,
+        secret,
+        tls,
+        port_range_start: cfg.port_range_start,
+        vm_expire: cfg.expire(),
+        vmotion_timeout: cfg.vmotion_timeout,
+    }))
+}
+
+/// `--cluster-advertise` is HOST:PORT with a port that is not 0.
+fn check_advertise(a: &str) -> Result<(), String> {
+    let bad =
+        || format!("--cluster-advertise {a:?} is not HOST:PORT (e.g. vspc-2.example.com:13373)");
+    let (host, port) = a.rsplit_once(':').ok_or_else(bad)?;
+    let port: u16 = port.parse().map_err(|_| bad())?;
+    if host.is_empty() || port == 0 {
+        return Err(bad());
+    }
+    Ok(())
 }
 
 /// The HTTP listener's settings, with everything that can fail checked

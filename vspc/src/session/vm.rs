@@ -8,7 +8,7 @@
 //! DO-PROXY (§4.2).
 
 use super::{Flow, Session, WaitFuture};
-use crate::hub::{Attached, Begin, Fanout, Hub, Identity, Vm};
+use crate::hub::{Attached, Begin, Fanout, HookFuture, Hub, Identity, Vm};
 use crate::vmware::{Msg, VmUuid, PROXY_KNOWN_SUBOPTIONS};
 use crate::wire::{opt, Change, Decoder, Event, Negotiator, OptionSet, Verb};
 use bytes::Bytes;
@@ -103,6 +103,15 @@ pub struct VmSession {
     /// Counted among the hub's unidentified connections
     /// ([`Hub::unidentified`]) until identified or closed.
     unidentified: bool,
+    /// Cluster mode: the port claim this connection waits for before it
+    /// attaches (reading pauses meanwhile).
+    claiming: Option<Box<Claiming>>,
+}
+
+/// A cluster port claim under way.
+struct Claiming {
+    id: Identity,
+    port: HookFuture<Result<u16, String>>,
 }
 
 /// Output of `vm` waits in its backlog; `wait` delivers it.
@@ -137,6 +146,7 @@ impl VmSession {
             output: Vec::new(),
             pace: None,
             unidentified: true,
+            claiming: None,
         };
         s.hub.unidentified_opened();
         // The capture's opening: WILL BINARY, SGA, ECHO; DO BINARY, SGA, 232.
@@ -431,7 +441,7 @@ impl VmSession {
     }
 
     fn try_identify(&mut self, now: Instant) {
-        if !matches!(self.link, Link::Handshake) {
+        if !matches!(self.link, Link::Handshake) || self.claiming.is_some() {
             return;
         }
         let (Some(uri), Some(uuid)) = (&self.proxy_uri, &self.uuid) else {
@@ -455,7 +465,16 @@ impl VmSession {
             }
         };
         self.name_deadline = None;
-        match self.hub.attach_vm(&id, self.peer.clone()) {
+        if let Some(port) = self.hub.cluster_claim(&id) {
+            self.claiming = Some(Box::new(Claiming { id, port }));
+            return;
+        }
+        self.attach(id, None);
+    }
+
+    /// Attach as `id` (on `port` in cluster mode).
+    fn attach(&mut self, id: Identity, port: Option<u16>) {
+        match self.hub.attach_vm_at(&id, self.peer.clone(), port) {
             Ok(vm) => {
                 // Output an earlier connection left in the backlog is this
                 // one's to see delivered.
@@ -592,6 +611,23 @@ impl Session for VmSession {
     /// [`crate::hub::VM_HOLD`], so its control messages are still seen
     /// while its consoles hold its output back.
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<()> {
+        if let Some(c) = self.claiming.as_mut() {
+            let Poll::Ready(got) = c.port.as_mut().poll(cx) else {
+                return Poll::Pending;
+            };
+            if let Some(c) = self.claiming.take() {
+                match got {
+                    Ok(port) => self.attach(c.id, Some(port)),
+                    Err(e) => {
+                        tracing::error!(vm = %c.id.name, error = %e, "cannot serve VM; closing its connection");
+                        self.closing = true;
+                    }
+                }
+            }
+            if let Flow::Close = self.finish() {
+                self.peer.outbox.close(None);
+            }
+        }
         if let Some(p) = self.pace.as_mut() {
             if p.wait.as_mut().poll(cx).is_ready() {
                 self.pace = None;

@@ -310,6 +310,22 @@ fn stats(hub: &Hub) -> Value {
 /// A listing row with what the hub knows beyond the record.
 fn row(hub: &Hub, r: &VmRecord) -> Value {
     let vm = hub.find(&r.uuid);
+    if vm.is_none() {
+        // Cluster mode: a VM another node holds.
+        if let Some(remote) = hub
+            .cluster()
+            .and_then(|c| c.remote_vms().into_iter().find(|v| v.record.uuid == r.uuid))
+        {
+            return json!({
+                "name": r.name,
+                "uuid": r.uuid,
+                "port": r.port,
+                "vm_connected": remote.connected,
+                "consoles": 0,
+                "node": remote.node,
+            });
+        }
+    }
     json!({
         "name": r.name,
         "uuid": r.uuid,

@@ -1,0 +1,330 @@
+//! Cluster mode (`--cluster`): three daemons on 127.0.0.1, 127.0.0.2 and
+//! 127.0.0.3, each with the same proxy, admin, console and link port
+//! numbers bound to its own address, and a real `redis-server` per test
+//! (killed when the test ends, a failing one included).
+
+use crate::common::redis::Redis;
+use crate::common::sim::{Identity, Received, SimConsole, SimVm};
+use crate::common::*;
+use std::net::SocketAddr;
+
+/// One cluster of `n` nodes and its Redis.
+struct Nodes {
+    /// Stopped when the test ends.
+    redis: Redis,
+    nodes: Vec<Daemon>,
+    /// The secret file's directory (removed at the end).
+    _dir: tempfile::TempDir,
+    args: Vec<String>,
+    ports: (u16, u16, u16, u16),
+}
+
+fn node_ip(i: usize) -> String {
+    format!("127.0.0.{}", i + 1)
+}
+
+impl Nodes {
+    /// `n` nodes named node1.. on 127.0.0.1.., in one cluster.
+    fn start(n: usize, extra: &[&str]) -> Nodes {
+        let redis = Redis::start();
+        let dir = tempfile::tempdir().expect("temp dir");
+        let secret = dir.path().join("secret");
+        std::fs::write(&secret, "a cluster secret for the tests\n").expect("secret");
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&secret, std::fs::Permissions::from_mode(0o600)).expect("chmod");
+        let ports = (free_port(), free_port(), free_range(16), free_port());
+        let cluster_name = format!("t{}", crate::common::redis::random_u32());
+        let mut args: Vec<String> = vec![
+            "--cluster".into(),
+            redis.url(),
+            "--cluster-name".into(),
+            cluster_name,
+            "--cluster-secret-file".into(),
+            secret.display().to_string(),
+            "--cluster-port".into(),
+            ports.3.to_string(),
+        ];
+        args.extend(extra.iter().map(|s| s.to_string()));
+        let mut c = Nodes {
+            redis,
+            nodes: Vec::new(),
+            _dir: dir,
+            args,
+            ports,
+        };
+        for i in 0..n {
+            let d = c.start_node(i);
+            c.nodes.push(d);
+        }
+        c
+    }
+
+    fn builder(&self, i: usize) -> DaemonBuilder {
+        let ip = node_ip(i);
+        let name = format!("node{}", i + 1);
+        let mut args: Vec<&str> = self.args.iter().map(String::as_str).collect();
+        args.extend(["--node-name", &name, "--http-iface", &ip]);
+        Daemon::builder()
+            .proxy_iface(&ip)
+            .local_iface(&ip)
+            .proxy_port(self.ports.0)
+            .admin_port(self.ports.1)
+            .range_start(self.ports.2)
+            .args(&args)
+    }
+
+    fn start_node(&self, i: usize) -> Daemon {
+        self.builder(i).start()
+    }
+
+    fn node(&self, i: usize) -> &Daemon {
+        &self.nodes[i]
+    }
+
+    /// Wait until every node lists `name` on port `port`.
+    async fn listed_everywhere(&self, name: &str, port: u16) {
+        for (i, d) in self.nodes.iter().enumerate() {
+            let admin = d.admin;
+            wait_for(
+                T,
+                &format!("node {} lists {name} on port {port}", i + 1),
+                async || {
+                    let rows = list_vms(admin).await;
+                    match rows.iter().find(|r| r.0 == name) {
+                        Some((_, _, Some(p))) if *p == port => Ok(()),
+                        other => Err(format!("its row is {other:?}")),
+                    }
+                },
+            )
+            .await;
+        }
+    }
+}
+
+/// The console port `port` on node `i`.
+fn console_at(i: usize, port: u16) -> SocketAddr {
+    SocketAddr::new(node_ip(i).parse().expect("ip"), port)
+}
+
+/// A telnet console on `addr`, negotiated and in step with `vm`.
+async fn console_on(vm: &SimVm, addr: SocketAddr) -> SimConsole {
+    let c = SimConsole::connect(addr)
+        .await
+        .unwrap_or_else(|e| panic!("console on {addr}: {e}"));
+    sync_console(vm, &c).await;
+    c
+}
+
+/// Every byte value both ways between `vm` and `c`.
+async fn bytes_both_ways(vm: &SimVm, c: &SimConsole) {
+    let out = all_bytes(4);
+    vm.send(&out).await.expect("VM send");
+    assert_eq!(c.read_exact_data(out.len(), T).await.expect("output"), out);
+    let input = all_bytes(3);
+    c.send(&input).await.expect("console send");
+    assert_eq!(
+        vm.read_exact_data(input.len(), T).await.expect("input"),
+        input
+    );
+}
+
+/// `GET path` on a node's HTTP port, as JSON.
+async fn http_json(addr: SocketAddr, path: &str) -> serde_json::Value {
+    let r = crate::http::get(addr, path).await;
+    let text = r.text();
+    serde_json::from_str(&text).unwrap_or_else(|e| panic!("not JSON ({e}): {text}"))
+}
+
+#[tokio::test]
+async fn every_node_lists_every_vm_and_relays_consoles_byte_exact() {
+    let http = free_port();
+    let http_s = http.to_string();
+    let c = Nodes::start(3, &["--http-port", &http_s]);
+    let id = Identity::numbered(1901);
+    let vm = SimVm::connect(c.node(0).proxy, &id)
+        .await
+        .expect("VM connects");
+    let (_, port) = wait_for_vm(c.node(0).admin, &id.name, T).await;
+    c.listed_everywhere(&id.name, port).await;
+
+    // The HTTP listing of node 3 names node 1; /api/v1/cluster has all.
+    let h3 = SocketAddr::new(node_ip(2).parse().unwrap(), http);
+    wait_for(T, "node 3's HTTP listing names node1", async || {
+        let v = http_json(h3, "/api/v1/vms").await;
+        let row = v["vms"]
+            .as_array()
+            .and_then(|a| a.iter().find(|r| r["name"] == id.name.as_str()).cloned());
+        match row {
+            Some(r) if r["node"] == "node1" && r["port"] == port => Ok(()),
+            other => Err(format!("row {other:?}")),
+        }
+    })
+    .await;
+    wait_for(
+        T,
+        "node 2's /api/v1/cluster lists three nodes",
+        async || {
+            let h2 = SocketAddr::new(node_ip(1).parse().unwrap(), http);
+            let v = http_json(h2, "/api/v1/cluster").await;
+            let n = v["nodes"]
+                .as_array()
+                .map_or(0, |a| a.iter().filter(|n| n["alive"] == true).count());
+            if n == 3 {
+                Ok(())
+            } else {
+                Err(format!("{v}"))
+            }
+        },
+    )
+    .await;
+
+    // A console on node 2 (relayed to node 1) and one on node 1 itself.
+    let far = console_on(&vm, console_at(1, port)).await;
+    let near = console_on(&vm, console_at(0, port)).await;
+    wait_consoles(c.node(0), &id.name, 2).await;
+    bytes_both_ways(&vm, &far).await;
+    let out = b"to both\r\n".to_vec();
+    vm.send(&out).await.unwrap();
+    assert_eq!(
+        near.read_exact_data(out.len() + all_bytes(4).len(), T)
+            .await
+            .unwrap()[all_bytes(4).len()..],
+        out[..]
+    );
+    assert_eq!(far.read_exact_data(out.len(), T).await.unwrap(), out);
+    assert!(
+        vm.recv_data(SHORT).await.is_empty(),
+        "extra bytes to the VM"
+    );
+    let odd: Vec<_> = far
+        .events()
+        .into_iter()
+        .filter(|e| !matches!(e, Received::Negotiate(..)))
+        .collect();
+    assert!(
+        odd.is_empty(),
+        "relayed console got commands: {}",
+        describe_all(&odd)
+    );
+
+    // The metrics of node 2 count the link's bytes.
+    let h2 = SocketAddr::new(node_ip(1).parse().unwrap(), http);
+    let m = crate::http::get(h2, "/metrics").await.text();
+    assert!(m.contains("vspc_cluster_nodes 3"), "{m}");
+    assert!(m.contains("vspc_cluster_redis_up 1"), "{m}");
+}
+
+#[tokio::test]
+async fn sixty_vms_joining_three_nodes_at_once_get_sixty_ports() {
+    let c = Nodes::start(3, &[]);
+    let mut joins = Vec::new();
+    for k in 0..60u32 {
+        let proxy = c.node(k as usize % 3).proxy;
+        joins.push(tokio::spawn(async move {
+            let id = Identity::numbered(19_100 + k);
+            let vm = SimVm::connect(proxy, &id).await.expect("VM connects");
+            vm.wait_ready().await.expect("ready");
+            (id, vm)
+        }));
+    }
+    let mut vms = Vec::new();
+    for j in joins {
+        vms.push(j.await.expect("join"));
+    }
+    for (i, d) in c.nodes.iter().enumerate() {
+        let admin = d.admin;
+        let rows = wait_for(T * 2, &format!("node {} lists 60 VMs", i + 1), async || {
+            let rows = list_vms(admin).await;
+            if rows.len() == 60 && rows.iter().all(|r| r.2.is_some()) {
+                Ok(rows)
+            } else {
+                Err(format!("{} rows", rows.len()))
+            }
+        })
+        .await;
+        let ports: std::collections::BTreeSet<u16> = rows.iter().filter_map(|r| r.2).collect();
+        assert_eq!(
+            ports.len(),
+            60,
+            "60 distinct ports on node {}: {rows:?}",
+            i + 1
+        );
+    }
+    drop(vms);
+}
+
+#[tokio::test]
+async fn a_second_node_with_a_taken_name_is_refused() {
+    let c = Nodes::start(1, &[]);
+    // Node 2's address, node 1's name.
+    let mut args: Vec<String> = c.args.clone();
+    for (k, v) in [
+        ("--node-name", "node1".to_string()),
+        ("--proxy-iface", "127.0.0.2".into()),
+        ("--admin-iface", "127.0.0.2".into()),
+        ("--interface", "127.0.0.2".into()),
+        ("--http-iface", "127.0.0.2".into()),
+        ("--proxy-port", free_port().to_string()),
+        ("--admin-port", free_port().to_string()),
+    ] {
+        args.push(k.into());
+        args.push(v);
+    }
+    let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+    let exit = run_to_exit(&refs, T);
+    assert!(exit.status.is_some_and(|s| !s.success()), "{}", log(&exit));
+    assert!(
+        log(&exit).contains("is held by a live node"),
+        "{}",
+        log(&exit)
+    );
+}
+
+/// What a daemon that stopped said.
+fn log(e: &Exit) -> String {
+    format!("{}{}", e.stdout, e.stderr)
+}
+
+#[tokio::test]
+async fn start_up_errors_are_clear() {
+    let dir = tempfile::tempdir().unwrap();
+    let secret = dir.path().join("secret");
+    std::fs::write(&secret, "s3cret-s3cret-s3cret").unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&secret, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let s = secret.display().to_string();
+    let dead = format!("redis://127.0.0.1:{}", free_port());
+    let exit = run_to_exit(&["--cluster", &dead], T);
+    assert!(
+        log(&exit).contains("--cluster-secret-file"),
+        "{}",
+        log(&exit)
+    );
+    let exit = run_to_exit(&["--cluster", &dead, "--cluster-secret-file", &s], T);
+    assert!(log(&exit).contains("chmod 600"), "{}", log(&exit));
+    std::fs::set_permissions(&secret, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let exit = run_to_exit(&["--cluster", &dead, "--cluster-secret-file", &s], T);
+    assert!(
+        log(&exit).contains("--cluster-advertise"),
+        "wildcard proxy iface: {}",
+        log(&exit)
+    );
+    let exit = run_to_exit(
+        &[
+            "--cluster",
+            &dead,
+            "--cluster-secret-file",
+            &s,
+            "--cluster-iface",
+            "127.0.0.1",
+            "--admin-port",
+            &free_port().to_string(),
+            "--proxy-port",
+            &free_port().to_string(),
+            "--no-http",
+        ],
+        T,
+    );
+    assert!(log(&exit).contains("cannot reach Redis"), "{}", log(&exit));
+    assert!(exit.status.is_some_and(|s| !s.success()));
+}
