@@ -4,7 +4,7 @@
 //! (killed when the test ends, a failing one included).
 
 use crate::common::redis::Redis;
-use crate::common::sim::{Identity, Received, SimConsole, SimVm};
+use crate::common::sim::{Identity, Received, SimConsole, SimVm, VmotionReply};
 use crate::common::*;
 use std::net::SocketAddr;
 
@@ -327,4 +327,137 @@ async fn start_up_errors_are_clear() {
     );
     assert!(log(&exit).contains("cannot reach Redis"), "{}", log(&exit));
     assert!(exit.status.is_some_and(|s| !s.success()));
+}
+
+/// BEGIN `seq` on `vm` and insist on GOAHEAD; returns the cookie.
+async fn goahead(vm: &SimVm, seq: &[u8]) -> Vec<u8> {
+    match vm.begin_vmotion(seq).await {
+        Ok(VmotionReply::GoAhead { cookie }) => cookie,
+        other => panic!("BEGIN {seq:02x?}: wanted GOAHEAD, got {other:?}"),
+    }
+}
+
+/// Wait until node `i` lists `name` as its own (the native listing has no
+/// `node` field for local VMs) with `n` consoles.
+async fn held_with_consoles(c: &Nodes, i: usize, name: &str, n: usize) {
+    let admin = c.node(i).admin;
+    wait_for(
+        T * 2,
+        &format!("node {} holds {name} with {n} consoles", i + 1),
+        async || {
+            let row = native_vm(admin, name).await;
+            match &row {
+                Some(r) if r.get("node").is_none() && r["consoles"] == n => Ok(()),
+                _ => Err(format!("its row is {row:?}")),
+            }
+        },
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn vmotion_from_node_1_to_node_2_keeps_consoles_on_node_3_and_node_1() {
+    let c = Nodes::start(3, &[]);
+    let id = Identity::numbered(1902);
+    let src = SimVm::connect(c.node(0).proxy, &id)
+        .await
+        .expect("VM connects");
+    let (_, port) = wait_for_vm(c.node(0).admin, &id.name, T).await;
+    c.listed_everywhere(&id.name, port).await;
+    let near = console_on(&src, console_at(0, port)).await;
+    let far = console_on(&src, console_at(2, port)).await;
+    src.send(b"before-").await.unwrap();
+
+    let seq = [0x19, 0x02, 0x33, 0x44];
+    let cookie = goahead(&src, &seq).await;
+    // Input typed between GOAHEAD and COMPLETE waits for the destination.
+    far.send(b"held-input").await.unwrap();
+    assert!(
+        src.recv_data(SHORT).await.is_empty(),
+        "input reached the source"
+    );
+
+    // The destination connects to node 2, which finds the ticket.
+    let dst = SimVm::connect_destination(c.node(1).proxy, &id, &cookie)
+        .await
+        .expect("PEER-OK from node 2");
+    assert_eq!(dst.peer_ok().as_deref(), Some(&seq[..]));
+    dst.complete(&seq).await.unwrap();
+    assert_eq!(dst.read_exact_data(10, T).await.unwrap(), b"held-input");
+    src.wait_closed(T).await.expect("node 1 closes the source");
+
+    // Both consoles followed the VM to node 2, on the same port.
+    held_with_consoles(&c, 1, &id.name, 2).await;
+    c.listed_everywhere(&id.name, port).await;
+    dst.send(b"after").await.unwrap();
+    assert_eq!(near.read_exact_data(12, T).await.unwrap(), b"before-after");
+    assert_eq!(far.read_exact_data(12, T).await.unwrap(), b"before-after");
+    near.send(b"from-1").await.unwrap();
+    assert_eq!(dst.read_exact_data(6, T).await.unwrap(), b"from-1");
+    bytes_both_ways(&dst, &far).await;
+    assert!(near.closed().is_none() && far.closed().is_none());
+}
+
+#[tokio::test]
+async fn kill_9_of_node_1_and_the_vm_reconnecting_to_node_2_keeps_its_port() {
+    let mut c = Nodes::start(3, &[]);
+    let id = Identity::numbered(1903);
+    let vm = SimVm::connect(c.node(0).proxy, &id)
+        .await
+        .expect("VM connects");
+    let (_, port) = wait_for_vm(c.node(0).admin, &id.name, T).await;
+    c.listed_everywhere(&id.name, port).await;
+    let far = console_on(&vm, console_at(2, port)).await;
+
+    c.nodes[0].kill9();
+    vm.wait_closed(T)
+        .await
+        .expect("the VM's connection died with node 1");
+    let vm2 = SimVm::connect(c.node(1).proxy, &id)
+        .await
+        .expect("VM reconnects to node 2");
+    let (_, port2) = wait_for_vm(c.node(1).admin, &id.name, T).await;
+    assert_eq!(port2, port, "same port on node 2");
+    // The console on node 3 follows the VM to node 2.
+    held_with_consoles(&c, 1, &id.name, 1).await;
+    bytes_both_ways(&vm2, &far).await;
+}
+
+#[tokio::test]
+async fn redis_stopped_and_restarted_empty_with_consoles_flowing() {
+    let mut c = Nodes::start(3, &[]);
+    let a = Identity::numbered(1904);
+    let vm_a = SimVm::connect(c.node(0).proxy, &a)
+        .await
+        .expect("VM a connects");
+    let (_, port_a) = wait_for_vm(c.node(0).admin, &a.name, T).await;
+    c.listed_everywhere(&a.name, port_a).await;
+    let far = console_on(&vm_a, console_at(1, port_a)).await;
+
+    c.redis.kill();
+    // Nothing connected depends on Redis.
+    bytes_both_ways(&vm_a, &far).await;
+    // A VM connecting meanwhile is served where it connects.
+    let b = Identity::numbered(1905);
+    let vm_b = SimVm::connect(c.node(2).proxy, &b)
+        .await
+        .expect("VM b connects");
+    let (_, port_b) = wait_for_vm(c.node(2).admin, &b.name, T).await;
+    assert_ne!(port_a, port_b);
+    let near_b = console_on(&vm_b, console_at(2, port_b)).await;
+
+    c.redis.restart_empty();
+    let restarted = std::time::Instant::now();
+    c.listed_everywhere(&a.name, port_a).await;
+    c.listed_everywhere(&b.name, port_b).await;
+    let took = restarted.elapsed();
+    assert!(
+        took < std::time::Duration::from_secs(8),
+        "listings whole after {took:?}"
+    );
+    bytes_both_ways(&vm_a, &far).await;
+    bytes_both_ways(&vm_b, &near_b).await;
+    // And b's console now works from node 1 too.
+    let from_1 = console_on(&vm_b, console_at(0, port_b)).await;
+    bytes_both_ways(&vm_b, &from_1).await;
 }

@@ -22,7 +22,7 @@
 
 use crate::hub::{
     Access, AttachError, ClusterHooks, ConsoleProtocol, HookFuture, Hub, ListenerGuard, LockMode,
-    PortOpener, RemoteVm, Vm,
+    PortOpener, RemotePeer, RemoteVm, Vm,
 };
 use crate::metrics::Door;
 use crate::net::acceptor::{self, Acceptor, Registration};
@@ -40,10 +40,16 @@ use tokio::net::TcpStream;
 use tokio::sync::{mpsc, Notify};
 use vspc_backend_api::VmRecord;
 use vspc_cluster::link::{
-    Directory, Incoming, IncomingOpen, Link, LinkConfig, LinkTls, OpenRequest, Protocol, Recv,
-    Secret, Stream,
+    Directory, Incoming, IncomingHandoff, IncomingOpen, Link, LinkConfig, LinkTls, OpenRequest,
+    Protocol, Recv, Secret, Stream,
 };
-use vspc_cluster::registry::{Event, HeldVm, NodeEntry, Registry, RegistryConfig, VmEntry};
+use vspc_cluster::registry::{
+    Event, HeldVm, NodeEntry, Registry, RegistryConfig, TakeTicket, VmEntry,
+};
+
+/// How long a vMotion destination waits for the source's ticket to show
+/// in Redis (the source stores it as it answers GOAHEAD).
+const TICKET_WAIT: Duration = Duration::from_secs(3);
 
 /// The reason a holding node gives when it ends a console because its VM
 /// moved to another node: the console's own node re-opens it there.
@@ -276,7 +282,7 @@ impl Cluster {
         lock(&self.held).remove(uuid);
         self.mark_moved(uuid);
         if let Some(hub) = self.hub() {
-            if hub.let_go(uuid, &format!("the VM connected to node {by}")) {
+            if hub.let_go(uuid, &format!("the VM connected to node {by}"), true) {
                 self.counters.taken.fetch_add(1, Ordering::Relaxed);
                 tracing::info!(uuid, node = %by, "VM taken by another node (the newest connection wins); closed its connection here");
             }
@@ -294,6 +300,7 @@ impl Cluster {
             hub.let_go(
                 uuid,
                 &format!("the VM's console port moved from {from} to {to} (a cluster conflict was settled); connect to port {to}"),
+                false,
             );
         }
         tracing::warn!(
@@ -439,7 +446,12 @@ impl Cluster {
         let mut carry: Option<Bytes> = None;
         let mut holder = self.holder_of_port(&hub, port);
         let mut uuid: Option<String> = None;
+        let mut last_node: Option<String> = None;
         let mut moves = 0;
+        // How the client was served, for the session that takes it over
+        // when its VM moves (see `ConsoleSession::resume_token`).
+        let mut resume: Option<String> = None;
+        let mut first: Option<u8> = None;
         loop {
             let ended = match holder {
                 Holder::Nobody => {
@@ -452,7 +464,10 @@ impl Cluster {
                 }
                 Holder::Here(vm) => {
                     uuid = Some(vm.uuid.clone());
-                    match self.open_here(&hub, &vm, None, client).await {
+                    match self
+                        .open_here(&hub, &vm, None, client, resume.as_deref())
+                        .await
+                    {
                         Err(msg) => {
                             let _ = wr.write_all(msg.as_bytes()).await;
                             break;
@@ -460,10 +475,14 @@ impl Cluster {
                         Ok(mut session) => {
                             let mut end = Ended::Client;
                             serve_console_over_pipe(&mut session, |pipe| async {
-                                end = pump_pipe(&mut rd, &mut wr, pipe, &mut carry).await;
+                                end =
+                                    pump_pipe(&mut rd, &mut wr, pipe, &mut carry, &mut first).await;
                             })
                             .await;
-                            end
+                            match end {
+                                Ended::Moved(_) => Ended::Moved(session.resume_token()),
+                                e => e,
+                            }
                         }
                     }
                 }
@@ -473,9 +492,14 @@ impl Cluster {
                     name,
                 } => {
                     uuid = Some(u.clone());
+                    last_node = Some(node.clone());
+                    let mode = match &resume {
+                        Some(t) => format!("free_for_all_or_readonly;resume={t}"),
+                        None => "free_for_all_or_readonly".into(),
+                    };
                     let req = OpenRequest {
                         uuid: u.clone(),
-                        mode: "free_for_all_or_readonly".into(),
+                        mode,
                         protocol: to_link(hub.config().console_protocol),
                         client: client.map(|a| a.to_string()).unwrap_or_default(),
                     };
@@ -483,12 +507,12 @@ impl Cluster {
                         Ok(stream) => {
                             self.counters.relayed.fetch_add(1, Ordering::Relaxed);
                             tracing::info!(vm = %name, node = %node, "console relayed to the node holding its VM");
-                            pump_link(&mut rd, &mut wr, stream, &mut carry).await
+                            pump_link(&mut rd, &mut wr, stream, &mut carry, &mut first).await
                         }
                         Err(vspc_cluster::link::LinkError::Refused { reason, .. })
                             if reason == MOVED || reason.contains("not held") =>
                         {
-                            Ended::Moved
+                            Ended::Moved(String::new())
                         }
                         Err(e) => {
                             self.counters.relay_failed.fetch_add(1, Ordering::Relaxed);
@@ -509,27 +533,55 @@ impl Cluster {
             };
             match ended {
                 Ended::Client | Ended::Closed => break,
-                Ended::Moved => {
+                Ended::Moved(_) | Ended::Lost => {
                     moves += 1;
                     let Some(u) = uuid.clone() else { break };
                     if moves > MAX_MOVES {
                         break;
                     }
+                    // The state the last session gave, else a guess from
+                    // what the client sent first (IAC: telnet, in binary
+                    // as this daemon's clients agree to).
+                    resume = match &ended {
+                        Ended::Moved(t) if !t.is_empty() => Some(t.clone()),
+                        _ => match first {
+                            Some(crate::wire::IAC) => Some("telnet-11".into()),
+                            Some(_) => Some("raw".into()),
+                            None => resume.take(),
+                        },
+                    };
+                    let old = matches!(ended, Ended::Lost)
+                        .then(|| last_node.clone())
+                        .flatten();
+                    holder = self.wait_new_holder(&hub, &u, old.as_deref()).await;
+                    if matches!(holder, Holder::Nobody) {
+                        let msg = format!("\r\nvspc: lost the node holding VM {u}; it did not come back on another node.\r\n");
+                        let _ = wr.write_all(msg.as_bytes()).await;
+                        break;
+                    }
                     self.counters.followed.fetch_add(1, Ordering::Relaxed);
-                    holder = self.wait_new_holder(&hub, &u).await;
                 }
             }
         }
         let _ = wr.shutdown().await;
     }
 
-    /// After a move: the VM's holder, once Redis names one that serves it.
-    async fn wait_new_holder(&self, hub: &Hub, uuid: &str) -> Holder {
+    /// After a move: the VM's holder, once Redis names one that serves it
+    /// (and is not `not`, the node whose link was lost).
+    async fn wait_new_holder(&self, hub: &Hub, uuid: &str, not: Option<&str>) -> Holder {
         let deadline = Instant::now() + MOVE_WAIT;
         loop {
-            match self.holder_of_uuid(hub, uuid).await {
-                Holder::Nobody if Instant::now() < deadline => {}
-                h => return h,
+            let h = self.holder_of_uuid(hub, uuid).await;
+            let stale = match &h {
+                Holder::Nobody => true,
+                Holder::Node { node, .. } => Some(node.as_str()) == not,
+                Holder::Here(_) => false,
+            };
+            if !stale {
+                return h;
+            }
+            if Instant::now() >= deadline {
+                return Holder::Nobody;
             }
             tokio::time::sleep(Duration::from_millis(25)).await;
         }
@@ -543,13 +595,19 @@ impl Cluster {
         vm: &Arc<Vm>,
         protocol: Option<ConsoleProtocol>,
         client: Option<SocketAddr>,
+        resume: Option<&str>,
     ) -> Result<crate::session::console::ConsoleSession, String> {
-        let protocol = protocol.unwrap_or(hub.config().console_protocol);
+        let resume = resume.filter(|t| !t.is_empty());
+        let protocol = match resume {
+            // Told apart already: the token says how.
+            Some(_) => ConsoleProtocol::Auto,
+            None => protocol.unwrap_or(hub.config().console_protocol),
+        };
         let request = Request {
             vm: Find::Vm(vm.clone()),
             mode: LockMode::FreeForAllOrReadOnly,
             protocol,
-            history: if hub.config().console_replay {
+            history: if hub.config().console_replay && resume.is_none() {
                 History::TelnetOnly
             } else {
                 History::None
@@ -560,7 +618,10 @@ impl Cluster {
         };
         match open::open(hub, request).await {
             Ok(opened) => {
-                let session = opened.session;
+                let mut session = opened.session;
+                if let Some(t) = resume {
+                    session.resume(t);
+                }
                 if session.access() == Access::ReadOnly {
                     session.tell(
                         "vspc: someone holds a write lock on this VM; this console is read-only.\r\n",
@@ -589,9 +650,7 @@ impl Cluster {
                     tokio::spawn(me.serve_open(o));
                 }
                 Incoming::Handoff(h) => {
-                    h.done(Err(
-                        "cross-node hand-offs are not served by this node".into()
-                    ));
+                    tokio::spawn(me.serve_handoff(h));
                 }
                 Incoming::Log(l) => {
                     tokio::spawn(async move {
@@ -620,7 +679,17 @@ impl Cluster {
         };
         let client: Option<SocketAddr> = o.request.client.parse().ok();
         let protocol = from_link(o.request.protocol);
-        let mut session = match self.open_here(&hub, &vm, Some(protocol), client).await {
+        // `MODE;resume=TOKEN`: a console following its VM here.
+        let resume = o
+            .request
+            .mode
+            .split(';')
+            .find_map(|p| p.strip_prefix("resume="))
+            .map(str::to_string);
+        let mut session = match self
+            .open_here(&hub, &vm, Some(protocol), client, resume.as_deref())
+            .await
+        {
             Ok(s) => s,
             Err(msg) => {
                 o.refuse(msg.trim_start_matches("vspc: ").trim_end_matches(".\r\n"));
@@ -638,11 +707,60 @@ impl Cluster {
             }
         };
         tracing::info!(vm = %vm.name(), node = %from, "console relayed from another node");
-        let me = self.clone();
-        serve_console_over_pipe(&mut session, |pipe| async move {
-            pump_far(pipe, stream, &me, &uuid).await;
-        })
-        .await;
+        let (reader, writer) = stream.split();
+        serve_console_over_pipe(&mut session, |pipe| pump_far(pipe, reader, &writer)).await;
+        if self.was_moved(&uuid) {
+            writer.close(&format!("{MOVED}:{}", session.resume_token()));
+        } else {
+            let _ = writer.shutdown().await;
+            writer.close("the console ended");
+        }
+    }
+
+    /// A hand-off from another node: either it took one of this node's
+    /// VMs over (a vMotion to it: a newer epoch), and this node lets go and
+    /// sends it the console input it held; or it is that input, for a VM
+    /// this node took over (the epoch this node holds it at).
+    async fn serve_handoff(self: Arc<Self>, h: IncomingHandoff) {
+        let Some(hub) = self.hub() else {
+            h.done(Err("the node is stopping".into()));
+            return;
+        };
+        let ours = lock(&self.held).get(&h.uuid).map(|v| v.epoch);
+        if ours == Some(h.epoch) {
+            if !h.input.is_empty() && !hub.deliver_held_input(&h.uuid, h.input.clone()) {
+                tracing::warn!(uuid = %h.uuid, bytes = h.input.len(), "vMotion: console input held by the source could not be delivered (the VM's connection is gone)");
+            }
+            h.done(Ok(()));
+            return;
+        }
+        if ours.is_some_and(|e| e > h.epoch) {
+            let why = format!("node {} holds VM {} at a newer epoch", self.node, h.uuid);
+            h.done(Err(why));
+            return;
+        }
+        let input = hub.take_held_input(&h.uuid);
+        lock(&self.held).remove(&h.uuid);
+        self.mark_moved(&h.uuid);
+        hub.let_go(
+            &h.uuid,
+            &format!("the VM moved to node {} (vMotion)", h.from),
+            true,
+        );
+        tracing::info!(uuid = %h.uuid, node = %h.from, held = input.len(), "vMotion to another node complete; its consoles follow the VM");
+        let result = if input.is_empty() {
+            Ok(())
+        } else {
+            self.link
+                .handoff(&h.from, &h.uuid, h.epoch, Bytes::from(input))
+                .await
+                .map_err(|e| e.to_string())
+        };
+        if let Err(e) = &result {
+            tracing::warn!(uuid = %h.uuid, error = %e, "vMotion: the console input held here did not reach the new node");
+        }
+        h.done(result);
+        self.refresh.notify_one();
     }
 
     /// The recent output of a VM this node holds.
@@ -686,14 +804,18 @@ impl Cluster {
 }
 
 /// What ended a console's connection to its serving side.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 enum Ended {
     /// The client went.
     Client,
     /// The serving side ended it (cleared, stalled, refused input).
     Closed,
-    /// Its VM moved to another node: open it there.
-    Moved,
+    /// Its VM moved to another node: open it there (resuming the state
+    /// the ended session gave, if any).
+    Moved(String),
+    /// The link to the VM's node was lost: follow the VM if it shows up
+    /// on another node soon.
+    Lost,
 }
 
 /// Client socket <-> a local console session's pipe, until either ends.
@@ -703,6 +825,7 @@ async fn pump_pipe<R, W>(
     wr: &mut W,
     pipe: tokio::io::DuplexStream,
     carry: &mut Option<Bytes>,
+    first: &mut Option<u8>,
 ) -> Ended
 where
     R: AsyncRead + Unpin,
@@ -720,7 +843,10 @@ where
                         let _ = to_console.shutdown().await;
                         return true;
                     }
-                    Ok(n) => Bytes::copy_from_slice(&buf[..n]),
+                    Ok(n) => {
+                        first.get_or_insert(buf[0]);
+                        Bytes::copy_from_slice(&buf[..n])
+                    }
                 },
             };
             if to_console.write_all(&data).await.is_err() {
@@ -748,7 +874,7 @@ where
             if client_gone {
                 Ended::Client
             } else {
-                Ended::Moved
+                Ended::Moved(String::new())
             }
         }
         client_gone = &mut up => {
@@ -759,14 +885,20 @@ where
                 Ended::Client
             } else {
                 let _ = down.await;
-                Ended::Moved
+                Ended::Moved(String::new())
             }
         }
     }
 }
 
 /// Client socket <-> a link stream to the holding node.
-async fn pump_link<R, W>(rd: &mut R, wr: &mut W, stream: Stream, carry: &mut Option<Bytes>) -> Ended
+async fn pump_link<R, W>(
+    rd: &mut R,
+    wr: &mut W,
+    stream: Stream,
+    carry: &mut Option<Bytes>,
+    first: &mut Option<u8>,
+) -> Ended
 where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
@@ -782,7 +914,10 @@ where
                         let _ = writer.shutdown().await;
                         return true;
                     }
-                    Ok(n) => Bytes::copy_from_slice(&buf[..n]),
+                    Ok(n) => {
+                        first.get_or_insert(buf[0]);
+                        Bytes::copy_from_slice(&buf[..n])
+                    }
                 },
             };
             if writer.send(data.clone()).await.is_err() {
@@ -800,8 +935,13 @@ where
                     }
                 }
                 Recv::Eof => return Ended::Closed,
-                Recv::Closed(r) if r == MOVED => return Ended::Moved,
-                Recv::Closed(_) => return Ended::Closed,
+                Recv::Closed(r) if r.starts_with(MOVED) => {
+                    let token = r.strip_prefix(MOVED).unwrap_or_default();
+                    return Ended::Moved(token.trim_start_matches(':').to_string());
+                }
+                // The link to the node died (the node with it, maybe):
+                // the VM may come back on another node.
+                Recv::Closed(_) => return Ended::Lost,
             }
         }
     };
@@ -826,9 +966,12 @@ where
 }
 
 /// The holding node's end: a relayed console's pipe <-> its link stream.
-async fn pump_far(pipe: tokio::io::DuplexStream, stream: Stream, c: &Cluster, uuid: &str) {
+async fn pump_far(
+    pipe: tokio::io::DuplexStream,
+    mut reader: vspc_cluster::link::StreamReader,
+    writer: &vspc_cluster::link::StreamWriter,
+) {
     let (mut from_console, mut to_console) = tokio::io::split(pipe);
-    let (mut reader, writer) = stream.split();
     let up = async {
         loop {
             match reader.recv().await {
@@ -865,12 +1008,6 @@ async fn pump_far(pipe: tokio::io::DuplexStream, stream: Stream, c: &Cluster, uu
     tokio::select! {
         _ = &mut down => {}
         _ = &mut up => { down.await; }
-    }
-    if c.was_moved(uuid) {
-        writer.close(MOVED);
-    } else {
-        let _ = writer.shutdown().await;
-        writer.close("the console ended");
     }
 }
 
@@ -997,6 +1134,84 @@ impl ClusterHooks for Cluster {
         let (reg, uuid, seq) = (self.reg.clone(), uuid.to_string(), seq.to_vec());
         tokio::spawn(async move {
             let _ = reg.drop_ticket(&seq, &uuid).await;
+        });
+    }
+
+    fn remote_peer(&self, cookie: &[u8]) -> HookFuture<Result<Option<RemotePeer>, String>> {
+        let reg = self.reg.clone();
+        let cookie = cookie.to_vec();
+        let node = self.node.clone();
+        Box::pin(async move {
+            // The cookie is the sequence and an 8-byte secret.
+            if cookie.len() <= 8 {
+                return Ok(None);
+            }
+            let (seq, secret) = cookie.split_at(cookie.len() - 8);
+            let deadline = Instant::now() + TICKET_WAIT;
+            loop {
+                match reg
+                    .take_ticket(seq, secret)
+                    .await
+                    .map_err(|e| e.to_string())?
+                {
+                    TakeTicket::Taken(t) if t.node == node => return Ok(None),
+                    TakeTicket::Taken(t) => {
+                        return Ok(Some(RemotePeer {
+                            uuid: t.uuid,
+                            node: t.node,
+                            seq: seq.to_vec(),
+                        }))
+                    }
+                    TakeTicket::WrongSecret => return Ok(None),
+                    TakeTicket::Unknown if Instant::now() < deadline => {
+                        tokio::time::sleep(Duration::from_millis(20)).await
+                    }
+                    TakeTicket::Unknown => return Ok(None),
+                }
+            }
+        })
+    }
+
+    fn claim_moved(&self, uuid: &str) -> HookFuture<Result<(String, u16), String>> {
+        let me = self.me.clone();
+        let uuid = uuid.to_string();
+        Box::pin(async move {
+            let c = me.upgrade().ok_or("the node is stopping")?;
+            let entry = c
+                .reg
+                .vm(&uuid)
+                .await
+                .map_err(|e| e.to_string())?
+                .ok_or_else(|| format!("VM {uuid} has no record in the cluster"))?;
+            let claim = c
+                .reg
+                .claim_vm(&uuid, &entry.name, Some(entry.port))
+                .await
+                .map_err(|e| e.to_string())?;
+            lock(&c.moved).remove(&uuid);
+            lock(&c.held).insert(uuid.clone(), HeldVm::from_claim(&uuid, &entry.name, &claim));
+            Ok((entry.name, claim.port))
+        })
+    }
+
+    fn took_over(&self, uuid: &str, from: &str) {
+        let Some(epoch) = lock(&self.held).get(uuid).map(|h| h.epoch) else {
+            return;
+        };
+        let (link, uuid, from) = (self.link.clone(), uuid.to_string(), from.to_string());
+        let me = self.me.clone();
+        tokio::spawn(async move {
+            match link.handoff(&from, &uuid, epoch, Bytes::new()).await {
+                Ok(()) => {
+                    tracing::info!(%uuid, source = %from, "vMotion from another node complete; the VM lives here now")
+                }
+                Err(e) => {
+                    tracing::warn!(%uuid, source = %from, error = %e, "vMotion: the source node did not let go (it is told by the control plane)")
+                }
+            }
+            if let Some(c) = me.upgrade() {
+                c.refresh.notify_one();
+            }
         });
     }
 

@@ -24,6 +24,16 @@ pub struct RemoteVm {
     pub connected: bool,
 }
 
+/// A vMotion whose source is another node, as its ticket says.
+#[derive(Debug, Clone)]
+pub struct RemotePeer {
+    pub uuid: String,
+    /// The source node.
+    pub node: String,
+    /// The sequence to answer PEER-OK and expect COMPLETE with.
+    pub seq: Vec<u8>,
+}
+
 /// What a cluster does for the hub.
 pub trait ClusterHooks: Send + Sync {
     /// This node's name (`--node-name`).
@@ -46,6 +56,15 @@ pub trait ClusterHooks: Send + Sync {
     fn vmotion_begun(&self, uuid: &str, seq: &[u8], secret: &[u8]);
     /// The vMotion of `seq` ended (complete, aborted, timed out).
     fn vmotion_ended(&self, uuid: &str, seq: &[u8]);
+    /// A VMOTION-PEER whose cookie no local vMotion has: the vMotion of
+    /// another node it names, if that node stored a ticket for it.
+    fn remote_peer(&self, cookie: &[u8]) -> HookFuture<Result<Option<RemotePeer>, String>>;
+    /// VMOTION-COMPLETE of such a vMotion: the VM is claimed for this node
+    /// (name and port).
+    fn claim_moved(&self, uuid: &str) -> HookFuture<Result<(String, u16), String>>;
+    /// The VM `uuid` attached here after a vMotion from node `from`: that
+    /// node lets go of it and hands over the console input it held.
+    fn took_over(&self, uuid: &str, from: &str);
     /// The VMs other nodes hold (not this one).
     fn remote_vms(&self) -> Vec<RemoteVm>;
     /// The cluster's nodes, for `GET /api/v1/cluster`.
@@ -95,10 +114,35 @@ impl Hub {
         self.reg().ports.contains(&port)
     }
 
+    /// Take the console input held for `uuid`'s pending vMotion (escaped,
+    /// as it goes to the VM).
+    pub fn take_held_input(&self, uuid: &str) -> Vec<u8> {
+        let Some(vm) = self.find(uuid) else {
+            return Vec::new();
+        };
+        let mut st = vm.lock();
+        st.held_bytes = 0;
+        st.held.drain(..).flat_map(|b| b.to_vec()).collect()
+    }
+
+    /// Queue console input (escaped) for `uuid`'s connection here: what
+    /// another node held during a vMotion to this one.
+    pub fn deliver_held_input(&self, uuid: &str, data: Bytes) -> bool {
+        let Some(vm) = self.find(uuid) else {
+            return false;
+        };
+        let st = vm.lock();
+        match &st.active {
+            Some(a) => a.outbox.push_always(data),
+            None => false,
+        }
+    }
+
     /// The VM `uuid` is another node's now (a newer connection there, or
     /// a vMotion to it): its connection here is closed, and its entry
-    /// goes, with its consoles told `why`. Returns whether it was here.
-    pub fn let_go(&self, uuid: &str, why: &str) -> bool {
+    /// goes, with its consoles told `why` (or, `quiet`, closed without a
+    /// word: they follow the VM). Returns whether it was here.
+    pub fn let_go(&self, uuid: &str, why: &str, quiet: bool) -> bool {
         let vm = {
             let mut reg = self.reg();
             let Some(key) = reg
@@ -121,13 +165,13 @@ impl Hub {
             m.retired_in.fetch_add(vm.bytes_to_vm(), Ordering::Relaxed);
             vm
         };
-        self.retire(&vm, why);
+        self.retire(&vm, why, quiet);
         true
     }
 
     /// Close everything `vm` had: its connection, its consoles (told
     /// `why`), its listener.
-    pub(super) fn retire(&self, vm: &Vm, why: &str) {
+    pub(super) fn retire(&self, vm: &Vm, why: &str, quiet: bool) {
         let mut st = vm.lock();
         st.gone = true;
         st.listener = None;
@@ -141,9 +185,9 @@ impl Hub {
         if let Some(a) = active {
             a.outbox.close(None);
         }
-        let msg = Bytes::from(format!("\r\nvspc: {why}; disconnecting.\r\n"));
+        let msg = (!quiet).then(|| Bytes::from(format!("\r\nvspc: {why}; disconnecting.\r\n")));
         for c in &consoles {
-            c.peer.outbox.close(Some(msg.clone()));
+            c.peer.outbox.close(msg.clone());
             self.backend.console_detached(vm.record());
         }
         tracing::info!(vm = %name, consoles = consoles.len(), "{why}; let go of the VM here");

@@ -40,7 +40,7 @@ mod registry;
 pub mod replay;
 mod vmotion;
 
-pub use cluster::{ClusterHooks, HookFuture, RemoteVm};
+pub use cluster::{ClusterHooks, HookFuture, RemotePeer, RemoteVm};
 use fanout::flush_held;
 pub use fanout::Blocker;
 

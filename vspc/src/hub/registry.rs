@@ -155,6 +155,7 @@ impl Hub {
                     &format!(
                         "this VM's console port moved to {port} (a cluster conflict was settled)"
                     ),
+                    false,
                 );
             }
         }

@@ -218,6 +218,67 @@ impl ConsoleSession {
         self.audit.as_ref().map(|g| g.id())
     }
 
+    /// Where the session stands with its client, for a session that takes
+    /// the client over (cluster mode: its VM moved to another node): `raw`,
+    /// `telnet-LR` (L, R: BINARY agreed out and in, `1` or `0`), or empty
+    /// while the client is not yet told apart.
+    pub fn resume_token(&self) -> String {
+        match self.mode {
+            Mode::Raw => "raw".into(),
+            Mode::Telnet => format!(
+                "telnet-{}{}",
+                u8::from(self.neg.local(opt::BINARY)),
+                u8::from(self.neg.remote(opt::BINARY))
+            ),
+            Mode::Silent | Mode::Offered => String::new(),
+        }
+    }
+
+    /// Take over a client another session served, in the state
+    /// [`Self::resume_token`] gave: nothing is negotiated again (a telnet
+    /// client does not answer offers of what is on already). Call right
+    /// after joining with [`ConsoleProtocol::Auto`]; an unknown or empty
+    /// token leaves the session as it is.
+    pub fn resume(&mut self, token: &str) {
+        let (local, remote) = match token {
+            "raw" => {
+                self.mode = Mode::Raw;
+                self.past = None;
+                self.detect_at = None;
+                self.peer.outbox.set_encoding(Encoding::Raw);
+                return;
+            }
+            "telnet-11" => (true, true),
+            "telnet-10" => (true, false),
+            "telnet-01" => (false, true),
+            "telnet-00" => (false, false),
+            _ => return,
+        };
+        // The offer as the first session made it, answered as the client
+        // answered it; every reply is dropped (the client has had them).
+        let mut scratch = Vec::new();
+        offer(&mut self.neg, &mut scratch);
+        use crate::wire::Verb;
+        for (verb, o) in [
+            (Verb::Do, opt::ECHO),
+            (Verb::Do, opt::SGA),
+            (if local { Verb::Do } else { Verb::Dont }, opt::BINARY),
+            (if remote { Verb::Will } else { Verb::Wont }, opt::BINARY),
+            (Verb::Will, opt::SGA),
+        ] {
+            let _ = self.neg.receive(verb, o, &mut scratch);
+        }
+        self.mode = Mode::Telnet;
+        self.past = None;
+        self.detect_at = None;
+        self.nvt_in = !remote;
+        self.peer.outbox.set_encoding(if local {
+            Encoding::Telnet
+        } else {
+            Encoding::Nvt
+        });
+    }
+
     /// What the console was granted.
     pub fn access(&self) -> Access {
         self.access
