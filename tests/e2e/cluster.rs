@@ -461,3 +461,259 @@ async fn redis_stopped_and_restarted_empty_with_consoles_flowing() {
     let from_1 = console_on(&vm_b, console_at(0, port_b)).await;
     bytes_both_ways(&vm_b, &from_1).await;
 }
+
+#[tokio::test]
+async fn a_cleared_console_is_not_reopened_and_other_nodes_consoles_stay() {
+    let c = Nodes::start(2, &[]);
+    let id = Identity::numbered(1906);
+    let vm = SimVm::connect(c.node(0).proxy, &id)
+        .await
+        .expect("VM connects");
+    let (_, port) = wait_for_vm(c.node(0).admin, &id.name, T).await;
+    c.listed_everywhere(&id.name, port).await;
+    let near = console_on(&vm, console_at(0, port)).await;
+    let far = console_on(&vm, console_at(1, port)).await;
+    held_with_consoles(&c, 0, &id.name, 2).await;
+    let answer = admin_line(c.node(0).admin, &format!("clear {}", id.name)).await;
+    assert!(answer.contains("\"cleared\":2"), "{answer}");
+    // Both are told and closed, wherever their socket is; neither comes
+    // back on its own.
+    for con in [&near, &far] {
+        let (text, closed) = con.read_to_end(T).await;
+        assert!(closed, "the console was closed");
+        assert!(
+            String::from_utf8_lossy(&text).contains("cleared"),
+            "{text:?}"
+        );
+    }
+    held_with_consoles(&c, 0, &id.name, 0).await;
+    assert!(vm.recv_data(SHORT).await.is_empty());
+}
+
+#[tokio::test]
+async fn a_node_with_another_secret_is_refused_and_logged() {
+    let c = Nodes::start(1, &[]);
+    let id = Identity::numbered(1907);
+    let vm = SimVm::connect(c.node(0).proxy, &id)
+        .await
+        .expect("VM connects");
+    let (_, port) = wait_for_vm(c.node(0).admin, &id.name, T).await;
+    // Node 2 shares Redis and the cluster name, but not the secret.
+    let dir = tempfile::tempdir().unwrap();
+    let other = dir.path().join("secret");
+    std::fs::write(&other, "not the cluster's secret at all").unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&other, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let mut args: Vec<String> = c.args.clone();
+    let at = args
+        .iter()
+        .position(|a| a == "--cluster-secret-file")
+        .unwrap();
+    args[at + 1] = other.display().to_string();
+    args.extend([
+        "--node-name".into(),
+        "node2".into(),
+        "--http-iface".into(),
+        "127.0.0.2".into(),
+    ]);
+    let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+    let d2 = Daemon::builder()
+        .proxy_iface("127.0.0.2")
+        .local_iface("127.0.0.2")
+        .proxy_port(c.ports.0)
+        .admin_port(c.ports.1)
+        .range_start(c.ports.2)
+        .args(&refs)
+        .start();
+    wait_for_vm(d2.admin, &id.name, T).await;
+    let mut con = Raw::connect(console_at(1, port)).await;
+    assert!(con.read_to_close(T).await, "the console is closed");
+    let text = String::from_utf8_lossy(&con.bytes).into_owned();
+    assert!(text.contains("cannot be reached"), "{text:?}");
+    assert!(
+        c.node(0).wait_log("cluster link: peer refused", T).await,
+        "node 1 logs the refused peer"
+    );
+    drop(vm);
+}
+
+// ---------------------------------------------------------------------------
+// Figures (README "A cluster of nodes"): run on demand, with a release
+// daemon, one test at a time:
+//
+//   cargo build --release -p vspc
+//   VSPC_BIN=target/release/vspc cargo test -p vspc --test e2e \
+//       cluster::figures -- --ignored --nocapture --test-threads 1
+
+/// Bytes each throughput run moves from the VM to the console.
+const FIGURE_BYTES: usize = 256 << 20;
+
+/// Stream `FIGURE_BYTES` from a raw VM connection to a raw reader of
+/// `console`; MB/s.
+async fn throughput(vm: SimVm, console: SocketAddr) -> f64 {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut reader = tokio::net::TcpStream::connect(console)
+        .await
+        .expect("console");
+    // The daemons run with --console-protocol raw: say nothing, read.
+    let mut raw = vm
+        .into_raw::<tokio::net::TcpStream>()
+        .await
+        .expect("raw VM");
+    // Give the console time to join before the clock starts.
+    tokio::time::sleep(ms(300)).await;
+    let chunk = vec![b'x'; 64 * 1024];
+    let started = std::time::Instant::now();
+    let writer = tokio::spawn(async move {
+        let mut left = FIGURE_BYTES;
+        while left > 0 {
+            let n = left.min(chunk.len());
+            raw.stream.write_all(&chunk[..n]).await.expect("VM write");
+            left -= n;
+        }
+        raw
+    });
+    let mut buf = vec![0u8; 256 * 1024];
+    let mut got = 0;
+    while got < FIGURE_BYTES {
+        let n = reader.read(&mut buf).await.expect("console read");
+        assert!(n > 0, "console closed after {got} bytes");
+        got += n;
+    }
+    let secs = started.elapsed().as_secs_f64();
+    drop(writer.await);
+    FIGURE_BYTES as f64 / secs / 1e6
+}
+
+/// A bare relay: one VM socket copied to one console socket, nothing else.
+async fn bare_relay_throughput() -> f64 {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let vm_l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let con_l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let (vm_a, con_a) = (vm_l.local_addr().unwrap(), con_l.local_addr().unwrap());
+    let relay = tokio::spawn(async move {
+        let (mut con, _) = con_l.accept().await.unwrap();
+        let (mut vm, _) = vm_l.accept().await.unwrap();
+        let _ = tokio::io::copy(&mut vm, &mut con).await;
+    });
+    let mut reader = tokio::net::TcpStream::connect(con_a).await.unwrap();
+    tokio::time::sleep(ms(50)).await;
+    let mut w = tokio::net::TcpStream::connect(vm_a).await.unwrap();
+    let started = std::time::Instant::now();
+    let writer = tokio::spawn(async move {
+        let chunk = vec![b'x'; 64 * 1024];
+        let mut left = FIGURE_BYTES;
+        while left > 0 {
+            let n = left.min(chunk.len());
+            w.write_all(&chunk[..n]).await.unwrap();
+            left -= n;
+        }
+    });
+    let mut buf = vec![0u8; 256 * 1024];
+    let mut got = 0;
+    while got < FIGURE_BYTES {
+        got += reader.read(&mut buf).await.unwrap();
+    }
+    let secs = started.elapsed().as_secs_f64();
+    writer.await.unwrap();
+    relay.abort();
+    FIGURE_BYTES as f64 / secs / 1e6
+}
+
+fn percentile(v: &mut [f64], p: f64) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    v[((v.len() as f64 - 1.0) * p).round() as usize]
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "measurements for the README; run on demand with a release daemon"]
+async fn figures() {
+    // Throughput: single node, cluster local console, cluster relayed.
+    let single = Daemon::start(&["--console-protocol", "raw"]);
+    let id = Identity::numbered(1990);
+    let (vm, port) = vm_up(&single, &id).await;
+    let single_mbs = throughput(vm, single.console(port)).await;
+    drop(single);
+    let bare = bare_relay_throughput().await;
+
+    let c = Nodes::start(3, &["--console-protocol", "raw"]);
+    let id = Identity::numbered(1991);
+    let vm = SimVm::connect(c.node(0).proxy, &id).await.unwrap();
+    let (_, port) = wait_for_vm(c.node(0).admin, &id.name, T).await;
+    let local_mbs = throughput(vm, console_at(0, port)).await;
+    let id = Identity::numbered(1992);
+    let vm = SimVm::connect(c.node(0).proxy, &id).await.unwrap();
+    let (_, port) = wait_for_vm(c.node(0).admin, &id.name, T).await;
+    c.listed_everywhere(&id.name, port).await;
+    let relayed_mbs = throughput(vm, console_at(1, port)).await;
+    println!(
+        "throughput, {} MiB VM -> one raw console: bare relay {bare:.0} MB/s; single node {single_mbs:.0} MB/s; \
+         cluster, console on the VM's node {local_mbs:.0} MB/s; console on another node (over the link) {relayed_mbs:.0} MB/s",
+        FIGURE_BYTES >> 20
+    );
+
+    // Cross-node vMotion: BEGIN on one node to the held input delivered on
+    // the other, 30 times back and forth, a console on the third node.
+    let id = Identity::numbered(1993);
+    let mut vm = SimVm::connect(c.node(0).proxy, &id).await.unwrap();
+    let (_, port) = wait_for_vm(c.node(0).admin, &id.name, T).await;
+    c.listed_everywhere(&id.name, port).await;
+    let console = SimConsole::connect(console_at(2, port)).await.unwrap();
+    let mut times = Vec::new();
+    for k in 0..30u8 {
+        let to = if k % 2 == 0 { 1 } else { 0 };
+        let seq = [0x33, k, 0x55, 0x66];
+        let started = std::time::Instant::now();
+        let cookie = goahead(&vm, &seq).await;
+        console.send(b"m").await.unwrap();
+        let dst = SimVm::connect_destination(c.node(to).proxy, &id, &cookie)
+            .await
+            .unwrap();
+        dst.complete(&seq).await.unwrap();
+        assert_eq!(dst.read_exact_data(1, T).await.unwrap(), b"m");
+        times.push(started.elapsed().as_secs_f64() * 1e3);
+        vm.wait_closed(T).await.unwrap();
+        held_with_consoles(&c, to, &id.name, 1).await;
+        vm = dst;
+    }
+    println!(
+        "cross-node vMotion, BEGIN to held input delivered on the destination (30 runs): p50 {:.1} ms, p99 {:.1} ms",
+        percentile(&mut times.clone(), 0.5),
+        percentile(&mut times, 0.99)
+    );
+
+    // Listing: 300 VMs over three nodes, listed on node 3.
+    let mut vms = Vec::new();
+    for k in 0..300u32 {
+        let proxy = c.node(k as usize % 3).proxy;
+        vms.push(
+            SimVm::connect(proxy, &Identity::numbered(20_000 + k))
+                .await
+                .unwrap(),
+        );
+    }
+    let admin = c.node(2).admin;
+    wait_for(T * 4, "node 3 lists every VM", async || {
+        let n = list_vms(admin).await.len();
+        if n >= 303 {
+            Ok(())
+        } else {
+            Err(format!("{n} rows"))
+        }
+    })
+    .await;
+    let mut times = Vec::new();
+    for _ in 0..50 {
+        let started = std::time::Instant::now();
+        let rows = list_vms(admin).await;
+        times.push(started.elapsed().as_secs_f64() * 1e3);
+        assert!(rows.len() >= 303);
+    }
+    println!(
+        "listing {} VMs of three nodes on one node (vSPC.py query protocol, 50 runs): p50 {:.1} ms, p99 {:.1} ms",
+        list_vms(admin).await.len(),
+        percentile(&mut times.clone(), 0.5),
+        percentile(&mut times, 0.99)
+    );
+    drop(vms);
+}

@@ -103,6 +103,11 @@ struct Counters {
     followed: AtomicU64,
     /// VMs let go because another node took them.
     taken: AtomicU64,
+    /// Cross-node vMotions: completed here (destination), failed here,
+    /// and handed to another node (source).
+    vmotion_in: AtomicU64,
+    vmotion_in_failed: AtomicU64,
+    vmotion_out: AtomicU64,
 }
 
 /// One node's part in the cluster.
@@ -480,7 +485,12 @@ impl Cluster {
                             })
                             .await;
                             match end {
-                                Ended::Moved(_) => Ended::Moved(session.resume_token()),
+                                // The session ended from this side: its VM
+                                // moved away, or it was cleared, stalled...
+                                Ended::Moved(_) if self.was_moved(&vm.uuid) => {
+                                    Ended::Moved(session.resume_token())
+                                }
+                                Ended::Moved(_) => Ended::Closed,
                                 e => e,
                             }
                         }
@@ -747,6 +757,7 @@ impl Cluster {
             &format!("the VM moved to node {} (vMotion)", h.from),
             true,
         );
+        self.counters.vmotion_out.fetch_add(1, Ordering::Relaxed);
         tracing::info!(uuid = %h.uuid, node = %h.from, held = input.len(), "vMotion to another node complete; its consoles follow the VM");
         let result = if input.is_empty() {
             Ok(())
@@ -1201,17 +1212,19 @@ impl ClusterHooks for Cluster {
         let (link, uuid, from) = (self.link.clone(), uuid.to_string(), from.to_string());
         let me = self.me.clone();
         tokio::spawn(async move {
-            match link.handoff(&from, &uuid, epoch, Bytes::new()).await {
+            let result = link.handoff(&from, &uuid, epoch, Bytes::new()).await;
+            let Some(c) = me.upgrade() else { return };
+            match result {
                 Ok(()) => {
+                    c.counters.vmotion_in.fetch_add(1, Ordering::Relaxed);
                     tracing::info!(%uuid, source = %from, "vMotion from another node complete; the VM lives here now")
                 }
                 Err(e) => {
+                    c.counters.vmotion_in_failed.fetch_add(1, Ordering::Relaxed);
                     tracing::warn!(%uuid, source = %from, error = %e, "vMotion: the source node did not let go (it is told by the control plane)")
                 }
             }
-            if let Some(c) = me.upgrade() {
-                c.refresh.notify_one();
-            }
+            c.refresh.notify_one();
         });
     }
 
@@ -1295,11 +1308,13 @@ impl ClusterHooks for Cluster {
         metric(
             "cluster_vmotions_total",
             "counter",
-            "Cross-node vMotion tickets, by outcome.",
+            "Cross-node vMotions, by outcome (destination side: completed or failed here; source side: moved away; refused PEERs).",
             &[
-                ("{outcome=\"taken\"}", s.tickets_taken),
-                ("{outcome=\"wrong_secret\"}", s.tickets_wrong_secret),
-                ("{outcome=\"unknown\"}", s.tickets_unknown),
+                ("{outcome=\"completed_here\"}", c.vmotion_in.load(Ordering::Relaxed)),
+                ("{outcome=\"failed_here\"}", c.vmotion_in_failed.load(Ordering::Relaxed)),
+                ("{outcome=\"moved_away\"}", c.vmotion_out.load(Ordering::Relaxed)),
+                ("{outcome=\"ticket_wrong_secret\"}", s.tickets_wrong_secret),
+                ("{outcome=\"ticket_unknown\"}", s.tickets_unknown),
             ],
         );
         metric(
