@@ -178,6 +178,17 @@ async fn every_node_lists_every_vm_and_relays_consoles_byte_exact() {
     )
     .await;
 
+    let one = http_json(h3, &format!("/api/v1/vms/{}", id.name)).await;
+    assert_eq!(
+        (one["node"].as_str(), one["port"].as_u64()),
+        (Some("node1"), Some(u64::from(port))),
+        "{one}"
+    );
+    let native = native_vm(c.node(2).admin, &id.name)
+        .await
+        .expect("native row on node 3");
+    assert_eq!(native["node"], "node1", "{native}");
+
     // A console on node 2 (relayed to node 1) and one on node 1 itself.
     let far = console_on(&vm, console_at(1, port)).await;
     let near = console_on(&vm, console_at(0, port)).await;

@@ -575,6 +575,30 @@ mod tests {
     }
 
     #[test]
+    fn cluster_flags_default_to_a_single_node() {
+        let c = Config::try_parse_from(["vspc"]).unwrap();
+        assert_eq!(c.cluster, None, "no --cluster: a single node");
+        assert_eq!(c.cluster_port, 13373);
+        assert_eq!(c.cluster_name, "vspc");
+        assert_eq!(c.cluster_iface, None, "the proxy interface by default");
+        let c = Config::try_parse_from([
+            "vspc",
+            "--cluster",
+            "redis://r:6379/2",
+            "--node-name",
+            "n1",
+            "--cluster-advertise",
+            "n1.example:13373",
+            "--cluster-secret-file",
+            "/etc/vspc/s",
+        ])
+        .unwrap();
+        assert_eq!(c.cluster.as_deref(), Some("redis://r:6379/2"));
+        assert_eq!(c.node_name.as_deref(), Some("n1"));
+        assert_eq!(c.cluster_advertise.as_deref(), Some("n1.example:13373"));
+    }
+
+    #[test]
     fn env_fills_unset_flags() {
         let mut c = Config::try_parse_from(["vspc"]).unwrap();
         c.apply_env(|k| match k {
@@ -610,6 +634,16 @@ mod tests {
         assert!(c.multi_console && !c.ssl);
         let c = Config::from_argv(argv(&["--proxy-port", "99"])).unwrap();
         assert_eq!(c.proxy_port, 99);
+
+        // The cluster's settings are keys like any other.
+        std::fs::write(
+            &path,
+            "cluster = \"rediss://:pw@r:6380/1\"\ncluster-name = \"lab\"\ncluster-port = 14000\n",
+        )
+        .unwrap();
+        let c = Config::from_argv(argv(&[])).unwrap();
+        assert_eq!(c.cluster.as_deref(), Some("rediss://:pw@r:6380/1"));
+        assert_eq!((c.cluster_name.as_str(), c.cluster_port), ("lab", 14000));
 
         std::fs::write(&path, "bogus = 1\n").unwrap();
         let e = Config::from_argv(argv(&[])).unwrap_err().to_string();

@@ -534,6 +534,53 @@ mod tests {
         assert_eq!(written(&out).0, b"boot\xff", "raw after no answer");
     }
 
+    #[test]
+    fn a_resumed_session_takes_the_client_over_without_negotiating() {
+        let (h, vm, vm_peer) = vm();
+        let t0 = Instant::now();
+        // A telnet client in binary both ways, taken over.
+        let mut first = join(&h, &vm, ConsoleProtocol::Telnet, t0);
+        for (verb, o) in [
+            (b'\xfd', 1u8),
+            (b'\xfd', 3),
+            (b'\xfd', 0),
+            (b'\xfb', 0),
+            (b'\xfb', 3),
+        ] {
+            first.on_input(&[IAC, verb, o], t0);
+        }
+        assert_eq!(first.resume_token(), "telnet-11");
+        let mut next = join(&h, &vm, ConsoleProtocol::Auto, t0);
+        next.resume(&first.resume_token());
+        assert_eq!(next.deadline(), None, "nothing left to tell apart");
+        assert_eq!(written(&next.outbox()).0, b"", "no offer again");
+        h.vm_output(
+            &vm,
+            vm_conn(&h, &vm),
+            bytes::Bytes::from_static(b"a\xffb\r"),
+        );
+        assert_eq!(
+            written(&next.outbox()).0,
+            b"a\xff\xffb\r",
+            "binary telnet output"
+        );
+        next.on_input(b"x\xff\xffy\r\n", t0);
+        assert_eq!(
+            written(&vm_peer.outbox).0,
+            b"x\xff\xffy\r\n",
+            "binary input, IAC undoubled then escaped for the VM"
+        );
+        // A raw client, taken over: bytes as they are.
+        let mut raw = join(&h, &vm, ConsoleProtocol::Auto, t0);
+        raw.resume("raw");
+        assert_eq!(raw.resume_token(), "raw");
+        h.vm_output(&vm, vm_conn(&h, &vm), bytes::Bytes::from_static(b"\xff\r"));
+        assert_eq!(written(&raw.outbox()).0, b"\xff\r");
+        // Not yet told apart: nothing to resume, told apart as usual.
+        let silent = join(&h, &vm, ConsoleProtocol::Auto, t0);
+        assert_eq!(silent.resume_token(), "");
+    }
+
     /// The VM's connection id (the hub's `vm_output` wants it).
     fn vm_conn(_h: &Hub, vm: &Vm) -> crate::hub::ConnId {
         vm.active_conn().expect("connected")

@@ -706,7 +706,35 @@ pub fn lookup_failed(what: &str, why: crate::hub::Lookup) -> Response {
 
 async fn one_vm(State(app): State<App>, Path(vm): Path<String>) -> Response {
     match app.hub.lookup(&vm) {
-        Ok(v) => Json(vm_json(&v.status())).into_response(),
+        Ok(v) => {
+            let mut j = vm_json(&v.status());
+            if let Some(c) = app.hub.cluster() {
+                j["node"] = json!(c.node());
+            }
+            Json(j).into_response()
+        }
+        Err(crate::hub::Lookup::NotFound) => {
+            // Cluster mode: a VM another node holds, by uuid or name.
+            let key = crate::vmware::VmUuid::key_of(&vm);
+            let other = app.hub.cluster().and_then(|c| {
+                c.remote_vms().into_iter().find(|r| {
+                    r.record.uuid == vm
+                        || (key.is_some() && crate::vmware::VmUuid::key_of(&r.record.uuid) == key)
+                        || r.record.name == vm
+                })
+            });
+            match other {
+                Some(r) => Json(json!({
+                    "name": r.record.name,
+                    "uuid": r.record.uuid,
+                    "port": r.record.port,
+                    "vm_connected": r.connected,
+                    "node": r.node,
+                }))
+                .into_response(),
+                None => lookup_failed(&vm, crate::hub::Lookup::NotFound),
+            }
+        }
         Err(why) => lookup_failed(&vm, why),
     }
 }
