@@ -550,6 +550,88 @@ async fn a_node_with_another_secret_is_refused_and_logged() {
     drop(vm);
 }
 
+#[tokio::test]
+async fn port_conflicts_after_an_outage_are_settled_and_the_losers_told() {
+    let mut c = Nodes::start(2, &[]);
+    // Each node keeps 4 spare ports for an outage; 6 VMs per node run
+    // past them, onto the lowest ports free in each node's own view: the
+    // same ports on both nodes.
+    c.redis.kill();
+    let mut vms = Vec::new();
+    for k in 0..12u32 {
+        let node = (k % 2) as usize;
+        let id = Identity::numbered(1910 + k);
+        let vm = SimVm::connect(c.node(node).proxy, &id)
+            .await
+            .expect("VM connects");
+        let (_, port) = wait_for_vm(c.node(node).admin, &id.name, T).await;
+        let con = console_on(&vm, console_at(node, port)).await;
+        vms.push((node, id, vm, con));
+    }
+    let ports: std::collections::BTreeSet<u16> = {
+        let mut p = std::collections::BTreeSet::new();
+        for i in 0..2 {
+            for r in list_vms(c.node(i).admin).await {
+                p.extend(r.2);
+            }
+        }
+        p
+    };
+    assert!(ports.len() < 12, "no conflict to settle: {ports:?}");
+
+    c.redis.restart_empty();
+    // The losers' consoles are told and closed, their ESXi connections too;
+    // ESXi reconnects them (here: the test, again if need be) and they get
+    // their new ports.
+    let mut told = 0;
+    let mut consoles: Vec<Option<SimConsole>> = Vec::new();
+    let mut vm_list = Vec::new();
+    for (node, id, vm, con) in vms {
+        vm_list.push((node, id, vm));
+        consoles.push(Some(con));
+    }
+    let mut whole = [false, false];
+    let deadline = std::time::Instant::now() + T * 3;
+    while whole != [true, true] {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "listings not whole: {:?} / {:?}",
+            list_vms(c.node(0).admin).await,
+            list_vms(c.node(1).admin).await
+        );
+        for ((node, id, vm), con) in vm_list.iter_mut().zip(consoles.iter_mut()) {
+            if vm.closed().is_none() {
+                continue;
+            }
+            if let Some(con) = con.take() {
+                let (text, closed) = con.read_to_end(T).await;
+                assert!(closed, "the loser's console was closed");
+                assert!(
+                    String::from_utf8_lossy(&text).contains("console port moved"),
+                    "the loser's console was told: {text:?}"
+                );
+                told += 1;
+            }
+            *vm = SimVm::connect(c.node(*node).proxy, id)
+                .await
+                .expect("VM reconnects");
+        }
+        for (i, w) in whole.iter_mut().enumerate() {
+            let rows = list_vms(c.node(i).admin).await;
+            let ports: std::collections::BTreeSet<u16> = rows.iter().filter_map(|r| r.2).collect();
+            *w = rows.len() == 12 && ports.len() == 12;
+        }
+        tokio::time::sleep(POLL).await;
+    }
+    assert!(told > 0, "no VM lost a conflict");
+    // Every VM works on its port, from the other node.
+    for (node, id, vm) in &vm_list {
+        let (_, port) = wait_for_vm(c.node(1 - *node).admin, &id.name, T).await;
+        let far = console_on(vm, console_at(1 - *node, port)).await;
+        bytes_both_ways(vm, &far).await;
+    }
+}
+
 // ---------------------------------------------------------------------------
 // Figures (README "A cluster of nodes"): run on demand, with a release
 // daemon, one test at a time:

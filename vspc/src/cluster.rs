@@ -44,7 +44,7 @@ use vspc_cluster::link::{
     Protocol, Recv, Secret, Stream,
 };
 use vspc_cluster::registry::{
-    Event, HeldVm, NodeEntry, Registry, RegistryConfig, TakeTicket, VmEntry,
+    Event, HeldVm, NodeEntry, ReassertReport, Registry, RegistryConfig, TakeTicket, VmEntry,
 };
 
 /// How long a vMotion destination waits for the source's ticket to show
@@ -126,6 +126,9 @@ pub struct Cluster {
     moved: Mutex<HashMap<String, Instant>>,
     /// Wakes the view's refresher at once.
     refresh: Notify,
+    /// A write-back of what this node holds is pending
+    /// ([`Cluster::settle_later`]).
+    settling: std::sync::atomic::AtomicBool,
     vmotion_timeout: Duration,
     counters: Counters,
 }
@@ -204,6 +207,7 @@ impl Cluster {
             view: Mutex::new(View::default()),
             moved: Mutex::new(HashMap::new()),
             refresh: Notify::new(),
+            settling: std::sync::atomic::AtomicBool::new(false),
             vmotion_timeout,
             counters: Counters::default(),
         });
@@ -324,24 +328,7 @@ impl Cluster {
                     tracing::warn!(%detail, "cluster: Redis is down; serving what this node holds, locally")
                 }
                 Event::RedisUp => tracing::info!("cluster: Redis is back"),
-                Event::Reasserted(r) => {
-                    tracing::info!(
-                        kept = r.kept,
-                        lost = r.lost.len(),
-                        moved = r.moved.len(),
-                        displaced = r.displaced.len(),
-                        "cluster: re-asserted this node's VMs"
-                    );
-                    for l in r.lost {
-                        self.lose(&l.uuid, &l.node);
-                    }
-                    for m in r.moved {
-                        self.port_moved(&m.uuid, m.from, m.to);
-                    }
-                    for u in r.no_port {
-                        tracing::error!(uuid = %u, "cluster: no port left for a VM of this node");
-                    }
-                }
+                Event::Reasserted(r) => self.apply_report(r),
                 Event::VmTaken { uuid, by, epoch } => {
                     let ours = lock(&self.held).get(&uuid).map(|h| h.epoch);
                     if ours.is_none_or(|e| e < epoch) {
@@ -362,6 +349,63 @@ impl Cluster {
             }
             self.refresh.notify_one();
         }
+    }
+
+    /// Act on a re-assertion: VMs another node holds at a newer epoch are
+    /// let go; VMs that lost a port conflict move.
+    fn apply_report(&self, r: ReassertReport) {
+        tracing::info!(
+            kept = r.kept,
+            lost = r.lost.len(),
+            moved = r.moved.len(),
+            displaced = r.displaced.len(),
+            "cluster: re-asserted this node's VMs"
+        );
+        for l in r.lost {
+            self.lose(&l.uuid, &l.node);
+        }
+        for m in r.moved {
+            self.port_moved(&m.uuid, m.from, m.to);
+        }
+        for u in r.no_port {
+            tracing::error!(uuid = %u, "cluster: no port left for a VM of this node");
+        }
+    }
+
+    /// A VM was claimed without Redis (it was down, or did not answer in
+    /// time): write back everything this node holds as soon as Redis
+    /// answers, whether or not the heartbeat saw an outage (one slow call
+    /// is not one). All of it at once, so that a VM moved off a conflict
+    /// never lands on another of this node's ports; one task at a time.
+    fn settle_later(&self) {
+        if self.settling.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        let me = self.me.clone();
+        tokio::spawn(async move {
+            let mut wait = Duration::from_millis(200);
+            loop {
+                tokio::time::sleep(wait).await;
+                let Some(c) = me.upgrade() else { return };
+                // Claims from now on start another round.
+                c.settling.store(false, Ordering::Release);
+                let held: Vec<HeldVm> = lock(&c.held).values().cloned().collect();
+                match c.reg.reassert(&held).await {
+                    Ok(r) => {
+                        c.apply_report(r);
+                        c.refresh.notify_one();
+                        return;
+                    }
+                    Err(_) => {
+                        if c.settling.swap(true, Ordering::AcqRel) {
+                            // A newer round is under way.
+                            return;
+                        }
+                        wait = (wait * 2).min(Duration::from_secs(5));
+                    }
+                }
+            }
+        });
     }
 
     async fn refresher(self: Arc<Self>) {
@@ -1057,7 +1101,10 @@ impl ClusterHooks for Cluster {
                                 port = h.port,
                                 "Redis is down: the VM keeps its port here, to re-assert later"
                             );
-                            return Ok(h.port);
+                            let port = h.port;
+                            drop(held);
+                            c.settle_later();
+                            return Ok(port);
                         }
                     }
                     let hub = c.hub();
@@ -1075,6 +1122,8 @@ impl ClusterHooks for Cluster {
                         "Redis is down: provisional port, re-asserted when Redis is back"
                     );
                     held.insert(uuid.clone(), HeldVm::from_claim(&uuid, &name, &claim));
+                    drop(held);
+                    c.settle_later();
                     Ok(claim.port)
                 }
                 Err(e) => Err(e.to_string()),
