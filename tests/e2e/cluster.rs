@@ -218,6 +218,12 @@ async fn every_node_lists_every_vm_and_relays_consoles_byte_exact() {
         describe_all(&odd)
     );
 
+    // Node 3 fetches the VM's console log from node 1 (its replay ring).
+    let (uuid, _) = wait_for_vm(c.node(0).admin, &id.name, T).await;
+    let log = crate::http::get(h3, &format!("/console_log/{uuid}")).await;
+    assert_eq!(log.status, 200, "{}", log.text());
+    assert!(log.text().ends_with("to both\r\n"), "{:?}", log.text());
+
     // The metrics of node 2 count the link's bytes.
     let h2 = SocketAddr::new(node_ip(1).parse().unwrap(), http);
     let m = crate::http::get(h2, "/metrics").await.text();
@@ -630,6 +636,33 @@ async fn port_conflicts_after_an_outage_are_settled_and_the_losers_told() {
         let far = console_on(vm, console_at(1 - *node, port)).await;
         bytes_both_ways(vm, &far).await;
     }
+}
+
+#[tokio::test]
+async fn the_link_speaks_tls_with_the_daemons_certificate() {
+    let (crt, key) = (cert_path("server.crt"), cert_path("server.key"));
+    let (crt, key) = (crt.display().to_string(), key.display().to_string());
+    let c = Nodes::start(2, &["--cert", &crt, "--key", &key]);
+    let id = Identity::numbered(1908);
+    let vm = SimVm::connect(c.node(0).proxy, &id)
+        .await
+        .expect("VM connects");
+    let (_, port) = wait_for_vm(c.node(0).admin, &id.name, T).await;
+    c.listed_everywhere(&id.name, port).await;
+    let far = console_on(&vm, console_at(1, port)).await;
+    bytes_both_ways(&vm, &far).await;
+    for i in 0..2 {
+        assert!(
+            c.node(i).log().contains("tls=true"),
+            "node {} link without TLS",
+            i + 1
+        );
+    }
+    assert!(
+        c.node(1)
+            .wait_log("cluster link: connected to peer", T)
+            .await
+    );
 }
 
 // ---------------------------------------------------------------------------

@@ -184,6 +184,7 @@ impl Cluster {
             .await
             .map_err(|e| format!("--cluster: {e}"))?;
         let mut lc = LinkConfig::new(&s.name, &s.node, s.secret);
+        let tls = s.tls.is_some();
         lc.tls = s.tls;
         let dir: Arc<dyn Directory> = reg.clone();
         let (link, incoming) = Link::new(lc, dir);
@@ -193,7 +194,7 @@ impl Cluster {
                 s.listen
             )
         })?;
-        tracing::info!(node = %s.node, cluster = %s.name, link = %bound, advertise = %s.advertise, "cluster node link listening");
+        tracing::info!(node = %s.node, cluster = %s.name, link = %bound, advertise = %s.advertise, tls, "cluster node link listening");
         let node = s.node.clone();
         let vmotion_timeout = s.vmotion_timeout;
         let c = Arc::new_cyclic(|me| Cluster {
