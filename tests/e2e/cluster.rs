@@ -665,6 +665,31 @@ async fn the_link_speaks_tls_with_the_daemons_certificate() {
     );
 }
 
+#[tokio::test]
+async fn the_newest_connection_wins_across_nodes_and_consoles_follow() {
+    let c = Nodes::start(2, &[]);
+    let id = Identity::numbered(1909);
+    let old = SimVm::connect(c.node(0).proxy, &id)
+        .await
+        .expect("VM connects");
+    let (_, port) = wait_for_vm(c.node(0).admin, &id.name, T).await;
+    c.listed_everywhere(&id.name, port).await;
+    let near = console_on(&old, console_at(0, port)).await;
+    // The same VM connects to node 2 (its host restarted, its old socket
+    // half-open): node 1 lets go of the old connection.
+    let new = SimVm::connect(c.node(1).proxy, &id)
+        .await
+        .expect("VM connects to node 2");
+    old.wait_closed(T)
+        .await
+        .expect("node 1 closes the old connection");
+    let (_, port2) = wait_for_vm(c.node(1).admin, &id.name, T).await;
+    assert_eq!(port2, port);
+    held_with_consoles(&c, 1, &id.name, 1).await;
+    bytes_both_ways(&new, &near).await;
+    assert!(near.closed().is_none());
+}
+
 // ---------------------------------------------------------------------------
 // Figures (README "A cluster of nodes"): run on demand, with a release
 // daemon, one test at a time:
