@@ -35,7 +35,7 @@ _vspc() {
 
     case "${cmd}" in
         vspc)
-            opts="-a -r -i -f -d -h -V --config --check-config --admin-port --admin-iface --admin-allow --proxy-port --proxy-iface --proxy-allow --port-range-start --interface --vm-expire-time --backend --backend-args --backend-help --plugin-dir --persist-file --ssl --cert --key --pidfile --no-vm-ports --debug --stdout --no-fork --syslog --daemon --multi-console --client-limit --vm-tx-rate --handshake-timeout --identify-timeout --max-unidentified --vmotion-timeout --console-queue --console-stall-timeout --console-protocol --replay-bytes --console-replay --backend-queue --http-port --http-iface --no-http --http-token-file --http-cert --http-key --http-host --http-header-timeout --http-max-connections --ssh-port --ssh-iface --ssh-host-key --ssh-authorized-keys --ssh-auth-timeout --ssh-max-unauthenticated --ssh-idle-timeout --help --version import help"
+            opts="-a -r -i -f -d -h -V --config --check-config --admin-port --admin-iface --admin-allow --proxy-port --proxy-iface --proxy-allow --port-range-start --interface --vm-expire-time --backend --backend-args --backend-help --plugin-dir --persist-file --ssl --cert --key --pidfile --no-vm-ports --debug --stdout --no-fork --syslog --daemon --multi-console --client-limit --vm-tx-rate --handshake-timeout --identify-timeout --max-unidentified --vmotion-timeout --console-queue --console-stall-timeout --console-protocol --replay-bytes --console-replay --backend-queue --http-port --http-iface --no-http --http-token-file --http-cert --http-key --http-host --http-header-timeout --http-max-connections --ssh-port --ssh-iface --ssh-host-key --ssh-authorized-keys --ssh-auth-timeout --ssh-max-unauthenticated --ssh-idle-timeout --cluster --node-name --cluster-port --cluster-iface --cluster-advertise --cluster-secret-file --cluster-name --help --version import help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 1 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -230,6 +230,34 @@ _vspc() {
                     return 0
                     ;;
                 --ssh-idle-timeout)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --cluster)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --node-name)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --cluster-port)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --cluster-iface)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --cluster-advertise)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --cluster-secret-file)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --cluster-name)
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0
                     ;;

@@ -1,6 +1,6 @@
 # Print an optspec for argparse to handle cmd's options that are independent of any subcommand.
 function __fish_vspc_global_optspecs
-    string join \n config= check-config= a/admin-port= admin-iface= admin-allow= proxy-port= proxy-iface= proxy-allow= r/port-range-start= i/interface= vm-expire-time= backend= backend-args= backend-help plugin-dir= f/persist-file= ssl cert= key= pidfile= no-vm-ports d/debug stdout no-fork syslog daemon multi-console client-limit= vm-tx-rate= handshake-timeout= identify-timeout= max-unidentified= vmotion-timeout= console-queue= console-stall-timeout= console-protocol= replay-bytes= console-replay backend-queue= http-port= http-iface= no-http http-token-file= http-cert= http-key= http-host= http-header-timeout= http-max-connections= ssh-port= ssh-iface= ssh-host-key= ssh-authorized-keys= ssh-auth-timeout= ssh-max-unauthenticated= ssh-idle-timeout= h/help V/version
+    string join \n config= check-config= a/admin-port= admin-iface= admin-allow= proxy-port= proxy-iface= proxy-allow= r/port-range-start= i/interface= vm-expire-time= backend= backend-args= backend-help plugin-dir= f/persist-file= ssl cert= key= pidfile= no-vm-ports d/debug stdout no-fork syslog daemon multi-console client-limit= vm-tx-rate= handshake-timeout= identify-timeout= max-unidentified= vmotion-timeout= console-queue= console-stall-timeout= console-protocol= replay-bytes= console-replay backend-queue= http-port= http-iface= no-http http-token-file= http-cert= http-key= http-host= http-header-timeout= http-max-connections= ssh-port= ssh-iface= ssh-host-key= ssh-authorized-keys= ssh-auth-timeout= ssh-max-unauthenticated= ssh-idle-timeout= cluster= node-name= cluster-port= cluster-iface= cluster-advertise= cluster-secret-file= cluster-name= h/help V/version
 end
 
 function __fish_vspc_needs_command
@@ -70,6 +70,13 @@ complete -c vspc -n "__fish_vspc_needs_command" -l ssh-authorized-keys -d 'Publi
 complete -c vspc -n "__fish_vspc_needs_command" -l ssh-auth-timeout -d 'Seconds an SSH connection may take to authenticate (from accept to an accepted key); then it is closed' -r
 complete -c vspc -n "__fish_vspc_needs_command" -l ssh-max-unauthenticated -d 'SSH connections that may be waiting to authenticate at once; one more is closed as soon as it is accepted' -r
 complete -c vspc -n "__fish_vspc_needs_command" -l ssh-idle-timeout -d 'Seconds an SSH connection may pass no console data either way before it is closed. 0 never closes it' -r
+complete -c vspc -n "__fish_vspc_needs_command" -l cluster -d 'Cluster mode: the Redis control plane every node of the cluster shares, redis://[:PASSWORD@]HOST:PORT[/DB] or rediss://... Without it vspc is a single node' -r
+complete -c vspc -n "__fish_vspc_needs_command" -l node-name -d 'This node\'s name in the cluster, unique among its live nodes (default: the host name)' -r
+complete -c vspc -n "__fish_vspc_needs_command" -l cluster-port -d 'Port the node link listens on (other nodes relay consoles to it)' -r
+complete -c vspc -n "__fish_vspc_needs_command" -l cluster-iface -d 'Address the node link listens on (default: --proxy-iface)' -r
+complete -c vspc -n "__fish_vspc_needs_command" -l cluster-advertise -d 'HOST:PORT other nodes dial to reach this one (default: --cluster-iface:--cluster-port; required when that is a wildcard)' -r
+complete -c vspc -n "__fish_vspc_needs_command" -l cluster-secret-file -d 'The secret every node of the cluster shares (mode 0600 or stricter); required with --cluster' -r -F
+complete -c vspc -n "__fish_vspc_needs_command" -l cluster-name -d 'The cluster\'s name: the namespace of its keys in Redis (several clusters may share one Redis)' -r
 complete -c vspc -n "__fish_vspc_needs_command" -l backend-help -d 'Print the options of the --backend(s) given, or list the built-in backends and the plugins found, then exit'
 complete -c vspc -n "__fish_vspc_needs_command" -l ssl -d 'Speak TLS on the proxy port (telnets:// URIs)'
 complete -c vspc -n "__fish_vspc_needs_command" -l no-vm-ports -d 'Open no per-VM console ports (consoles only through the admin port)'

@@ -57,6 +57,7 @@
 //! | [`hardening`] | hostile peers on the proxy and admin ports: forged log lines, 60,000-character names, a second VM claiming a name, unidentified floods, the admin allow-list |
 //! | [`vspcpy`] | a vSPC.py site's first start: its File store (made by Python's shelve) imported, `vspc import`, a broken store refused |
 //! | [`packaging`] | the Debian package: cargo-deb, `dpkg -i`, files, the vspc user, `systemd-analyze verify`/`security`, ExecStart as vspc with a VM and a console, remove and purge; logrotate losing no byte |
+//! | [`cluster`] | cluster mode: three nodes on 127.0.0.1-3 with one Redis: listings everywhere, relayed consoles byte-exact, 60 VMs at once, vMotion across nodes, kill -9 failover, a Redis restart |
 //! | [`ssh`] | the SSH front door with OpenSSH's client: byte-exact consoles, `~.`, key patterns and modes, `list@`, refused keys and passwords, SIGHUP reload, audit lines, a pty, bulk both ways, a stopped client dropped as a stall, EOF and killed clients, revocation over ControlMaster, auth and idle timeouts, the unauthenticated cap, key file permissions |
 
 mod access;
@@ -64,6 +65,7 @@ mod admin;
 mod backends;
 mod certs;
 mod client;
+mod cluster;
 mod common;
 mod daemon;
 mod flow;

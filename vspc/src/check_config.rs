@@ -460,6 +460,11 @@ fn check_whole(cfg: &Config, report: &mut Report) {
             ));
         }
     }
+    // Cluster mode, as far as it can be checked without Redis: the secret
+    // file and its mode, the node link's address, its TLS files.
+    if let Err(e) = crate::cluster::settings(cfg) {
+        problems.push(e);
+    }
     check_backends(cfg, report);
 }
 
@@ -552,6 +557,29 @@ mod tests {
         assert_eq!(r.problems.len(), 10, "{all}");
         assert!(r.problems.iter().all(|p| !p.contains('\n')), "{all}");
         assert!(r.what.contains(p));
+    }
+
+    #[test]
+    fn cluster_settings_are_checked_without_redis() {
+        let dir = tempfile::tempdir().unwrap();
+        let secret = dir.path().join("secret");
+        std::fs::write(&secret, "0123456789abcdef0123456789abcdef").unwrap();
+        let mut perms = std::fs::metadata(&secret).unwrap().permissions();
+        std::os::unix::fs::PermissionsExt::set_mode(&mut perms, 0o644);
+        std::fs::set_permissions(&secret, perms).unwrap();
+        let s = secret.to_str().unwrap();
+        let r = run(&[
+            "--check-config",
+            "--cluster",
+            "redis://127.0.0.1:1",
+            "--cluster-secret-file",
+            s,
+        ]);
+        let all = r.problems.join("\n");
+        assert!(all.contains(s) && all.contains("chmod 600"), "{all}");
+        let r = run(&["--check-config", "--cluster", "redis://127.0.0.1:1"]);
+        let all = r.problems.join("\n");
+        assert!(all.contains("--cluster-secret-file"), "{all}");
     }
 
     #[test]

@@ -299,6 +299,40 @@ pub struct Config {
     /// before it is closed. 0 never closes it.
     #[arg(long, default_value = "0", value_name = "SECONDS", value_parser = parse_duration_or_zero)]
     pub ssh_idle_timeout: Duration,
+
+    /// Cluster mode: the Redis control plane every node of the cluster
+    /// shares, redis://[:PASSWORD@]HOST:PORT[/DB] or rediss://... Without
+    /// it vspc is a single node.
+    #[arg(long, value_name = "URL")]
+    pub cluster: Option<String>,
+
+    /// This node's name in the cluster, unique among its live nodes
+    /// (default: the host name).
+    #[arg(long, value_name = "NAME")]
+    pub node_name: Option<String>,
+
+    /// Port the node link listens on (other nodes relay consoles to it).
+    #[arg(long, default_value_t = 13373, value_name = "PORT")]
+    pub cluster_port: u16,
+
+    /// Address the node link listens on (default: --proxy-iface).
+    #[arg(long, value_name = "ADDR")]
+    pub cluster_iface: Option<IpAddr>,
+
+    /// HOST:PORT other nodes dial to reach this one (default:
+    /// --cluster-iface:--cluster-port; required when that is a wildcard).
+    #[arg(long, value_name = "HOST:PORT")]
+    pub cluster_advertise: Option<String>,
+
+    /// The secret every node of the cluster shares (mode 0600 or stricter);
+    /// required with --cluster.
+    #[arg(long, value_name = "FILE")]
+    pub cluster_secret_file: Option<PathBuf>,
+
+    /// The cluster's name: the namespace of its keys in Redis (several
+    /// clusters may share one Redis).
+    #[arg(long, default_value = "vspc", value_name = "NAME")]
+    pub cluster_name: String,
 }
 
 /// Separate vspc's own flags (and their values) from everything else, which
@@ -563,6 +597,30 @@ mod tests {
     }
 
     #[test]
+    fn cluster_flags_default_to_a_single_node() {
+        let c = Config::try_parse_from(["vspc"]).unwrap();
+        assert_eq!(c.cluster, None, "no --cluster: a single node");
+        assert_eq!(c.cluster_port, 13373);
+        assert_eq!(c.cluster_name, "vspc");
+        assert_eq!(c.cluster_iface, None, "the proxy interface by default");
+        let c = Config::try_parse_from([
+            "vspc",
+            "--cluster",
+            "redis://r:6379/2",
+            "--node-name",
+            "n1",
+            "--cluster-advertise",
+            "n1.example:13373",
+            "--cluster-secret-file",
+            "/etc/vspc/s",
+        ])
+        .unwrap();
+        assert_eq!(c.cluster.as_deref(), Some("redis://r:6379/2"));
+        assert_eq!(c.node_name.as_deref(), Some("n1"));
+        assert_eq!(c.cluster_advertise.as_deref(), Some("n1.example:13373"));
+    }
+
+    #[test]
     fn env_fills_unset_flags() {
         let mut c = Config::try_parse_from(["vspc"]).unwrap();
         c.apply_env(|k| match k {
@@ -598,6 +656,16 @@ mod tests {
         assert!(c.multi_console && !c.ssl);
         let c = Config::from_argv(argv(&["--proxy-port", "99"])).unwrap();
         assert_eq!(c.proxy_port, 99);
+
+        // The cluster's settings are keys like any other.
+        std::fs::write(
+            &path,
+            "cluster = \"rediss://:pw@r:6380/1\"\ncluster-name = \"lab\"\ncluster-port = 14000\n",
+        )
+        .unwrap();
+        let c = Config::from_argv(argv(&[])).unwrap();
+        assert_eq!(c.cluster.as_deref(), Some("rediss://:pw@r:6380/1"));
+        assert_eq!((c.cluster_name.as_str(), c.cluster_port), ("lab", 14000));
 
         std::fs::write(&path, "bogus = 1\n").unwrap();
         let e = Config::from_argv(argv(&[])).unwrap_err().to_string();

@@ -16,6 +16,7 @@ pub mod backend_host;
 pub mod backend_setup;
 pub mod check_config;
 pub mod cidr;
+pub mod cluster;
 pub mod config;
 pub mod doors;
 pub mod hub;

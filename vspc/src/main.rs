@@ -91,6 +91,7 @@ fn start(cfg: Config) -> Result<(), String> {
 
     let http = http_config(&cfg)?;
     let ssh = ssh_config(&cfg)?;
+    let cluster = vspc::cluster::settings(&cfg)?;
     server::check_exposure(
         (cfg.admin_iface, cfg.admin_port).into(),
         &vspc::cidr::AllowList::new(cfg.admin_allow.clone()),
@@ -154,7 +155,7 @@ fn start(cfg: Config) -> Result<(), String> {
         .map_err(|e| format!("cannot start the runtime: {e}"))?;
     let result = rt.block_on(async {
         let hub: Arc<Hub> = Hub::new(hub_cfg, host);
-        let result = serve(hub.clone(), server, preload).await;
+        let result = serve(hub.clone(), server, preload, cluster).await;
         hub.backend().shutdown(std::time::Duration::from_secs(5));
         result
     });
@@ -170,13 +171,17 @@ async fn serve(
     hub: Arc<Hub>,
     cfg: ServerConfig,
     preload: Vec<vspc_backend_api::VmRecord>,
+    cluster: Option<vspc::cluster::ClusterSettings>,
 ) -> Result<(), String> {
     use tokio::signal::unix::{signal, SignalKind};
     let sig = |k: SignalKind| signal(k).map_err(|e| format!("cannot install signal handler: {e}"));
     let mut term = sig(SignalKind::terminate())?;
     let mut int = sig(SignalKind::interrupt())?;
     let mut hup = sig(SignalKind::hangup())?;
-    let listeners = Listeners::bind(&cfg)?;
+    let mut listeners = Listeners::bind(&cfg)?;
+    if let Some(settings) = cluster {
+        listeners.cluster = Some(vspc::cluster::Cluster::connect(settings).await?);
+    }
     let ssh = cfg.ssh.as_ref().map(|s| s.state.clone());
     let h = hub.clone();
     let shutdown = async move {

@@ -39,6 +39,12 @@ pub struct Listeners {
     pub admin: TcpListener,
     pub http: Option<TcpListener>,
     pub ssh: Option<TcpListener>,
+    /// Cluster mode: this node's part (connected, its link listening) and
+    /// the other nodes' requests.
+    pub cluster: Option<(
+        Arc<crate::cluster::Cluster>,
+        tokio::sync::mpsc::Receiver<vspc_cluster::link::Incoming>,
+    )>,
 }
 
 impl Listeners {
@@ -69,6 +75,7 @@ impl Listeners {
             admin,
             http,
             ssh,
+            cluster: None,
         })
     }
 }
@@ -110,9 +117,19 @@ pub async fn run(
     preload: Vec<vspc_backend_api::VmRecord>,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), String> {
-    let opener = ConsoleOpener::start(Arc::downgrade(&hub), hub.config().interface)
-        .map_err(|e| format!("cannot start accepting console connections: {e}"))?;
-    hub.set_opener(Box::new(opener));
+    let mut listeners = listeners;
+    let cluster = listeners.cluster.take();
+    let opener: Box<dyn crate::hub::PortOpener> = match &cluster {
+        Some((c, _)) => c.opener(hub.config().interface),
+        None => ConsoleOpener::start(Arc::downgrade(&hub), hub.config().interface)
+            .map(|o| Box::new(o) as Box<dyn crate::hub::PortOpener>),
+    }
+    .map_err(|e| format!("cannot start accepting console connections: {e}"))?;
+    hub.set_opener(opener);
+    let cluster = cluster.map(|(c, incoming)| {
+        c.start(&hub, incoming);
+        c
+    });
     let failed = hub.preload(preload, Instant::now());
     if failed > 0 {
         tracing::warn!(failed, "some persisted console ports could not be reopened");
@@ -161,6 +178,9 @@ pub async fn run(
     });
     shutdown.await;
     doors.shutdown().await;
+    if let Some(c) = cluster {
+        c.leave().await;
+    }
     Ok(())
 }
 
@@ -216,6 +236,7 @@ mod tests {
             admin,
             http: None,
             ssh: None,
+            cluster: None,
         };
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
         let server = tokio::spawn(run(hub, cfg, listeners, Vec::new(), async {

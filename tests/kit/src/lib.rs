@@ -34,6 +34,7 @@ pub mod launcher;
 pub mod ports;
 mod process;
 pub mod raw;
+pub mod redis;
 pub mod sim;
 pub mod tls;
 pub mod wait;

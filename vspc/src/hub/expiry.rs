@@ -26,6 +26,9 @@ impl Hub {
                 .collect()
         };
         for (cookie, p) in stale {
+            if let Some(c) = self.cluster.get() {
+                c.vmotion_ended(&p.vm.uuid, &p.seq);
+            }
             let mut st = p.vm.lock();
             if st.vmotion.as_deref() == Some(&cookie[..]) {
                 st.vmotion = None;
@@ -76,6 +79,9 @@ impl Hub {
         for vm in expired {
             let rec = vm.record();
             tracing::info!(vm = %rec.name, port = ?rec.port, "VM mapping expired; port returned to the pool");
+            if let Some(c) = self.cluster.get() {
+                c.expired(&rec.uuid);
+            }
             self.backend.vm_expired(rec);
         }
     }

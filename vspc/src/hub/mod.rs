@@ -32,6 +32,7 @@ use tokio::sync::Notify;
 use vspc_backend_api::ffi::FfiRecord;
 use vspc_backend_api::VmRecord;
 
+mod cluster;
 mod consoles;
 mod expiry;
 mod fanout;
@@ -39,6 +40,7 @@ mod registry;
 pub mod replay;
 mod vmotion;
 
+pub use cluster::{ClusterHooks, HookFuture, RemotePeer, RemoteVm};
 use fanout::flush_held;
 pub use fanout::Blocker;
 
@@ -432,6 +434,8 @@ pub enum AttachError {
     LockFailed { name: String, why: &'static str },
     #[error("VM {name} expired")]
     Gone { name: String },
+    #[error("cannot open console port {port}: {why}")]
+    PortFailed { port: u16, why: String },
 }
 
 /// Why [`Hub::lookup`] found no VM.
@@ -484,6 +488,8 @@ pub struct Hub {
     /// VM connections not yet identified (no DO-PROXY with a uuid, no valid
     /// VMOTION-PEER yet): `--max-unidentified` caps them at accept.
     unidentified: AtomicUsize,
+    /// Cluster mode's hook (`--cluster`); unset on a single node.
+    cluster: OnceLock<Arc<dyn ClusterHooks>>,
 }
 
 impl Hub {
@@ -498,6 +504,7 @@ impl Hub {
             metrics: Metrics::default(),
             addrs: Mutex::new(HashMap::new()),
             unidentified: AtomicUsize::new(0),
+            cluster: OnceLock::new(),
         })
     }
 

@@ -93,17 +93,79 @@ impl Hub {
         Err(AttachError::NoPort { start })
     }
 
+    /// Create a VM entry on console port `port` exactly (cluster mode: the
+    /// port the cluster gave it).
+    pub(super) fn create_at(
+        &self,
+        reg: &mut Registry,
+        id: &Identity,
+        port: u16,
+    ) -> Result<Arc<Vm>, AttachError> {
+        if reg.ports.contains(&port) {
+            return Err(AttachError::PortFailed {
+                port,
+                why: "another VM here holds it".into(),
+            });
+        }
+        let vm = new_vm(
+            id.key.clone(),
+            id.uuid.clone(),
+            Some(port),
+            id.name.clone(),
+            None,
+        );
+        let guard = self
+            .open_port(&vm, port)
+            .map_err(|e| AttachError::PortFailed {
+                port,
+                why: e.to_string(),
+            })?;
+        vm.lock().listener = Some(guard);
+        reg.ports.insert(port);
+        Ok(vm)
+    }
+
     /// Make `peer` the connection of the VM `id` names, creating the entry
     /// (and its console port) on first sight. A connection the VM had
     /// before is closed: the newest one wins (a host restart leaves the old
     /// socket half-open).
     pub fn attach_vm(&self, id: &Identity, peer: Attached) -> Result<Arc<Vm>, AttachError> {
+        self.attach_vm_at(id, peer, None)
+    }
+
+    /// [`Hub::attach_vm`], with the console port the cluster gave the VM
+    /// (`Some`): an entry here on another port is replaced by one on it.
+    pub fn attach_vm_at(
+        &self,
+        id: &Identity,
+        peer: Attached,
+        port: Option<u16>,
+    ) -> Result<Arc<Vm>, AttachError> {
         let addr = self.addr_of(peer.id);
         let mut reg = self.reg();
+        let existing = reg.vms.get(&id.key).cloned();
+        if let (Some(old), Some(port)) = (&existing, port) {
+            if old.port != Some(port) {
+                reg.vms.remove(&id.key);
+                if let Some(p) = old.port {
+                    reg.ports.remove(&p);
+                }
+                self.retire(
+                    old,
+                    &format!(
+                        "this VM's console port moved to {port} (a cluster conflict was settled)"
+                    ),
+                    false,
+                );
+            }
+        }
         let (vm, renamed) = match reg.vms.get(&id.key) {
             Some(vm) => (vm.clone(), vm.name() != id.name),
             None => {
-                let vm = self.create(&mut reg, id)?;
+                let vm = match port {
+                    Some(p) => self.create_at(&mut reg, id, p)?,
+                    None => self.create(&mut reg, id)?,
+                };
                 reg.vms.insert(id.key.clone(), vm.clone());
                 (vm, true)
             }
@@ -178,6 +240,9 @@ impl Hub {
         drop(st);
         let rec = vm.record();
         tracing::info!(vm = %rec.name, "VM disconnected; its port and consoles stay");
+        if let Some(c) = self.cluster.get() {
+            c.disconnected(&rec.uuid);
+        }
         self.backend.vm_disconnected(rec);
     }
 
@@ -190,13 +255,28 @@ impl Hub {
         let old = vm.set_name(&mut st, name.to_string());
         drop(st);
         tracing::info!(vm = %name, old = %old, "VM renamed");
+        if let Some(c) = self.cluster.get() {
+            c.renamed(&vm.uuid, name);
+        }
         self.backend.vm_renamed(vm.record(), old);
     }
 
-    /// Every VM the hub knows, as listing rows.
+    /// Every VM the hub knows, as listing rows; in cluster mode, the VMs
+    /// other nodes hold too.
     pub fn records(&self) -> Vec<VmRecord> {
         let vms: Vec<Arc<Vm>> = self.reg().vms.values().cloned().collect();
         let mut rows: Vec<VmRecord> = vms.iter().map(|v| v.record()).collect();
+        if let Some(c) = self.cluster.get() {
+            let here: std::collections::HashSet<&str> =
+                vms.iter().map(|v| v.uuid.as_str()).collect();
+            let remote: Vec<VmRecord> = c
+                .remote_vms()
+                .into_iter()
+                .filter(|r| !here.contains(r.record.uuid.as_str()))
+                .map(|r| r.record)
+                .collect();
+            rows.extend(remote);
+        }
         rows.sort_by(|a, b| a.name.cmp(&b.name).then(a.uuid.cmp(&b.uuid)));
         rows
     }

@@ -42,6 +42,9 @@ impl Hub {
         st.held_bytes += backlog.iter().map(|b| b.len()).sum::<usize>();
         st.held.splice(0..0, backlog);
         st.vmotion = Some(cookie.clone());
+        if let Some(c) = self.cluster.get() {
+            c.vmotion_begun(&vm.uuid, seq, &secret);
+        }
         self.vmotions().insert(
             cookie.clone(),
             Pending {
@@ -92,6 +95,9 @@ impl Hub {
         };
         self.metrics.vmotion(Vmotion::Complete);
         self.metrics.complete.observe(started.elapsed());
+        if let Some(c) = self.cluster.get() {
+            c.vmotion_ended(&vm.uuid, seq);
+        }
         st.vmotion = None;
         let old = st.active.replace(dest.clone());
         st.connected_since.get_or_insert_with(SystemTime::now);
@@ -120,6 +126,9 @@ impl Hub {
             return false;
         };
         if let Some(p) = self.vmotions().remove(&cookie) {
+            if let Some(c) = self.cluster.get() {
+                c.vmotion_ended(&vm.uuid, &p.seq);
+            }
             if let Some(d) = p.dest {
                 d.outbox.close(None);
             }

@@ -218,6 +218,67 @@ impl ConsoleSession {
         self.audit.as_ref().map(|g| g.id())
     }
 
+    /// Where the session stands with its client, for a session that takes
+    /// the client over (cluster mode: its VM moved to another node): `raw`,
+    /// `telnet-LR` (L, R: BINARY agreed out and in, `1` or `0`), or empty
+    /// while the client is not yet told apart.
+    pub fn resume_token(&self) -> String {
+        match self.mode {
+            Mode::Raw => "raw".into(),
+            Mode::Telnet => format!(
+                "telnet-{}{}",
+                u8::from(self.neg.local(opt::BINARY)),
+                u8::from(self.neg.remote(opt::BINARY))
+            ),
+            Mode::Silent | Mode::Offered => String::new(),
+        }
+    }
+
+    /// Take over a client another session served, in the state
+    /// [`Self::resume_token`] gave: nothing is negotiated again (a telnet
+    /// client does not answer offers of what is on already). Call right
+    /// after joining with [`ConsoleProtocol::Auto`]; an unknown or empty
+    /// token leaves the session as it is.
+    pub fn resume(&mut self, token: &str) {
+        let (local, remote) = match token {
+            "raw" => {
+                self.mode = Mode::Raw;
+                self.past = None;
+                self.detect_at = None;
+                self.peer.outbox.set_encoding(Encoding::Raw);
+                return;
+            }
+            "telnet-11" => (true, true),
+            "telnet-10" => (true, false),
+            "telnet-01" => (false, true),
+            "telnet-00" => (false, false),
+            _ => return,
+        };
+        // The offer as the first session made it, answered as the client
+        // answered it; every reply is dropped (the client has had them).
+        let mut scratch = Vec::new();
+        offer(&mut self.neg, &mut scratch);
+        use crate::wire::Verb;
+        for (verb, o) in [
+            (Verb::Do, opt::ECHO),
+            (Verb::Do, opt::SGA),
+            (if local { Verb::Do } else { Verb::Dont }, opt::BINARY),
+            (if remote { Verb::Will } else { Verb::Wont }, opt::BINARY),
+            (Verb::Will, opt::SGA),
+        ] {
+            let _ = self.neg.receive(verb, o, &mut scratch);
+        }
+        self.mode = Mode::Telnet;
+        self.past = None;
+        self.detect_at = None;
+        self.nvt_in = !remote;
+        self.peer.outbox.set_encoding(if local {
+            Encoding::Telnet
+        } else {
+            Encoding::Nvt
+        });
+    }
+
     /// What the console was granted.
     pub fn access(&self) -> Access {
         self.access
@@ -471,6 +532,53 @@ mod tests {
         c.on_deadline(t0 + DETECT_WINDOW + ANSWER_WAIT);
         assert_eq!(c.deadline(), None);
         assert_eq!(written(&out).0, b"boot\xff", "raw after no answer");
+    }
+
+    #[test]
+    fn a_resumed_session_takes_the_client_over_without_negotiating() {
+        let (h, vm, vm_peer) = vm();
+        let t0 = Instant::now();
+        // A telnet client in binary both ways, taken over.
+        let mut first = join(&h, &vm, ConsoleProtocol::Telnet, t0);
+        for (verb, o) in [
+            (b'\xfd', 1u8),
+            (b'\xfd', 3),
+            (b'\xfd', 0),
+            (b'\xfb', 0),
+            (b'\xfb', 3),
+        ] {
+            first.on_input(&[IAC, verb, o], t0);
+        }
+        assert_eq!(first.resume_token(), "telnet-11");
+        let mut next = join(&h, &vm, ConsoleProtocol::Auto, t0);
+        next.resume(&first.resume_token());
+        assert_eq!(next.deadline(), None, "nothing left to tell apart");
+        assert_eq!(written(&next.outbox()).0, b"", "no offer again");
+        h.vm_output(
+            &vm,
+            vm_conn(&h, &vm),
+            bytes::Bytes::from_static(b"a\xffb\r"),
+        );
+        assert_eq!(
+            written(&next.outbox()).0,
+            b"a\xff\xffb\r",
+            "binary telnet output"
+        );
+        next.on_input(b"x\xff\xffy\r\n", t0);
+        assert_eq!(
+            written(&vm_peer.outbox).0,
+            b"x\xff\xffy\r\n",
+            "binary input, IAC undoubled then escaped for the VM"
+        );
+        // A raw client, taken over: bytes as they are.
+        let mut raw = join(&h, &vm, ConsoleProtocol::Auto, t0);
+        raw.resume("raw");
+        assert_eq!(raw.resume_token(), "raw");
+        h.vm_output(&vm, vm_conn(&h, &vm), bytes::Bytes::from_static(b"\xff\r"));
+        assert_eq!(written(&raw.outbox()).0, b"\xff\r");
+        // Not yet told apart: nothing to resume, told apart as usual.
+        let silent = join(&h, &vm, ConsoleProtocol::Auto, t0);
+        assert_eq!(silent.resume_token(), "");
     }
 
     /// The VM's connection id (the hub's `vm_output` wants it).

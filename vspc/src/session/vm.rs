@@ -8,7 +8,7 @@
 //! DO-PROXY (§4.2).
 
 use super::{Flow, Session, WaitFuture};
-use crate::hub::{Attached, Begin, Fanout, Hub, Identity, Vm};
+use crate::hub::{Attached, Begin, Fanout, HookFuture, Hub, Identity, RemotePeer, Vm};
 use crate::vmware::{Msg, VmUuid, PROXY_KNOWN_SUBOPTIONS};
 use crate::wire::{opt, Change, Decoder, Event, Negotiator, OptionSet, Verb};
 use bytes::Bytes;
@@ -64,6 +64,9 @@ enum Link {
         cookie: Vec<u8>,
         seq: Vec<u8>,
     },
+    /// Cluster mode: a vMotion destination whose source is another node
+    /// (its ticket taken from the control plane); waits for COMPLETE.
+    RemoteDestination(Box<RemotePeer>),
     /// Lost the VM to a newer connection or a completed vMotion.
     Retired,
 }
@@ -103,6 +106,29 @@ pub struct VmSession {
     /// Counted among the hub's unidentified connections
     /// ([`Hub::unidentified`]) until identified or closed.
     unidentified: bool,
+    /// Cluster mode: what this connection waits for from the control
+    /// plane before it goes on (reading pauses meanwhile).
+    claiming: Option<Box<Claiming>>,
+}
+
+/// A call to the cluster under way.
+enum Claiming {
+    /// The port of the VM `id`, before it attaches.
+    Port {
+        id: Identity,
+        port: HookFuture<Result<u16, String>>,
+    },
+    /// A VMOTION-PEER whose cookie no local vMotion has: another node's
+    /// ticket, if any.
+    Peer {
+        peer: HookFuture<Result<Option<RemotePeer>, String>>,
+    },
+    /// VMOTION-COMPLETE of a vMotion from another node: the VM's name and
+    /// port, claimed for this node.
+    Complete {
+        from: Box<RemotePeer>,
+        claim: HookFuture<Result<(String, u16), String>>,
+    },
 }
 
 /// Output of `vm` waits in its backlog; `wait` delivers it.
@@ -137,6 +163,7 @@ impl VmSession {
             output: Vec::new(),
             pace: None,
             unidentified: true,
+            claiming: None,
         };
         s.hub.unidentified_opened();
         // The capture's opening: WILL BINARY, SGA, ECHO; DO BINARY, SGA, 232.
@@ -431,7 +458,7 @@ impl VmSession {
     }
 
     fn try_identify(&mut self, now: Instant) {
-        if !matches!(self.link, Link::Handshake) {
+        if !matches!(self.link, Link::Handshake) || self.claiming.is_some() {
             return;
         }
         let (Some(uri), Some(uuid)) = (&self.proxy_uri, &self.uuid) else {
@@ -455,7 +482,16 @@ impl VmSession {
             }
         };
         self.name_deadline = None;
-        match self.hub.attach_vm(&id, self.peer.clone()) {
+        if let Some(port) = self.hub.cluster_claim(&id) {
+            self.claiming = Some(Box::new(Claiming::Port { id, port }));
+            return;
+        }
+        self.attach(id, None);
+    }
+
+    /// Attach as `id` (on `port` in cluster mode).
+    fn attach(&mut self, id: Identity, port: Option<u16>) {
+        match self.hub.attach_vm_at(&id, self.peer.clone(), port) {
             Ok(vm) => {
                 // Output an earlier connection left in the backlog is this
                 // one's to see delivered.
@@ -488,7 +524,7 @@ impl VmSession {
                 }
                 self.output.extend_from_slice(data);
             }
-            Link::Handshake | Link::Destination { .. } => {
+            Link::Handshake | Link::Destination { .. } | Link::RemoteDestination(_) => {
                 if self.early.len() + data.len() <= EARLY_LIMIT {
                     self.early.extend_from_slice(data);
                 } else if !self.early_dropped {
@@ -537,14 +573,37 @@ impl VmSession {
                 self.identify_deadline = None;
                 self.identified();
             }
-            None => tracing::warn!(
-                conn = self.peer.id,
-                "VMOTION-PEER with an unknown or wrong cookie; not answering"
-            ),
+            None => match self.hub.cluster() {
+                Some(c) => {
+                    let peer = c.remote_peer(cookie);
+                    self.claiming = Some(Box::new(Claiming::Peer { peer }));
+                }
+                None => tracing::warn!(
+                    conn = self.peer.id,
+                    "VMOTION-PEER with an unknown or wrong cookie; not answering"
+                ),
+            },
         }
     }
 
     fn on_complete(&mut self, seq: &[u8]) {
+        if let Link::RemoteDestination(p) = &self.link {
+            if seq != p.seq.as_slice() {
+                tracing::warn!(
+                    conn = self.peer.id,
+                    "VMOTION-COMPLETE does not match the pending vMotion; ignored"
+                );
+                return;
+            }
+            let Some(c) = self.hub.cluster() else { return };
+            let claim = c.claim_moved(&p.uuid);
+            let Link::RemoteDestination(from) = std::mem::replace(&mut self.link, Link::Handshake)
+            else {
+                return;
+            };
+            self.claiming = Some(Box::new(Claiming::Complete { from, claim }));
+            return;
+        }
         let Link::Destination {
             vm,
             cookie,
@@ -576,6 +635,89 @@ impl VmSession {
     }
 }
 
+impl VmSession {
+    /// Drive the cluster call under way; `Ready` once it is answered (and
+    /// its answer acted on).
+    fn poll_claim(&mut self, cx: &mut Context<'_>) -> Poll<()> {
+        let Some(c) = self.claiming.as_mut() else {
+            return Poll::Ready(());
+        };
+        match &mut **c {
+            Claiming::Port { port, .. } => {
+                let Poll::Ready(got) = port.as_mut().poll(cx) else {
+                    return Poll::Pending;
+                };
+                if let Some(Claiming::Port { id, .. }) = self.claiming.take().map(|b| *b) {
+                    match got {
+                        Ok(port) => self.attach(id, Some(port)),
+                        Err(e) => {
+                            tracing::error!(vm = %id.name, error = %e, "cannot serve VM; closing its connection");
+                            self.closing = true;
+                        }
+                    }
+                }
+            }
+            Claiming::Peer { peer } => {
+                let Poll::Ready(got) = peer.as_mut().poll(cx) else {
+                    return Poll::Pending;
+                };
+                self.claiming = None;
+                match got {
+                    Ok(Some(p)) => {
+                        tracing::info!(uuid = %p.uuid, source = %p.node, conn = self.peer.id, "vMotion destination for another node's VM connected; sent PEER-OK");
+                        self.send(Msg::VmotionPeerOk(&p.seq));
+                        self.link = Link::RemoteDestination(Box::new(p));
+                        self.identify_deadline = None;
+                        self.identified();
+                    }
+                    Ok(None) => tracing::warn!(
+                        conn = self.peer.id,
+                        "VMOTION-PEER with an unknown or wrong cookie (here and in the cluster); not answering"
+                    ),
+                    Err(e) => tracing::warn!(
+                        conn = self.peer.id,
+                        error = %e,
+                        "VMOTION-PEER: cannot ask the cluster for the vMotion; not answering"
+                    ),
+                }
+            }
+            Claiming::Complete { claim, .. } => {
+                let Poll::Ready(got) = claim.as_mut().poll(cx) else {
+                    return Poll::Pending;
+                };
+                let Some(Claiming::Complete { from, .. }) = self.claiming.take().map(|b| *b) else {
+                    return Poll::Ready(());
+                };
+                match got {
+                    Ok((name, port)) => {
+                        let name = match &self.name {
+                            Some(n) => self.compose_name(n),
+                            None => name,
+                        };
+                        let id = Identity {
+                            key: VmUuid::key_of(&from.uuid).unwrap_or_else(|| from.uuid.clone()),
+                            uuid: from.uuid.clone(),
+                            name,
+                        };
+                        self.attach(id, Some(port));
+                        if matches!(self.link, Link::Active(_)) {
+                            self.handshake_deadline = None;
+                            if let Some(c) = self.hub.cluster() {
+                                c.took_over(&from.uuid, &from.node);
+                            }
+                        }
+                    }
+                    Err(e) => {
+                        tracing::error!(uuid = %from.uuid, error = %e, "vMotion from another node: cannot take the VM over; closing the destination");
+                        self.closing = true;
+                    }
+                }
+            }
+        }
+        Poll::Ready(())
+    }
+}
+
 impl Session for VmSession {
     fn on_input(&mut self, data: &[u8], now: Instant) -> Flow {
         let mut decoder = std::mem::take(&mut self.decoder);
@@ -592,6 +734,14 @@ impl Session for VmSession {
     /// [`crate::hub::VM_HOLD`], so its control messages are still seen
     /// while its consoles hold its output back.
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<()> {
+        if self.claiming.is_some() {
+            if self.poll_claim(cx).is_pending() {
+                return Poll::Pending;
+            }
+            if let Flow::Close = self.finish() {
+                self.peer.outbox.close(None);
+            }
+        }
         if let Some(p) = self.pace.as_mut() {
             if p.wait.as_mut().poll(cx).is_ready() {
                 self.pace = None;
@@ -651,7 +801,7 @@ impl Session for VmSession {
         match std::mem::replace(&mut self.link, Link::Retired) {
             Link::Active(vm) => self.hub.detach_vm(&vm, self.peer.id, now),
             Link::Destination { cookie, .. } => self.hub.vmotion_dest_closed(&cookie, self.peer.id),
-            Link::Handshake | Link::Retired => {}
+            Link::Handshake | Link::Retired | Link::RemoteDestination(_) => {}
         }
     }
 }

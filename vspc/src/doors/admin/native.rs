@@ -20,12 +20,13 @@
 //! (with `"known"`: the VM names), `lock_invalid`, `lock_failed`.
 
 use crate::config::shell_words;
-use crate::hub::{ConsoleProtocol, Hub, LockMode};
+use crate::hub::{ConsoleProtocol, Hub, LockMode, RemoteVm};
 use crate::net::conn::{serve_console, Stream};
 use crate::session::console::ConsoleSession;
 use crate::session::open::{self, Find, History, Opened, Request};
 use crate::session::Session;
 use serde_json::{json, Value};
+use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -309,7 +310,25 @@ fn stats(hub: &Hub) -> Value {
 
 /// A listing row with what the hub knows beyond the record.
 fn row(hub: &Hub, r: &VmRecord) -> Value {
+    let remote: HashMap<String, RemoteVm> = HashMap::new();
+    row_with(hub, r, &remote)
+}
+
+/// [`row`], with the VMs other nodes of the cluster hold (by uuid).
+fn row_with(hub: &Hub, r: &VmRecord, remote: &HashMap<String, RemoteVm>) -> Value {
     let vm = hub.find(&r.uuid);
+    if vm.is_none() {
+        if let Some(other) = remote.get(&r.uuid) {
+            return json!({
+                "name": r.name,
+                "uuid": r.uuid,
+                "port": r.port,
+                "vm_connected": other.connected,
+                "consoles": 0,
+                "node": other.node,
+            });
+        }
+    }
     json!({
         "name": r.name,
         "uuid": r.uuid,
@@ -322,7 +341,17 @@ fn row(hub: &Hub, r: &VmRecord) -> Value {
 async fn listing(hub: &Hub) -> Vec<Value> {
     let mut rows = hub.listing().await;
     rows.sort_by(|a, b| a.name.cmp(&b.name).then(a.uuid.cmp(&b.uuid)));
-    rows.iter().map(|r| row(hub, r)).collect()
+    // Cluster mode: other nodes' VMs carry their node.
+    let remote: HashMap<String, RemoteVm> = hub
+        .cluster()
+        .map(|c| {
+            c.remote_vms()
+                .into_iter()
+                .map(|v| (v.record.uuid.clone(), v))
+                .collect()
+        })
+        .unwrap_or_default();
+    rows.iter().map(|r| row_with(hub, r, &remote)).collect()
 }
 
 fn error(code: &str, msg: &str) -> Value {

@@ -324,6 +324,7 @@ pub fn router(hub: Arc<Hub>, tokens: Option<Arc<Tokens>>, hosts: &[String]) -> R
         .route("/healthz", get(healthz))
         .route("/metrics", get(metrics))
         .route("/api/v1/vms", get(list_vms))
+        .route("/api/v1/cluster", get(cluster_nodes))
         .route("/api/v1/vms/{vm}", get(one_vm))
         .route("/api/v1/vms/{vm}/clear", post(clear_vm))
         .route("/api/v1/vms/{vm}/recent", get(recent))
@@ -612,11 +613,15 @@ async fn healthz(State(app): State<App>) -> Response {
 }
 
 async fn metrics(State(app): State<App>) -> Response {
-    (
-        [(header::CONTENT_TYPE, prometheus::CONTENT_TYPE)],
-        prometheus::render(&app.hub),
-    )
-        .into_response()
+    let mut text = prometheus::render(&app.hub);
+    if let Some(c) = app.hub.cluster() {
+        let extra = c.metrics_text();
+        match text.rfind("# EOF") {
+            Some(at) => text.insert_str(at, &extra),
+            None => text.push_str(&extra),
+        }
+    }
+    ([(header::CONTENT_TYPE, prometheus::CONTENT_TYPE)], text).into_response()
 }
 
 /// One VM as JSON: the admin listing's fields and the connection's facts.
@@ -635,8 +640,49 @@ fn vm_json(s: &VmStatus) -> Value {
 }
 
 async fn list_vms(State(app): State<App>) -> Response {
-    let vms: Vec<Value> = app.hub.vms().iter().map(|v| vm_json(&v.status())).collect();
+    let Some(cluster) = app.hub.cluster() else {
+        let vms: Vec<Value> = app.hub.vms().iter().map(|v| vm_json(&v.status())).collect();
+        return Json(json!({ "vms": vms })).into_response();
+    };
+    // Cluster mode: every VM of the cluster, each with its node.
+    let local = app.hub.vms();
+    let here: std::collections::HashSet<&str> = local.iter().map(|v| v.uuid.as_str()).collect();
+    let mut rows: Vec<(String, String, Value)> = local
+        .iter()
+        .map(|v| {
+            let s = v.status();
+            let mut j = vm_json(&s);
+            j["node"] = json!(cluster.node());
+            (s.record.name, s.record.uuid, j)
+        })
+        .collect();
+    for r in cluster.remote_vms() {
+        if here.contains(r.record.uuid.as_str()) {
+            continue;
+        }
+        let j = json!({
+            "name": r.record.name,
+            "uuid": r.record.uuid,
+            "port": r.record.port,
+            "vm_connected": r.connected,
+            "node": r.node,
+        });
+        rows.push((r.record.name, r.record.uuid, j));
+    }
+    rows.sort_by(|a, b| a.0.cmp(&b.0).then(a.1.cmp(&b.1)));
+    let vms: Vec<Value> = rows.into_iter().map(|r| r.2).collect();
     Json(json!({ "vms": vms })).into_response()
+}
+
+/// `GET /api/v1/cluster`: the cluster's nodes (404 on a single node).
+async fn cluster_nodes(State(app): State<App>) -> Response {
+    match app.hub.cluster() {
+        Some(c) => Json(c.describe()).into_response(),
+        None => error(
+            StatusCode::NOT_FOUND,
+            "this vspc is a single node (start it with --cluster to join a cluster)",
+        ),
+    }
 }
 
 fn unknown_vm(what: &str) -> Response {
@@ -662,7 +708,35 @@ pub fn lookup_failed(what: &str, why: crate::hub::Lookup) -> Response {
 
 async fn one_vm(State(app): State<App>, Path(vm): Path<String>) -> Response {
     match app.hub.lookup(&vm) {
-        Ok(v) => Json(vm_json(&v.status())).into_response(),
+        Ok(v) => {
+            let mut j = vm_json(&v.status());
+            if let Some(c) = app.hub.cluster() {
+                j["node"] = json!(c.node());
+            }
+            Json(j).into_response()
+        }
+        Err(crate::hub::Lookup::NotFound) => {
+            // Cluster mode: a VM another node holds, by uuid or name.
+            let key = crate::vmware::VmUuid::key_of(&vm);
+            let other = app.hub.cluster().and_then(|c| {
+                c.remote_vms().into_iter().find(|r| {
+                    r.record.uuid == vm
+                        || (key.is_some() && crate::vmware::VmUuid::key_of(&r.record.uuid) == key)
+                        || r.record.name == vm
+                })
+            });
+            match other {
+                Some(r) => Json(json!({
+                    "name": r.record.name,
+                    "uuid": r.record.uuid,
+                    "port": r.record.port,
+                    "vm_connected": r.connected,
+                    "node": r.node,
+                }))
+                .into_response(),
+                None => lookup_failed(&vm, crate::hub::Lookup::NotFound),
+            }
+        }
         Err(why) => lookup_failed(&vm, why),
     }
 }
@@ -731,6 +805,24 @@ async fn console_log(
         }
     };
     let Some(vm) = app.hub.find(&uuid) else {
+        // Cluster mode: the node holding the VM answers, over the link.
+        if let Some(c) = app.hub.cluster() {
+            return match c.remote_log(&uuid, max).await {
+                Ok(Some(log)) => (
+                    [(header::CONTENT_TYPE, "application/octet-stream")],
+                    axum::body::Body::new(LogBody {
+                        rest: bytes::Bytes::from(log),
+                        _slot: slot,
+                    }),
+                )
+                    .into_response(),
+                Ok(None) => unknown_vm(&uuid),
+                Err(e) => error(
+                    StatusCode::BAD_GATEWAY,
+                    format!("the node holding VM {uuid:?} did not answer: {e}"),
+                ),
+            };
+        }
         return unknown_vm(&uuid);
     };
     // No backend keeps a transcript: the replay ring is the log.

@@ -1,0 +1,195 @@
+//! The hub's side of cluster mode (`--cluster`): a narrow hook the cluster
+//! module installs once. Without it (a single node) nothing here runs and
+//! every path is the one it always was.
+//!
+//! The hub tells the hook what happens to its VMs (claimed, disconnected,
+//! renamed, expired, a vMotion begun or ended) and asks it for the VMs
+//! other nodes hold (listings). The hook tells the hub, through the
+//! methods below, when a VM was taken by another node or its port moved.
+
+use super::*;
+use std::future::Future;
+use std::pin::Pin;
+
+/// A boxed future the hook returns.
+pub type HookFuture<T> = Pin<Box<dyn Future<Output = T> + Send + 'static>>;
+
+/// A VM another node of the cluster holds, as listings show it.
+#[derive(Debug, Clone)]
+pub struct RemoteVm {
+    pub record: VmRecord,
+    /// The node holding it.
+    pub node: String,
+    /// Its ESXi connection is up (on that node).
+    pub connected: bool,
+}
+
+/// A vMotion whose source is another node, as its ticket says.
+#[derive(Debug, Clone)]
+pub struct RemotePeer {
+    pub uuid: String,
+    /// The source node.
+    pub node: String,
+    /// The sequence to answer PEER-OK and expect COMPLETE with.
+    pub seq: Vec<u8>,
+}
+
+/// What a cluster does for the hub.
+pub trait ClusterHooks: Send + Sync {
+    /// This node's name (`--node-name`).
+    fn node(&self) -> &str;
+    /// A VM identified here: its port, unique across the cluster (the
+    /// control plane's, or a local one while it is down).
+    fn claim(
+        &self,
+        uuid: &str,
+        name: &str,
+        preferred: Option<u16>,
+    ) -> HookFuture<Result<u16, String>>;
+    /// The VM's ESXi connection closed here.
+    fn disconnected(&self, uuid: &str);
+    /// The VM sent a new name.
+    fn renamed(&self, uuid: &str, name: &str);
+    /// The VM expired here.
+    fn expired(&self, uuid: &str);
+    /// VMOTION-BEGIN answered with GOAHEAD `cookie` (sequence + secret).
+    fn vmotion_begun(&self, uuid: &str, seq: &[u8], secret: &[u8]);
+    /// The vMotion of `seq` ended (complete, aborted, timed out).
+    fn vmotion_ended(&self, uuid: &str, seq: &[u8]);
+    /// A VMOTION-PEER whose cookie no local vMotion has: the vMotion of
+    /// another node it names, if that node stored a ticket for it.
+    fn remote_peer(&self, cookie: &[u8]) -> HookFuture<Result<Option<RemotePeer>, String>>;
+    /// VMOTION-COMPLETE of such a vMotion: the VM is claimed for this node
+    /// (name and port).
+    fn claim_moved(&self, uuid: &str) -> HookFuture<Result<(String, u16), String>>;
+    /// The VM `uuid` attached here after a vMotion from node `from`: that
+    /// node lets go of it and hands over the console input it held.
+    fn took_over(&self, uuid: &str, from: &str);
+    /// The VMs other nodes hold (not this one).
+    fn remote_vms(&self) -> Vec<RemoteVm>;
+    /// The cluster's nodes, for `GET /api/v1/cluster`.
+    fn describe(&self) -> serde_json::Value;
+    /// The cluster's lines of `/metrics` (Prometheus text).
+    fn metrics_text(&self) -> String;
+    /// The recent console output of a VM another node holds (`None`: no
+    /// such VM elsewhere, or no log).
+    fn remote_log(&self, uuid: &str, max: usize) -> HookFuture<Result<Option<Vec<u8>>, String>>;
+}
+
+impl Hub {
+    /// Install the cluster's hook (once, at start-up).
+    pub fn set_cluster(&self, hooks: Arc<dyn ClusterHooks>) {
+        if self.cluster.set(hooks).is_err() {
+            tracing::error!("cluster hook installed twice; keeping the first");
+        }
+    }
+
+    /// The cluster's hook, in cluster mode.
+    pub fn cluster(&self) -> Option<&Arc<dyn ClusterHooks>> {
+        self.cluster.get()
+    }
+
+    /// In cluster mode, the claim of `id`'s port to wait for before
+    /// [`Hub::attach_vm_at`]; `None` on a single node (attach at once).
+    pub fn cluster_claim(&self, id: &Identity) -> Option<HookFuture<Result<u16, String>>> {
+        let c = self.cluster.get()?;
+        if !self.cfg.vm_ports {
+            return None;
+        }
+        let preferred = self.reg().vms.get(&id.key).and_then(|v| v.port);
+        Some(c.claim(&id.uuid, &id.name, preferred))
+    }
+
+    /// The local VM on console port `port`.
+    pub fn vm_on_port(&self, port: u16) -> Option<Arc<Vm>> {
+        let reg = self.reg();
+        if !reg.ports.contains(&port) {
+            return None;
+        }
+        reg.vms.values().find(|v| v.port == Some(port)).cloned()
+    }
+
+    /// Whether a local VM holds console port `port`.
+    pub fn port_in_use(&self, port: u16) -> bool {
+        self.reg().ports.contains(&port)
+    }
+
+    /// Take the console input held for `uuid`'s pending vMotion (escaped,
+    /// as it goes to the VM).
+    pub fn take_held_input(&self, uuid: &str) -> Vec<u8> {
+        let Some(vm) = self.find(uuid) else {
+            return Vec::new();
+        };
+        let mut st = vm.lock();
+        st.held_bytes = 0;
+        st.held.drain(..).flat_map(|b| b.to_vec()).collect()
+    }
+
+    /// Queue console input (escaped) for `uuid`'s connection here: what
+    /// another node held during a vMotion to this one.
+    pub fn deliver_held_input(&self, uuid: &str, data: Bytes) -> bool {
+        let Some(vm) = self.find(uuid) else {
+            return false;
+        };
+        let st = vm.lock();
+        match &st.active {
+            Some(a) => a.outbox.push_always(data),
+            None => false,
+        }
+    }
+
+    /// The VM `uuid` is another node's now (a newer connection there, or
+    /// a vMotion to it): its connection here is closed, and its entry
+    /// goes, with its consoles told `why` (or, `quiet`, closed without a
+    /// word: they follow the VM). Returns whether it was here.
+    pub fn let_go(&self, uuid: &str, why: &str, quiet: bool) -> bool {
+        let vm = {
+            let mut reg = self.reg();
+            let Some(key) = reg
+                .vms
+                .iter()
+                .find(|(_, v)| v.uuid == uuid)
+                .map(|(k, _)| k.clone())
+            else {
+                return false;
+            };
+            let Some(vm) = reg.vms.remove(&key) else {
+                return false;
+            };
+            if let Some(port) = vm.port {
+                reg.ports.remove(&port);
+            }
+            let m = &self.metrics;
+            m.retired_out
+                .fetch_add(vm.bytes_from_vm(), Ordering::Relaxed);
+            m.retired_in.fetch_add(vm.bytes_to_vm(), Ordering::Relaxed);
+            vm
+        };
+        self.retire(&vm, why, quiet);
+        true
+    }
+
+    /// Close everything `vm` had: its connection, its consoles (told
+    /// `why`), its listener.
+    pub(super) fn retire(&self, vm: &Vm, why: &str, quiet: bool) {
+        let mut st = vm.lock();
+        st.gone = true;
+        st.listener = None;
+        let active = st.active.take();
+        let consoles = std::mem::take(&mut st.consoles);
+        st.vmotion = None;
+        st.held.clear();
+        st.held_bytes = 0;
+        let name = st.name.clone();
+        drop(st);
+        if let Some(a) = active {
+            a.outbox.close(None);
+        }
+        let msg = (!quiet).then(|| Bytes::from(format!("\r\nvspc: {why}; disconnecting.\r\n")));
+        for c in &consoles {
+            c.peer.outbox.close(msg.clone());
+            self.backend.console_detached(vm.record());
+        }
+        tracing::info!(vm = %name, consoles = consoles.len(), "{why}; let go of the VM here");
+    }
+}
