@@ -374,7 +374,9 @@ async fn held_with_consoles(c: &Nodes, i: usize, name: &str, n: usize) {
 
 #[tokio::test]
 async fn vmotion_from_node_1_to_node_2_keeps_consoles_on_node_3_and_node_1() {
-    let c = Nodes::start(3, &[]);
+    let http = free_port();
+    let http_s = http.to_string();
+    let c = Nodes::start(3, &["--http-port", &http_s]);
     let id = Identity::numbered(1902);
     let src = SimVm::connect(c.node(0).proxy, &id)
         .await
@@ -413,6 +415,12 @@ async fn vmotion_from_node_1_to_node_2_keeps_consoles_on_node_3_and_node_1() {
     assert_eq!(dst.read_exact_data(6, T).await.unwrap(), b"from-1");
     bytes_both_ways(&dst, &far).await;
     assert!(near.closed().is_none() && far.closed().is_none());
+    // The replay ring came along: node 2's holds what the VM said on node 1
+    // before the vMotion, then what it said after.
+    let h2 = SocketAddr::new(node_ip(1).parse().unwrap(), http);
+    let recent = crate::http::get(h2, &format!("/api/v1/vms/{}/recent", id.name)).await;
+    let ring = String::from_utf8_lossy(&recent.body).into_owned();
+    assert!(ring.contains("before-after"), "node 2's ring: {ring:?}");
 }
 
 #[tokio::test]

@@ -1328,7 +1328,23 @@ impl ClusterHooks for Cluster {
         };
         let (link, uuid, from) = (self.link.clone(), uuid.to_string(), from.to_string());
         let me = self.me.clone();
+        let ring = self.hub().map_or(0, |h| h.config().replay_bytes);
         tokio::spawn(async move {
+            // What the VM said on the node it left, fetched while that node
+            // still holds it, goes in front of its replay ring here.
+            if ring > 0 {
+                match link.console_log(&from, &uuid, ring).await {
+                    Ok(Some(older)) => {
+                        if let Some(hub) = me.upgrade().and_then(|c| c.hub()) {
+                            hub.seed_replay(&uuid, &older);
+                        }
+                    }
+                    Ok(None) => {}
+                    Err(e) => {
+                        tracing::info!(%uuid, source = %from, error = %e, "vMotion: the VM's recent output stayed on the node it left")
+                    }
+                }
+            }
             let result = link.handoff(&from, &uuid, epoch, Bytes::new()).await;
             let Some(c) = me.upgrade() else { return };
             match result {

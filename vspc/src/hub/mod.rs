@@ -600,6 +600,22 @@ impl Hub {
             .unwrap_or_default()
     }
 
+    /// Put what VM `uuid` said before it came to this node (its ring on the
+    /// node it left) in front of its replay ring here.
+    pub fn seed_replay(&self, uuid: &str, older: &[u8]) {
+        let cap = self.cfg.replay_bytes;
+        let Some(vm) = self.find(uuid) else {
+            return;
+        };
+        if cap == 0 || older.is_empty() {
+            return;
+        }
+        vm.lock()
+            .replay
+            .get_or_insert_with(Default::default)
+            .prepend(older, cap);
+    }
+
     /// Whether `vm`'s replay ring holds nothing (then a backend's
     /// scrollback is worth fetching).
     pub fn replay_is_empty(&self, vm: &Vm) -> bool {

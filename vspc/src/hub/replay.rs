@@ -60,6 +60,21 @@ impl Ring {
         self.bytes.extend(data);
     }
 
+    /// Put `older` output (said before everything held, e.g. on the node
+    /// a VM came from) in front, keeping the newest `cap` bytes.
+    pub fn prepend(&mut self, older: &[u8], cap: usize) {
+        let room = cap.saturating_sub(self.bytes.len());
+        let keep = older.len().min(room);
+        let dropped = older.len() - keep;
+        if dropped > 0 {
+            self.cut = true;
+            self.before = older[dropped - 1];
+        }
+        for &b in older[dropped..].iter().rev() {
+            self.bytes.push_front(b);
+        }
+    }
+
     /// Bytes held.
     pub fn len(&self) -> usize {
         self.bytes.len()
@@ -149,6 +164,20 @@ mod tests {
         r.push(b"dropped", 4096);
         r.push(&far, far.len());
         assert_eq!(r.replay(), far, "a line break too far in is not sought");
+    }
+
+    #[test]
+    fn older_output_goes_in_front_within_the_cap() {
+        let mut r = Ring::default();
+        r.push(b"new\r\n", 16);
+        r.prepend(b"old line\r\n", 16);
+        assert_eq!(r.contents(), b"old line\r\nnew\r\n");
+        // Only what fits: the newest of the older output.
+        let mut r = Ring::default();
+        r.push(b"0123456789", 12);
+        r.prepend(b"abc\ndef", 12);
+        assert_eq!(r.contents(), b"ef0123456789");
+        assert_eq!(r.replay(), b"ef0123456789", "no line break near the start");
     }
 
     #[test]
