@@ -628,6 +628,8 @@ struct Ctx {
     vmotions_skipped: AtomicU64,
     vm_reconnects: AtomicU64,
     console_reconnects: AtomicU64,
+    /// Consoles closed while their own node was alive.
+    consoles_closed_live: AtomicU64,
     verified: AtomicU64,
     errors: Errors,
     seed: u64,
@@ -682,6 +684,10 @@ struct SoakReport {
     lost_bytes_stayed_connected: u64,
     /// Consoles whose own node was killed (they reconnected elsewhere).
     consoles_reconnected: u64,
+    /// Console connections closed by a node that was alive (after a kill
+    /// of their VM's node: the relayed console did not follow its VM).
+    consoles_closed_by_live_node: u64,
+    console_reconnects: u64,
     /// Output lost to kills: written into a connection that died with its
     /// node, or sent while the console was re-attaching.
     bytes_skipped_across_kills: u64,
@@ -751,6 +757,7 @@ async fn soak(args: &ClusterArgs, cluster: Arc<Cluster>) -> Result<(), Failure> 
         vmotions_skipped: AtomicU64::new(0),
         vm_reconnects: AtomicU64::new(0),
         console_reconnects: AtomicU64::new(0),
+        consoles_closed_live: AtomicU64::new(0),
         verified: AtomicU64::new(0),
         errors: Errors::default(),
         seed: Rng::seed(),
@@ -861,6 +868,8 @@ async fn soak(args: &ClusterArgs, cluster: Arc<Cluster>) -> Result<(), Failure> 
         consoles_stayed_connected: stayed.0,
         lost_bytes_stayed_connected: stayed.1,
         consoles_reconnected: n as u64 - stayed.0,
+        consoles_closed_by_live_node: get(&ctx.consoles_closed_live),
+        console_reconnects: get(&ctx.console_reconnects),
         bytes_skipped_across_kills: tally.skipped_kill,
         backward_steps_across_kills: tally.backwards_kill,
         bytes_unchecked_while_resyncing: tally.unchecked,
@@ -1139,6 +1148,9 @@ async fn console_task(
         }
         if let Some(why) = c.closed() {
             let node = ctx.console_node[i].load(Ordering::SeqCst);
+            if ctx.cluster.is_alive(node) {
+                ctx.consoles_closed_live.fetch_add(1, Ordering::Relaxed);
+            }
             if ctx.cluster.is_alive(node) && !ctx.excused(i) {
                 ctx.errors
                     .report(&format!("{who} was closed by node{} ({why})", node + 1));
