@@ -679,6 +679,8 @@ struct SoakReport {
     /// Gaps and backward steps with no kill involved: must be 0.
     lost_bytes: u64,
     duplicated_or_reordered: u64,
+    /// Console connections at set-up closed at once and tried again.
+    console_setup_retries: u64,
     /// Consoles that never reconnected, and what they lost (must be 0).
     consoles_stayed_connected: u64,
     lost_bytes_stayed_connected: u64,
@@ -727,10 +729,30 @@ async fn soak(args: &ClusterArgs, cluster: Arc<Cluster>) -> Result<(), Failure> 
     };
     let ports = wait_listed(cluster.admin(nodes - 1), n).await?;
     let console_ports = Arc::new(ports.clone());
+    // A console that the daemon closes at once (seen right after the
+    // listing shows every VM: the other node's relay is not ready yet) is
+    // retried, as a user would; the retries are reported.
+    let setup_retries = Arc::new(AtomicU64::new(0));
+    let retries = setup_retries.clone();
     let consoles = pool("consoles attached", n, 64, move |i| {
         // On the next node after the VM's: relayed over the link.
         let addr = SocketAddr::new(node_ip((i + 1) % nodes), console_ports[i]);
-        async move { console_connect(addr).await }
+        let retries = retries.clone();
+        async move {
+            let mut tries = 0;
+            loop {
+                match console_connect(addr).await {
+                    Ok(c) => return Ok(c),
+                    Err(e) if tries >= 10 => return Err(e),
+                    Err(e) => {
+                        tries += 1;
+                        retries.fetch_add(1, Ordering::Relaxed);
+                        eprintln!("vspc-bench: {e}; retrying");
+                        tokio::time::sleep(Duration::from_millis(200)).await;
+                    }
+                }
+            }
+        }
     })
     .await?;
     let t0 = Instant::now();
@@ -865,6 +887,7 @@ async fn soak(args: &ClusterArgs, cluster: Arc<Cluster>) -> Result<(), Failure> 
         bytes_verified: tally.verified,
         lost_bytes: tally.lost,
         duplicated_or_reordered: tally.backwards,
+        console_setup_retries: setup_retries.load(Ordering::Relaxed),
         consoles_stayed_connected: stayed.0,
         lost_bytes_stayed_connected: stayed.1,
         consoles_reconnected: n as u64 - stayed.0,
