@@ -32,6 +32,7 @@ use vspc_testkit::{Daemon, Process};
 
 mod burst;
 mod churn;
+mod cluster;
 mod fanout;
 mod kinds;
 mod latency;
@@ -109,6 +110,11 @@ enum Mode {
     /// VMs streaming to verifying consoles while the fleet does R full
     /// vMotions per second; BEGIN→GOAHEAD and PEER→PEER-OK times.
     Vmotion(vmotion::VmotionArgs),
+    /// A cluster of nodes sharing one redis-server: streaming VMs with
+    /// verifying consoles on other nodes, cross-node vMotions, a node
+    /// killed and restarted every --kill-every s; or with --scale V, one
+    /// node's listing of V VMs spread over the nodes.
+    Cluster(cluster::ClusterArgs),
     /// The bare TCP relay `fanout` compares against (a child process).
     #[command(hide = true)]
     RelayServer(relay::RelayArgs),
@@ -205,6 +211,7 @@ fn main() -> ExitCode {
         Mode::Burst(args) => burst::run(args),
         Mode::Latency(args) => latency::run(args),
         Mode::Vmotion(args) => vmotion::run(args),
+        Mode::Cluster(args) => cluster::run(args),
         Mode::RelayServer(args) => relay::serve(args),
     };
     match result {

@@ -11,7 +11,8 @@
 //! transcripts byte for byte; `vspc-bench fanout --console-kind` runs each
 //! kind of console client (speak-first, silent-telnet, silent-raw, mixed),
 //! also against `--console-protocol raw` and `telnet`, and refuses a
-//! silent raw reader on a telnet-only daemon.
+//! silent raw reader on a telnet-only daemon; `vspc-bench cluster --scale`
+//! lists 30 VMs of two nodes from one.
 
 use std::process::Command;
 
@@ -378,4 +379,15 @@ fn a_silent_raw_reader_on_a_telnet_only_daemon_is_refused() {
             "{kind}: {stderr}"
         );
     }
+}
+
+#[test]
+fn cluster_scale_lists_every_vm_of_two_nodes_from_one() {
+    let v = bench(200, &["cluster", "--nodes", "2", "--scale", "30"]);
+    assert_eq!(v["mode"], "cluster-scale", "{v}");
+    assert_eq!(v["vms"], 30, "{v}");
+    let fds = v["nodes_end"].as_array().expect("nodes_end");
+    assert_eq!(fds.len(), 2, "{v}");
+    // Every node listens on all 30 console ports.
+    assert!(fds.iter().all(|n| n["fds"].as_u64() >= Some(30)), "{v}");
 }
