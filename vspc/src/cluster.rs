@@ -890,14 +890,7 @@ impl Cluster {
     async fn local_log(&self, uuid: &str, max: usize) -> Option<Vec<u8>> {
         let hub = self.hub()?;
         let vm = hub.find(uuid)?;
-        match hub.backend().console_log(vm.record(), max).await {
-            Some(log) => Some(log),
-            None if hub.config().replay_bytes > 0 => {
-                let ring = hub.recent(&vm);
-                Some(ring[ring.len().saturating_sub(max)..].to_vec())
-            }
-            None => None,
-        }
+        hub.console_log(&vm, max).await
     }
 
     /// `GET /api/v1/cluster`.

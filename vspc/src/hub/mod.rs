@@ -600,6 +600,21 @@ impl Hub {
             .unwrap_or_default()
     }
 
+    /// The last `max` bytes of `vm`'s output: a backend's transcript, else
+    /// its replay ring; `None` when neither is kept (`/console_log`, here
+    /// or fetched by another node).
+    pub async fn console_log(&self, vm: &Vm, max: usize) -> Option<Vec<u8>> {
+        if let Some(log) = self.backend.console_log(vm.record(), max).await {
+            return Some(log);
+        }
+        if self.cfg.replay_bytes == 0 {
+            return None;
+        }
+        let mut ring = self.recent(vm);
+        ring.drain(..ring.len().saturating_sub(max));
+        Some(ring)
+    }
+
     /// Put what VM `uuid` said before it came to this node (its ring on the
     /// node it left) in front of its replay ring here.
     pub fn seed_replay(&self, uuid: &str, older: &[u8]) {

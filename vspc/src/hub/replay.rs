@@ -93,13 +93,14 @@ impl Ring {
     /// What a console is shown: [`Ring::contents`] from a clean start (see
     /// the module doc).
     pub fn replay(&self) -> Vec<u8> {
-        let all = self.contents();
+        let mut all = self.contents();
         let start = if self.cut && self.before != b'\n' {
             clean_start(&all)
         } else {
             0
         };
-        all[start..].to_vec()
+        all.drain(..start);
+        all
     }
 }
 

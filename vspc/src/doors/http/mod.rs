@@ -825,16 +825,7 @@ async fn console_log(
         }
         return unknown_vm(&uuid);
     };
-    // No backend keeps a transcript: the replay ring is the log.
-    let log = match app.hub.backend().console_log(vm.record(), max).await {
-        Some(log) => Some(log),
-        None if app.hub.config().replay_bytes > 0 => {
-            let ring = app.hub.recent(&vm);
-            Some(ring[ring.len().saturating_sub(max)..].to_vec())
-        }
-        None => None,
-    };
-    match log {
+    match app.hub.console_log(&vm, max).await {
         Some(log) => (
             [(header::CONTENT_TYPE, "application/octet-stream")],
             axum::body::Body::new(LogBody {
