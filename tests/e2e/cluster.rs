@@ -402,15 +402,24 @@ async fn vmotion_from_node_1_to_node_2_keeps_consoles_on_node_3_and_node_1() {
         .expect("PEER-OK from node 2");
     assert_eq!(dst.peer_ok().as_deref(), Some(&seq[..]));
     dst.complete(&seq).await.unwrap();
+    // The VM speaks on node 2 at once, before its consoles can have
+    // followed it there: they get it all the same.
+    dst.send(b"after").await.unwrap();
     assert_eq!(dst.read_exact_data(10, T).await.unwrap(), b"held-input");
     src.wait_closed(T).await.expect("node 1 closes the source");
 
     // Both consoles followed the VM to node 2, on the same port.
     held_with_consoles(&c, 1, &id.name, 2).await;
     c.listed_everywhere(&id.name, port).await;
-    dst.send(b"after").await.unwrap();
-    assert_eq!(near.read_exact_data(12, T).await.unwrap(), b"before-after");
-    assert_eq!(far.read_exact_data(12, T).await.unwrap(), b"before-after");
+    dst.send(b"-live").await.unwrap();
+    assert_eq!(
+        near.read_exact_data(17, T).await.unwrap(),
+        b"before-after-live"
+    );
+    assert_eq!(
+        far.read_exact_data(17, T).await.unwrap(),
+        b"before-after-live"
+    );
     near.send(b"from-1").await.unwrap();
     assert_eq!(dst.read_exact_data(6, T).await.unwrap(), b"from-1");
     bytes_both_ways(&dst, &far).await;
@@ -420,7 +429,10 @@ async fn vmotion_from_node_1_to_node_2_keeps_consoles_on_node_3_and_node_1() {
     let h2 = SocketAddr::new(node_ip(1).parse().unwrap(), http);
     let recent = crate::http::get(h2, &format!("/api/v1/vms/{}/recent", id.name)).await;
     let ring = String::from_utf8_lossy(&recent.body).into_owned();
-    assert!(ring.contains("before-after"), "node 2's ring: {ring:?}");
+    assert!(
+        ring.contains("before-after-live"),
+        "node 2's ring: {ring:?}"
+    );
 }
 
 #[tokio::test]
@@ -441,10 +453,14 @@ async fn kill_9_of_node_1_and_the_vm_reconnecting_to_node_2_keeps_its_port() {
     let vm2 = SimVm::connect(c.node(1).proxy, &id)
         .await
         .expect("VM reconnects to node 2");
+    // It speaks at once, before the console on node 3 found it again.
+    vm2.send(b"back on node 2").await.unwrap();
     let (_, port2) = wait_for_vm(c.node(1).admin, &id.name, T).await;
     assert_eq!(port2, port, "same port on node 2");
-    // The console on node 3 follows the VM to node 2.
+    // The console on node 3 follows the VM to node 2, and gets what the
+    // VM said there before it came.
     held_with_consoles(&c, 1, &id.name, 1).await;
+    assert_eq!(far.read_exact_data(14, T).await.unwrap(), b"back on node 2");
     bytes_both_ways(&vm2, &far).await;
 }
 

@@ -40,16 +40,20 @@ use tokio::net::TcpStream;
 use tokio::sync::{mpsc, Notify};
 use vspc_backend_api::VmRecord;
 use vspc_cluster::link::{
-    Directory, Incoming, IncomingHandoff, IncomingOpen, Link, LinkConfig, LinkTls, OpenRequest,
-    Protocol, Recv, Secret, Stream,
+    Directory, Handed, Incoming, IncomingHandoff, IncomingOpen, Link, LinkConfig, LinkTls,
+    OpenRequest, Protocol, Recv, Secret, Stream,
 };
 use vspc_cluster::registry::{
     Event, HeldVm, NodeEntry, ReassertReport, Registry, RegistryConfig, TakeTicket, VmEntry,
 };
 
 /// How long a vMotion destination waits for the source's ticket to show
-/// in Redis (the source stores it as it answers GOAHEAD).
+/// in Redis (the source stores it before it answers GOAHEAD, unless that
+/// took longer than [`TICKET_STORE_WAIT`]).
 const TICKET_WAIT: Duration = Duration::from_secs(3);
+
+/// How long GOAHEAD waits for the vMotion's ticket to be stored.
+const TICKET_STORE_WAIT: Duration = Duration::from_millis(500);
 
 /// The reason a holding node gives when it ends a console because its VM
 /// moved to another node: the console's own node re-opens it there.
@@ -63,6 +67,11 @@ const MOVE_WAIT: Duration = Duration::from_secs(10);
 
 /// How many times one console follows its VM to another node.
 const MAX_MOVES: usize = 64;
+
+/// How long a console following its VM here waits for the node the VM
+/// came from to say where the VM's output stood (the hand-off's answer),
+/// so that it resumes at its next byte.
+const TAKEOVER_WAIT: Duration = Duration::from_secs(2);
 
 /// What cluster mode needs, checked at start-up.
 pub struct ClusterSettings {
@@ -191,6 +200,9 @@ pub struct Cluster {
     /// VMs let go because they live on another node now (uuid -> when):
     /// their consoles follow them.
     moved: Mutex<HashMap<String, Instant>>,
+    /// VMs taken over in a vMotion whose source has not yet said where
+    /// their output stood (uuid -> told when it has).
+    taking_over: Mutex<HashMap<String, Arc<Notify>>>,
     /// Wakes the view's refresher at once.
     refresh: Notify,
     /// A write-back of what this node holds is pending
@@ -274,6 +286,7 @@ impl Cluster {
             held: Mutex::new(HashMap::new()),
             view: Mutex::new(View::default()),
             moved: Mutex::new(HashMap::new()),
+            taking_over: Mutex::new(HashMap::new()),
             refresh: Notify::new(),
             settling: std::sync::atomic::AtomicBool::new(false),
             vmotion_timeout,
@@ -359,7 +372,10 @@ impl Cluster {
         lock(&self.held).remove(uuid);
         self.mark_moved(uuid);
         if let Some(hub) = self.hub() {
-            if hub.let_go(uuid, &format!("the VM connected to node {by}"), true) {
+            if hub
+                .let_go(uuid, &format!("the VM connected to node {by}"), true)
+                .is_some()
+            {
                 self.counters.taken.fetch_add(1, Ordering::Relaxed);
                 tracing::info!(uuid, node = %by, "VM taken by another node (the newest connection wins); closed its connection here");
             }
@@ -600,7 +616,7 @@ impl Cluster {
                                 // The session ended from this side: its VM
                                 // moved away, or it was cleared, stalled...
                                 Ended::Moved(_) if self.was_moved(&vm.uuid) => {
-                                    Ended::Moved(session.resume_token())
+                                    Ended::Moved(session.follow_token())
                                 }
                                 Ended::Moved(_) => Ended::Closed,
                                 e => e,
@@ -636,6 +652,15 @@ impl Cluster {
                         {
                             Ended::Moved(String::new())
                         }
+                        // Following its VM, the console found its node
+                        // unreachable: it may show up on another node.
+                        Err(e)
+                            if moves > 0
+                                && !matches!(e, vspc_cluster::link::LinkError::Refused { .. }) =>
+                        {
+                            tracing::info!(vm = %name, node = %node, error = %e, "console not relayed; waiting for the VM on another node");
+                            Ended::Unreachable
+                        }
                         Err(e) => {
                             self.counters.relay_failed.fetch_add(1, Ordering::Relaxed);
                             tracing::info!(vm = %name, node = %node, error = %e, "console not relayed");
@@ -655,24 +680,16 @@ impl Cluster {
             };
             match ended {
                 Ended::Client | Ended::Closed => break,
-                Ended::Moved(_) | Ended::Lost => {
+                Ended::Moved(_) | Ended::Lost | Ended::Unreachable => {
                     moves += 1;
                     let Some(u) = uuid.clone() else { break };
                     if moves > MAX_MOVES {
                         break;
                     }
-                    // The state the last session gave, else a guess from
-                    // what the client sent first (IAC: telnet, in binary
-                    // as this daemon's clients agree to).
-                    resume = match &ended {
-                        Ended::Moved(t) if !t.is_empty() => Some(t.clone()),
-                        _ => match first {
-                            Some(crate::wire::IAC) => Some("telnet-11".into()),
-                            Some(_) => Some("raw".into()),
-                            None => resume.take(),
-                        },
-                    };
-                    let old = matches!(ended, Ended::Lost)
+                    let mut token = next_resume(&ended, resume.take(), first);
+                    // A lost link may be a blip: the VM's node is asked
+                    // again; one that cannot be reached is not.
+                    let old = matches!(ended, Ended::Unreachable)
                         .then(|| last_node.clone())
                         .flatten();
                     holder = self.wait_new_holder(&hub, &u, old.as_deref()).await;
@@ -681,6 +698,14 @@ impl Cluster {
                         let _ = wr.write_all(msg.as_bytes()).await;
                         break;
                     }
+                    let same_node = matches!(&holder, Holder::Node { node, .. } if Some(node) == last_node.as_ref());
+                    if matches!(ended, Ended::Lost | Ended::Unreachable) && same_node {
+                        // Back to the node whose link dropped: what it
+                        // sent before is not known here, so none of its
+                        // past output is given again (no byte twice).
+                        token.truncate(token.find('@').unwrap_or(token.len()));
+                    }
+                    resume = Some(token);
                     self.counters.followed.fetch_add(1, Ordering::Relaxed);
                 }
             }
@@ -688,10 +713,34 @@ impl Cluster {
         let _ = wr.shutdown().await;
     }
 
+    /// Once VM `uuid`, taken over here in a vMotion, has its output count
+    /// from the node it left (at once if it is not being taken over), or
+    /// [`TAKEOVER_WAIT`] passed.
+    async fn taken_over(&self, uuid: &str) {
+        let Some(told) = lock(&self.taking_over).get(uuid).cloned() else {
+            return;
+        };
+        let wait = told.notified();
+        tokio::pin!(wait);
+        wait.as_mut().enable();
+        // Told between the look above and `enable`: not waiting any more.
+        if !lock(&self.taking_over).contains_key(uuid) {
+            return;
+        }
+        if tokio::time::timeout(TAKEOVER_WAIT, wait).await.is_err() {
+            tracing::warn!(%uuid, "vMotion: the node the VM left did not say where its output stood; a console following it starts at the VM's arrival here");
+        }
+    }
+
     /// After a move: the VM's holder, once Redis names one that serves it
     /// (and is not `not`, the node whose link was lost).
     async fn wait_new_holder(&self, hub: &Hub, uuid: &str, not: Option<&str>) -> Holder {
         let deadline = Instant::now() + MOVE_WAIT;
+        // A VM whose node died usually reconnects elsewhere within a few
+        // milliseconds: look again soon, then less and less often (every
+        // following console asks Redis, so a node's death with thousands
+        // of consoles must not become a storm).
+        let mut pause = Duration::from_millis(2);
         loop {
             let h = self.holder_of_uuid(hub, uuid).await;
             let stale = match &h {
@@ -705,7 +754,8 @@ impl Cluster {
             if Instant::now() >= deadline {
                 return Holder::Nobody;
             }
-            tokio::time::sleep(Duration::from_millis(25)).await;
+            tokio::time::sleep(pause).await;
+            pause = (pause * 2).min(Duration::from_millis(100));
         }
     }
 
@@ -725,15 +775,28 @@ impl Cluster {
             Some(_) => ConsoleProtocol::Auto,
             None => protocol.unwrap_or(hub.config().console_protocol),
         };
+        let history = match resume {
+            // `MODE@POSITION`: following the VM (the position, when
+            // known, says from which byte); `MODE` alone: taken over with
+            // no output given again.
+            Some(t) => match t.split_once('@') {
+                Some((_, p)) => {
+                    let at = crate::hub::replay::Position::parse(p);
+                    if at.is_some() {
+                        self.taken_over(&vm.uuid).await;
+                    }
+                    History::Follow(at)
+                }
+                None => History::None,
+            },
+            None if hub.config().console_replay => History::TelnetOnly,
+            None => History::None,
+        };
         let request = Request {
             vm: Find::Vm(vm.clone()),
             mode: LockMode::FreeForAllOrReadOnly,
             protocol,
-            history: if hub.config().console_replay && resume.is_none() {
-                History::TelnetOnly
-            } else {
-                History::None
-            },
+            history,
             door: crate::audit::Kind::ConsolePort,
             peer: client,
             user: None,
@@ -832,7 +895,7 @@ impl Cluster {
         let (reader, writer) = stream.split();
         serve_console_over_pipe(&mut session, |pipe| pump_far(pipe, reader, &writer)).await;
         if self.was_moved(&uuid) {
-            writer.close(&format!("{MOVED}:{}", session.resume_token()));
+            writer.close(&format!("{MOVED}:{}", session.follow_token()));
         } else {
             let _ = writer.shutdown().await;
             writer.close("the console ended");
@@ -853,7 +916,7 @@ impl Cluster {
             if !h.input.is_empty() && !hub.deliver_held_input(&h.uuid, h.input.clone()) {
                 tracing::warn!(uuid = %h.uuid, bytes = h.input.len(), "vMotion: console input held by the source could not be delivered (the VM's connection is gone)");
             }
-            h.done(Ok(()));
+            h.done(Ok(Handed::default()));
             return;
         }
         if ours.is_some_and(|e| e > h.epoch) {
@@ -864,25 +927,24 @@ impl Cluster {
         let input = hub.take_held_input(&h.uuid);
         lock(&self.held).remove(&h.uuid);
         self.mark_moved(&h.uuid);
-        hub.let_go(
+        let left = hub.let_go(
             &h.uuid,
             &format!("the VM moved to node {} (vMotion)", h.from),
             true,
         );
+        // Where its output stood: the consoles it had were given all of
+        // it, and follow it to the new node, which goes on counting from
+        // here.
+        let mut handed = left.map_or_else(Handed::default, |(at, recent)| Handed {
+            origin: at.origin,
+            said: at.said,
+            input: Bytes::new(),
+            recent: Bytes::from(recent),
+        });
+        handed.input = Bytes::from(input);
         self.counters.vmotion_out.fetch_add(1, Ordering::Relaxed);
-        tracing::info!(uuid = %h.uuid, node = %h.from, held = input.len(), "vMotion to another node complete; its consoles follow the VM");
-        let result = if input.is_empty() {
-            Ok(())
-        } else {
-            self.link
-                .handoff(&h.from, &h.uuid, h.epoch, Bytes::from(input))
-                .await
-                .map_err(|e| e.to_string())
-        };
-        if let Err(e) = &result {
-            tracing::warn!(uuid = %h.uuid, error = %e, "vMotion: the console input held here did not reach the new node");
-        }
-        h.done(result);
+        tracing::info!(uuid = %h.uuid, node = %h.from, held = handed.input.len(), "vMotion to another node complete; its consoles follow the VM");
+        h.done(Ok(handed));
         self.refresh.notify_one();
     }
 
@@ -919,6 +981,34 @@ impl Cluster {
     }
 }
 
+/// The resume token for a console's next session after `ended` (its VM
+/// moved, or the link to its node was lost): the one the ended session
+/// gave; else `MODE@POSITION` from the previous token's mode (or a guess
+/// from what the client sent first: IAC is telnet, in binary as this
+/// daemon's clients agree to) and its position only if the console was
+/// given nothing since (the VM moved again before the console was opened
+/// on it). A token without a position still says "following": the new
+/// session gives what the VM said since it came to its node.
+fn next_resume(ended: &Ended, previous: Option<String>, first: Option<u8>) -> String {
+    if let Ended::Moved(t) = ended {
+        if !t.is_empty() {
+            return t.clone();
+        }
+    }
+    let previous = previous.unwrap_or_default();
+    let (mode, at) = previous.split_once('@').unwrap_or((&previous, ""));
+    let mode = match (mode, first) {
+        ("", Some(crate::wire::IAC)) => "telnet-11",
+        ("", Some(_)) => "raw",
+        (m, _) => m,
+    };
+    let at = match ended {
+        Ended::Moved(_) => at,
+        _ => "",
+    };
+    format!("{mode}@{at}")
+}
+
 /// What ended a console's connection to its serving side.
 #[derive(Debug, Clone, PartialEq, Eq)]
 enum Ended {
@@ -929,9 +1019,12 @@ enum Ended {
     /// Its VM moved to another node: open it there (resuming the state
     /// the ended session gave, if any).
     Moved(String),
-    /// The link to the VM's node was lost: follow the VM if it shows up
-    /// on another node soon.
+    /// The link to the VM's node was lost: follow the VM (on its node
+    /// again, or another one soon).
     Lost,
+    /// The VM's node could not be reached while following the VM: wait
+    /// for it on another node.
+    Unreachable,
 }
 
 /// Client socket <-> a local console session's pipe, until either ends.
@@ -948,10 +1041,14 @@ where
     W: AsyncWrite + Unpin,
 {
     let (mut from_console, mut to_console) = tokio::io::split(pipe);
+    // Set while input is being handed on: then it must not be dropped
+    // half-sent (see the end).
+    let handing = std::sync::atomic::AtomicBool::new(false);
     let up = async {
         let mut buf = vec![0u8; PIPE_BYTES];
         loop {
-            let data = match carry.take() {
+            // What was read stays in `carry` until the console has it.
+            let data = match carry.clone() {
                 Some(b) => b,
                 None => match rd.read(&mut buf).await {
                     Ok(0) | Err(_) => {
@@ -961,14 +1058,19 @@ where
                     }
                     Ok(n) => {
                         first.get_or_insert(buf[0]);
-                        Bytes::copy_from_slice(&buf[..n])
+                        let b = Bytes::copy_from_slice(&buf[..n]);
+                        *carry = Some(b.clone());
+                        b
                     }
                 },
             };
-            if to_console.write_all(&data).await.is_err() {
-                *carry = Some(data);
+            handing.store(true, Ordering::Relaxed);
+            let sent = to_console.write_all(&data).await;
+            handing.store(false, Ordering::Relaxed);
+            if sent.is_err() {
                 return false;
             }
+            *carry = None;
         }
     };
     let down = async {
@@ -987,6 +1089,11 @@ where
     tokio::pin!(up, down);
     tokio::select! {
         client_gone = &mut down => {
+            // Reading the client may be dropped (what it read is in
+            // `carry`); handing input on ends soon, the session gone.
+            if handing.load(Ordering::Relaxed) {
+                let _ = tokio::time::timeout(Duration::from_millis(200), &mut up).await;
+            }
             if client_gone {
                 Ended::Client
             } else {
@@ -1020,10 +1127,12 @@ where
     W: AsyncWrite + Unpin,
 {
     let (mut reader, writer) = stream.split();
+    let handing = std::sync::atomic::AtomicBool::new(false);
     let up = async {
         let mut buf = vec![0u8; PIPE_BYTES];
         loop {
-            let data = match carry.take() {
+            // Kept in `carry` until the stream took it.
+            let data = match carry.clone() {
                 Some(b) => b,
                 None => match rd.read(&mut buf).await {
                     Ok(0) | Err(_) => {
@@ -1032,14 +1141,19 @@ where
                     }
                     Ok(n) => {
                         first.get_or_insert(buf[0]);
-                        Bytes::copy_from_slice(&buf[..n])
+                        let b = Bytes::copy_from_slice(&buf[..n]);
+                        *carry = Some(b.clone());
+                        b
                     }
                 },
             };
-            if writer.send(data.clone()).await.is_err() {
-                *carry = Some(data);
+            handing.store(true, Ordering::Relaxed);
+            let sent = writer.send(data).await;
+            handing.store(false, Ordering::Relaxed);
+            if sent.is_err() {
                 return false;
             }
+            *carry = None;
         }
     };
     let down = async {
@@ -1064,8 +1178,12 @@ where
     tokio::pin!(up, down);
     let end = tokio::select! {
         end = &mut down => {
-            // Let the sender notice the closed stream and keep its bytes.
-            let _ = tokio::time::timeout(Duration::from_millis(200), &mut up).await;
+            // Reading the client may be dropped (what it read is in
+            // `carry`, for the next session); a send under way ends soon,
+            // the stream closed.
+            if handing.load(Ordering::Relaxed) {
+                let _ = tokio::time::timeout(Duration::from_millis(200), &mut up).await;
+            }
             end
         }
         client_gone = &mut up => {
@@ -1236,7 +1354,7 @@ impl ClusterHooks for Cluster {
         });
     }
 
-    fn vmotion_begun(&self, uuid: &str, seq: &[u8], secret: &[u8]) {
+    fn vmotion_begun(&self, uuid: &str, seq: &[u8], secret: &[u8]) -> HookFuture<()> {
         let (reg, uuid, seq, secret) = (
             self.reg.clone(),
             uuid.to_string(),
@@ -1244,11 +1362,23 @@ impl ClusterHooks for Cluster {
             secret.to_vec(),
         );
         let ttl = self.vmotion_timeout;
-        tokio::spawn(async move {
+        // Stored before GOAHEAD goes out, so the destination's PEER, which
+        // ESXi sends only after the source has GOAHEAD, finds it on any
+        // node at the first look. Bounded: with Redis slow or down GOAHEAD
+        // goes out anyway (a destination on this node needs no ticket).
+        let store = tokio::spawn(async move {
             if let Err(e) = reg.put_ticket(&seq, &secret, &uuid, ttl).await {
                 tracing::warn!(%uuid, error = %e, "cluster: vMotion ticket not stored; a destination on another node will not be recognised");
             }
         });
+        Box::pin(async move {
+            if tokio::time::timeout(TICKET_STORE_WAIT, store)
+                .await
+                .is_err()
+            {
+                tracing::warn!("cluster: storing a vMotion ticket takes more than {TICKET_STORE_WAIT:?}; GOAHEAD sent without waiting for it");
+            }
+        })
     }
 
     fn vmotion_ended(&self, uuid: &str, seq: &[u8]) {
@@ -1264,10 +1394,10 @@ impl ClusterHooks for Cluster {
         let node = self.node.clone();
         Box::pin(async move {
             // The cookie is the sequence and an 8-byte secret.
-            if cookie.len() <= 8 {
+            if cookie.len() <= crate::hub::SECRET_LEN {
                 return Ok(None);
             }
-            let (seq, secret) = cookie.split_at(cookie.len() - 8);
+            let (seq, secret) = cookie.split_at(cookie.len() - crate::hub::SECRET_LEN);
             let deadline = Instant::now() + TICKET_WAIT;
             loop {
                 match reg
@@ -1285,7 +1415,7 @@ impl ClusterHooks for Cluster {
                     }
                     TakeTicket::WrongSecret => return Ok(None),
                     TakeTicket::Unknown if Instant::now() < deadline => {
-                        tokio::time::sleep(Duration::from_millis(20)).await
+                        tokio::time::sleep(Duration::from_millis(5)).await
                     }
                     TakeTicket::Unknown => return Ok(None),
                 }
@@ -1319,29 +1449,31 @@ impl ClusterHooks for Cluster {
         let Some(epoch) = lock(&self.held).get(uuid).map(|h| h.epoch) else {
             return;
         };
+        let told = Arc::new(Notify::new());
+        lock(&self.taking_over).insert(uuid.to_string(), told.clone());
         let (link, uuid, from) = (self.link.clone(), uuid.to_string(), from.to_string());
         let me = self.me.clone();
-        let ring = self.hub().map_or(0, |h| h.config().replay_bytes);
         tokio::spawn(async move {
-            // What the VM said on the node it left, fetched while that node
-            // still holds it, goes in front of its replay ring here.
-            if ring > 0 {
-                match link.console_log(&from, &uuid, ring).await {
-                    Ok(Some(older)) => {
-                        if let Some(hub) = me.upgrade().and_then(|c| c.hub()) {
-                            hub.seed_replay(&uuid, &older);
-                        }
-                    }
-                    Ok(None) => {}
-                    Err(e) => {
-                        tracing::info!(%uuid, source = %from, error = %e, "vMotion: the VM's recent output stayed on the node it left")
-                    }
-                }
-            }
             let result = link.handoff(&from, &uuid, epoch, Bytes::new()).await;
             let Some(c) = me.upgrade() else { return };
             match result {
-                Ok(()) => {
+                Ok(handed) => {
+                    // The input held since GOAHEAD goes to the VM first;
+                    // where its output stood on the node it left, and its
+                    // last bytes: consoles following it go on from there
+                    // (they wait for this, so their input comes after).
+                    if let Some(hub) = c.hub() {
+                        if !handed.input.is_empty()
+                            && !hub.deliver_held_input(&uuid, handed.input.clone())
+                        {
+                            tracing::warn!(%uuid, bytes = handed.input.len(), "vMotion: console input held by the source could not be delivered (the VM's connection is gone)");
+                        }
+                        let at = crate::hub::replay::Position {
+                            origin: handed.origin,
+                            said: handed.said,
+                        };
+                        hub.adopt_output(&uuid, at, &handed.recent);
+                    }
                     c.counters.vmotion_in.fetch_add(1, Ordering::Relaxed);
                     tracing::info!(%uuid, source = %from, "vMotion from another node complete; the VM lives here now")
                 }
@@ -1350,6 +1482,13 @@ impl ClusterHooks for Cluster {
                     tracing::warn!(%uuid, source = %from, error = %e, "vMotion: the source node did not let go (it is told by the control plane)")
                 }
             }
+            {
+                let mut waiting = lock(&c.taking_over);
+                if waiting.get(&uuid).is_some_and(|t| Arc::ptr_eq(t, &told)) {
+                    waiting.remove(&uuid);
+                }
+            }
+            told.notify_waiters();
             c.refresh.notify_one();
         });
     }
@@ -1609,5 +1748,40 @@ impl PortOpener for ClusterOpener {
 
     fn accept_errors(&self) -> u64 {
         self.0.acceptor.errors()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_following_console_carries_its_mode_and_position_only_while_they_hold() {
+        let iac = Some(crate::wire::IAC);
+        // The ended session's own token wins.
+        let moved = Ended::Moved("telnet-11@ab.42".into());
+        assert_eq!(next_resume(&moved, None, iac), "telnet-11@ab.42");
+        // Moved before it was opened on the VM's node: it was given nothing
+        // since its last token, so that position still holds.
+        let early = Ended::Moved(String::new());
+        assert_eq!(
+            next_resume(&early, Some("raw@ab.42".into()), iac),
+            "raw@ab.42"
+        );
+        // A lost link: output was given since, so the position goes.
+        assert_eq!(
+            next_resume(&Ended::Lost, Some("telnet-10@ab.42".into()), None),
+            "telnet-10@"
+        );
+        assert_eq!(
+            next_resume(&Ended::Unreachable, Some("raw@ab.1".into()), iac),
+            "raw@"
+        );
+        // No session ever told the client apart: a guess from its first
+        // byte, or nothing.
+        assert_eq!(next_resume(&Ended::Lost, None, iac), "telnet-11@");
+        assert_eq!(next_resume(&Ended::Lost, None, Some(b'x')), "raw@");
+        assert_eq!(next_resume(&Ended::Lost, None, None), "@");
+        assert_eq!(next_resume(&early, Some("@ab.3".into()), None), "@ab.3");
     }
 }

@@ -14,7 +14,7 @@ use tokio::sync::mpsc;
 use vspc_cluster::link::frame::{Frame, MAX_FRAME};
 use vspc_cluster::link::handshake::{self, Me, Role};
 use vspc_cluster::link::{
-    Incoming, Link, LinkConfig, LinkError, LinkTls, OpenRequest, Protocol, Recv, Secret,
+    Handed, Incoming, Link, LinkConfig, LinkError, LinkTls, OpenRequest, Protocol, Recv, Secret,
     StaticDirectory,
 };
 
@@ -291,7 +291,12 @@ async fn handoff_and_console_log_requests_are_answered() {
                         ("a", "vm-9", 77)
                     );
                     assert_eq!(&h.input[..], &[0xff, 0, 1, 0xfe][..]);
-                    h.done(Ok(()));
+                    h.done(Ok(Handed {
+                        origin: 0xfeed,
+                        said: 1 << 33,
+                        input: Bytes::from_static(b"typed"),
+                        recent: Bytes::from_static(b"\xff said"),
+                    }));
                 }
                 Some(Incoming::Log(l)) if l.uuid == "vm-9" => {
                     let log: Bytes = (0..=255u8).collect::<Vec<_>>().into();
@@ -302,9 +307,20 @@ async fn handoff_and_console_log_requests_are_answered() {
             }
         }
     });
-    p.a.handoff("b", "vm-9", 77, Bytes::from_static(&[0xff, 0, 1, 0xfe]))
-        .await
-        .expect("handed off");
+    let handed =
+        p.a.handoff("b", "vm-9", 77, Bytes::from_static(&[0xff, 0, 1, 0xfe]))
+            .await
+            .expect("handed off");
+    assert_eq!(
+        handed,
+        Handed {
+            origin: 0xfeed,
+            said: 1 << 33,
+            input: Bytes::from_static(b"typed"),
+            recent: Bytes::from_static(b"\xff said"),
+        },
+        "where the output stood comes back"
+    );
     let log =
         p.a.console_log("b", "vm-9", 16)
             .await

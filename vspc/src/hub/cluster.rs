@@ -52,8 +52,11 @@ pub trait ClusterHooks: Send + Sync {
     fn renamed(&self, uuid: &str, name: &str);
     /// The VM expired here.
     fn expired(&self, uuid: &str);
-    /// VMOTION-BEGIN answered with GOAHEAD `cookie` (sequence + secret).
-    fn vmotion_begun(&self, uuid: &str, seq: &[u8], secret: &[u8]);
+    /// VMOTION-BEGIN is to be answered with GOAHEAD `cookie` (sequence +
+    /// secret): ready once the cluster knows the vMotion (or gave up
+    /// trying), so that a destination on any node that presents the cookie
+    /// is recognised at once. GOAHEAD waits for it.
+    fn vmotion_begun(&self, uuid: &str, seq: &[u8], secret: &[u8]) -> HookFuture<()>;
     /// The vMotion of `seq` ended (complete, aborted, timed out).
     fn vmotion_ended(&self, uuid: &str, seq: &[u8]);
     /// A VMOTION-PEER whose cookie no local vMotion has: the vMotion of
@@ -141,21 +144,22 @@ impl Hub {
     /// The VM `uuid` is another node's now (a newer connection there, or
     /// a vMotion to it): its connection here is closed, and its entry
     /// goes, with its consoles told `why` (or, `quiet`, closed without a
-    /// word: they follow the VM). Returns whether it was here.
-    pub fn let_go(&self, uuid: &str, why: &str, quiet: bool) -> bool {
+    /// word: they follow the VM). Returns where its output stood then and
+    /// its ring (for the node that took it), if it was here.
+    pub fn let_go(
+        &self,
+        uuid: &str,
+        why: &str,
+        quiet: bool,
+    ) -> Option<(replay::Position, Vec<u8>)> {
         let vm = {
             let mut reg = self.reg();
-            let Some(key) = reg
+            let key = reg
                 .vms
                 .iter()
                 .find(|(_, v)| v.uuid == uuid)
-                .map(|(k, _)| k.clone())
-            else {
-                return false;
-            };
-            let Some(vm) = reg.vms.remove(&key) else {
-                return false;
-            };
+                .map(|(k, _)| k.clone())?;
+            let vm = reg.vms.remove(&key)?;
             if let Some(port) = vm.port {
                 reg.ports.remove(&port);
             }
@@ -166,7 +170,53 @@ impl Hub {
             vm
         };
         self.retire(&vm, why, quiet);
-        true
+        let st = vm.lock();
+        let ring = st
+            .replay
+            .as_deref()
+            .map(replay::Ring::contents)
+            .unwrap_or_default();
+        Some((
+            replay::Position {
+                origin: st.origin,
+                said: st.said,
+            },
+            ring,
+        ))
+    }
+
+    /// Where `vm`'s output stood when it was let go here: what every
+    /// console it had then was given, for the resume token of a console
+    /// that follows it to its next node. `None` while it is here.
+    pub fn left_at(&self, vm: &Vm) -> Option<replay::Position> {
+        let st = vm.lock();
+        st.left_at.map(|said| replay::Position {
+            origin: st.origin,
+            said,
+        })
+    }
+
+    /// VM `uuid` came here from another node, whose count of its output
+    /// stood at `at` with `recent` its last bytes: count on from there
+    /// (after what was said here already) and put them in front of the
+    /// ring, so that consoles following it resume where they were.
+    pub fn adopt_output(&self, uuid: &str, at: replay::Position, recent: &[u8]) {
+        let Some(vm) = self.find(uuid) else {
+            return;
+        };
+        let cap = self.cfg.replay_bytes;
+        let mut st = vm.lock();
+        if st.base != 0 || st.origin == at.origin {
+            return; // taken over already
+        }
+        st.origin = at.origin;
+        st.base = at.said;
+        st.said += at.said;
+        if cap > 0 && !recent.is_empty() {
+            st.replay
+                .get_or_insert_with(Default::default)
+                .prepend(recent, cap);
+        }
     }
 
     /// Close everything `vm` had: its connection, its consoles (told
@@ -177,6 +227,20 @@ impl Hub {
         st.listener = None;
         let active = st.active.take();
         let consoles = std::mem::take(&mut st.consoles);
+        // The consoles had everything up to here; what the VM said that
+        // they had no room for yet goes to the ring only, for the node
+        // the VM goes to (its consoles follow it there).
+        st.left_at = Some(st.said);
+        let cap = self.cfg.replay_bytes;
+        while let Some(piece) = st.backlog.pop_front() {
+            st.said += piece.len() as u64;
+            if cap > 0 {
+                st.replay
+                    .get_or_insert_with(Default::default)
+                    .push(&piece, cap);
+            }
+        }
+        vm.held.store(0, Ordering::SeqCst);
         st.vmotion = None;
         st.held.clear();
         st.held_bytes = 0;

@@ -59,6 +59,20 @@ impl Hub {
         };
         let returned = match replay {
             Replay::None => Vec::new(),
+            Replay::Follow(pos) => {
+                let from = match pos {
+                    Some(p) if p.origin == st.origin => p.said,
+                    _ => st.base,
+                };
+                let (missed, lost) = replay::since(st.replay.as_deref(), st.said, from);
+                if lost > 0 {
+                    tracing::warn!(vm = %name, lost, "a console following its VM here lost output the replay ring no longer held (--replay-bytes)");
+                }
+                if !missed.is_empty() {
+                    peer.outbox.push_always(Bytes::from(missed));
+                }
+                Vec::new()
+            }
             Replay::Return(fallback) => past(fallback),
             Replay::Show(fallback) => {
                 let mut shown = past(fallback);

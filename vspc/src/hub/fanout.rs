@@ -77,6 +77,7 @@ impl Hub {
                 all_fit &= q + PIECE <= o.limit();
             }
             st.room = all_fit && (fastest_fits || !decided);
+            st.said += piece.len() as u64;
             let cap = self.cfg.replay_bytes;
             if cap > 0 {
                 st.replay

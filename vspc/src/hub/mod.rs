@@ -107,6 +107,12 @@ pub enum Replay<'a> {
     Show(&'a [u8]),
     /// The same bytes, handed back to the caller rather than queued.
     Return(&'a [u8]),
+    /// A console following its VM here from another node (cluster mode):
+    /// the output it missed on the way, queued as live output (no marker):
+    /// from its [`replay::Position`] when that is counted as this node
+    /// counts the VM's output, else everything the VM said since it came
+    /// to this node. What the ring no longer holds is lost, and logged.
+    Follow(Option<replay::Position>),
 }
 
 /// How console clients are served.
@@ -156,6 +162,10 @@ pub enum Fanout {
 
 /// Console input held during a vMotion, at most.
 const HELD_LIMIT: usize = 1 << 20;
+
+/// Bytes of the random secret at the end of a vMotion cookie (after the
+/// sequence ESXi gave).
+pub const SECRET_LEN: usize = 8;
 
 /// One VM serial port as the hub knows it.
 pub struct Vm {
@@ -237,6 +247,16 @@ struct VmState {
     /// The VM's most recent output ([`replay`]); allocated at its first
     /// output.
     replay: Option<Box<replay::Ring>>,
+    /// Where the VM's output stands: `said` bytes delivered, counted since
+    /// `origin` (see [`replay::Position`]).
+    said: u64,
+    origin: u64,
+    /// `said` when this entry's own output began (after the count of the
+    /// node the VM came from was taken over).
+    base: u64,
+    /// `said` when the VM was let go here (cluster mode): every console
+    /// it had then was given the output up to there.
+    left_at: Option<u64>,
 }
 
 impl Vm {
@@ -613,22 +633,6 @@ impl Hub {
         let mut ring = self.recent(vm);
         ring.drain(..ring.len().saturating_sub(max));
         Some(ring)
-    }
-
-    /// Put what VM `uuid` said before it came to this node (its ring on the
-    /// node it left) in front of its replay ring here.
-    pub fn seed_replay(&self, uuid: &str, older: &[u8]) {
-        let cap = self.cfg.replay_bytes;
-        let Some(vm) = self.find(uuid) else {
-            return;
-        };
-        if cap == 0 || older.is_empty() {
-            return;
-        }
-        vm.lock()
-            .replay
-            .get_or_insert_with(Default::default)
-            .prepend(older, cap);
     }
 
     /// Whether `vm`'s replay ring holds nothing (then a backend's

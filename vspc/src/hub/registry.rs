@@ -394,5 +394,9 @@ pub(super) fn new_state(name: String, rec: Arc<FfiRecord>, idle_since: Option<In
         peer_addr: None,
         gone: false,
         replay: None,
+        said: 0,
+        origin: replay::new_origin(),
+        base: 0,
+        left_at: None,
     }
 }

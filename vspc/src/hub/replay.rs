@@ -18,6 +18,63 @@
 
 use std::collections::VecDeque;
 
+/// A place in a VM's output: `said` bytes delivered since the count began
+/// at `origin`. A node counts each VM it takes in from its first byte under
+/// a fresh random origin, except when the VM comes from another node in a
+/// vMotion: then it goes on with that node's origin and count, so a
+/// console that followed the VM can say exactly which byte it had reached
+/// and the ring supplies the rest.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Position {
+    pub origin: u64,
+    pub said: u64,
+}
+
+impl Position {
+    /// `ORIGIN.SAID` (hex origin), as it travels in a console's resume
+    /// token.
+    pub fn token(&self) -> String {
+        format!("{:x}.{}", self.origin, self.said)
+    }
+
+    /// The inverse of [`Position::token`]; `None` for anything else.
+    pub fn parse(token: &str) -> Option<Position> {
+        let (origin, said) = token.split_once('.')?;
+        Some(Position {
+            origin: u64::from_str_radix(origin, 16).ok()?,
+            said: said.parse().ok()?,
+        })
+    }
+}
+
+/// A fresh origin for a count of a VM's output.
+pub fn new_origin() -> u64 {
+    let mut b = [0u8; 8];
+    if getrandom::fill(&mut b).is_err() {
+        // Unique enough within one process: a clock reading.
+        let t = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default();
+        return t.as_nanos() as u64;
+    }
+    u64::from_ne_bytes(b)
+}
+
+/// Of output counted up to `said`, whose last `ring.len()` bytes the ring
+/// holds: the bytes from `from` on that it still has, and how many before
+/// them it has lost.
+pub fn since(ring: Option<&Ring>, said: u64, from: u64) -> (Vec<u8>, u64) {
+    let held = ring.map_or(0, Ring::len) as u64;
+    let start = said.saturating_sub(held);
+    if from >= said {
+        return (Vec::new(), 0);
+    }
+    let lost = start.saturating_sub(from);
+    let skip = from.saturating_sub(start) as usize;
+    let bytes = ring.map_or_else(Vec::new, |r| r.bytes.range(skip..).copied().collect());
+    (bytes, lost)
+}
+
 /// How far into the ring a replay looks for a line break to start after.
 pub const LINE_SEEK: usize = 1024;
 
@@ -121,6 +178,45 @@ pub fn clean_start(held: &[u8]) -> usize {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn positions_travel_as_tokens_and_nothing_else_parses() {
+        let p = Position {
+            origin: u64::MAX,
+            said: 12_345_678_901,
+        };
+        assert_eq!(Position::parse(&p.token()), Some(p));
+        for bad in [
+            "",
+            ".",
+            "x.1",
+            "1.",
+            "1.-2",
+            "1.2.3",
+            "ffffffffffffffffff.1",
+            "1",
+        ] {
+            assert_eq!(Position::parse(bad), None, "{bad:?}");
+        }
+        assert_ne!(new_origin(), new_origin());
+    }
+
+    #[test]
+    fn since_gives_what_the_ring_holds_from_a_position_and_counts_the_rest_lost() {
+        let mut r = Ring::default();
+        r.push(b"0123456789", 8); // holds "23456789", said 10
+        assert_eq!(since(Some(&r), 10, 10), (Vec::new(), 0), "up to date");
+        assert_eq!(since(Some(&r), 10, 7), (b"789".to_vec(), 0));
+        assert_eq!(since(Some(&r), 10, 2), (b"23456789".to_vec(), 0));
+        assert_eq!(
+            since(Some(&r), 10, 0),
+            (b"23456789".to_vec(), 2),
+            "two lost"
+        );
+        assert_eq!(since(Some(&r), 10, 99), (Vec::new(), 0), "from the future");
+        assert_eq!(since(None, 10, 4), (Vec::new(), 6), "no ring");
+        assert_eq!(since(None, 0, 0), (Vec::new(), 0));
+    }
 
     #[test]
     fn keeps_exactly_the_last_cap_bytes() {

@@ -583,3 +583,84 @@ async fn pacing_resumes_when_a_console_drains_attaches_or_closes() {
         .await
         .expect("closing the consoles never resumed the VM");
 }
+
+/// Cluster mode: a VM let go on one node (hub `a`) and taken over on
+/// another (hub `b`, given `a`'s count and ring as the hand-off carries
+/// them). A console that followed it gets, on `b`, exactly the bytes after
+/// the last one `a` gave it: what `a` still held back for it, what the VM
+/// said on `b` before the console arrived, then live output.
+#[test]
+fn a_console_following_its_vm_to_another_node_resumes_at_its_next_byte() {
+    let (a, b) = (hub(), hub());
+    let pa = peer(&a);
+    let vm_a = a.attach_vm(&id(1), pa.clone()).expect("attach on a");
+    // A console that reads nothing: the VM's output backs up on `a`.
+    let slow = console(&a, &vm_a, Encoding::Raw);
+    let said: Vec<u8> = (0..3000u32).map(|i| (i % 251) as u8).collect();
+    for chunk in said.chunks(300) {
+        let _ = a.vm_output(&vm_a, pa.id, Bytes::copy_from_slice(chunk));
+    }
+    assert!(vm_a.held() > 0, "some output still waits on node a");
+    assert_eq!(a.left_at(&vm_a), None, "not let go yet");
+    let (handed, recent) = a.let_go("uuid-1", "moved", true).expect("held on a");
+    let at = a.left_at(&vm_a).expect("where the consoles were left");
+    assert_eq!(
+        handed.said,
+        said.len() as u64,
+        "held-back output counted too"
+    );
+    assert_eq!(recent, said, "and kept in the ring for the next node");
+    let (given, ended) = written(&slow.outbox);
+    assert!(ended);
+    assert_eq!(at.said, given.len() as u64);
+    assert!(given.len() < said.len());
+    assert!(a.let_go("uuid-1", "moved", true).is_none(), "gone from a");
+
+    // Node b: the VM's connection arrives and speaks before the hand-off's
+    // answer comes back.
+    let pb = peer(&b);
+    let vm_b = b.attach_vm(&id(1), pb.clone()).expect("attach on b");
+    output(&b, &vm_b, pb.id, b"[on b]");
+    b.adopt_output("uuid-1", handed, &recent);
+    b.adopt_output("uuid-1", handed, &recent); // a second time changes nothing
+    let follower = b.new_peer(1 << 20, Encoding::Raw);
+    b.attach_console(
+        &vm_b,
+        follower.clone(),
+        LockMode::FreeForAll,
+        Replay::Follow(Some(at)),
+    )
+    .expect("follow");
+    output(&b, &vm_b, pb.id, b"[live]");
+    let (rest, _) = written(&follower.outbox);
+    let mut whole = given.clone();
+    whole.extend_from_slice(&rest);
+    let mut expected = said.clone();
+    expected.extend_from_slice(b"[on b][live]");
+    assert_eq!(whole, expected, "no byte missed or given twice");
+
+    // A console that comes from a node whose count b does not share (its
+    // VM's node died; the VM reconnected here) gets what the VM said here.
+    let stranger = b.new_peer(1 << 20, Encoding::Raw);
+    let elsewhere = replay::Position {
+        origin: handed.origin ^ 1,
+        said: 7,
+    };
+    b.attach_console(
+        &vm_b,
+        stranger.clone(),
+        LockMode::FreeForAll,
+        Replay::Follow(Some(elsewhere)),
+    )
+    .expect("follow");
+    assert_eq!(written(&stranger.outbox).0, b"[on b][live]");
+    let unknown = b.new_peer(1 << 20, Encoding::Raw);
+    b.attach_console(
+        &vm_b,
+        unknown.clone(),
+        LockMode::FreeForAll,
+        Replay::Follow(None),
+    )
+    .expect("follow");
+    assert_eq!(written(&unknown.outbox).0, b"[on b][live]");
+}

@@ -30,7 +30,7 @@ impl Hub {
         if st.vmotion.is_some() {
             return Begin::NotNow("another vMotion of this port is pending");
         }
-        let mut secret = [0u8; 8];
+        let mut secret = [0u8; SECRET_LEN];
         if let Err(e) = getrandom::fill(&mut secret) {
             tracing::error!(error = %e, "no random bytes for a vMotion secret");
             return Begin::NotNow("no random bytes for a secret");
@@ -42,9 +42,6 @@ impl Hub {
         st.held_bytes += backlog.iter().map(|b| b.len()).sum::<usize>();
         st.held.splice(0..0, backlog);
         st.vmotion = Some(cookie.clone());
-        if let Some(c) = self.cluster.get() {
-            c.vmotion_begun(&vm.uuid, seq, &secret);
-        }
         self.vmotions().insert(
             cookie.clone(),
             Pending {

@@ -234,13 +234,29 @@ impl ConsoleSession {
         }
     }
 
+    /// [`Self::resume_token`], and once the VM was let go here (cluster
+    /// mode), `@` and where its output stood then
+    /// ([`crate::hub::replay::Position::token`]): all the console was
+    /// given, so the session that takes the client over on the VM's next
+    /// node goes on from the next byte.
+    pub fn follow_token(&self) -> String {
+        let mut t = self.resume_token();
+        if let Some(p) = self.hub.left_at(&self.vm) {
+            t.push('@');
+            t.push_str(&p.token());
+        }
+        t
+    }
+
     /// Take over a client another session served, in the state
     /// [`Self::resume_token`] gave: nothing is negotiated again (a telnet
     /// client does not answer offers of what is on already). Call right
     /// after joining with [`ConsoleProtocol::Auto`]; an unknown or empty
-    /// token leaves the session as it is.
+    /// token leaves the session as it is, and a position after `@` (see
+    /// [`Self::follow_token`]) is for the join, not for this.
     pub fn resume(&mut self, token: &str) {
-        let (local, remote) = match token {
+        let mode = token.split_once('@').map_or(token, |(m, _)| m);
+        let (local, remote) = match mode {
             "raw" => {
                 self.mode = Mode::Raw;
                 self.past = None;

@@ -36,6 +36,9 @@ pub enum History {
     Apart,
     /// Not given (console ports by default).
     None,
+    /// A console following its VM from another node (cluster mode): the
+    /// output it missed, from where it stood (see [`Replay::Follow`]).
+    Follow(Option<crate::hub::replay::Position>),
 }
 
 /// What a door asks for.
@@ -88,13 +91,18 @@ pub async fn open(hub: &Arc<Hub>, req: Request<'_>) -> Result<Opened, OpenError>
         })?,
     };
     // A backend's scrollback is asked for only when the ring has nothing.
-    let scrollback = if req.history != History::None && hub.replay_is_empty(&vm) {
+    let wants_history = matches!(
+        req.history,
+        History::Inline | History::TelnetOnly | History::Apart
+    );
+    let scrollback = if wants_history && hub.replay_is_empty(&vm) {
         hub.backend().seed_data(vm.record()).await
     } else {
         Vec::new()
     };
     let replay = match req.history {
         History::None => Replay::None,
+        History::Follow(at) => Replay::Follow(at),
         History::Inline => Replay::Show(&scrollback),
         History::TelnetOnly => match req.protocol {
             ConsoleProtocol::Raw => Replay::None,

@@ -8,7 +8,7 @@
 //! DO-PROXY (§4.2).
 
 use super::{Flow, Session, WaitFuture};
-use crate::hub::{Attached, Begin, Fanout, HookFuture, Hub, Identity, RemotePeer, Vm};
+use crate::hub::{Attached, Begin, Fanout, HookFuture, Hub, Identity, RemotePeer, Vm, SECRET_LEN};
 use crate::vmware::{Msg, VmUuid, PROXY_KNOWN_SUBOPTIONS};
 use crate::wire::{opt, Change, Decoder, Event, Negotiator, OptionSet, Verb};
 use bytes::Bytes;
@@ -122,6 +122,12 @@ enum Claiming {
     /// ticket, if any.
     Peer {
         peer: HookFuture<Result<Option<RemotePeer>, String>>,
+    },
+    /// GOAHEAD `cookie`, sent once the cluster knows the vMotion (its
+    /// destination may connect to any node).
+    Ticket {
+        cookie: Vec<u8>,
+        stored: HookFuture<()>,
     },
     /// VMOTION-COMPLETE of a vMotion from another node: the VM's name and
     /// port, claimed for this node.
@@ -546,8 +552,22 @@ impl VmSession {
         };
         match answer {
             Begin::GoAhead(cookie) => {
-                tracing::info!(vm = %self.label(), "vMotion begins; sent GOAHEAD");
-                self.send(Msg::VmotionGoahead(&cookie));
+                let ticket = match (&self.link, self.hub.cluster()) {
+                    (Link::Active(vm), Some(c)) if cookie.len() > SECRET_LEN => {
+                        let (seq, secret) = cookie.split_at(cookie.len() - SECRET_LEN);
+                        Some(c.vmotion_begun(&vm.uuid, seq, secret))
+                    }
+                    _ => None,
+                };
+                match ticket {
+                    Some(stored) => {
+                        self.claiming = Some(Box::new(Claiming::Ticket { cookie, stored }));
+                    }
+                    None => {
+                        tracing::info!(vm = %self.label(), "vMotion begins; sent GOAHEAD");
+                        self.send(Msg::VmotionGoahead(&cookie));
+                    }
+                }
             }
             Begin::NotNow(why) => {
                 tracing::info!(vm = %self.label(), "answering VMOTION-BEGIN with NOTNOW: {why}");
@@ -679,6 +699,15 @@ impl VmSession {
                         error = %e,
                         "VMOTION-PEER: cannot ask the cluster for the vMotion; not answering"
                     ),
+                }
+            }
+            Claiming::Ticket { stored, .. } => {
+                let Poll::Ready(()) = stored.as_mut().poll(cx) else {
+                    return Poll::Pending;
+                };
+                if let Some(Claiming::Ticket { cookie, .. }) = self.claiming.take().map(|b| *b) {
+                    tracing::info!(vm = %self.label(), "vMotion begins; sent GOAHEAD (the cluster knows it)");
+                    self.send(Msg::VmotionGoahead(&cookie));
                 }
             }
             Claiming::Complete { claim, .. } => {

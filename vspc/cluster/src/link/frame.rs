@@ -110,10 +110,18 @@ pub enum Frame {
         epoch: u64,
         input: Bytes,
     },
+    /// The answer to a `Handoff`; when it let go of the VM, the sender's
+    /// place in the VM's output (`said` bytes counted since `origin`,
+    /// `recent` the last of them: its replay ring) and the console input
+    /// it held since GOAHEAD, for the VM's new connection.
     HandoffDone {
         id: u32,
         ok: bool,
         reason: String,
+        origin: u64,
+        said: u64,
+        input: Bytes,
+        recent: Bytes,
     },
     /// Fetch up to `max` bytes of a VM's recent console output.
     LogRequest {
@@ -257,11 +265,24 @@ impl Frame {
                 out.put_u64(*epoch);
                 out.put_slice(input);
             }
-            Frame::HandoffDone { id, ok, reason } => {
+            Frame::HandoffDone {
+                id,
+                ok,
+                reason,
+                origin,
+                said,
+                input,
+                recent,
+            } => {
                 out.put_u8(T_HANDOFF_DONE);
                 out.put_u32(*id);
                 out.put_u8(u8::from(*ok));
                 put_str(out, reason);
+                out.put_u64(*origin);
+                out.put_u64(*said);
+                out.put_u32(input.len() as u32);
+                out.put_slice(input);
+                out.put_slice(recent);
             }
             Frame::LogRequest { id, uuid, max } => {
                 out.put_u8(T_LOG_REQUEST);
@@ -370,6 +391,10 @@ impl Frame {
                 id: r.u32()?,
                 ok: r.bool()?,
                 reason: r.str()?,
+                origin: r.u64()?,
+                said: r.u64()?,
+                input: r.blob()?,
+                recent: r.rest(),
             },
             T_LOG_REQUEST => Frame::LogRequest {
                 id: r.u32()?,
@@ -449,6 +474,11 @@ impl Reader<'_> {
             why: "a string is not UTF-8",
         })
     }
+    fn blob(&mut self) -> Result<Bytes, FrameError> {
+        let n = self.u32()? as usize;
+        self.need(n)?;
+        Ok(self.b.split_to(n))
+    }
     fn rest(&mut self) -> Bytes {
         self.b.split_to(self.b.remaining())
     }
@@ -517,6 +547,10 @@ mod tests {
                 id: 9,
                 ok: true,
                 reason: String::new(),
+                origin: u64::MAX,
+                said: 1 << 40,
+                input: Bytes::from_static(b"\xff\xff typed"),
+                recent: all.clone(),
             },
             Frame::LogRequest {
                 id: 4,

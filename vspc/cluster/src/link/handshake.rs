@@ -22,7 +22,7 @@ use std::path::Path;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 /// Link protocol version in `Hello`.
-pub const VERSION: u8 = 1;
+pub const VERSION: u8 = 2;
 
 /// The cluster secret (`--cluster-secret-file`), as an HMAC key. Its bytes
 /// never leave the process.

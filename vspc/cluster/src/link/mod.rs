@@ -300,6 +300,22 @@ struct Counters {
     violations: AtomicU64,
 }
 
+/// What a node that let go of a VM in a hand-off tells the new holder:
+/// where the VM's output stood when it let go, so that consoles following
+/// the VM resume at the byte they had reached.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Handed {
+    /// The count's identity (see the daemon's output positions).
+    pub origin: u64,
+    /// Output bytes counted since `origin`, up to the hand-off.
+    pub said: u64,
+    /// Console input it held since GOAHEAD (escaped, as it goes to the
+    /// VM), for the VM's new connection before any other.
+    pub input: Bytes,
+    /// The last of the output (with `input`, at most [`MAX_LOG`] bytes).
+    pub recent: Bytes,
+}
+
 /// A request from a peer, for the daemon to answer.
 pub enum Incoming {
     Open(IncomingOpen),
@@ -645,14 +661,15 @@ impl Link {
     }
 
     /// vMotion hand-off: tell `node` that the VM `uuid` lives here now at
-    /// `epoch`, with the console input held since GOAHEAD.
+    /// `epoch`, with the console input held since GOAHEAD. The answer says
+    /// where the VM's output stood on `node` when it let go.
     pub async fn handoff(
         &self,
         node: &str,
         uuid: &str,
         epoch: u64,
         input: Bytes,
-    ) -> Result<(), LinkError> {
+    ) -> Result<Handed, LinkError> {
         if input.len() > MAX_LOG {
             return Err(LinkError::TooLarge(input.len()));
         }
@@ -667,7 +684,7 @@ impl Link {
             input,
         });
         match tokio::time::timeout(self.0.cfg.request_timeout, rx).await {
-            Ok(Ok(Ok(()))) => Ok(()),
+            Ok(Ok(Ok(handed))) => Ok(handed),
             Ok(Ok(Err(reason))) => Err(LinkError::Refused {
                 node: node.to_string(),
                 reason,
@@ -829,7 +846,7 @@ struct ConnState {
     /// Opens waiting for Accept or Refuse.
     opens: HashMap<u32, oneshot::Sender<Result<(), String>>>,
     /// Hand-offs waiting for their answer.
-    handoffs: HashMap<u32, oneshot::Sender<Result<(), String>>>,
+    handoffs: HashMap<u32, oneshot::Sender<Result<Handed, String>>>,
     /// Log fetches waiting, with the most bytes asked for.
     logs: HashMap<u32, LogWaiter>,
     /// Highest stream id the peer opened: ids only grow.
@@ -1079,9 +1096,30 @@ impl Conn {
                 };
                 self.deliver(Incoming::Handoff(req));
             }
-            Frame::HandoffDone { id, ok, reason } => {
+            Frame::HandoffDone {
+                id,
+                ok,
+                reason,
+                origin,
+                said,
+                input,
+                recent,
+            } => {
+                if recent.len() + input.len() > MAX_LOG {
+                    self.violation("a hand-off answer larger than the link carries");
+                    return;
+                }
                 if let Some(h) = lock(&self.state).handoffs.remove(&id) {
-                    let _ = h.send(if ok { Ok(()) } else { Err(reason) });
+                    let _ = h.send(if ok {
+                        Ok(Handed {
+                            origin,
+                            said,
+                            input,
+                            recent,
+                        })
+                    } else {
+                        Err(reason)
+                    });
                 }
             }
             Frame::LogRequest { id, uuid, max } => {
@@ -1383,18 +1421,35 @@ pub struct IncomingHandoff {
 }
 
 impl IncomingHandoff {
-    /// Answer: `Ok` when this node let go of the VM and forwarded what it
-    /// had to; `Err(reason)` otherwise.
-    pub fn done(mut self, result: Result<(), String>) {
+    /// Answer: `Ok` when this node let go of the VM (with where its output
+    /// stood and the input it held; the recent bytes are cut so that both
+    /// fit in [`MAX_LOG`]) or took the input; `Err(reason)` otherwise.
+    pub fn done(mut self, result: Result<Handed, String>) {
         self.answered = true;
-        let (ok, reason) = match result {
-            Ok(()) => (true, String::new()),
-            Err(r) => (false, r),
+        let (ok, reason, mut handed) = match result {
+            Ok(h) => (true, String::new(), h),
+            Err(r) => (false, r, Handed::default()),
         };
+        if handed.input.len() > MAX_LOG {
+            tracing::warn!(
+                bytes = handed.input.len(),
+                "hand-off: held console input past what the link carries; dropped"
+            );
+            handed.input = Bytes::new();
+        }
+        let room = MAX_LOG - handed.input.len();
+        if handed.recent.len() > room {
+            let cut = handed.recent.len() - room;
+            let _ = handed.recent.split_to(cut);
+        }
         self.conn.control(Frame::HandoffDone {
             id: self.id,
             ok,
             reason,
+            origin: handed.origin,
+            said: handed.said,
+            input: handed.input,
+            recent: handed.recent,
         });
     }
 }
@@ -1406,6 +1461,10 @@ impl Drop for IncomingHandoff {
                 id: self.id,
                 ok: false,
                 reason: "the node did not answer".into(),
+                origin: 0,
+                said: 0,
+                input: Bytes::new(),
+                recent: Bytes::new(),
             });
         }
     }
