@@ -576,3 +576,49 @@ async fn throughput_one_way() {
         (n >> 20) as f64 / took.as_secs_f64()
     );
 }
+
+/// Many consoles relayed at once from one node (every console of a node
+/// following its VMs after a vMotion burst): stream ids are drawn by
+/// concurrent tasks, and the peer accepts them in increasing order only.
+/// Every open must reach it in the order its id was drawn, or the peer
+/// closes the connection and every stream on it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn concurrent_opens_reach_the_peer_in_stream_id_order() {
+    // Within the peer's queue of requests (1024): past it opens are refused
+    // as "busy", which is not what this is about.
+    const OPENS: usize = 1000;
+    let mut p = pair().await;
+    let server = tokio::spawn(async move {
+        let mut kept = Vec::with_capacity(OPENS);
+        for _ in 0..OPENS {
+            match p.b_in.recv().await {
+                Some(Incoming::Open(o)) => kept.push(o.accept().expect("accepts")),
+                Some(_) => panic!("unexpected request"),
+                None => break,
+            }
+        }
+        (kept.len(), p.b)
+    });
+    let a = p.a.clone();
+    // One open first, so the connection exists before the burst.
+    let first = a.open("b", req("vm-0")).await.expect("first open");
+    let mut opens = Vec::with_capacity(OPENS - 1);
+    for i in 1..OPENS {
+        let a = a.clone();
+        opens.push(tokio::spawn(async move {
+            a.open("b", req(&format!("vm-{i}"))).await
+        }));
+    }
+    let mut failed = Vec::new();
+    for o in opens {
+        if let Err(e) = o.await.expect("task") {
+            failed.push(e.to_string());
+        }
+    }
+    failed.dedup();
+    assert!(failed.is_empty(), "opens failed: {failed:?}");
+    let (accepted, b) = server.await.expect("server");
+    assert_eq!(accepted, OPENS);
+    assert_eq!(a.stats().violations + b.stats().violations, 0);
+    drop(first);
+}

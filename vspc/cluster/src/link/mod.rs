@@ -585,6 +585,7 @@ impl Link {
             ctrl_len: AtomicUsize::new(0),
             state: Mutex::new(ConnState::default()),
             next_id: AtomicU32::new(if dialer { 1 } else { 2 }),
+            opening: Mutex::new(()),
             next_req: AtomicU32::new(1),
             stop: stop_tx,
             closed: AtomicBool::new(false),
@@ -610,36 +611,44 @@ impl Link {
     pub async fn open(&self, node: &str, req: OpenRequest) -> Result<Stream, LinkError> {
         let conn = self.conn(node).await?;
         let window = self.0.cfg.window;
-        let id = conn.next_id.fetch_add(2, Ordering::Relaxed);
-        let (tx, rx) = mpsc::unbounded_channel();
-        let credit = Arc::new(SendCredit::default());
-        let (otx, orx) = oneshot::channel();
-        {
-            let mut st = lock(&conn.state);
-            if let Some(r) = &st.closed {
-                return Err(LinkError::Closed {
-                    node: node.to_string(),
-                    reason: r.clone(),
-                });
+        // The peer takes stream ids in increasing order only: the id is
+        // drawn and its Open queued under one lock, or two opens at once
+        // could go out the other way round (and the peer would close the
+        // connection, with every stream on it).
+        let (id, credit, rx, orx) = {
+            let _opening = lock(&conn.opening);
+            let id = conn.next_id.fetch_add(2, Ordering::Relaxed);
+            let (tx, rx) = mpsc::unbounded_channel();
+            let credit = Arc::new(SendCredit::default());
+            let (otx, orx) = oneshot::channel();
+            {
+                let mut st = lock(&conn.state);
+                if let Some(r) = &st.closed {
+                    return Err(LinkError::Closed {
+                        node: node.to_string(),
+                        reason: r.clone(),
+                    });
+                }
+                st.streams.insert(
+                    id,
+                    Slot {
+                        tx,
+                        allowance: u64::from(window),
+                        credit: credit.clone(),
+                    },
+                );
+                st.opens.insert(id, otx);
             }
-            st.streams.insert(
-                id,
-                Slot {
-                    tx,
-                    allowance: u64::from(window),
-                    credit: credit.clone(),
-                },
-            );
-            st.opens.insert(id, otx);
-        }
-        conn.control(Frame::Open {
-            stream: id,
-            uuid: req.uuid,
-            mode: req.mode,
-            protocol: req.protocol,
-            client: req.client,
-            window,
-        });
+            conn.control(Frame::Open {
+                stream: id,
+                uuid: req.uuid,
+                mode: req.mode,
+                protocol: req.protocol,
+                client: req.client,
+                window,
+            });
+            (id, credit, rx, orx)
+        };
         let answer = match tokio::time::timeout(self.0.cfg.request_timeout, orx).await {
             Ok(Ok(a)) => a,
             Ok(Err(_)) => Err(conn.close_reason()),
@@ -877,6 +886,8 @@ struct Conn {
     state: Mutex<ConnState>,
     /// The next stream id this side opens (steps of 2).
     next_id: AtomicU32,
+    /// Held while a stream id is drawn and its Open queued.
+    opening: Mutex<()>,
     /// The next hand-off or log request id.
     next_req: AtomicU32,
     /// Tells the writer, reader and keepalive tasks to stop.
