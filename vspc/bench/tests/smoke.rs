@@ -12,7 +12,8 @@
 //! kind of console client (speak-first, silent-telnet, silent-raw, mixed),
 //! also against `--console-protocol raw` and `telnet`, and refuses a
 //! silent raw reader on a telnet-only daemon; `vspc-bench cluster --scale`
-//! lists 30 VMs of two nodes from one.
+//! lists 30 VMs of two nodes from one, and `cluster --failover` times a
+//! console on a surviving node flowing again after its VM's node is killed.
 
 use std::process::Command;
 
@@ -390,4 +391,17 @@ fn cluster_scale_lists_every_vm_of_two_nodes_from_one() {
     assert_eq!(fds.len(), 2, "{v}");
     // Every node listens on all 30 console ports.
     assert!(fds.iter().all(|n| n["fds"].as_u64() >= Some(30)), "{v}");
+}
+
+#[test]
+fn cluster_failover_times_a_console_flowing_again_after_a_kill() {
+    let v = bench(200, &["cluster", "--failover", "1"]);
+    assert_eq!(v["mode"], "cluster-failover", "{v}");
+    assert_eq!(v["trials"], 1, "{v}");
+    let flowing = v["flowing_ms"].as_array().expect("flowing_ms");
+    assert_eq!(flowing.len(), 1, "{v}");
+    // After the VM reconnected, and within the wait for a new holder.
+    let ms = flowing[0].as_f64().expect("a number");
+    let reconnected = v["reconnected_p50_ms"].as_f64().expect("a number");
+    assert!(ms >= reconnected && ms < 10_000.0, "{v}");
 }
