@@ -64,6 +64,9 @@ impl Nodes {
         let name = format!("node{}", i + 1);
         let mut args: Vec<&str> = self.args.iter().map(String::as_str).collect();
         args.extend(["--node-name", &name, "--http-iface", &ip]);
+        if self.args.iter().any(|a| a == "--ssh-port") {
+            args.extend(["--ssh-iface", &ip]);
+        }
         Daemon::builder()
             .proxy_iface(&ip)
             .local_iface(&ip)
@@ -918,4 +921,167 @@ async fn figures() {
         percentile(&mut times, 0.99)
     );
     drop(vms);
+}
+
+/// The doors that name a VM (the admin port's `connect`, both protocols;
+/// SSH; the browser console) reach a VM another node holds: the console is
+/// opened there, under that node's locks, and relayed; its recent output
+/// comes first.
+#[tokio::test]
+async fn other_nodes_vms_through_connect_ssh_and_the_browser() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let key = crate::ssh::only_key(dir.path(), "alice");
+    let keys = dir.path().join("authorized_keys");
+    std::fs::set_permissions(&keys, std::os::unix::fs::PermissionsExt::from_mode(0o600))
+        .expect("chmod");
+    let host_key = dir.path().join("host/ssh_host_ed25519_key");
+    let (ssh, http) = (free_port(), free_port());
+    let (ssh_s, http_s) = (ssh.to_string(), http.to_string());
+    let c = Nodes::start(
+        3,
+        &[
+            "--ssh-port",
+            &ssh_s,
+            "--ssh-host-key",
+            &host_key.display().to_string(),
+            "--ssh-authorized-keys",
+            &keys.display().to_string(),
+            "--http-port",
+            &http_s,
+        ],
+    );
+    let id = Identity::numbered(1920);
+    let vm = SimVm::connect(c.node(0).proxy, &id)
+        .await
+        .expect("VM connects to node 1");
+    let (uuid, port) = wait_for_vm(c.node(0).admin, &id.name, T).await;
+    c.listed_everywhere(&id.name, port).await;
+    vm.send(b"early output\r\n").await.unwrap();
+
+    // `connect` on node 2, with a write lock: granted by node 1.
+    let (answer, native) = crate::admin::native_connect(c.node(1), &id.name, Some("write"))
+        .await
+        .unwrap_or_else(|a| panic!("connect on node 2 refused: {a}"));
+    assert_eq!(answer["mode"], "write", "{answer}");
+    assert_eq!(answer["vm"]["node"], "node1", "{answer}");
+    assert_eq!(answer["vm"]["port"], port, "{answer}");
+    assert_eq!(
+        native.read_exact_data(14 + LIVE.len(), T).await.unwrap(),
+        [&b"early output\r\n"[..], LIVE].concat(),
+        "the recent output, then live"
+    );
+    bytes_both_ways(&vm, &native).await;
+    // What later consoles are given first: all the VM said, then live.
+    let history = [&b"early output\r\n"[..], &all_bytes(4), LIVE].concat();
+    // Node 1's locks hold for every node: a second writer is refused.
+    let refused = crate::admin::native_connect(c.node(2), &id.name, Some("write"))
+        .await
+        .err()
+        .expect("a second write lock was granted");
+    assert_eq!(refused["code"], "lock_failed", "{refused}");
+
+    // SSH on node 3: the key's default lock, read-only beside the writer.
+    let listed = crate::ssh::run(crate::ssh::ssh_command_at(
+        &node_ip(2),
+        ssh,
+        &key,
+        "list",
+        &[],
+    ))
+    .await;
+    assert!(
+        listed.1.contains(&format!("{}:{uuid}:{port}", id.name)),
+        "ssh list@node3: {listed:?}"
+    );
+    let ssh_console = crate::ssh::Ssh::spawn(crate::ssh::ssh_command_at(
+        &node_ip(2),
+        ssh,
+        &key,
+        &id.name,
+        &[],
+    ));
+    let seen = ssh_console.read_out(history.len(), T * 2).await;
+    assert!(
+        seen == history,
+        "ssh on node 3 got {:?}; stderr {}",
+        String::from_utf8_lossy(&seen),
+        ssh_console.err()
+    );
+
+    // vSPC.py's query protocol on node 3 (its uuid, as vSPCClient asks):
+    // read-only beside the writer; the recent output comes in the telnet
+    // stream rather than the pickle.
+    match crate::admin::pickle_session(c.node(2), &uuid, "free_for_all_or_readonly").await {
+        crate::admin::PickleAnswer::Found {
+            mode,
+            seed,
+            console,
+        } => {
+            assert_eq!(
+                (mode.as_str(), seed.as_str()),
+                ("free_for_all_or_readonly", "")
+            );
+            assert_eq!(
+                console.read_exact_data(history.len(), T).await.unwrap(),
+                history
+            );
+        }
+        crate::admin::PickleAnswer::Other(status, rest) => {
+            panic!("vSPC.py query on node 3: {status} {rest:?}")
+        }
+    }
+
+    // The browser console on node 2.
+    let http2 = SocketAddr::new(node_ip(1).parse().unwrap(), http);
+    let mut ws = crate::web::ws_connect(http2, &crate::web::console_path(&id, ""), None)
+        .await
+        .expect("the WebSocket on node 2");
+    let hello = crate::web::next_json(&mut ws).await;
+    assert_eq!(hello["node"], "node1", "{hello}");
+    assert_eq!(hello["access"], "read-only", "{hello}");
+    assert_eq!(hello["uuid"], uuid.as_str(), "{hello}");
+    assert_eq!(
+        crate::web::read_bytes(&mut ws, history.len()).await,
+        history
+    );
+    let page = crate::http::get(http2, &format!("/vms/{}", id.name)).await;
+    assert_eq!(page.status, 200, "the console page of another node's VM");
+
+    // Live output reaches all three, wherever they came in.
+    vm.send(b"to everyone\r\n").await.unwrap();
+    assert_eq!(
+        native.read_exact_data(13, T).await.unwrap(),
+        b"to everyone\r\n"
+    );
+    let want = [&seen[..], b"to everyone\r\n"].concat();
+    assert_eq!(ssh_console.read_out(want.len(), T).await, want);
+    assert_eq!(
+        crate::web::read_bytes(&mut ws, 13).await,
+        b"to everyone\r\n"
+    );
+
+    // The VM moves to node 2 (vMotion): the three follow it, no byte lost.
+    let seq = [0x19, 0x20, 0, 1];
+    let cookie = goahead(&vm, &seq).await;
+    let dst = SimVm::connect_destination(c.node(1).proxy, &id, &cookie)
+        .await
+        .expect("PEER-OK from node 2");
+    dst.complete(&seq).await.unwrap();
+    dst.send(b"moved\r\n").await.unwrap();
+    vm.wait_closed(T).await.expect("node 1 closes the source");
+    assert_eq!(native.read_exact_data(7, T).await.unwrap(), b"moved\r\n");
+    let want = [&want[..], b"moved\r\n"].concat();
+    assert_eq!(ssh_console.read_out(want.len(), T).await, want);
+    assert_eq!(crate::web::read_bytes(&mut ws, 7).await, b"moved\r\n");
+    native.send(b"typed after the move").await.unwrap();
+    assert_eq!(
+        dst.read_exact_data(20, T).await.unwrap(),
+        b"typed after the move"
+    );
+    // And an unknown name is still unknown, on any node.
+    let unknown = crate::admin::native_connect(c.node(1), "no-such-vm", None)
+        .await
+        .err()
+        .expect("connected to nothing");
+    assert_eq!(unknown["code"], "vm_not_found", "{unknown}");
 }

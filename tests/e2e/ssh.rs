@@ -80,7 +80,7 @@ fn keygen(dir: &Path, name: &str) -> (PathBuf, String) {
 }
 
 /// A key `label` made in `dir`, and the only one in `dir/authorized_keys`.
-fn only_key(dir: &Path, label: &str) -> PathBuf {
+pub(crate) fn only_key(dir: &Path, label: &str) -> PathBuf {
     let (key, public) = keygen(dir, label);
     std::fs::write(dir.join("authorized_keys"), format!("{public}\n")).expect("write");
     key
@@ -97,7 +97,7 @@ async fn session_started(d: &Daemon, ssh: &Ssh) {
 
 /// A running ssh; killed when dropped. Its stdout and stderr are collected
 /// by threads.
-struct Ssh {
+pub(crate) struct Ssh {
     child: Child,
     stdin: Option<ChildStdin>,
     stdout: Arc<Mutex<Vec<u8>>>,
@@ -116,6 +116,17 @@ impl Drop for Ssh {
 /// The options every run uses: no config, no known hosts, never a prompt,
 /// only the key given.
 fn ssh_command(port: u16, key: &Path, user: &str, extra: &[&str]) -> Command {
+    ssh_command_at("127.0.0.1", port, key, user, extra)
+}
+
+/// [`ssh_command`] to a daemon on `host` (a cluster node's own address).
+pub(crate) fn ssh_command_at(
+    host: &str,
+    port: u16,
+    key: &Path,
+    user: &str,
+    extra: &[&str],
+) -> Command {
     let mut cmd = Command::new(require("ssh"));
     cmd.args(["-F", "/dev/null"])
         .args(["-o", "StrictHostKeyChecking=no"])
@@ -128,13 +139,13 @@ fn ssh_command(port: u16, key: &Path, user: &str, extra: &[&str]) -> Command {
         .arg("-i")
         .arg(key)
         .args(["-p", &port.to_string()])
-        .arg(format!("{user}@127.0.0.1"))
+        .arg(format!("{user}@{host}"))
         .env_remove("SSH_AUTH_SOCK");
     cmd
 }
 
 impl Ssh {
-    fn spawn(mut cmd: Command) -> Ssh {
+    pub(crate) fn spawn(mut cmd: Command) -> Ssh {
         let mut child = cmd
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
@@ -161,16 +172,16 @@ impl Ssh {
         stdin.flush().expect("flush");
     }
 
-    fn out(&self) -> Vec<u8> {
+    pub(crate) fn out(&self) -> Vec<u8> {
         self.stdout.lock().expect("lock").clone()
     }
 
-    fn err(&self) -> String {
+    pub(crate) fn err(&self) -> String {
         String::from_utf8_lossy(&self.stderr.lock().expect("lock")).into_owned()
     }
 
     /// Wait until stdout holds `n` bytes.
-    async fn read_out(&self, n: usize, limit: Duration) -> Vec<u8> {
+    pub(crate) async fn read_out(&self, n: usize, limit: Duration) -> Vec<u8> {
         let len = || self.stdout.lock().expect("lock").len();
         assert!(
             eventually(limit, || len() >= n).await,
@@ -202,7 +213,7 @@ impl Ssh {
 }
 
 /// Run ssh with no input to its end: (status, stdout, stderr).
-async fn run(cmd: Command) -> (ExitStatus, String, String) {
+pub(crate) async fn run(cmd: Command) -> (ExitStatus, String, String) {
     let mut ssh = Ssh::spawn(cmd);
     ssh.stdin = None;
     let status = ssh.exit(T * 3).await;

@@ -32,7 +32,7 @@ use tokio_tungstenite::tungstenite::{Error as WsError, Message};
 use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 use vspc_testkit::sim::{Identity, SimVm};
 
-type Ws = WebSocketStream<MaybeTlsStream<TcpStream>>;
+pub(crate) type Ws = WebSocketStream<MaybeTlsStream<TcpStream>>;
 
 /// The token file of the tests that need one.
 const TOKENS: &str = "rw-secret-0123456\nro-secret-0123456 ro\n";
@@ -50,7 +50,11 @@ fn daemon_with_tokens() -> (Daemon, SocketAddr, tempfile::TempDir) {
 
 /// Open the console WebSocket at `path` (with its query), with `token` as
 /// a bearer header if given; the handshake's error if it is refused.
-async fn ws_connect(http: SocketAddr, path: &str, token: Option<&str>) -> Result<Ws, WsError> {
+pub(crate) async fn ws_connect(
+    http: SocketAddr,
+    path: &str,
+    token: Option<&str>,
+) -> Result<Ws, WsError> {
     let mut req = format!("ws://{http}{path}")
         .into_client_request()
         .expect("a valid request");
@@ -85,7 +89,7 @@ async fn next(ws: &mut Ws) -> Option<Message> {
 }
 
 /// The next text frame as JSON (binary frames before it are skipped).
-async fn next_json(ws: &mut Ws) -> Json {
+pub(crate) async fn next_json(ws: &mut Ws) -> Json {
     loop {
         match next(ws).await {
             Some(Message::Text(t)) => {
@@ -99,7 +103,7 @@ async fn next_json(ws: &mut Ws) -> Json {
 }
 
 /// Binary frames until `n` bytes came (text frames are skipped).
-async fn read_bytes(ws: &mut Ws, n: usize) -> Vec<u8> {
+pub(crate) async fn read_bytes(ws: &mut Ws, n: usize) -> Vec<u8> {
     let mut got = Vec::new();
     while got.len() < n {
         match next(ws).await {
@@ -122,7 +126,7 @@ async fn send(ws: &mut Ws, m: Message) {
 }
 
 /// The console path of `id`'s VM, by name.
-fn console_path(id: &Identity, query: &str) -> String {
+pub(crate) fn console_path(id: &Identity, query: &str) -> String {
     format!("/api/v1/vms/{}/console{query}", id.name)
 }
 

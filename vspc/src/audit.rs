@@ -54,6 +54,19 @@ impl Kind {
             Kind::Ssh => "ssh",
         }
     }
+
+    /// The inverse of [`Kind::as_str`].
+    pub fn parse(s: &str) -> Option<Kind> {
+        [
+            Kind::ConsolePort,
+            Kind::AdminNative,
+            Kind::AdminVspc,
+            Kind::Web,
+            Kind::Ssh,
+        ]
+        .into_iter()
+        .find(|k| k.as_str() == s)
+    }
 }
 
 /// What is known about a session when it starts.

@@ -20,9 +20,10 @@
 //! Without `--cluster` none of this exists: the hub's hook is unset and
 //! console ports are the single node's own listeners.
 
+use crate::audit::Kind;
 use crate::hub::{
     Access, AttachError, ClusterHooks, ConsoleProtocol, HookFuture, Hub, ListenerGuard, LockMode,
-    PortOpener, RemotePeer, RemoteVm, Vm,
+    PortOpener, RemoteError, RemoteOpened, RemotePeer, RemoteSpec, RemoteVm, Vm,
 };
 use crate::metrics::Door;
 use crate::net::acceptor::{self, Acceptor, Registration};
@@ -574,10 +575,43 @@ impl Cluster {
             }
         };
         let _ = tcp.set_nodelay(true);
-        let client = tcp.peer_addr().ok();
-        let (mut rd, mut wr) = tcp.into_split();
+        let cfg = hub.config();
+        let spec = Spec {
+            mode: LockMode::FreeForAllOrReadOnly,
+            protocol: cfg.console_protocol,
+            history: if cfg.console_replay {
+                History::TelnetOnly
+            } else {
+                History::None
+            },
+            door: Kind::ConsolePort,
+            client: tcp.peer_addr().ok(),
+            user: None,
+        };
+        let holder = self.holder_of_port(&hub, port);
+        let (rd, wr) = tcp.into_split();
+        self.serve_client(rd, wr, holder, spec, None, Some(port))
+            .await;
+    }
+
+    /// Serve a console client (its two halves) as `spec` asks: on this node
+    /// while it holds the VM, else relayed to the node that does (over
+    /// `opened`, if the relay was opened already), following the VM from
+    /// node to node until the client or the console ends.
+    async fn serve_client<R, W>(
+        self: Arc<Self>,
+        mut rd: R,
+        mut wr: W,
+        mut holder: Holder,
+        mut spec: Spec,
+        mut opened: Option<Stream>,
+        port: Option<u16>,
+    ) where
+        R: AsyncRead + Unpin,
+        W: AsyncWrite + Unpin,
+    {
+        let Some(hub) = self.hub() else { return };
         let mut carry: Option<Bytes> = None;
-        let mut holder = self.holder_of_port(&hub, port);
         let mut uuid: Option<String> = None;
         let mut last_node: Option<String> = None;
         let mut moves = 0;
@@ -588,24 +622,27 @@ impl Cluster {
         loop {
             let ended = match holder {
                 Holder::Nobody => {
-                    let msg = match &uuid {
-                        Some(u) => format!("vspc: VM {u} is held by no live node now.\r\n"),
-                        None => format!("vspc: no VM of the cluster has console port {port}.\r\n"),
+                    let msg = match (&uuid, port) {
+                        (Some(u), _) => format!("vspc: VM {u} is held by no live node now.\r\n"),
+                        (None, Some(port)) => {
+                            format!("vspc: no VM of the cluster has console port {port}.\r\n")
+                        }
+                        (None, None) => "vspc: no node of the cluster holds the VM.\r\n".into(),
                     };
                     let _ = wr.write_all(msg.as_bytes()).await;
                     break;
                 }
                 Holder::Here(vm) => {
                     uuid = Some(vm.uuid.clone());
-                    match self
-                        .open_here(&hub, &vm, None, client, resume.as_deref())
-                        .await
-                    {
+                    match self.open_here(&hub, &vm, &spec, resume.as_deref()).await {
                         Err(msg) => {
                             let _ = wr.write_all(msg.as_bytes()).await;
                             break;
                         }
                         Ok(mut session) => {
+                            // Wherever it follows the VM, the console keeps
+                            // what it was granted.
+                            spec.mode = LockMode::Keep(session.access());
                             let mut end = Ended::Client;
                             serve_console_over_pipe(&mut session, |pipe| async {
                                 end =
@@ -631,18 +668,21 @@ impl Cluster {
                 } => {
                     uuid = Some(u.clone());
                     last_node = Some(node.clone());
-                    let mode = match &resume {
-                        Some(t) => format!("free_for_all_or_readonly;resume={t}"),
-                        None => "free_for_all_or_readonly".into(),
-                    };
                     let req = OpenRequest {
                         uuid: u.clone(),
-                        mode,
-                        protocol: to_link(hub.config().console_protocol),
-                        client: client.map(|a| a.to_string()).unwrap_or_default(),
+                        mode: spec.encode(resume.as_deref()),
+                        protocol: to_link(spec.protocol),
+                        client: spec.client.map(|a| a.to_string()).unwrap_or_default(),
                     };
-                    match self.link.open(&node, req).await {
+                    let stream = match opened.take() {
+                        Some(s) => Ok(s),
+                        None => self.link.open(&node, req).await,
+                    };
+                    match stream {
                         Ok(stream) => {
+                            if let Some(a) = Access::parse(stream.granted()) {
+                                spec.mode = LockMode::Keep(a);
+                            }
                             self.counters.relayed.fetch_add(1, Ordering::Relaxed);
                             tracing::info!(vm = %name, node = %node, "console relayed to the node holding its VM");
                             pump_link(&mut rd, &mut wr, stream, &mut carry, &mut first).await
@@ -765,15 +805,14 @@ impl Cluster {
         &self,
         hub: &Arc<Hub>,
         vm: &Arc<Vm>,
-        protocol: Option<ConsoleProtocol>,
-        client: Option<SocketAddr>,
+        spec: &Spec,
         resume: Option<&str>,
     ) -> Result<crate::session::console::ConsoleSession, String> {
         let resume = resume.filter(|t| !t.is_empty());
         let protocol = match resume {
             // Told apart already: the token says how.
             Some(_) => ConsoleProtocol::Auto,
-            None => protocol.unwrap_or(hub.config().console_protocol),
+            None => spec.protocol,
         };
         let history = match resume {
             // `MODE@POSITION`: following the VM (the position, when
@@ -789,17 +828,16 @@ impl Cluster {
                 }
                 None => History::None,
             },
-            None if hub.config().console_replay => History::TelnetOnly,
-            None => History::None,
+            None => spec.history,
         };
         let request = Request {
             vm: Find::Vm(vm.clone()),
-            mode: LockMode::FreeForAllOrReadOnly,
+            mode: spec.mode,
             protocol,
             history,
-            door: crate::audit::Kind::ConsolePort,
-            peer: client,
-            user: None,
+            door: spec.door,
+            peer: spec.client,
+            user: spec.user.clone(),
         };
         match open::open(hub, request).await {
             Ok(opened) => {
@@ -807,7 +845,10 @@ impl Cluster {
                 if let Some(t) = resume {
                     session.resume(t);
                 }
-                if session.access() == Access::ReadOnly {
+                if session.access() == Access::ReadOnly
+                    && spec.door == Kind::ConsolePort
+                    && resume.is_none()
+                {
                     session.tell(
                         "vspc: someone holds a write lock on this VM; this console is read-only.\r\n",
                     );
@@ -863,18 +904,13 @@ impl Cluster {
             return;
         };
         let client: Option<SocketAddr> = o.request.client.parse().ok();
-        let protocol = from_link(o.request.protocol);
-        // `MODE;resume=TOKEN`: a console following its VM here.
-        let resume = o
-            .request
-            .mode
-            .split(';')
-            .find_map(|p| p.strip_prefix("resume="))
-            .map(str::to_string);
-        let mut session = match self
-            .open_here(&hub, &vm, Some(protocol), client, resume.as_deref())
-            .await
-        {
+        let (spec, resume) = Spec::decode(
+            &o.request.mode,
+            from_link(o.request.protocol),
+            client,
+            hub.config().console_replay,
+        );
+        let mut session = match self.open_here(&hub, &vm, &spec, resume.as_deref()).await {
             Ok(s) => s,
             Err(msg) => {
                 o.refuse(msg.trim_start_matches("vspc: ").trim_end_matches(".\r\n"));
@@ -882,7 +918,7 @@ impl Cluster {
             }
         };
         let from = o.from.clone();
-        let stream = match o.accept() {
+        let stream = match o.accept_granting(session.access().as_str()) {
             Ok(s) => s,
             Err(e) => {
                 tracing::info!(node = %from, error = %e, "relayed console gone before it started");
@@ -979,6 +1015,108 @@ impl Cluster {
             "nodes": nodes,
         })
     }
+}
+
+/// How a client asked for a console, wherever its VM is: what the node
+/// holding the VM opens the session with.
+#[derive(Debug, Clone)]
+struct Spec {
+    mode: LockMode,
+    protocol: ConsoleProtocol,
+    /// For the first session (one that follows its VM is given what it
+    /// missed instead).
+    history: History,
+    door: Kind,
+    client: Option<SocketAddr>,
+    user: Option<String>,
+}
+
+impl Spec {
+    /// As it travels in a link open's `mode`:
+    /// `LOCK;door=KIND;history=inline|telnet|none[;user=HEX][;resume=TOKEN]`.
+    fn encode(&self, resume: Option<&str>) -> String {
+        let history = match self.history {
+            History::Inline | History::Apart => "inline",
+            History::TelnetOnly => "telnet",
+            History::None | History::Follow(_) => "none",
+        };
+        let mut m = format!(
+            "{};door={};history={history}",
+            self.mode.name(),
+            self.door.as_str()
+        );
+        if let Some(u) = &self.user {
+            m.push_str(";user=");
+            m.push_str(&hex(u.as_bytes()));
+        }
+        if let Some(t) = resume {
+            m.push_str(";resume=");
+            m.push_str(t);
+        }
+        m
+    }
+
+    /// The inverse of [`Spec::encode`], and the resume token. A part this
+    /// node does not know is ignored; what is missing is what a relayed
+    /// console port asks for (free-for-all-or-read-only, history as
+    /// `--console-replay` says).
+    fn decode(
+        mode: &str,
+        protocol: ConsoleProtocol,
+        client: Option<SocketAddr>,
+        console_replay: bool,
+    ) -> (Spec, Option<String>) {
+        let mut spec = Spec {
+            mode: LockMode::FreeForAllOrReadOnly,
+            protocol,
+            history: if console_replay {
+                History::TelnetOnly
+            } else {
+                History::None
+            },
+            door: Kind::ConsolePort,
+            client,
+            user: None,
+        };
+        let mut resume = None;
+        let mut parts = mode.split(';');
+        match parts.next() {
+            Some("read-only") => spec.mode = LockMode::ReadOnly,
+            Some(m) => match m.strip_prefix("keep-").and_then(Access::parse) {
+                Some(a) => spec.mode = LockMode::Keep(a),
+                None => spec.mode = LockMode::parse(m).unwrap_or(spec.mode),
+            },
+            None => {}
+        }
+        for part in parts {
+            match part.split_once('=') {
+                Some(("door", d)) => spec.door = Kind::parse(d).unwrap_or(spec.door),
+                Some(("history", "inline")) => spec.history = History::Inline,
+                Some(("history", "telnet")) => spec.history = History::TelnetOnly,
+                Some(("history", "none")) => spec.history = History::None,
+                Some(("user", u)) => {
+                    spec.user = unhex(u).and_then(|b| String::from_utf8(b).ok());
+                }
+                Some(("resume", t)) => resume = Some(t.to_string()),
+                _ => {}
+            }
+        }
+        (spec, resume)
+    }
+}
+
+fn hex(b: &[u8]) -> String {
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+fn unhex(s: &str) -> Option<Vec<u8>> {
+    if !s.len().is_multiple_of(2) {
+        return None;
+    }
+    (0..s.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(s.get(i..i + 2)?, 16).ok())
+        .collect()
 }
 
 /// The resume token for a console's next session after `ended` (its VM
@@ -1611,6 +1749,71 @@ impl ClusterHooks for Cluster {
                 .map_err(|e| e.to_string())
         })
     }
+
+    fn open_remote(
+        &self,
+        what: &str,
+        spec: RemoteSpec,
+    ) -> HookFuture<Result<RemoteOpened, RemoteError>> {
+        let me = self.me.clone();
+        let what = what.to_string();
+        Box::pin(async move {
+            let c = me
+                .upgrade()
+                .ok_or_else(|| RemoteError::Refused("the node is stopping".into()))?;
+            let vm = crate::hub::find_remote(ClusterHooks::remote_vms(&*c), &what)?;
+            let spec = Spec {
+                mode: spec.mode,
+                protocol: spec.protocol,
+                history: if spec.history {
+                    History::Inline
+                } else {
+                    History::None
+                },
+                door: Kind::parse(spec.door).unwrap_or(Kind::AdminNative),
+                client: spec.client,
+                user: spec.user,
+            };
+            let req = OpenRequest {
+                uuid: vm.record.uuid.clone(),
+                mode: spec.encode(None),
+                protocol: to_link(spec.protocol),
+                client: spec.client.map(|a| a.to_string()).unwrap_or_default(),
+            };
+            let name = vm.record.name.clone();
+            let stream = c.link.open(&vm.node, req).await.map_err(|e| {
+                c.counters.relay_failed.fetch_add(1, Ordering::Relaxed);
+                RemoteError::Refused(match e {
+                    vspc_cluster::link::LinkError::Refused { reason, .. } => reason,
+                    e => format!(
+                        "VM {name} is held by node {}, which cannot be reached now: {e}",
+                        vm.node
+                    ),
+                })
+            })?;
+            c.counters.relayed.fetch_add(1, Ordering::Relaxed);
+            // The holder names the lock it granted; an older answer without
+            // it is taken for the least.
+            let access = Access::parse(stream.granted()).unwrap_or(Access::ReadOnly);
+            tracing::info!(vm = %name, node = %vm.node, door = spec.door.as_str(), access = access.as_str(), "console relayed to the node holding its VM");
+            let (door_end, ours) = tokio::io::duplex(PIPE_BYTES);
+            let (rd, wr) = tokio::io::split(ours);
+            let holder = Holder::Node {
+                node: vm.node.clone(),
+                uuid: vm.record.uuid.clone(),
+                name,
+            };
+            tokio::spawn(
+                c.clone()
+                    .serve_client(rd, wr, holder, spec, Some(stream), None),
+            );
+            Ok(RemoteOpened {
+                vm,
+                access,
+                pipe: door_end,
+            })
+        })
+    }
 }
 
 /// Every console port of the cluster on this node: one listener per port,
@@ -1783,5 +1986,36 @@ mod tests {
         assert_eq!(next_resume(&Ended::Lost, None, Some(b'x')), "raw@");
         assert_eq!(next_resume(&Ended::Lost, None, None), "@");
         assert_eq!(next_resume(&early, Some("@ab.3".into()), None), "@ab.3");
+    }
+
+    #[test]
+    fn a_console_spec_travels_whole_and_odd_parts_fall_back() {
+        let spec = Spec {
+            mode: LockMode::Keep(Access::Write),
+            protocol: ConsoleProtocol::Raw,
+            history: History::Inline,
+            door: Kind::Ssh,
+            client: None,
+            user: Some("alice; SHA256:x=y".into()),
+        };
+        let wire = spec.encode(Some("telnet-11@ab.3"));
+        assert!(
+            !wire.contains("alice"),
+            "the user travels hex-encoded: {wire}"
+        );
+        let (back, resume) = Spec::decode(&wire, ConsoleProtocol::Raw, None, false);
+        assert_eq!(back.mode, LockMode::Keep(Access::Write));
+        assert_eq!(back.history, History::Inline);
+        assert_eq!(back.door, Kind::Ssh);
+        assert_eq!(back.user.as_deref(), Some("alice; SHA256:x=y"));
+        assert_eq!(resume.as_deref(), Some("telnet-11@ab.3"));
+        // What an older relay sent, and nonsense: a console port's defaults.
+        for odd in ["free_for_all_or_readonly", "", "bogus;door=nope;user=zz;x"] {
+            let (d, r) = Spec::decode(odd, ConsoleProtocol::Auto, None, true);
+            assert_eq!(d.mode, LockMode::FreeForAllOrReadOnly, "{odd}");
+            assert_eq!(d.door, Kind::ConsolePort, "{odd}");
+            assert_eq!(d.history, History::TelnetOnly, "{odd}");
+            assert_eq!((d.user, r), (None, None), "{odd}");
+        }
     }
 }

@@ -622,3 +622,18 @@ async fn concurrent_opens_reach_the_peer_in_stream_id_order() {
     assert_eq!(a.stats().violations + b.stats().violations, 0);
     drop(first);
 }
+
+#[tokio::test]
+async fn the_opener_learns_what_the_holder_granted() {
+    let mut p = pair().await;
+    let server = tokio::spawn(async move {
+        match p.b_in.recv().await {
+            Some(Incoming::Open(o)) => o.accept_granting("read-only").expect("accepts"),
+            _ => panic!("no open"),
+        }
+    });
+    let s = p.a.open("b", req("vm-1")).await.expect("opened");
+    assert_eq!(s.granted(), "read-only");
+    let theirs = server.await.expect("server");
+    assert_eq!(theirs.granted(), "", "the acceptor's own end has no answer");
+}

@@ -93,17 +93,26 @@ impl KeyEntry {
     /// (no other VM has it: a name a second VM claimed identifies
     /// neither, so a name pattern never lets a key onto an impostor).
     pub fn may_see(&self, vm: &Vm, name_is_unique: bool) -> bool {
+        self.may_see_ids(&vm.name(), &vm.uuid, &vm.key, name_is_unique)
+    }
+
+    /// [`KeyEntry::may_see`] by the VM's name, uuid and registry key (a VM
+    /// another node of the cluster holds has no local entry).
+    pub fn may_see_ids(&self, name: &str, uuid: &str, key: &str, name_is_unique: bool) -> bool {
         match &self.vms {
             None => true,
-            Some(globs) => {
-                let name = vm.name();
-                globs.iter().any(|g| match g.strip_prefix("uuid:") {
-                    Some(u) => glob(u, &vm.uuid) || glob(u, &vm.key),
-                    None => {
-                        (name_is_unique && glob(g, &name)) || glob(g, &vm.uuid) || glob(g, &vm.key)
-                    }
-                })
-            }
+            Some(globs) => globs.iter().any(|g| match g.strip_prefix("uuid:") {
+                Some(u) => glob(u, uuid) || glob(u, key),
+                None => (name_is_unique && glob(g, name)) || glob(g, uuid) || glob(g, key),
+            }),
+        }
+    }
+
+    /// [`KeyEntry::may_see`] for what a session is on.
+    fn may_see_on(&self, on: &On) -> bool {
+        match on {
+            On::Local(vm) => self.may_see(vm, true),
+            On::Remote(v) => self.may_see_ids(&v.record.name, &v.record.uuid, &remote_key(v), true),
         }
     }
 
@@ -561,13 +570,42 @@ pub struct SshState {
 }
 
 /// An open console session, as a reload sees it.
+/// The VM a session is on: one of this node's, or one another node of
+/// the cluster holds (relayed there).
+enum On {
+    Local(Arc<Vm>),
+    Remote(Box<crate::hub::RemoteVm>),
+}
+
+impl On {
+    fn name(&self) -> String {
+        match self {
+            On::Local(vm) => vm.name(),
+            On::Remote(v) => v.record.name.clone(),
+        }
+    }
+
+    fn uuid(&self) -> &str {
+        match self {
+            On::Local(vm) => &vm.uuid,
+            On::Remote(v) => &v.record.uuid,
+        }
+    }
+}
+
+/// A remote VM's registry key (32 hex digits of its uuid), as a local
+/// entry has it.
+fn remote_key(v: &crate::hub::RemoteVm) -> String {
+    crate::vmware::VmUuid::key_of(&v.record.uuid).unwrap_or_else(|| v.record.uuid.clone())
+}
+
 struct Live {
     /// Its entry in `live`.
     id: u64,
     /// The key entry it was started under.
     key: Arc<KeyEntry>,
     /// The VM it is attached to.
-    vm: Arc<Vm>,
+    vm: On,
     /// What it was granted.
     access: Access,
     /// Its number in the audit lines.
@@ -619,6 +657,7 @@ fn mode_rank(mode: LockMode) -> u8 {
         LockMode::FreeForAllOrReadOnly | LockMode::FreeForAll => 1,
         LockMode::Write => 2,
         LockMode::Exclusive => 3,
+        LockMode::Keep(a) => access_rank(a),
     }
 }
 
@@ -636,14 +675,14 @@ fn access_rank(access: Access) -> u8 {
 fn no_longer_allowed(
     now: &AuthorizedKeys,
     key: &KeyEntry,
-    vm: &Vm,
+    vm: &On,
     access: Access,
 ) -> Option<&'static str> {
     match now.find(&key.key) {
         None => Some("its key was removed from the authorized keys"),
         // The session is on this VM (by uuid) already: its name still
         // counts, whoever else claims it meanwhile.
-        Some(e) if !e.may_see(vm, true) => Some("its key's vms= no longer covers this VM"),
+        Some(e) if !e.may_see_on(vm) => Some("its key's vms= no longer covers this VM"),
         Some(e) if access_rank(access) > mode_rank(e.mode) => {
             Some("its key's mode= no longer grants this access")
         }
@@ -727,7 +766,7 @@ impl SshState {
                     session = l.audit.unwrap_or_default(),
                     kind = "ssh",
                     vm = ?l.vm.name(),
-                    uuid = %l.vm.uuid,
+                    uuid = %l.vm.uuid(),
                     access = %l.access.as_str(),
                     user = ?l.key.who(),
                     reason = why,
@@ -1132,11 +1171,28 @@ async fn list(hub: &Hub, key: &KeyEntry, channel: Channel<Msg>) {
     for vm in &vms {
         *names.entry(vm.name()).or_default() += 1;
     }
+    let remote = hub.cluster().map(|c| c.remote_vms()).unwrap_or_default();
+    for v in &remote {
+        *names.entry(v.record.name.clone()).or_default() += 1;
+    }
     for vm in vms {
         let name = vm.name();
         if key.may_see(&vm, names.get(&name) == Some(&1)) {
             let port = vm.port.map_or(String::new(), |p| p.to_string());
             out.push_str(&format!("{name}:{}:{port}\n", vm.uuid));
+        }
+    }
+    // The cluster's other VMs, which `ssh VM@` here reaches too.
+    for v in &remote {
+        let r = &v.record;
+        if key.may_see_ids(
+            &r.name,
+            &r.uuid,
+            &remote_key(v),
+            names.get(&r.name) == Some(&1),
+        ) {
+            let port = r.port.map_or(String::new(), |p| p.to_string());
+            out.push_str(&format!("{}:{}:{port}\n", r.name, r.uuid));
         }
     }
     let _ = channel.data_bytes(Bytes::from(out)).await;
@@ -1181,6 +1237,13 @@ async fn console(
         }
         Err(crate::hub::Lookup::NotFound) => None,
     };
+    let none_here =
+        found.is_none() && matches!(hub.lookup(what), Err(crate::hub::Lookup::NotFound));
+    if none_here {
+        if let Some(v) = remote_for_key(&hub, &key, what) {
+            return remote_console(hub, state, shared, key, v, peer, channel).await;
+        }
+    }
     let Some(vm) = found else {
         tracing::info!(%peer, vm = ?what, key = %key.fingerprint, "SSH console refused: no such VM for this key");
         let msg = format!("vspc: no VM named {what:?} for this key (ssh list@host shows them)\r\n");
@@ -1208,7 +1271,7 @@ async fn console(
     let live = Live {
         id,
         key: key.clone(),
-        vm: vm.clone(),
+        vm: On::Local(vm.clone()),
         access,
         audit: session.audit_id(),
         close: closer.clone(),
@@ -1217,7 +1280,7 @@ async fn console(
         // A reload between the key's look-up and here is checked now.
         let mut all = state.live();
         all.push(live);
-        if let Some(why) = no_longer_allowed(&state.keys(), &key, &vm, access) {
+        if let Some(why) = no_longer_allowed(&state.keys(), &key, &On::Local(vm.clone()), access) {
             closer.close(format!("closed: {why}"));
         }
     }
@@ -1239,6 +1302,83 @@ async fn console(
     // closing the session ends the adapter; a console that ends first
     // (cleared, stalled) gives it a moment to pass on the last bytes.
     serve_console_over_pipe(&mut session, |pipe| pump(channel, pipe, &shared, &closer)).await;
+}
+
+/// The VM another node of the cluster holds that `what` names (uuid, or
+/// a name no other VM has), if this key may see it.
+fn remote_for_key(hub: &Hub, key: &KeyEntry, what: &str) -> Option<crate::hub::RemoteVm> {
+    let v = crate::hub::find_remote(hub.cluster()?.remote_vms(), what).ok()?;
+    // Found by a name only if no other VM of the cluster has it.
+    key.may_see_ids(&v.record.name, &v.record.uuid, &remote_key(&v), true)
+        .then_some(v)
+}
+
+/// `VM@` for a VM another node holds: the console is opened there under
+/// the key's mode and relayed; revocation by a reload works as for a local
+/// VM.
+async fn remote_console(
+    hub: Arc<Hub>,
+    state: Arc<SshState>,
+    shared: Arc<Shared>,
+    key: Arc<KeyEntry>,
+    v: crate::hub::RemoteVm,
+    peer: SocketAddr,
+    channel: Channel<Msg>,
+) {
+    let Some(cluster) = hub.cluster() else { return };
+    let spec = crate::hub::RemoteSpec {
+        mode: key.mode,
+        protocol: ConsoleProtocol::Raw,
+        history: true,
+        door: crate::audit::Kind::Ssh.as_str(),
+        client: Some(peer),
+        user: Some(key.who()),
+    };
+    let opened = match cluster.open_remote(&v.record.uuid, spec).await {
+        Ok(o) => o,
+        Err(e) => {
+            tracing::info!(%peer, vm = ?v.record.name, node = %v.node, "SSH console of another node's VM refused: {e:?}");
+            let why = match e {
+                crate::hub::RemoteError::Refused(r) => r,
+                _ => format!("no VM named {:?} for this key", v.record.name),
+            };
+            return refuse(channel, format!("vspc: {why}\r\n")).await;
+        }
+    };
+    let access = opened.access;
+    let closer = Arc::new(Closer::default());
+    let id = state.next_live.fetch_add(1, Ordering::Relaxed);
+    let on = On::Remote(Box::new(opened.vm.clone()));
+    {
+        let mut all = state.live();
+        if let Some(why) = no_longer_allowed(&state.keys(), &key, &on, access) {
+            closer.close(format!("closed: {why}"));
+        }
+        all.push(Live {
+            id,
+            key: key.clone(),
+            vm: on,
+            access,
+            audit: None,
+            close: closer.clone(),
+        });
+    }
+    let _live = LiveGuard {
+        state: state.clone(),
+        id,
+    };
+    if access == Access::ReadOnly {
+        let _ = channel
+            .extended_data_bytes(
+                1,
+                Bytes::from_static(
+                    b"vspc: this console is read-only; what you type is discarded.\r\n",
+                ),
+            )
+            .await;
+    }
+    tracing::info!(%peer, vm = ?v.record.name, node = %v.node, access = access.as_str(), "SSH console of another node's VM");
+    pump(channel, opened.pipe, &shared, &closer).await;
 }
 
 /// OpenSSH's escape, done on the server: `~.` at the start of a line ends

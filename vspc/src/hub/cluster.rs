@@ -34,6 +34,70 @@ pub struct RemotePeer {
     pub seq: Vec<u8>,
 }
 
+/// How a door asks for a console of a VM another node holds.
+#[derive(Debug, Clone)]
+pub struct RemoteSpec {
+    /// The lock asked for.
+    pub mode: LockMode,
+    /// How the door's client speaks.
+    pub protocol: ConsoleProtocol,
+    /// The VM's recent output first, then a marker line (as the door
+    /// gives it for a local VM).
+    pub history: bool,
+    /// The door (`audit::Kind::as_str`), its client and user, for the
+    /// holding node's audit line.
+    pub door: &'static str,
+    pub client: Option<SocketAddr>,
+    pub user: Option<String>,
+}
+
+/// A console opened on the node holding its VM. The door serves `pipe`
+/// as its console (bytes both ways, as a local session's pipe); the
+/// console follows the VM to other nodes, and the pipe ends when the
+/// console does.
+pub struct RemoteOpened {
+    pub vm: RemoteVm,
+    /// The lock the holding node granted.
+    pub access: Access,
+    pub pipe: tokio::io::DuplexStream,
+}
+
+/// Why a console of another node's VM could not be opened.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RemoteError {
+    /// No other node holds a VM of that name or uuid.
+    NotFound,
+    /// More VMs than one have that name (their uuids).
+    Ambiguous(Vec<String>),
+    /// The holding node refused (a lock, its client limit) or cannot be
+    /// reached: the reason.
+    Refused(String),
+}
+
+/// The VM of `vms` (other nodes') that `what` names: its uuid in any of
+/// VMware's spellings, or a name only one of them has, as the hub's
+/// lookup finds local ones.
+pub fn find_remote(vms: Vec<RemoteVm>, what: &str) -> Result<RemoteVm, RemoteError> {
+    let key = crate::vmware::VmUuid::key_of(what);
+    let same = |v: &RemoteVm| {
+        v.record.uuid == what
+            || key.is_some() && crate::vmware::VmUuid::key_of(&v.record.uuid) == key
+    };
+    if let Some(v) = vms.iter().find(|v| same(v)) {
+        return Ok(v.clone());
+    }
+    let mut named: Vec<RemoteVm> = vms.into_iter().filter(|v| v.record.name == what).collect();
+    match named.len() {
+        0 => Err(RemoteError::NotFound),
+        1 => Ok(named.remove(0)),
+        _ => {
+            let mut uuids: Vec<String> = named.into_iter().map(|v| v.record.uuid).collect();
+            uuids.sort();
+            Err(RemoteError::Ambiguous(uuids))
+        }
+    }
+}
+
 /// What a cluster does for the hub.
 pub trait ClusterHooks: Send + Sync {
     /// This node's name (`--node-name`).
@@ -77,6 +141,14 @@ pub trait ClusterHooks: Send + Sync {
     /// The recent console output of a VM another node holds (`None`: no
     /// such VM elsewhere, or no log).
     fn remote_log(&self, uuid: &str, max: usize) -> HookFuture<Result<Option<Vec<u8>>, String>>;
+    /// Open a console of the VM named `what` (name or uuid) that another
+    /// node holds, for a door (the admin port's `connect`, SSH, the
+    /// browser).
+    fn open_remote(
+        &self,
+        what: &str,
+        spec: RemoteSpec,
+    ) -> HookFuture<Result<RemoteOpened, RemoteError>>;
 }
 
 impl Hub {

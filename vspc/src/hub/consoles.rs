@@ -31,10 +31,11 @@ impl Hub {
                 why,
             })
         };
-        if held(Access::Exclusive) {
+        if held(Access::Exclusive) && !matches!(mode, LockMode::Keep(_)) {
             return fail("someone holds an exclusive lock on it");
         }
         let access = match mode {
+            LockMode::Keep(access) => access,
             LockMode::Exclusive if !st.consoles.is_empty() => {
                 return fail("an exclusive lock needs no other console attached")
             }

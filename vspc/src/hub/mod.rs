@@ -40,7 +40,10 @@ mod registry;
 pub mod replay;
 mod vmotion;
 
-pub use cluster::{ClusterHooks, HookFuture, RemotePeer, RemoteVm};
+pub use cluster::{
+    find_remote, ClusterHooks, HookFuture, RemoteError, RemoteOpened, RemotePeer, RemoteSpec,
+    RemoteVm,
+};
 use fanout::flush_held;
 pub use fanout::Blocker;
 
@@ -377,6 +380,11 @@ pub enum LockMode {
     /// console gets. No lock name parses to it ([`LockMode::parse`]): the
     /// admin port's clients never ask for it.
     ReadOnly,
+    /// A console following its VM from another node of the cluster: the
+    /// access it held there, taken again without the lock checks (its
+    /// lock moved with the VM; the consoles that follow re-attach in any
+    /// order). No client asks for it.
+    Keep(Access),
 }
 
 impl LockMode {
@@ -393,6 +401,22 @@ impl LockMode {
             _ => None,
         }
     }
+
+    /// A name for the mode ([`LockMode::parse`] reads each but
+    /// `read-only`).
+    pub fn name(self) -> &'static str {
+        match self {
+            LockMode::Exclusive => "exclusive",
+            LockMode::Write => "write",
+            LockMode::FreeForAll => "free-for-all",
+            LockMode::FreeForAllOrReadOnly => "free-for-all-or-readonly",
+            LockMode::ReadOnly => "read-only",
+            LockMode::Keep(Access::Exclusive) => "keep-exclusive",
+            LockMode::Keep(Access::Write) => "keep-write",
+            LockMode::Keep(Access::FreeForAll) => "keep-free-for-all",
+            LockMode::Keep(Access::ReadOnly) => "keep-read-only",
+        }
+    }
 }
 
 /// What a console was granted.
@@ -406,6 +430,18 @@ pub enum Access {
 }
 
 impl Access {
+    /// The inverse of [`Access::as_str`].
+    pub fn parse(s: &str) -> Option<Access> {
+        [
+            Access::Exclusive,
+            Access::Write,
+            Access::FreeForAll,
+            Access::ReadOnly,
+        ]
+        .into_iter()
+        .find(|a| a.as_str() == s)
+    }
+
     /// The name the native admin protocol uses.
     pub fn as_str(self) -> &'static str {
         match self {

@@ -664,3 +664,38 @@ fn a_console_following_its_vm_to_another_node_resumes_at_its_next_byte() {
     .expect("follow");
     assert_eq!(written(&unknown.outbox).0, b"[on b][live]");
 }
+
+/// Consoles following their VM to another node re-attach in whatever
+/// order their relays arrive: each keeps what it held (a writer is not
+/// refused because a free-for-all console came first), and no client can
+/// ask for that.
+#[test]
+fn followers_keep_their_access_whatever_order_they_arrive_in() {
+    let h = hub();
+    let vm = h.attach_vm(&id(30), peer(&h)).expect("attach");
+    let ffa = h
+        .attach_console(&vm, peer(&h), LockMode::FreeForAllOrReadOnly, Replay::None)
+        .expect("ffa")
+        .0;
+    assert_eq!(ffa, Access::FreeForAll);
+    let w = h
+        .attach_console(&vm, peer(&h), LockMode::Keep(Access::Write), Replay::None)
+        .expect("the writer follows")
+        .0;
+    assert_eq!(w, Access::Write);
+    let ro = h
+        .attach_console(
+            &vm,
+            peer(&h),
+            LockMode::Keep(Access::ReadOnly),
+            Replay::None,
+        )
+        .expect("read-only follows")
+        .0;
+    assert_eq!(ro, Access::ReadOnly);
+    // A new client still meets the lock the writer brought along.
+    assert!(h
+        .attach_console(&vm, peer(&h), LockMode::Write, Replay::None)
+        .is_err());
+    assert_eq!(LockMode::parse("keep-write"), None);
+}

@@ -74,10 +74,12 @@ pub enum Frame {
         /// Bytes the opener may receive before it grants more.
         window: u32,
     },
-    /// The console is attached; the acceptor's receive window.
+    /// The console is attached; the acceptor's receive window, and what
+    /// it granted (the lock, for the door that asked).
     Accept {
         stream: u32,
         window: u32,
+        granted: String,
     },
     /// The console was refused (lock, client limit, unknown VM...).
     Refuse {
@@ -224,10 +226,15 @@ impl Frame {
                 put_str(out, client);
                 out.put_u32(*window);
             }
-            Frame::Accept { stream, window } => {
+            Frame::Accept {
+                stream,
+                window,
+                granted,
+            } => {
                 out.put_u8(T_ACCEPT);
                 out.put_u32(*stream);
                 out.put_u32(*window);
+                put_str(out, granted);
             }
             Frame::Refuse { stream, reason } => {
                 out.put_u8(T_REFUSE);
@@ -363,6 +370,7 @@ impl Frame {
             T_ACCEPT => Frame::Accept {
                 stream: r.u32()?,
                 window: r.u32()?,
+                granted: r.str()?,
             },
             T_REFUSE => Frame::Refuse {
                 stream: r.u32()?,
@@ -515,6 +523,7 @@ mod tests {
             Frame::Accept {
                 stream: u32::MAX,
                 window: 0,
+                granted: "read-only".into(),
             },
             Frame::Refuse {
                 stream: 2,

@@ -658,7 +658,7 @@ impl Link {
             }
         };
         match answer {
-            Ok(()) => Ok(Stream::new(conn, id, credit, rx, window)),
+            Ok(granted) => Ok(Stream::new(conn, id, credit, rx, window, granted)),
             Err(reason) => {
                 lock(&conn.state).streams.remove(&id);
                 Err(LinkError::Refused {
@@ -853,7 +853,7 @@ struct ConnState {
     /// Open streams (and ones being opened or accepted).
     streams: HashMap<u32, Slot>,
     /// Opens waiting for Accept or Refuse.
-    opens: HashMap<u32, oneshot::Sender<Result<(), String>>>,
+    opens: HashMap<u32, oneshot::Sender<Result<String, String>>>,
     /// Hand-offs waiting for their answer.
     handoffs: HashMap<u32, oneshot::Sender<Result<Handed, String>>>,
     /// Log fetches waiting, with the most bytes asked for.
@@ -1065,7 +1065,11 @@ impl Conn {
                     client,
                 },
             ),
-            Frame::Accept { stream, window } => {
+            Frame::Accept {
+                stream,
+                window,
+                granted,
+            } => {
                 let mut st = lock(&self.state);
                 let Some(o) = st.opens.remove(&stream) else {
                     drop(st);
@@ -1075,7 +1079,7 @@ impl Conn {
                 if let Some(s) = st.streams.get(&stream) {
                     s.credit.add(u64::from(window));
                 }
-                let _ = o.send(Ok(()));
+                let _ = o.send(Ok(granted));
             }
             Frame::Refuse { stream, reason } => {
                 let mut st = lock(&self.state);
@@ -1366,7 +1370,12 @@ pub struct IncomingOpen {
 
 impl IncomingOpen {
     /// Attach: the stream carries the console from now on.
-    pub fn accept(mut self) -> Result<Stream, LinkError> {
+    pub fn accept(self) -> Result<Stream, LinkError> {
+        self.accept_granting("")
+    }
+
+    /// Accept, telling the opener what was granted (the lock).
+    pub fn accept_granting(mut self, granted: &str) -> Result<Stream, LinkError> {
         let Some((credit, rx)) = self.parts.take() else {
             return Err(LinkError::Closed {
                 node: self.from.clone(),
@@ -1392,8 +1401,16 @@ impl IncomingOpen {
         self.conn.control(Frame::Accept {
             stream: self.id,
             window,
+            granted: granted.to_string(),
         });
-        Ok(Stream::new(self.conn.clone(), self.id, credit, rx, window))
+        Ok(Stream::new(
+            self.conn.clone(),
+            self.id,
+            credit,
+            rx,
+            window,
+            String::new(),
+        ))
     }
 
     /// Refuse, with the reason the console is shown.
@@ -1562,6 +1579,8 @@ impl Drop for StreamCore {
 pub struct Stream {
     pub reader: StreamReader,
     pub writer: StreamWriter,
+    /// What the accepting node granted (its answer to the open).
+    granted: String,
 }
 
 impl Stream {
@@ -1571,6 +1590,7 @@ impl Stream {
         credit: Arc<SendCredit>,
         rx: mpsc::UnboundedReceiver<StreamEvent>,
         window: u32,
+        granted: String,
     ) -> Stream {
         let core = Arc::new(StreamCore {
             conn,
@@ -1587,7 +1607,13 @@ impl Stream {
                 ended: None,
             },
             writer: StreamWriter { core },
+            granted,
         }
+    }
+
+    /// What the accepting node granted (empty when it did not say).
+    pub fn granted(&self) -> &str {
+        &self.granted
     }
 
     /// The two halves.

@@ -20,7 +20,7 @@
 //! (with `"known"`: the VM names), `lock_invalid`, `lock_failed`.
 
 use crate::config::shell_words;
-use crate::hub::{ConsoleProtocol, Hub, LockMode, RemoteVm};
+use crate::hub::{ConsoleProtocol, Hub, LockMode, RemoteError, RemoteVm};
 use crate::net::conn::{serve_console, Stream};
 use crate::session::console::ConsoleSession;
 use crate::session::open::{self, Find, History, Opened, Request};
@@ -162,6 +162,9 @@ enum Outcome {
     /// Answer, then the connection is this console.
     /// (Boxed: the session is large, and this happens once per connection.)
     Console(Box<ConsoleSession>, Value),
+    /// Answer, then the connection is this console of a VM another node
+    /// of the cluster holds (the pipe to it).
+    Remote(tokio::io::DuplexStream, Value),
 }
 
 /// Run one command.
@@ -200,13 +203,16 @@ async fn run_connect(
     mode: Result<LockMode, Reject>,
     protocol: ConsoleProtocol,
 ) -> Outcome {
-    let vm = match hub.lookup(name) {
-        Ok(vm) => vm,
-        Err(e) => return Outcome::Answer(not_found(hub, name, &e)),
-    };
     let mode = match mode {
         Ok(mode) => mode,
         Err(reject) => return Outcome::Answer(reject.answer()),
+    };
+    let vm = match hub.lookup(name) {
+        Ok(vm) => vm,
+        Err(crate::hub::Lookup::NotFound) if hub.cluster().is_some() => {
+            return connect_remote(hub, peer, name, mode, protocol).await
+        }
+        Err(e) => return Outcome::Answer(not_found(hub, name, &e)),
     };
     let request = Request {
         vm: Find::Vm(vm.clone()),
@@ -227,6 +233,47 @@ async fn run_connect(
             Outcome::Console(Box::new(session), answer)
         }
         Err(e) => Outcome::Answer(error("lock_failed", &e.to_string())),
+    }
+}
+
+/// `connect` for a VM another node of the cluster holds: the console is
+/// opened there, with the same lock rules.
+async fn connect_remote(
+    hub: &Arc<Hub>,
+    peer: Option<SocketAddr>,
+    name: &str,
+    mode: LockMode,
+    protocol: ConsoleProtocol,
+) -> Outcome {
+    let Some(c) = hub.cluster() else {
+        return Outcome::Answer(not_found(hub, name, &crate::hub::Lookup::NotFound));
+    };
+    let spec = crate::hub::RemoteSpec {
+        mode,
+        protocol,
+        history: true,
+        door: crate::audit::Kind::AdminNative.as_str(),
+        client: peer,
+        user: None,
+    };
+    match c.open_remote(name, spec).await {
+        Ok(opened) => {
+            let mut remote = HashMap::new();
+            remote.insert(opened.vm.record.uuid.clone(), opened.vm.clone());
+            let answer = json!({
+                "ok": true,
+                "vm": row_with(hub, &opened.vm.record, &remote),
+                "mode": opened.access.as_str(),
+            });
+            Outcome::Remote(opened.pipe, answer)
+        }
+        Err(RemoteError::NotFound) => {
+            Outcome::Answer(not_found(hub, name, &crate::hub::Lookup::NotFound))
+        }
+        Err(RemoteError::Ambiguous(uuids)) => {
+            Outcome::Answer(not_found(hub, name, &crate::hub::Lookup::Ambiguous(uuids)))
+        }
+        Err(RemoteError::Refused(why)) => Outcome::Answer(error("lock_failed", &why)),
     }
 }
 
@@ -258,6 +305,9 @@ pub async fn serve(hub: Arc<Hub>, mut tcp: TcpStream) {
             Outcome::Console(session, answer) => {
                 return hand_over(*session, &answer, tcp, buf).await;
             }
+            Outcome::Remote(pipe, answer) => {
+                return relay(pipe, &answer, tcp, buf).await;
+            }
         }
     }
 }
@@ -275,6 +325,24 @@ async fn hand_over(
         return;
     }
     run_console(session, tcp, leftover).await;
+}
+
+/// The connection after `connect` to another node's VM: its bytes both
+/// ways through the pipe to the relay, until either side ends.
+async fn relay(
+    mut pipe: tokio::io::DuplexStream,
+    answer: &Value,
+    mut tcp: TcpStream,
+    leftover: Vec<u8>,
+) {
+    if reply(&mut tcp, answer).await.is_err() {
+        return;
+    }
+    if !leftover.is_empty() && pipe.write_all(&leftover).await.is_err() {
+        return;
+    }
+    tracing::info!("admin console session (native protocol) for another node's VM");
+    let _ = tokio::io::copy_bidirectional(&mut tcp, &mut pipe).await;
 }
 
 async fn run_console(mut session: ConsoleSession, tcp: TcpStream, leftover: Vec<u8>) {
@@ -367,7 +435,10 @@ fn not_found(hub: &Hub, name: &str, why: &crate::hub::Lookup) -> Value {
             "uuids": uuids,
         });
     }
-    let known: Vec<String> = hub.records().into_iter().map(|r| r.name).collect();
+    let mut known: Vec<String> = hub.records().into_iter().map(|r| r.name).collect();
+    if let Some(c) = hub.cluster() {
+        known.extend(c.remote_vms().into_iter().map(|v| v.record.name));
+    }
     json!({
         "ok": false,
         "code": "vm_not_found",

@@ -133,6 +133,24 @@ async fn query(hub: Arc<Hub>, tcp: TcpStream) -> Result<(), AdminError> {
         Value::Str(s) => hub.find(s),
         _ => None,
     };
+    let remote = match (&vm, &wanted, hub.cluster()) {
+        (None, Value::Str(s), Some(cluster)) => cluster
+            .remote_vms()
+            .into_iter()
+            .find(|v| v.record.uuid == *s)
+            .map(|v| v.record.uuid),
+        _ => None,
+    };
+    if let Some(uuid) = remote {
+        let mode = match &lock {
+            Value::Str(m) => LockMode::parse(m),
+            _ => None,
+        };
+        let Some(mode) = mode else {
+            return c.send(&Value::Str("lock_invalid".into())).await;
+        };
+        return remote_session(hub, &uuid, mode, c).await;
+    }
     let Some(vm) = vm else {
         c.send(&Value::Str("vm_not_found".into())).await?;
         let rows = listing().await;
@@ -165,6 +183,56 @@ fn granted_name(a: Access) -> &'static str {
         Access::FreeForAll => "free_for_all",
         Access::ReadOnly => "free_for_all_or_readonly",
     }
+}
+
+/// A console of a VM another node of the cluster holds: opened there, with
+/// the same lock rules. Its recent output comes first in the telnet
+/// stream (then a marker line) rather than in the pickle, so that no byte
+/// falls between the two.
+async fn remote_session(
+    hub: Arc<Hub>,
+    uuid: &str,
+    mode: LockMode,
+    mut c: Conn,
+) -> Result<(), AdminError> {
+    let Some(cluster) = hub.cluster() else {
+        return c.send(&Value::Str("vm_not_found".into())).await;
+    };
+    let spec = crate::hub::RemoteSpec {
+        mode,
+        protocol: ConsoleProtocol::Telnet,
+        history: true,
+        door: crate::audit::Kind::AdminVspc.as_str(),
+        client: c.tcp.peer_addr().ok(),
+        user: None,
+    };
+    let mut opened = match cluster.open_remote(uuid, spec).await {
+        Ok(o) => o,
+        Err(e) => {
+            tracing::info!(%uuid, "admin console of another node's VM refused: {e:?}");
+            let answer = match e {
+                crate::hub::RemoteError::Refused(_) => "lock_failed",
+                _ => "vm_not_found",
+            };
+            return c.send(&Value::Str(answer.into())).await;
+        }
+    };
+    let answers = [
+        Value::Str("vm_found".into()),
+        Value::Str(granted_name(opened.access).into()),
+        Value::Str(String::new()),
+    ];
+    for answer in &answers {
+        c.send(answer).await?;
+    }
+    tracing::info!(vm = %opened.vm.record.name, node = %opened.vm.node, access = opened.access.as_str(), "admin console session (vSPC.py protocol) for another node's VM");
+    let rest = c.pickles.take_rest();
+    if !rest.is_empty() && opened.pipe.write_all(&rest).await.is_err() {
+        return Ok(());
+    }
+    let mut tcp = c.tcp;
+    let _ = tokio::io::copy_bidirectional(&mut tcp, &mut opened.pipe).await;
+    Ok(())
 }
 
 /// Take the lock and turn the connection into a console session.

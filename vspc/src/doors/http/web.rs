@@ -37,7 +37,7 @@
 //! and the name of the token it came with.
 
 use super::{Caller, TokenRight};
-use crate::hub::{Access, AttachError, ConsoleProtocol, Hub, LockMode, Vm};
+use crate::hub::{Access, AttachError, ConsoleProtocol, Hub, LockMode, RemoteError, RemoteVm, Vm};
 use crate::net::conn::{serve_console_over_pipe, PIPE_BYTES};
 use crate::session::open::{self, Find, History, OpenError, Request};
 use axum::extract::ws::{CloseFrame, Message, WebSocket, WebSocketUpgrade};
@@ -204,19 +204,39 @@ pub fn index(hub: &Hub, token: Option<&str>) -> Response {
 
 /// `GET /vms/{vm}`: the terminal page; 404 for an unknown VM.
 pub fn console_page(hub: &Hub, what: &str) -> Response {
-    let vm = match hub.lookup(what) {
-        Ok(vm) => vm,
+    let (uuid, name) = match hub.lookup(what) {
+        Ok(vm) => (vm.uuid.clone(), vm.name()),
         Err(why @ crate::hub::Lookup::Ambiguous(_)) => {
             return error_page(StatusCode::CONFLICT, &format!("{}.", why.explain(what)))
         }
-        Err(crate::hub::Lookup::NotFound) => {
-            return not_found_page(&format!("No VM named or with uuid {what:?}."))
-        }
+        Err(crate::hub::Lookup::NotFound) => match remote(hub, what) {
+            Ok(v) => (v.record.uuid, v.record.name),
+            Err(RemoteError::Ambiguous(uuids)) => {
+                let why = crate::hub::Lookup::Ambiguous(uuids);
+                return error_page(StatusCode::CONFLICT, &format!("{}.", why.explain(what)));
+            }
+            Err(_) => return not_found_page(&format!("No VM named or with uuid {what:?}.")),
+        },
     };
     page(
         CONSOLE_HTML,
-        &[("UUID", &escape(&vm.uuid)), ("NAME", &escape(&vm.name()))],
+        &[("UUID", &escape(&uuid)), ("NAME", &escape(&name))],
     )
+}
+
+/// The VM another node of the cluster holds that `what` names.
+fn remote(hub: &Hub, what: &str) -> Result<RemoteVm, RemoteError> {
+    match hub.cluster() {
+        Some(c) => crate::hub::find_remote(c.remote_vms(), what),
+        None => Err(RemoteError::NotFound),
+    }
+}
+
+/// The VM a browser console is for.
+enum Target {
+    Local(Arc<Vm>),
+    /// Another node of the cluster holds it: the console is relayed there.
+    Remote(Box<RemoteVm>),
 }
 
 /// A JSON error, as the API answers them.
@@ -241,7 +261,17 @@ pub fn console(
         );
     }
     let vm = match hub.lookup(what) {
-        Ok(vm) => vm,
+        Ok(vm) => Target::Local(vm),
+        Err(crate::hub::Lookup::NotFound) => match remote(&hub, what) {
+            Ok(v) => Target::Remote(Box::new(v)),
+            Err(RemoteError::Ambiguous(uuids)) => {
+                return crate::doors::http::lookup_failed(
+                    what,
+                    crate::hub::Lookup::Ambiguous(uuids),
+                )
+            }
+            Err(_) => return crate::doors::http::lookup_failed(what, crate::hub::Lookup::NotFound),
+        },
         Err(why) => return crate::doors::http::lookup_failed(what, why),
     };
     let asked = match mode.filter(|m| !m.is_empty()) {
@@ -275,7 +305,12 @@ pub fn console(
     upgrade
         .max_message_size(MAX_MESSAGE)
         .max_frame_size(MAX_MESSAGE)
-        .on_upgrade(move |ws| run(ws, hub, vm, mode, caller))
+        .on_upgrade(move |ws| async move {
+            match vm {
+                Target::Local(vm) => run(ws, hub, vm, mode, caller).await,
+                Target::Remote(v) => run_remote(ws, hub, *v, mode, caller).await,
+            }
+        })
 }
 
 /// Browsers let any page open a WebSocket to any address, and send its
@@ -315,15 +350,7 @@ async fn run(mut ws: WebSocket, hub: Arc<Hub>, vm: Arc<Vm>, mode: LockMode, call
                 OpenError::Refused(AttachError::Gone { .. }) | OpenError::NotFound(_) => "vm_gone",
                 OpenError::Refused(_) | OpenError::Ambiguous { .. } => "lock_failed",
             };
-            let msg = json!({ "error": e.to_string(), "code": code });
-            let _ = ws.send(Message::text(msg.to_string())).await;
-            let _ = ws
-                .send(Message::Close(Some(CloseFrame {
-                    code: LOCK_FAILED,
-                    reason: "lock refused".into(),
-                })))
-                .await;
-            return;
+            return refuse(ws, e.to_string(), code).await;
         }
     };
     let access = session.access();
@@ -342,7 +369,76 @@ async fn run(mut ws: WebSocket, hub: Arc<Hub>, vm: Arc<Vm>, mode: LockMode, call
     // The browser going ends the adapter; a console that ends first
     // (cleared, stalled) gives it a moment to pass on the last bytes and
     // the close, then the socket goes, even if the browser takes nothing.
-    serve_console_over_pipe(&mut session, |pipe| pump(ws, pipe, &vm, access)).await;
+    let connected = || vm.vm_connected();
+    serve_console_over_pipe(&mut session, |pipe| pump(ws, pipe, connected, access)).await;
+}
+
+/// Tell the browser the console was refused, with the code its page
+/// understands, and close.
+async fn refuse(mut ws: WebSocket, error: String, code: &str) {
+    let msg = json!({ "error": error, "code": code });
+    let _ = ws.send(Message::text(msg.to_string())).await;
+    let _ = ws
+        .send(Message::Close(Some(CloseFrame {
+            code: LOCK_FAILED,
+            reason: "lock refused".into(),
+        })))
+        .await;
+}
+
+/// [`run`] for a VM another node of the cluster holds: the console is
+/// opened there under the same lock rules and relayed; it follows the VM
+/// if it moves.
+async fn run_remote(mut ws: WebSocket, hub: Arc<Hub>, v: RemoteVm, mode: LockMode, caller: Caller) {
+    let Some(cluster) = hub.cluster().cloned() else {
+        return refuse(ws, "the VM is gone".into(), "vm_gone").await;
+    };
+    let spec = crate::hub::RemoteSpec {
+        mode,
+        protocol: ConsoleProtocol::Raw,
+        history: true,
+        door: crate::audit::Kind::Web.as_str(),
+        client: caller.peer,
+        user: caller.token,
+    };
+    let opened = match cluster.open_remote(&v.record.uuid, spec).await {
+        Ok(o) => o,
+        Err(e) => {
+            tracing::info!(vm = %v.record.name, node = %v.node, "browser console of another node's VM refused: {e:?}");
+            let (error, code) = match e {
+                RemoteError::Refused(why) if why.contains("full") => (why, "vm_full"),
+                RemoteError::Refused(why) => (why, "lock_failed"),
+                _ => ("the VM is gone".into(), "vm_gone"),
+            };
+            return refuse(ws, error, code).await;
+        }
+    };
+    let access = opened.access;
+    tracing::info!(vm = %v.record.name, node = %v.node, access = access.as_str(), "browser console session for another node's VM");
+    let hello = json!({
+        "vm": v.record.name,
+        "uuid": v.record.uuid,
+        "access": access.as_str(),
+        "vm_connected": v.connected,
+        "node": v.node,
+    });
+    if ws.send(Message::text(hello.to_string())).await.is_err() {
+        return;
+    }
+    let uuid = v.record.uuid.clone();
+    // The VM's connection as the cluster's view has it (wherever the VM
+    // is now: here after a vMotion, or on another node).
+    let connected = || {
+        hub.find(&uuid)
+            .map(|vm| vm.vm_connected())
+            .unwrap_or_else(|| {
+                cluster
+                    .remote_vms()
+                    .iter()
+                    .any(|r| r.record.uuid == uuid && r.connected)
+            })
+    };
+    pump(ws, opened.pipe, connected, access).await;
 }
 
 /// Why [`pump`] stopped.
@@ -359,12 +455,17 @@ enum End {
 /// input); changes of the VM's connection go out as JSON text frames. The
 /// browser is not read while the pipe takes no more input. Dropping the
 /// pipe's end tells the connection driver the console is gone.
-async fn pump(mut ws: WebSocket, pipe: DuplexStream, vm: &Vm, access: Access) {
+async fn pump(
+    mut ws: WebSocket,
+    pipe: DuplexStream,
+    vm_connected: impl Fn() -> bool,
+    access: Access,
+) {
     let (mut from_console, mut to_console) = tokio::io::split(pipe);
     let mut buf = vec![0u8; PIPE_BYTES];
     // Input taken from the browser, not yet in the pipe.
     let mut input = Bytes::new();
-    let mut connected = vm.vm_connected();
+    let mut connected = vm_connected();
     let mut tick = tokio::time::interval(STATUS_EVERY);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let end = loop {
@@ -389,7 +490,7 @@ async fn pump(mut ws: WebSocket, pipe: DuplexStream, vm: &Vm, access: Access) {
                 Some(Ok(Message::Close(_))) | Some(Err(_)) | None => break End::Browser,
             },
             _ = tick.tick() => {
-                let now = vm.vm_connected();
+                let now = vm_connected();
                 if now != connected {
                     connected = now;
                     let status = json!({ "vm_connected": now }).to_string();
