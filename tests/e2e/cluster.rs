@@ -4,7 +4,7 @@
 //! (killed when the test ends, a failing one included).
 
 use crate::common::redis::Redis;
-use crate::common::sim::{Identity, Received, SimConsole, SimVm, VmotionReply};
+use crate::common::sim::{Identity, SimConsole, SimVm};
 use crate::common::*;
 use std::net::SocketAddr;
 
@@ -210,16 +210,7 @@ async fn every_node_lists_every_vm_and_relays_consoles_byte_exact() {
         vm.recv_data(SHORT).await.is_empty(),
         "extra bytes to the VM"
     );
-    let odd: Vec<_> = far
-        .events()
-        .into_iter()
-        .filter(|e| !matches!(e, Received::Negotiate(..)))
-        .collect();
-    assert!(
-        odd.is_empty(),
-        "relayed console got commands: {}",
-        describe_all(&odd)
-    );
+    far.assert_only_negotiation("the relayed console");
 
     // Node 3 fetches the VM's console log from node 1 (its replay ring).
     let (uuid, _) = wait_for_vm(c.node(0).admin, &id.name, T).await;
@@ -349,14 +340,6 @@ async fn start_up_errors_are_clear() {
     assert!(exit.status.is_some_and(|s| !s.success()));
 }
 
-/// BEGIN `seq` on `vm` and insist on GOAHEAD; returns the cookie.
-async fn goahead(vm: &SimVm, seq: &[u8]) -> Vec<u8> {
-    match vm.begin_vmotion(seq).await {
-        Ok(VmotionReply::GoAhead { cookie }) => cookie,
-        other => panic!("BEGIN {seq:02x?}: wanted GOAHEAD, got {other:?}"),
-    }
-}
-
 /// Wait until node `i` lists `name` as its own (the native listing has no
 /// `node` field for local VMs) with `n` consoles.
 async fn held_with_consoles(c: &Nodes, i: usize, name: &str, n: usize) {
@@ -391,7 +374,7 @@ async fn vmotion_from_node_1_to_node_2_keeps_consoles_on_node_3_and_node_1() {
     src.send(b"before-").await.unwrap();
 
     let seq = [0x19, 0x02, 0x33, 0x44];
-    let cookie = goahead(&src, &seq).await;
+    let cookie = src.expect_goahead(&seq).await;
     // Input typed between GOAHEAD and COMPLETE waits for the destination.
     far.send(b"held-input").await.unwrap();
     assert!(
@@ -867,7 +850,7 @@ async fn figures() {
         let to = if k % 2 == 0 { 1 } else { 0 };
         let seq = [0x33, k, 0x55, 0x66];
         let started = std::time::Instant::now();
-        let cookie = goahead(&vm, &seq).await;
+        let cookie = vm.expect_goahead(&seq).await;
         tokio::io::AsyncWriteExt::write_all(&mut console, b"m")
             .await
             .unwrap();
@@ -1062,7 +1045,7 @@ async fn other_nodes_vms_through_connect_ssh_and_the_browser() {
 
     // The VM moves to node 2 (vMotion): the three follow it, no byte lost.
     let seq = [0x19, 0x20, 0, 1];
-    let cookie = goahead(&vm, &seq).await;
+    let cookie = vm.expect_goahead(&seq).await;
     let dst = SimVm::connect_destination(c.node(1).proxy, &id, &cookie)
         .await
         .expect("PEER-OK from node 2");

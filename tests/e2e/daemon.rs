@@ -15,17 +15,6 @@ use vspc_testkit::sim::{
     VmOptions, VmotionReply,
 };
 
-/// BEGIN `seq` and insist on GOAHEAD; returns the cookie.
-async fn goahead(vm: &SimVm, seq: &[u8]) -> Vec<u8> {
-    match vm.begin_vmotion(seq).await {
-        Ok(VmotionReply::GoAhead { cookie }) => {
-            assert_eq!(cookie.len(), seq.len() + 8, "secret should be 8 bytes");
-            cookie
-        }
-        other => panic!("BEGIN {seq:02x?}: wanted GOAHEAD, got {other:?}"),
-    }
-}
-
 /// Read and drop console input until none arrives for `SHORT`.
 async fn drain(vm: &SimVm) {
     while !vm.recv_data(SHORT).await.is_empty() {}
@@ -376,7 +365,7 @@ async fn iac_inside_vmotion_payloads() {
     let (src, port) = vm_up(&d, &id).await;
     let c = console_synced(&src, &d, port).await;
     let seq = [0x76, 0x19, 0xff, 0xe9];
-    let cookie = goahead(&src, &seq).await;
+    let cookie = src.expect_goahead(&seq).await;
     let dst = SimVm::connect_destination(d.proxy, &id, &cookie)
         .await
         .expect("destination with 0xFF in its cookie");
@@ -493,16 +482,7 @@ async fn byte_exact_both_ways_with_two_consoles() {
     );
 
     for c in [&c1, &c2] {
-        let odd: Vec<_> = c
-            .events()
-            .into_iter()
-            .filter(|e| !matches!(e, Received::Negotiate(..)))
-            .collect();
-        assert!(
-            odd.is_empty(),
-            "console got commands: {}",
-            describe_all(&odd)
-        );
+        c.assert_only_negotiation("a console");
     }
 }
 
@@ -633,7 +613,7 @@ async fn vmotion_success_keeps_data_and_order() {
     let c = console_synced(&src, &d, port).await;
     src.send(b"before-").await.unwrap();
     let seq = [0x11, 0x22, 0x33, 0x44];
-    let cookie = goahead(&src, &seq).await;
+    let cookie = src.expect_goahead(&seq).await;
 
     // Console input between GOAHEAD and COMPLETE is held...
     c.send(b"held-input").await.unwrap();
@@ -666,7 +646,7 @@ async fn vmotion_success_keeps_data_and_order() {
     let (_, port2) = wait_for_vm(d.admin, &id.name, T).await;
     assert_eq!(port2, port);
     // The destination is now the VM's connection: it can migrate again.
-    goahead(&dst, &[9, 9, 9, 9]).await;
+    dst.expect_goahead(&[9, 9, 9, 9]).await;
 }
 
 #[tokio::test]
@@ -674,7 +654,7 @@ async fn vmotion_notnow_while_pending_or_unidentified() {
     let d = Daemon::start(&[]);
     let id = Identity::numbered(92);
     let (src, _) = vm_up(&d, &id).await;
-    goahead(&src, &[1, 1, 1, 1]).await;
+    src.expect_goahead(&[1, 1, 1, 1]).await;
     assert_eq!(
         src.begin_vmotion(&[2, 2, 2, 2]).await.unwrap(),
         VmotionReply::NotNow
@@ -709,7 +689,7 @@ async fn vmotion_wrong_cookie_gets_silence() {
     let (src, port) = vm_up(&d, &id).await;
     let c = console_synced(&src, &d, port).await;
     let seq = [0xab, 0xcd, 0xef, 0x01];
-    let cookie = goahead(&src, &seq).await;
+    let cookie = src.expect_goahead(&seq).await;
     let mut forged = cookie.clone();
     if let Some(last) = forged.last_mut() {
         *last ^= 0x5a;
@@ -756,7 +736,7 @@ async fn vmotion_abort_then_new_begin() {
     let id = Identity::numbered(95);
     let (src, port) = vm_up(&d, &id).await;
     let c = console_synced(&src, &d, port).await;
-    let first = goahead(&src, &[5, 5, 5, 5]).await;
+    let first = src.expect_goahead(&[5, 5, 5, 5]).await;
     c.send(b"held").await.unwrap();
     assert!(
         src.recv_data(SHORT).await.is_empty(),
@@ -768,7 +748,7 @@ async fn vmotion_abort_then_new_begin() {
         b"held",
         "held input after ABORT"
     );
-    let second = goahead(&src, &[6, 6, 6, 6]).await;
+    let second = src.expect_goahead(&[6, 6, 6, 6]).await;
     assert_ne!(first[4..], second[4..], "secrets should differ");
     // The first cookie is dead.
     let stale = SimVm::start(
@@ -796,7 +776,7 @@ async fn vmotion_source_closes_before_complete() {
     let c = console_synced(&src, &d, port).await;
     src.send(b"x").await.unwrap();
     let seq = [7, 7, 7, 7];
-    let cookie = goahead(&src, &seq).await;
+    let cookie = src.expect_goahead(&seq).await;
     src.close().await;
     wait_vm_disconnected(d.admin, &id.name).await;
     let dst = SimVm::connect_destination(d.proxy, &id, &cookie)
@@ -816,7 +796,7 @@ async fn vmotion_timeout_drops_pending() {
     let d = Daemon::start(&["--vmotion-timeout", "1"]);
     let id = Identity::numbered(97);
     let (src, _) = vm_up(&d, &id).await;
-    goahead(&src, &[8, 8, 8, 1]).await;
+    src.expect_goahead(&[8, 8, 8, 1]).await;
     assert_eq!(
         src.begin_vmotion(&[8, 8, 8, 2]).await.unwrap(),
         VmotionReply::NotNow
@@ -910,7 +890,7 @@ async fn tls_vm_flow() {
 
     // vMotion over TLS too.
     let seq = [0xff, 0, 0xff, 1];
-    let cookie = goahead(&src, &seq).await;
+    let cookie = src.expect_goahead(&seq).await;
     let tls = tls_connect(d.proxy).await.expect("TLS handshake");
     let dst = SimVm::start(
         tls,

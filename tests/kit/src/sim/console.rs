@@ -201,6 +201,22 @@ impl SimConsole {
         self.link.events()
     }
 
+    /// Panic, naming `who`, if the server sent any command but option
+    /// negotiation (a relayed or fanned-out console must see nothing
+    /// else).
+    pub fn assert_only_negotiation(&self, who: &str) {
+        let odd: Vec<Received> = self
+            .events()
+            .into_iter()
+            .filter(|e| !matches!(e, Received::Negotiate(..)))
+            .collect();
+        assert!(
+            odd.is_empty(),
+            "{who} got commands: {}",
+            crate::raw::describe_all(&odd)
+        );
+    }
+
     /// Why the server side ended, once it has.
     pub fn closed(&self) -> Option<String> {
         self.link.end_reason()

@@ -406,6 +406,18 @@ impl SimVm {
         self.link.write(msg.to_bytes()).await
     }
 
+    /// BEGIN `seq` and insist on GOAHEAD with the daemon's 8-byte secret
+    /// after the sequence; returns the cookie (panics otherwise).
+    pub async fn expect_goahead(&self, seq: &[u8]) -> Vec<u8> {
+        match self.begin_vmotion(seq).await {
+            Ok(VmotionReply::GoAhead { cookie }) => {
+                assert_eq!(cookie.len(), seq.len() + 8, "the secret should be 8 bytes");
+                cookie
+            }
+            other => panic!("BEGIN {seq:02x?}: wanted GOAHEAD, got {other:?}"),
+        }
+    }
+
     /// Send VMOTION-BEGIN and wait for GOAHEAD (whose payload must start
     /// with `seq`) or NOTNOW (whose payload must be `seq`).
     pub async fn begin_vmotion(&self, seq: &[u8]) -> Result<VmotionReply> {
