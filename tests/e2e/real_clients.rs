@@ -957,6 +957,55 @@ async fn inetutils_telnet_binary_session_steps() {
     );
 }
 
+/// `--console-replay`: inetutils telnet run as users run it
+/// (`telnet HOST PORT`, silent until the daemon's offer) is shown what the
+/// VM printed before it came, then the marker, then live output.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn inetutils_telnet_is_shown_the_recent_output_with_console_replay() {
+    bounded(inetutils_telnet_is_shown_the_recent_output_with_console_replay_steps()).await;
+}
+
+async fn inetutils_telnet_is_shown_the_recent_output_with_console_replay_steps() {
+    let telnet = require_inetutils_telnet();
+    let http_port = free_port();
+    let http = std::net::SocketAddr::from(([127, 0, 0, 1], http_port));
+    let d = Daemon::builder()
+        .args(&["--console-replay", "--http-port", &http_port.to_string()])
+        .start();
+    let id = Identity::numbered(7);
+    let (vm, port) = vm_up(&d, &id).await;
+    let past = b"kernel panic before anyone came\r\n";
+    vm.send(past).await.expect("VM send");
+    let recent = format!("/api/v1/vms/{}/recent", id.name);
+    let in_ring = async || crate::http::get(http, &recent).await.body.ends_with(past);
+    assert!(
+        eventually_async(T, in_ring).await,
+        "the VM's output never reached its replay ring"
+    );
+    let telnet = telnet.to_str().expect("utf-8 path").to_string();
+    let port_s = port.to_string();
+    let client = on_pty("telnet", &[&telnet, "127.0.0.1", &port_s]);
+    let shown = [&past[..], LIVE].concat();
+    assert!(
+        client.wait_for(&shown, T).await,
+        "telnet was not shown the recent output, then the marker\n{}",
+        client.transcript()
+    );
+    let mark = client.mark();
+    vm.send(b"live now\r\n").await.expect("VM send");
+    assert!(
+        client.wait_for_since(mark, b"live now\r\n", T).await,
+        "live output did not follow\n{}",
+        client.transcript()
+    );
+    assert_eq!(
+        memchr::memmem::find_iter(&client.out(), past).count(),
+        1,
+        "the recent output was shown more than once\n{}",
+        client.transcript()
+    );
+}
+
 /// BusyBox telnet refuses BINARY (NVT rules) and sends CR LF for Enter; the
 /// VM must get a bare CR. The VM's output shows on its terminal.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

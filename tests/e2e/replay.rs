@@ -214,3 +214,30 @@ async fn vspc_client_and_a_vspc_py_client_show_it_first() {
     let seed = [PANIC, b"live\r\n"].concat();
     assert_eq!(py.line("seed=").await, vspc_testkit::sim::hex(&seed));
 }
+
+/// `--replay-bytes` out of its range (0 to 64 MiB) or not a number stops
+/// the daemon before it starts, naming the flag and the range.
+#[test]
+fn a_replay_size_out_of_range_is_refused_naming_the_flag() {
+    for bad in ["67108865", "-1", "16k", "18446744073709551616"] {
+        let out = std::process::Command::new(vspc_testkit::bin())
+            .args(["--replay-bytes", bad, "--check-config"])
+            .stdin(std::process::Stdio::null())
+            .output()
+            .expect("run vspc");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{bad}: {err}");
+        assert!(err.contains("flag --replay-bytes"), "{bad}: {err}");
+        assert!(err.contains(bad), "{bad}: the value is not named: {err}");
+    }
+    let out = std::process::Command::new(vspc_testkit::bin())
+        .args(["--replay-bytes", "67108864", "--check-config"])
+        .stdin(std::process::Stdio::null())
+        .output()
+        .expect("run vspc");
+    assert!(
+        out.status.success(),
+        "64 MiB is allowed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
