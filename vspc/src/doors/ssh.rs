@@ -1266,38 +1266,15 @@ async fn console(
         }
     };
     let access = session.access();
-    let closer = Arc::new(Closer::default());
-    let id = state.next_live.fetch_add(1, Ordering::Relaxed);
-    let live = Live {
-        id,
-        key: key.clone(),
-        vm: On::Local(vm.clone()),
+    let (closer, _live) = go_live(
+        &state,
+        &key,
+        On::Local(vm.clone()),
         access,
-        audit: session.audit_id(),
-        close: closer.clone(),
-    };
-    {
-        // A reload between the key's look-up and here is checked now.
-        let mut all = state.live();
-        all.push(live);
-        if let Some(why) = no_longer_allowed(&state.keys(), &key, &On::Local(vm.clone()), access) {
-            closer.close(format!("closed: {why}"));
-        }
-    }
-    let _live = LiveGuard {
-        state: state.clone(),
-        id,
-    };
-    if access == Access::ReadOnly {
-        let _ = channel
-            .extended_data_bytes(
-                1,
-                Bytes::from_static(
-                    b"vspc: this console is read-only; what you type is discarded.\r\n",
-                ),
-            )
-            .await;
-    }
+        session.audit_id(),
+        &channel,
+    )
+    .await;
     // The client going (or typing ~.), the connection closing, or a reload
     // closing the session ends the adapter; a console that ends first
     // (cleared, stalled) gives it a moment to pass on the last bytes.
@@ -1311,6 +1288,50 @@ fn remote_for_key(hub: &Hub, key: &KeyEntry, what: &str) -> Option<crate::hub::R
     // Found by a name only if no other VM of the cluster has it.
     key.may_see_ids(&v.record.name, &v.record.uuid, &remote_key(&v), true)
         .then_some(v)
+}
+
+/// Register a session that starts (so that a reload can close it), check
+/// the keys as they are now (a reload between the key's look-up and here),
+/// and tell a read-only session so on stderr. The guard unregisters it.
+async fn go_live(
+    state: &Arc<SshState>,
+    key: &Arc<KeyEntry>,
+    on: On,
+    access: Access,
+    audit: Option<u64>,
+    channel: &Channel<Msg>,
+) -> (Arc<Closer>, LiveGuard) {
+    let closer = Arc::new(Closer::default());
+    let id = state.next_live.fetch_add(1, Ordering::Relaxed);
+    {
+        let mut all = state.live();
+        if let Some(why) = no_longer_allowed(&state.keys(), key, &on, access) {
+            closer.close(format!("closed: {why}"));
+        }
+        all.push(Live {
+            id,
+            key: key.clone(),
+            vm: on,
+            access,
+            audit,
+            close: closer.clone(),
+        });
+    }
+    let guard = LiveGuard {
+        state: state.clone(),
+        id,
+    };
+    if access == Access::ReadOnly {
+        let _ = channel
+            .extended_data_bytes(
+                1,
+                Bytes::from_static(
+                    b"vspc: this console is read-only; what you type is discarded.\r\n",
+                ),
+            )
+            .await;
+    }
+    (closer, guard)
 }
 
 /// `VM@` for a VM another node holds: the console is opened there under
@@ -1346,37 +1367,8 @@ async fn remote_console(
         }
     };
     let access = opened.access;
-    let closer = Arc::new(Closer::default());
-    let id = state.next_live.fetch_add(1, Ordering::Relaxed);
     let on = On::Remote(Box::new(opened.vm.clone()));
-    {
-        let mut all = state.live();
-        if let Some(why) = no_longer_allowed(&state.keys(), &key, &on, access) {
-            closer.close(format!("closed: {why}"));
-        }
-        all.push(Live {
-            id,
-            key: key.clone(),
-            vm: on,
-            access,
-            audit: None,
-            close: closer.clone(),
-        });
-    }
-    let _live = LiveGuard {
-        state: state.clone(),
-        id,
-    };
-    if access == Access::ReadOnly {
-        let _ = channel
-            .extended_data_bytes(
-                1,
-                Bytes::from_static(
-                    b"vspc: this console is read-only; what you type is discarded.\r\n",
-                ),
-            )
-            .await;
-    }
+    let (closer, _live) = go_live(&state, &key, on, access, None, &channel).await;
     tracing::info!(%peer, vm = ?v.record.name, node = %v.node, access = access.as_str(), "SSH console of another node's VM");
     pump(channel, opened.pipe, &shared, &closer).await;
 }
