@@ -1165,33 +1165,64 @@ enum Ended {
     Unreachable,
 }
 
-/// Client socket <-> a local console session's pipe, until either ends.
-/// Input read from the client and not yet in the pipe is left in `carry`.
-async fn pump_pipe<R, W>(
+/// Where a console client's input goes: a local session's pipe, or a link
+/// stream to the node holding the VM.
+trait Upstream {
+    /// Hand `data` on; false once the other side is gone.
+    fn send(&mut self, data: Bytes) -> impl std::future::Future<Output = bool> + Send;
+    /// The client sends no more.
+    fn finish(&mut self) -> impl std::future::Future<Output = ()> + Send;
+}
+
+impl Upstream for tokio::io::WriteHalf<tokio::io::DuplexStream> {
+    async fn send(&mut self, data: Bytes) -> bool {
+        self.write_all(&data).await.is_ok()
+    }
+    async fn finish(&mut self) {
+        // The console reads the end, as from a socket.
+        let _ = self.shutdown().await;
+    }
+}
+
+impl Upstream for &vspc_cluster::link::StreamWriter {
+    async fn send(&mut self, data: Bytes) -> bool {
+        vspc_cluster::link::StreamWriter::send(self, data)
+            .await
+            .is_ok()
+    }
+    async fn finish(&mut self) {
+        let _ = self.shutdown().await;
+    }
+}
+
+/// A console client <-> where it is served: its input goes `to` the
+/// serving side, and `down` (the serving side's output to the client)
+/// says how the serving side ended. Input read from the client and not
+/// yet handed on is left in `carry`, for the next session.
+async fn pump<R, U, D>(
     rd: &mut R,
-    wr: &mut W,
-    pipe: tokio::io::DuplexStream,
+    mut to: U,
+    down: D,
     carry: &mut Option<Bytes>,
     first: &mut Option<u8>,
 ) -> Ended
 where
     R: AsyncRead + Unpin,
-    W: AsyncWrite + Unpin,
+    U: Upstream,
+    D: std::future::Future<Output = Ended>,
 {
-    let (mut from_console, mut to_console) = tokio::io::split(pipe);
     // Set while input is being handed on: then it must not be dropped
     // half-sent (see the end).
     let handing = std::sync::atomic::AtomicBool::new(false);
     let up = async {
         let mut buf = vec![0u8; PIPE_BYTES];
         loop {
-            // What was read stays in `carry` until the console has it.
+            // What was read stays in `carry` until the other side has it.
             let data = match carry.clone() {
                 Some(b) => b,
                 None => match rd.read(&mut buf).await {
                     Ok(0) | Err(_) => {
-                        // The console reads the end, as from a socket.
-                        let _ = to_console.shutdown().await;
+                        to.finish().await;
                         return true;
                     }
                     Ok(n) => {
@@ -1203,53 +1234,66 @@ where
                 },
             };
             handing.store(true, Ordering::Relaxed);
-            let sent = to_console.write_all(&data).await;
+            let sent = to.send(data).await;
             handing.store(false, Ordering::Relaxed);
-            if sent.is_err() {
+            if !sent {
                 return false;
             }
             *carry = None;
         }
     };
+    tokio::pin!(up, down);
+    tokio::select! {
+        end = &mut down => {
+            // Reading the client may be dropped (what it read is in
+            // `carry`); handing input on ends soon, the other side gone.
+            if handing.load(Ordering::Relaxed) {
+                let _ = tokio::time::timeout(Duration::from_millis(200), &mut up).await;
+            }
+            end
+        }
+        client_gone = &mut up => {
+            // The client sends no more: its output goes on until the
+            // serving side ends.
+            let end = down.await;
+            if client_gone {
+                Ended::Client
+            } else {
+                end
+            }
+        }
+    }
+}
+
+/// Client socket <-> a local console session's pipe, until either ends.
+async fn pump_pipe<R, W>(
+    rd: &mut R,
+    wr: &mut W,
+    pipe: tokio::io::DuplexStream,
+    carry: &mut Option<Bytes>,
+    first: &mut Option<u8>,
+) -> Ended
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
+    let (mut from_console, to_console) = tokio::io::split(pipe);
     let down = async {
         let mut buf = vec![0u8; PIPE_BYTES];
         loop {
             match from_console.read(&mut buf).await {
-                Ok(0) | Err(_) => return false,
+                // The session ended from its side (its VM moved away, or
+                // it was cleared, stalled...).
+                Ok(0) | Err(_) => return Ended::Moved(String::new()),
                 Ok(n) => {
                     if wr.write_all(&buf[..n]).await.is_err() {
-                        return true;
+                        return Ended::Client;
                     }
                 }
             }
         }
     };
-    tokio::pin!(up, down);
-    tokio::select! {
-        client_gone = &mut down => {
-            // Reading the client may be dropped (what it read is in
-            // `carry`); handing input on ends soon, the session gone.
-            if handing.load(Ordering::Relaxed) {
-                let _ = tokio::time::timeout(Duration::from_millis(200), &mut up).await;
-            }
-            if client_gone {
-                Ended::Client
-            } else {
-                Ended::Moved(String::new())
-            }
-        }
-        client_gone = &mut up => {
-            if client_gone {
-                // The client sends no more; its output goes on until the
-                // console ends.
-                let _ = down.await;
-                Ended::Client
-            } else {
-                let _ = down.await;
-                Ended::Moved(String::new())
-            }
-        }
-    }
+    pump(rd, to_console, down, carry, first).await
 }
 
 /// Client socket <-> a link stream to the holding node.
@@ -1265,35 +1309,6 @@ where
     W: AsyncWrite + Unpin,
 {
     let (mut reader, writer) = stream.split();
-    let handing = std::sync::atomic::AtomicBool::new(false);
-    let up = async {
-        let mut buf = vec![0u8; PIPE_BYTES];
-        loop {
-            // Kept in `carry` until the stream took it.
-            let data = match carry.clone() {
-                Some(b) => b,
-                None => match rd.read(&mut buf).await {
-                    Ok(0) | Err(_) => {
-                        let _ = writer.shutdown().await;
-                        return true;
-                    }
-                    Ok(n) => {
-                        first.get_or_insert(buf[0]);
-                        let b = Bytes::copy_from_slice(&buf[..n]);
-                        *carry = Some(b.clone());
-                        b
-                    }
-                },
-            };
-            handing.store(true, Ordering::Relaxed);
-            let sent = writer.send(data).await;
-            handing.store(false, Ordering::Relaxed);
-            if sent.is_err() {
-                return false;
-            }
-            *carry = None;
-        }
-    };
     let down = async {
         loop {
             match reader.recv().await {
@@ -1313,26 +1328,7 @@ where
             }
         }
     };
-    tokio::pin!(up, down);
-    let end = tokio::select! {
-        end = &mut down => {
-            // Reading the client may be dropped (what it read is in
-            // `carry`, for the next session); a send under way ends soon,
-            // the stream closed.
-            if handing.load(Ordering::Relaxed) {
-                let _ = tokio::time::timeout(Duration::from_millis(200), &mut up).await;
-            }
-            end
-        }
-        client_gone = &mut up => {
-            if client_gone {
-                let _ = down.await;
-                Ended::Client
-            } else {
-                down.await
-            }
-        }
-    };
+    let end = pump(rd, &writer, down, carry, first).await;
     writer.close("the console ended");
     end
 }
