@@ -63,6 +63,9 @@ const MOVED: &str = "vspc:moved";
 /// How long the view of the cluster is trusted before it is fetched again.
 const REFRESH_EVERY: Duration = Duration::from_secs(1);
 
+/// The least time between two fetches of the view.
+const REFRESH_GAP: Duration = Duration::from_millis(50);
+
 /// How long a console whose VM moved waits for the new holder to show.
 const MOVE_WAIT: Duration = Duration::from_secs(10);
 
@@ -428,6 +431,9 @@ impl Cluster {
                     %instance,
                     "cluster: another vspc registered this node's name; give every node its own --node-name"
                 ),
+                // A VM new to the cluster on another node: the refresh
+                // below opens its console port here now.
+                Event::Changed { .. } => {}
                 Event::ClockSkew { offset_ms } => {
                     tracing::warn!(offset_ms, "cluster: this node's clock differs from Redis's")
                 }
@@ -497,6 +503,10 @@ impl Cluster {
         loop {
             let _ = tokio::time::timeout(REFRESH_EVERY, self.refresh.notified()).await;
             self.refresh_now().await;
+            // Hints arriving meanwhile wait for one refresh after this
+            // gap, however many there are (60 VMs joining at once cost two
+            // listings, not sixty).
+            tokio::time::sleep(REFRESH_GAP).await;
         }
     }
 

@@ -552,3 +552,56 @@ async fn twenty_thousand_vms_claimed_and_listed() {
     eprintln!("listed nodes in {:?}", t.elapsed());
     assert_eq!(nodes_list.iter().map(|n| n.vms).sum::<usize>(), n);
 }
+
+/// A VM new to the cluster, claimed on one node, is hinted to the others
+/// (pub/sub) so they open its console port before their next refresh; a
+/// node's own claims and a claim of a VM already known are not.
+#[tokio::test]
+async fn a_new_vm_is_hinted_to_the_other_nodes_and_only_it() {
+    let r = Redis::start();
+    let n1 = node(&r, "n1").await;
+    let n2 = node(&r, "n2").await;
+    let (_hb, mut ev2) = n2.spawn_heartbeat(Arc::new(Vec::new) as HeldFn);
+    let (_hb1, mut ev1) = n1.spawn_heartbeat(Arc::new(Vec::new) as HeldFn);
+    // The subscription is made in the background: claim until the first
+    // hint arrives (each claim is of a new VM, so each is hinted).
+    let mut first = None;
+    for i in 0..50 {
+        n1.claim_vm(&uuid(100 + i), &format!("new-{i}"), None)
+            .await
+            .unwrap();
+        if let Some(n) = hinted(&mut ev2, Duration::from_millis(100)).await {
+            first = Some(n);
+            break;
+        }
+    }
+    assert_eq!(first.as_deref(), Some("n1"), "no hint reached n2");
+    // Drain what the loop's other claims hinted.
+    while hinted(&mut ev2, Duration::from_millis(200)).await.is_some() {}
+    // A VM already known (n2 takes n1's VM over): no hint; nor to n1 of
+    // its own claims.
+    n2.claim_vm(&uuid(100), "new-0", None).await.unwrap();
+    assert_eq!(hinted(&mut ev1, Duration::from_millis(300)).await, None);
+    assert_eq!(hinted(&mut ev2, Duration::from_millis(100)).await, None);
+    // A new one on n2 reaches n1.
+    n2.claim_vm(&uuid(999), "brand-new", None).await.unwrap();
+    assert_eq!(
+        hinted(&mut ev1, Duration::from_secs(5)).await.as_deref(),
+        Some("n2")
+    );
+}
+
+/// The next change hint on `ev` within `wait`, skipping other events.
+async fn hinted(
+    ev: &mut tokio::sync::mpsc::UnboundedReceiver<Event>,
+    wait: Duration,
+) -> Option<String> {
+    let deadline = tokio::time::Instant::now() + wait;
+    loop {
+        match tokio::time::timeout_at(deadline, ev.recv()).await {
+            Ok(Some(Event::Changed { node })) => return Some(node),
+            Ok(Some(_)) => continue,
+            _ => return None,
+        }
+    }
+}

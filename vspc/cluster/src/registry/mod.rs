@@ -295,6 +295,10 @@ pub enum Event {
     /// This node's clock differs from Redis's by this much (ms); nothing
     /// depends on it but provisional claims' times.
     ClockSkew { offset_ms: i64 },
+    /// Another node claimed a VM new to the cluster (a hint over Redis
+    /// pub/sub, not the record): the view is worth fetching now, so that
+    /// this node opens the VM's console port at once.
+    Changed { node: String },
 }
 
 /// Counters for `/metrics`.
@@ -338,6 +342,8 @@ pub struct Registry {
     prefix: String,
     /// The URL without its password, for messages.
     shown_url: String,
+    /// For the pub/sub connection of the change hints.
+    client: redis::Client,
     conn: ConnectionManager,
     scripts: scripts::Scripts,
     /// Random per process: tells this node's key from a namesake's.
@@ -605,13 +611,14 @@ impl Registry {
             .set_number_of_retries(1)
             .set_min_delay(Duration::from_millis(50))
             .set_max_delay(Duration::from_millis(200));
-        let conn = ConnectionManager::new_with_config(client, mcfg)
+        let conn = ConnectionManager::new_with_config(client.clone(), mcfg)
             .await
             .map_err(|e| startup_error(&shown_url, &e))?;
         let prefix = format!("vspc:{{{}}}:", cfg.cluster);
         let reg = Arc::new(Registry {
             prefix,
             shown_url,
+            client,
             conn,
             scripts: scripts::Scripts::new(),
             instance: instance_id(),
@@ -845,6 +852,9 @@ impl Registry {
         };
         let prev = reply.get(3).and_then(v_str).filter(|s| !s.is_empty());
         self.counters.claims.fetch_add(1, Ordering::Relaxed);
+        if prev.is_none() {
+            self.hint_change();
+        }
         self.note_port(port);
         lock(&self.spares).retain(|&p| p != port);
         if let Some(prev) = &prev {
@@ -1310,8 +1320,67 @@ impl Registry {
     ) -> (JoinHandle<()>, mpsc::UnboundedReceiver<Event>) {
         let (tx, rx) = mpsc::unbounded_channel();
         let me = self.clone();
-        let task = tokio::spawn(async move { me.heartbeat_loop(held, tx).await });
+        let hints = me.clone();
+        let hints_tx = tx.clone();
+        let task = tokio::spawn(async move {
+            let watch = tokio::spawn(hints.watch_changes(hints_tx));
+            me.heartbeat_loop(held, tx).await;
+            watch.abort();
+        });
         (task, rx)
+    }
+
+    /// The pub/sub channel of the change hints.
+    fn changes_channel(&self) -> String {
+        format!("{}changes", self.prefix)
+    }
+
+    /// Tell the other nodes (a hint, not the record) that a VM new to the
+    /// cluster was claimed here; lost hints cost nothing but the wait for
+    /// their next refresh.
+    fn hint_change(&self) {
+        let (mut conn, channel, node) = (
+            self.conn.clone(),
+            self.changes_channel(),
+            self.cfg.node.clone(),
+        );
+        tokio::spawn(async move {
+            let sent: redis::RedisResult<i64> = redis::cmd("PUBLISH")
+                .arg(channel)
+                .arg(node)
+                .query_async(&mut conn)
+                .await;
+            if let Err(e) = sent {
+                tracing::debug!(error = %e, "cluster: change hint not published");
+            }
+        });
+    }
+
+    /// Read the other nodes' change hints, as [`Event::Changed`], until the
+    /// receiver goes; a lost connection is dialled again every second.
+    async fn watch_changes(self: Arc<Self>, tx: mpsc::UnboundedSender<Event>) {
+        use futures_util::StreamExt;
+        let channel = self.changes_channel();
+        while !tx.is_closed() {
+            match self.client.get_async_pubsub().await {
+                Ok(mut ps) => match ps.subscribe(&channel).await {
+                    Ok(()) => {
+                        let mut messages = ps.on_message();
+                        while let Some(msg) = messages.next().await {
+                            let node: String = msg.get_payload().unwrap_or_default();
+                            if node != self.cfg.node && tx.send(Event::Changed { node }).is_err() {
+                                return;
+                            }
+                        }
+                    }
+                    Err(e) => {
+                        tracing::debug!(error = %e, "cluster: cannot subscribe to change hints")
+                    }
+                },
+                Err(e) => tracing::debug!(error = %e, "cluster: no connection for change hints"),
+            }
+            tokio::time::sleep(Duration::from_secs(1)).await;
+        }
     }
 
     async fn heartbeat_loop(self: Arc<Self>, held: HeldFn, tx: mpsc::UnboundedSender<Event>) {
