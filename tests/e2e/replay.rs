@@ -179,6 +179,18 @@ async fn replay_bytes_zero_keeps_todays_behaviour() {
         vm.send(PANIC).await.expect("VM output");
         (d, http, id, vm, port)
     };
+    // The old output is delivered (to nobody) before the console comes:
+    // otherwise it would be live output to it, rightly.
+    let row = format!("/api/v1/vms/{}", id.name);
+    let delivered = async || {
+        let v: serde_json::Value =
+            serde_json::from_str(&get(http, &row).await.text()).unwrap_or_default();
+        v["bytes_from_vm"].as_u64() == Some(PANIC.len() as u64)
+    };
+    assert!(
+        eventually_async(T, delivered).await,
+        "the daemon never read the VM's output"
+    );
     let (_, console) = native_connect(&d, &id.name, None)
         .await
         .unwrap_or_else(|e| panic!("connect: {e}"));
