@@ -19,6 +19,12 @@ struct Nodes {
     ports: (u16, u16, u16, u16),
 }
 
+/// One Redis outage at a time among these tests: during an outage a node
+/// hands out its spare ports, which every cluster reserves at the top of
+/// the port range (65535 down), so two outages at once in one test run
+/// would open the same console ports on 127.0.0.1.
+static OUTAGES: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 fn node_ip(i: usize) -> String {
     format!("127.0.0.{}", i + 1)
 }
@@ -76,8 +82,23 @@ impl Nodes {
             .args(&args)
     }
 
+    /// Start node `i` and wait until it serves: its ports accept before
+    /// it has registered with the cluster (the listeners are bound first),
+    /// and a test that stops Redis in that moment would test start-up
+    /// instead.
     fn start_node(&self, i: usize) -> Daemon {
-        self.builder(i).start()
+        let d = self.builder(i).start();
+        let deadline = std::time::Instant::now() + T;
+        while !d.log().contains("vspc listening") {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "node {} never said it was listening:\n{}",
+                i + 1,
+                d.log()
+            );
+            std::thread::sleep(ms(10));
+        }
+        d
     }
 
     fn node(&self, i: usize) -> &Daemon {
@@ -452,6 +473,7 @@ async fn kill_9_of_node_1_and_the_vm_reconnecting_to_node_2_keeps_its_port() {
 
 #[tokio::test]
 async fn redis_stopped_and_restarted_empty_with_consoles_flowing() {
+    let _one = OUTAGES.lock().await;
     let mut c = Nodes::start(3, &[]);
     let a = Identity::numbered(1904);
     let vm_a = SimVm::connect(c.node(0).proxy, &a)
@@ -568,6 +590,7 @@ async fn a_node_with_another_secret_is_refused_and_logged() {
 
 #[tokio::test]
 async fn port_conflicts_after_an_outage_are_settled_and_the_losers_told() {
+    let _one = OUTAGES.lock().await;
     let mut c = Nodes::start(2, &[]);
     // Each node keeps 4 spare ports for an outage; 6 VMs per node run
     // past them, onto the lowest ports free in each node's own view: the
