@@ -1,8 +1,6 @@
 //! TLS for the proxy and HTTP ports: rustls with the ring provider,
 //! certificates and keys read as PEM. Every failure names the file.
 
-use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use std::path::Path;
 use std::sync::Arc;
 use tokio_rustls::TlsAcceptor;
@@ -11,26 +9,7 @@ use tokio_rustls::TlsAcceptor;
 /// in the certificate file).
 pub fn acceptor(cert: &Path, key: Option<&Path>) -> Result<TlsAcceptor, String> {
     let key_path = key.unwrap_or(cert);
-    std::fs::metadata(cert)
-        .map_err(|e| format!("cannot read TLS certificate {}: {e}", cert.display()))?;
-    let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(cert)
-        .map_err(|e| format!("cannot read TLS certificate {}: {e}", cert.display()))?
-        .collect::<Result<_, _>>()
-        .map_err(|e| format!("TLS certificate {} is not valid PEM: {e}", cert.display()))?;
-    if certs.is_empty() {
-        return Err(format!(
-            "TLS certificate {} holds no certificate (expected a PEM 'BEGIN CERTIFICATE' block)",
-            cert.display()
-        ));
-    }
-    std::fs::metadata(key_path)
-        .map_err(|e| format!("cannot read TLS key {}: {e}", key_path.display()))?;
-    let key = PrivateKeyDer::from_pem_file(key_path).map_err(|e| {
-        format!(
-            "TLS key {} holds no usable private key (expected PEM; give it with --key): {e}",
-            key_path.display()
-        )
-    })?;
+    let (certs, key) = vspc_pem::load(cert, key)?;
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let config = rustls::ServerConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()

@@ -97,25 +97,7 @@ impl LinkTls {
     /// From PEM files (`--cert`, `--key`; the key may be in the
     /// certificate file).
     pub fn from_pem(cert: &Path, key: Option<&Path>) -> Result<LinkTls, String> {
-        use rustls::pki_types::pem::PemObject;
-        use rustls::pki_types::{CertificateDer, PrivateKeyDer};
-        let key_path = key.unwrap_or(cert);
-        let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(cert)
-            .map_err(|e| format!("cannot read TLS certificate {}: {e}", cert.display()))?
-            .collect::<Result<_, _>>()
-            .map_err(|e| format!("TLS certificate {} is not valid PEM: {e}", cert.display()))?;
-        if certs.is_empty() {
-            return Err(format!(
-                "TLS certificate {} holds no certificate",
-                cert.display()
-            ));
-        }
-        let key = PrivateKeyDer::from_pem_file(key_path).map_err(|e| {
-            format!(
-                "TLS key {} holds no usable private key: {e}",
-                key_path.display()
-            )
-        })?;
+        let (certs, key) = vspc_pem::load(cert, key)?;
         let provider = Arc::new(rustls::crypto::ring::default_provider());
         let server = rustls::ServerConfig::builder_with_provider(provider.clone())
             .with_protocol_versions(&[&rustls::version::TLS13])
