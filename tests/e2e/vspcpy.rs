@@ -5,63 +5,17 @@
 //! is written.
 
 use std::collections::BTreeMap;
-use std::io::Write;
-use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::path::Path;
 use std::time::Duration;
 
 use crate::common::*;
 use vspc_testkit::sim::Identity;
 
-/// Debian's Python (with dbm.gnu) when there is one.
-fn python() -> PathBuf {
-    let debian = Path::new("/usr/bin/python3");
-    if debian.exists() {
-        debian.to_path_buf()
-    } else {
-        PathBuf::from("python3")
-    }
-}
-
-fn python_has(module: &str) -> bool {
-    let ok = Command::new(python())
-        .args(["-c", &format!("import {module}")])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status()
-        .is_ok_and(|s| s.success());
-    if !ok {
-        eprintln!(
-            "SKIPPED: {} cannot import {module} (.ci/run installs python3 and python3-gdbm)",
-            python().display()
-        );
-    }
-    ok
-}
+use vspc_testkit::vspcpy::python_has;
 
 /// Make a vSPC.py store at `prefix` with tests/make_vspcpy_store.py.
 fn make_store(format: &str, prefix: &Path, json: &str) {
-    let mut child = Command::new(python())
-        .arg(repo_root().join("tests/make_vspcpy_store.py"))
-        .arg(format)
-        .arg(prefix)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("python runs");
-    child
-        .stdin
-        .take()
-        .expect("stdin")
-        .write_all(json.as_bytes())
-        .expect("write to python");
-    let out = child.wait_with_output().expect("python finishes");
-    assert!(
-        out.status.success(),
-        "making the store failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    vspc_testkit::vspcpy::make_store(format, prefix, None, json, false)
 }
 
 /// Every file in `dir` and its bytes.

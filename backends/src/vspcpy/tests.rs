@@ -2,74 +2,14 @@
 //! vSPC.py writes them, and hostile or broken ones.
 
 use super::*;
-use std::io::Write;
-use std::process::{Command, Stdio};
+
 use tempfile::TempDir;
 
-/// Debian's Python when there is one (it has dbm.gnu; a pyenv Python on
-/// PATH may not), else `python3` on PATH.
-fn python() -> PathBuf {
-    let debian = Path::new("/usr/bin/python3");
-    if debian.exists() {
-        debian.to_path_buf()
-    } else {
-        PathBuf::from("python3")
-    }
-}
-
-/// Whether that Python can import `module`; says why not when it cannot.
-pub(crate) fn python_has(module: &str) -> bool {
-    let ok = Command::new(python())
-        .args(["-c", &format!("import {module}")])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status()
-        .is_ok_and(|s| s.success());
-    if !ok {
-        eprintln!(
-            "SKIPPED: {} cannot import {module} (install Debian's python3 and python3-gdbm, \
-             as .ci/run does)",
-            python().display()
-        );
-    }
-    ok
-}
-
-fn script() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/make_vspcpy_store.py")
-}
+pub(crate) use vspc_testkit::vspcpy::python_has;
 
 /// Run the store maker: `items` is its JSON input.
 pub(crate) fn make(format: &str, prefix: &Path, protocol: Option<u8>, items: &str) {
-    make_with(format, prefix, protocol, items, false)
-}
-
-/// The same, synced once at the end when `bulk`.
-fn make_with(format: &str, prefix: &Path, protocol: Option<u8>, items: &str, bulk: bool) {
-    let mut cmd = Command::new(python());
-    cmd.arg(script()).arg(format).arg(prefix);
-    cmd.arg(protocol.map_or("-".to_string(), |p| p.to_string()));
-    if bulk {
-        cmd.arg("bulk");
-    }
-    let mut child = cmd
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("python runs");
-    child
-        .stdin
-        .take()
-        .expect("stdin")
-        .write_all(items.as_bytes())
-        .expect("write to python");
-    let out = child.wait_with_output().expect("python finishes");
-    assert!(
-        out.status.success(),
-        "making the store failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    vspc_testkit::vspcpy::make_store(format, prefix, protocol, items, false)
 }
 
 fn rec(uuid: &str, name: &str, port: Option<u16>) -> VmRecord {
@@ -268,7 +208,7 @@ fn many_vms_split_over_many_buckets() {
     for format in ["gnu", "dumb"] {
         let dir = TempDir::new().unwrap();
         let prefix = dir.path().join("vspc");
-        make_with(format, &prefix, None, &json(&many), true);
+        vspc_testkit::vspcpy::make_store(format, &prefix, None, &json(&many), true);
         assert_eq!(read(&prefix).unwrap().records, many, "{format}");
     }
 }

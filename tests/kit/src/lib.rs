@@ -37,6 +37,7 @@ pub mod raw;
 pub mod redis;
 pub mod sim;
 pub mod tls;
+pub mod vspcpy;
 pub mod wait;
 
 pub use admin::*;
