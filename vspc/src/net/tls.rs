@@ -9,7 +9,7 @@ use tokio_rustls::TlsAcceptor;
 /// in the certificate file).
 pub fn acceptor(cert: &Path, key: Option<&Path>) -> Result<TlsAcceptor, String> {
     let key_path = key.unwrap_or(cert);
-    let (certs, key) = vspc_pem::load(cert, key)?;
+    let (certs, key) = vspc_tls::load_pem(cert, key)?;
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let config = rustls::ServerConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()
