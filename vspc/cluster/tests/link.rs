@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::sync::mpsc;
-use vspc_cluster::link::frame::{Frame, MAX_FRAME};
+use vspc_cluster::link::frame::{Frame, MAX_FRAME, MAX_LOG};
 use vspc_cluster::link::handshake::{self, Me, Role};
 use vspc_cluster::link::{
     Handed, Incoming, Link, LinkConfig, LinkError, LinkTls, OpenRequest, Protocol, Recv, Secret,
@@ -480,6 +480,24 @@ async fn hostile_peers_are_cut_off_and_nothing_breaks() {
     s.write_all(&out).await.unwrap();
     assert!(closed_within(&mut s, Duration::from_secs(5)).await);
 
+    // Authenticated, then a hand-off answer whose held input and ring
+    // together pass what the link carries (though the frame fits): cut off.
+    let (mut s, _) = raw_peer(port, SECRET).await;
+    let mut out = BytesMut::new();
+    Frame::HandoffDone {
+        id: 1,
+        ok: true,
+        reason: String::new(),
+        origin: 1,
+        said: 1,
+        input: Bytes::from(vec![b'i'; 1000]),
+        recent: Bytes::from(vec![b'r'; MAX_LOG - 500]),
+    }
+    .encode(&mut out);
+    assert!(out.len() <= MAX_FRAME + 4, "the frame itself fits");
+    s.write_all(&out).await.unwrap();
+    assert!(closed_within(&mut s, Duration::from_secs(5)).await);
+
     // Authenticated, then silent (no pongs, nothing): dead after
     // dead_after.
     let (mut s, _) = raw_peer(port, SECRET).await;
@@ -512,7 +530,7 @@ async fn hostile_peers_are_cut_off_and_nothing_breaks() {
 
     let counted = common::wait_for(Duration::from_secs(5), || async {
         let st = p.b.stats();
-        st.violations >= 3 && st.handshakes_failed >= 3
+        st.violations >= 4 && st.handshakes_failed >= 3
     })
     .await;
     assert!(counted, "{:?}", p.b.stats());
