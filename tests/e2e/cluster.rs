@@ -392,7 +392,18 @@ async fn vmotion_from_node_1_to_node_2_keeps_consoles_on_node_3_and_node_1() {
     c.listed_everywhere(&id.name, port).await;
     let near = console_on(&src, console_at(0, port)).await;
     let far = console_on(&src, console_at(2, port)).await;
+    // And one that never speaks (nc): offered telnet, then served raw.
+    let mut nc = Raw::connect(console_at(2, port)).await;
+    // All three attached on node 1 before the VM speaks (console ports
+    // give no history).
+    held_with_consoles(&c, 0, &id.name, 3).await;
     src.send(b"before-").await.unwrap();
+    assert!(
+        nc.until(T, |r| r.data.ends_with(b"before-")).await,
+        "the silent console got {:?}",
+        nc.bytes
+    );
+    let offered = nc.events.len();
 
     let seq = [0x19, 0x02, 0x33, 0x44];
     let cookie = src.expect_goahead(&seq).await;
@@ -415,8 +426,8 @@ async fn vmotion_from_node_1_to_node_2_keeps_consoles_on_node_3_and_node_1() {
     assert_eq!(dst.read_exact_data(10, T).await.unwrap(), b"held-input");
     src.wait_closed(T).await.expect("node 1 closes the source");
 
-    // Both consoles followed the VM to node 2, on the same port.
-    held_with_consoles(&c, 1, &id.name, 2).await;
+    // The three consoles followed the VM to node 2, on the same port.
+    held_with_consoles(&c, 1, &id.name, 3).await;
     c.listed_everywhere(&id.name, port).await;
     dst.send(b"-live").await.unwrap();
     assert_eq!(
@@ -427,6 +438,11 @@ async fn vmotion_from_node_1_to_node_2_keeps_consoles_on_node_3_and_node_1() {
         far.read_exact_data(17, T).await.unwrap(),
         b"before-after-live"
     );
+    // The silent one followed as it was served: raw, the same bytes, and
+    // no second telnet offer.
+    nc.until(T, |r| r.data.len() >= 17).await;
+    assert_eq!(nc.data, b"before-after-live");
+    assert_eq!(nc.events.len(), offered, "offered again: {:?}", nc.events);
     near.send(b"from-1").await.unwrap();
     assert_eq!(dst.read_exact_data(6, T).await.unwrap(), b"from-1");
     bytes_both_ways(&dst, &far).await;

@@ -220,8 +220,10 @@ impl ConsoleSession {
 
     /// Where the session stands with its client, for a session that takes
     /// the client over (cluster mode: its VM moved to another node): `raw`,
-    /// `telnet-LR` (L, R: BINARY agreed out and in, `1` or `0`), or empty
-    /// while the client is not yet told apart.
+    /// `telnet-LR` (L, R: BINARY agreed out and in, `1` or `0`),
+    /// `offered` (a silent client was offered telnet and has not answered
+    /// yet), `offered-raw` (it did not answer in time and is served raw
+    /// until its first byte), or empty while nothing was offered yet.
     pub fn resume_token(&self) -> String {
         match self.mode {
             Mode::Raw => "raw".into(),
@@ -230,7 +232,9 @@ impl ConsoleSession {
                 u8::from(self.neg.local(opt::BINARY)),
                 u8::from(self.neg.remote(opt::BINARY))
             ),
-            Mode::Silent | Mode::Offered => String::new(),
+            Mode::Offered if self.detect_at.is_none() => "offered-raw".into(),
+            Mode::Offered => "offered".into(),
+            Mode::Silent => String::new(),
         }
     }
 
@@ -257,6 +261,21 @@ impl ConsoleSession {
     pub fn resume(&mut self, token: &str) {
         let mode = token.split_once('@').map_or(token, |(m, _)| m);
         let (local, remote) = match mode {
+            // Offered already: not again (a silent client would see the
+            // offer twice); its answer, if it comes, is still taken. Still
+            // waiting for it, the join's detection deadline serves as the
+            // rest of the wait.
+            "offered" | "offered-raw" => {
+                let mut scratch = Vec::new();
+                offer(&mut self.neg, &mut scratch);
+                self.mode = Mode::Offered;
+                if mode == "offered-raw" {
+                    self.past = None;
+                    self.detect_at = None;
+                    self.peer.outbox.set_encoding(Encoding::Raw);
+                }
+                return;
+            }
             "raw" => {
                 self.mode = Mode::Raw;
                 self.past = None;
@@ -593,8 +612,26 @@ mod tests {
         h.vm_output(&vm, vm_conn(&h, &vm), bytes::Bytes::from_static(b"\xff\r"));
         assert_eq!(written(&raw.outbox()).0, b"\xff\r");
         // Not yet told apart: nothing to resume, told apart as usual.
-        let silent = join(&h, &vm, ConsoleProtocol::Auto, t0);
+        let mut silent = join(&h, &vm, ConsoleProtocol::Auto, t0);
         assert_eq!(silent.resume_token(), "");
+        // Offered, then served raw for want of an answer: taken over as
+        // that, with no second offer.
+        silent.on_deadline(t0 + DETECT_WINDOW);
+        assert_eq!(silent.resume_token(), "offered");
+        silent.on_deadline(t0 + DETECT_WINDOW + ANSWER_WAIT);
+        assert_eq!(silent.resume_token(), "offered-raw");
+        let mut again = join(&h, &vm, ConsoleProtocol::Auto, t0);
+        again.resume("offered-raw@ab.1");
+        assert_eq!(again.deadline(), None, "nothing left to wait for");
+        h.vm_output(&vm, vm_conn(&h, &vm), bytes::Bytes::from_static(b"\xff\r"));
+        assert_eq!(written(&again.outbox()).0, b"\xff\r", "raw, and no offer");
+        // Still waiting for the answer: the wait goes on, then raw.
+        let mut waiting = join(&h, &vm, ConsoleProtocol::Auto, t0);
+        waiting.resume("offered");
+        assert_eq!(waiting.resume_token(), "offered");
+        waiting.on_deadline(t0 + DETECT_WINDOW);
+        assert_eq!(waiting.resume_token(), "offered-raw");
+        assert_eq!(written(&waiting.outbox()).0, b"", "no offer");
     }
 
     /// The VM's connection id (the hub's `vm_output` wants it).
