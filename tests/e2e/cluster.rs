@@ -1107,3 +1107,62 @@ async fn other_nodes_vms_through_connect_ssh_and_the_browser() {
         .expect("connected to nothing");
     assert_eq!(unknown["code"], "vm_not_found", "{unknown}");
 }
+
+/// inetutils telnet, run as users run it (`telnet HOST PORT`) on node 2,
+/// for a VM on node 1 that then moves to node 2: the VM's bytes arrive
+/// exactly once on its terminal, before and after the move (the VM
+/// speaking on node 2 before the console could follow), and typing
+/// reaches the VM on its new node.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn inetutils_telnet_follows_its_vm_across_nodes() {
+    let telnet = crate::real_clients::require_inetutils_telnet();
+    let c = Nodes::start(2, &[]);
+    let id = Identity::numbered(1930);
+    let src = SimVm::connect(c.node(0).proxy, &id)
+        .await
+        .expect("VM connects");
+    let (_, port) = wait_for_vm(c.node(0).admin, &id.name, T).await;
+    c.listed_everywhere(&id.name, port).await;
+    let telnet = telnet.to_str().expect("utf-8 path").to_string();
+    let (host, port_s) = (node_ip(1), port.to_string());
+    let mut client = crate::real_clients::on_pty("telnet", &[&telnet, &host, &port_s]);
+    assert!(
+        client.wait_for(b"Escape character is", T).await,
+        "telnet did not connect\n{}",
+        client.transcript()
+    );
+    held_with_consoles(&c, 0, &id.name, 1).await;
+    src.send(b"before the move\r\n").await.unwrap();
+    assert!(
+        client.wait_for(b"before the move\r\n", T).await,
+        "{}",
+        client.transcript()
+    );
+
+    let seq = [0x19, 0x30, 0, 1];
+    let cookie = src.expect_goahead(&seq).await;
+    let dst = SimVm::connect_destination(c.node(1).proxy, &id, &cookie)
+        .await
+        .expect("PEER-OK from node 2");
+    dst.complete(&seq).await.unwrap();
+    dst.send(b"after the move\r\n").await.unwrap();
+    src.wait_closed(T).await.expect("node 1 closes the source");
+    assert!(
+        client.wait_for(b"after the move\r\n", T).await,
+        "{}",
+        client.transcript()
+    );
+    held_with_consoles(&c, 1, &id.name, 1).await;
+    client.write(b"typed");
+    assert_eq!(dst.read_exact_data(5, T).await.unwrap(), b"typed");
+    let out = client.out();
+    for line in [&b"before the move\r\n"[..], b"after the move\r\n"] {
+        assert_eq!(
+            memchr::memmem::find_iter(&out, line).count(),
+            1,
+            "{:?} not exactly once\n{}",
+            String::from_utf8_lossy(line),
+            client.transcript()
+        );
+    }
+}

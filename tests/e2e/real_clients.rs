@@ -109,7 +109,7 @@ fn require_busybox_telnet() -> PathBuf {
 }
 
 /// inetutils' telnet (another `telnet` on PATH does not count).
-fn require_inetutils_telnet() -> PathBuf {
+pub(crate) fn require_inetutils_telnet() -> PathBuf {
     let telnet = require("telnet", "inetutils-telnet");
     let version = Command::new(&telnet)
         .arg("--version")
@@ -148,7 +148,7 @@ fn descendants(pid: u32) -> Vec<u32> {
 /// A child process that is killed, with everything it started, when the
 /// guard is dropped. Its stdout (unless taken) and stderr are collected by
 /// threads.
-struct Proc {
+pub(crate) struct Proc {
     what: String,
     child: Child,
     stdin: Option<ChildStdin>,
@@ -197,7 +197,7 @@ impl Proc {
     }
 
     /// Write to the program's stdin (small writes: the pipe holds 64 KiB).
-    fn write(&mut self, bytes: &[u8]) {
+    pub(crate) fn write(&mut self, bytes: &[u8]) {
         let stdin = self.stdin.as_mut().expect("stdin still open");
         stdin
             .write_all(bytes)
@@ -211,7 +211,7 @@ impl Proc {
     }
 
     /// What the program wrote to stdout so far.
-    fn out(&self) -> Vec<u8> {
+    pub(crate) fn out(&self) -> Vec<u8> {
         self.out.lock().unwrap_or_else(|e| e.into_inner()).clone()
     }
 
@@ -226,13 +226,13 @@ impl Proc {
     }
 
     /// Wait until stdout holds `needle`; false after `limit`.
-    async fn wait_for(&self, needle: &[u8], limit: Duration) -> bool {
+    pub(crate) async fn wait_for(&self, needle: &[u8], limit: Duration) -> bool {
         self.wait_for_since(0, needle, limit).await
     }
 
     /// Wait until stdout holds `needle` after its first `from` bytes; false
     /// after `limit`.
-    async fn wait_for_since(&self, from: usize, needle: &[u8], limit: Duration) -> bool {
+    pub(crate) async fn wait_for_since(&self, from: usize, needle: &[u8], limit: Duration) -> bool {
         self.wait_out(limit, |out| {
             contains(out.get(from..).unwrap_or(&[]), needle)
         })
@@ -240,7 +240,7 @@ impl Proc {
     }
 
     /// How many bytes of stdout there are so far (for [`Proc::wait_for_since`]).
-    fn mark(&self) -> usize {
+    pub(crate) fn mark(&self) -> usize {
         self.out.lock().unwrap_or_else(|e| e.into_inner()).len()
     }
 
@@ -291,7 +291,7 @@ impl Proc {
     }
 
     /// A description for failure messages.
-    fn transcript(&self) -> String {
+    pub(crate) fn transcript(&self) -> String {
         format!(
             "{} (running {:?}): stdout {} bytes: {:?}\nstderr: {}",
             self.what,
@@ -315,7 +315,7 @@ impl Drop for Proc {
 /// A client program on a pseudo-terminal: `script` gives it one, copies what
 /// the test writes to its stdin onto the terminal and the terminal's output
 /// to its stdout.
-fn on_pty(what: &str, argv: &[&str]) -> Proc {
+pub(crate) fn on_pty(what: &str, argv: &[&str]) -> Proc {
     let script = require("script", "bsdutils");
     let quoted: Vec<String> = argv.iter().map(|a| format!("'{a}'")).collect();
     Proc::start(
